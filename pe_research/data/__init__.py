@@ -1,0 +1,37 @@
+"""Data: byte tokenizer, TFDS corpora, synthetic tasks and the grain pipelines.
+
+  make_train_iterator(config, process_index=, process_count=)  checkpointable training batches
+  make_eval_batches(config, length=, mode=, stride=, max_tokens=, batch_size=)
+  prepare(config.data)                     prepares pystdlib / local_text (CLI: python -m ...)
+  dataset_names(), task_names()            the values data.name / data.task accept
+
+Every batch is ``{"inputs": int32[B, L], "targets": int32[B, L], "weights": float32[B, L]}``.
+"""
+
+from pe_research.data.documents import dataset_names, prepare
+from pe_research.data.pipeline import make_eval_batches, make_train_iterator
+from pe_research.data.synthetic import task_names
+from pe_research.data.tokenizer import (
+  BOS_ID,
+  EOS_ID,
+  PAD_ID,
+  SEP_ID,
+  VOCAB_SIZE,
+  ByteTokenizer,
+  Tokenizer,
+)
+
+__all__ = [
+  "BOS_ID",
+  "EOS_ID",
+  "PAD_ID",
+  "SEP_ID",
+  "VOCAB_SIZE",
+  "ByteTokenizer",
+  "Tokenizer",
+  "dataset_names",
+  "make_eval_batches",
+  "make_train_iterator",
+  "prepare",
+  "task_names",
+]

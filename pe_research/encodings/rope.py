@@ -1,0 +1,164 @@
+"""Rotary position embedding (Su et al. 2021), applied to queries and keys.
+
+Each pair of rotary dims (a, b) is rotated by the angle p·θ_i and scaled by the attention
+factor c (1 for plain RoPE; YaRN/longrope set it):
+
+  a' = c·(a·cos(p·θ_i) − b·sin(p·θ_i)),   b' = c·(b·cos(p·θ_i) + a·sin(p·θ_i)).
+
+Layouts say which dims form pair i of the rotary part of width R2 = 2·len(θ):
+  "half"        (GPT-NeoX, HF Llama): (x_i, x_{i+R2/2});  y = x·cos + rotate_half(x)·sin
+  "interleaved" (RoFormer, GPT-J):    (x_{2i}, x_{2i+1})
+The two give the same q·k when q and k are permuted consistently; :func:`interleaved_to_half`
+is that permutation (apply it to the q/k projection outputs to convert a checkpoint).
+Dims beyond R2 pass through unchanged (partial rotary, GPT-NeoX's ``rotary_pct``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.registry import register
+from pe_research.encodings.rope_scaling import parse_rope_scaling, rope_frequencies_numpy
+
+LAYOUTS = ("half", "interleaved")
+
+
+def _check_layout(layout: str) -> None:
+  if layout not in LAYOUTS:
+    raise ValueError(f"rope layout={layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
+
+
+def apply_rope(
+  x: jax.Array,
+  positions: jax.Array,
+  inv_freq: jax.Array,
+  *,
+  layout: str = "half",
+  attention_factor: float = 1.0,
+) -> jax.Array:
+  """Rotates the first ``2·len(inv_freq)`` dims of ``x``; the rest pass through.
+
+  Args:
+    x: ``[..., L, H, D]`` queries or keys.
+    positions: ``[..., L]`` positions (broadcast against the leading dims of ``x``).
+    inv_freq: float32 ``[R]`` frequencies θ_i, R ≤ D/2.
+    layout: "half" or "interleaved" (module docstring).
+    attention_factor: c, multiplied onto cos and sin.
+
+  Returns:
+    ``[..., L, H, D]`` in ``x.dtype``; angles and the rotation are computed in float32.
+  """
+  _check_layout(layout)
+  num_freq = inv_freq.shape[-1]
+  if 2 * num_freq > x.shape[-1]:
+    raise ValueError(f"len(inv_freq)={num_freq} needs 2·{num_freq} <= head dim {x.shape[-1]}")
+  angle_LxR = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+  cos_Lx1xR = (jnp.cos(angle_LxR) * attention_factor)[..., None, :]
+  sin_Lx1xR = (jnp.sin(angle_LxR) * attention_factor)[..., None, :]
+  rot_LxHxR2 = x[..., : 2 * num_freq].astype(jnp.float32)
+  if layout == "half":
+    a, b = rot_LxHxR2[..., :num_freq], rot_LxHxR2[..., num_freq:]
+  else:
+    a, b = rot_LxHxR2[..., 0::2], rot_LxHxR2[..., 1::2]
+  a_rot = a * cos_Lx1xR - b * sin_Lx1xR
+  b_rot = b * cos_Lx1xR + a * sin_Lx1xR
+  if layout == "half":
+    out_LxHxR2 = jnp.concatenate([a_rot, b_rot], axis=-1)
+  else:
+    out_LxHxR2 = jnp.stack([a_rot, b_rot], axis=-1).reshape(rot_LxHxR2.shape)
+  return jnp.concatenate([out_LxHxR2.astype(x.dtype), x[..., 2 * num_freq :]], axis=-1)
+
+
+def interleaved_to_half(x: jax.Array, rotary_dim: int) -> jax.Array:
+  """Permutes the last axis so interleaved pairs (2i, 2i+1) land at (i, i + rotary_dim/2).
+
+  For every q, k: ``interleaved_to_half(apply_rope(q, layout="interleaved"))`` equals
+  ``apply_rope(interleaved_to_half(q), layout="half")``. Dims ≥ rotary_dim stay in place.
+  """
+  return jnp.concatenate(
+    [x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2], x[..., rotary_dim:]], axis=-1
+  )
+
+
+def half_to_interleaved(x: jax.Array, rotary_dim: int) -> jax.Array:
+  """Inverse of :func:`interleaved_to_half`."""
+  half = rotary_dim // 2
+  pairs = jnp.stack([x[..., :half], x[..., half:rotary_dim]], axis=-1)
+  return jnp.concatenate([pairs.reshape(*x.shape[:-1], rotary_dim), x[..., rotary_dim:]], axis=-1)
+
+
+def rotary_dim_for(head_dim: int, rotary_pct: float) -> int:
+  """int(head_dim·rotary_pct) rounded down to even; at least 2."""
+  if not 0 < rotary_pct <= 1:
+    raise ValueError(f"pe.rotary_pct={rotary_pct!r} must be in (0, 1]")
+  dim = int(head_dim * rotary_pct) // 2 * 2
+  if dim < 2:
+    raise ValueError(f"pe.rotary_pct={rotary_pct} leaves {dim} rotary dims of head_dim={head_dim}")
+  return dim
+
+
+class RoPE(PositionalEncoding):
+  """RoPE on q and k with optional ``rope_scaling``.
+
+  Frequencies are numpy constants computed when ``rotate`` is traced; ``dynamic`` and
+  ``longrope`` use ``seq_len = x.shape[-3]`` (the static length of the call), since
+  max(positions) + 1 is not static. Decoding token by token would need the cache length.
+  """
+
+  def __init__(
+    self,
+    head_dim: int,
+    *,
+    base: float = 10000.0,
+    scaling: str | dict | None = None,
+    rotary_pct: float = 1.0,
+    layout: str = "half",
+    train_len: int | None = None,
+  ):
+    _check_layout(layout)
+    self.rotary_dim = rotary_dim_for(head_dim, rotary_pct)
+    self.base = float(base)
+    self.layout = layout
+    cfg = parse_rope_scaling(scaling, original_max_position_embeddings=train_len)
+    # JSON text keeps the module's static attributes hashable; validated once, here.
+    self.scaling_json = json.dumps(cfg, sort_keys=True) if cfg else ""
+    self.uses_seq_len = bool(cfg) and cfg["rope_type"] in ("dynamic", "longrope")
+    self.frequencies(1)  # validates dim-dependent keys (longrope list lengths) at build time
+
+  def frequencies(self, seq_len: int) -> tuple[np.ndarray, float]:
+    """(θ' float32 ``[rotary_dim // 2]``, attention factor) for a call of length seq_len."""
+    return rope_frequencies_numpy(
+      self.rotary_dim,
+      base=self.base,
+      scaling=self.scaling_json or None,
+      seq_len=seq_len if self.uses_seq_len else None,
+    )
+
+  def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    del is_query
+    inv_freq, attention_factor = self.frequencies(x_BxLxHxK.shape[-3])
+    return apply_rope(
+      x_BxLxHxK, pos_BxL, inv_freq, layout=self.layout, attention_factor=attention_factor
+    )
+
+
+def rope_kwargs(pe_cfg) -> dict:
+  """RoPE constructor arguments read from ``config.pe`` (shared with xPos)."""
+  return dict(
+    base=pe_cfg.rope_base,
+    scaling=pe_cfg.rope_scaling,
+    rotary_pct=pe_cfg.rotary_pct,
+    layout=pe_cfg.rope_layout,
+    train_len=pe_cfg.get("train_len"),
+  )
+
+
+@register("rope")
+def build_rope(pe_cfg, *, num_heads: int, head_dim: int, model_dim: int, rngs) -> RoPE:
+  del num_heads, model_dim, rngs
+  return RoPE(head_dim, **rope_kwargs(pe_cfg))
