@@ -1,0 +1,47 @@
+"""Positional encodings: one family per module, all reachable from one registry.
+
+Importing this package imports every family module (below), so each ``@register(name)``
+line runs and ``build_encoding(config.pe, ...)`` can build any of them by name.
+"""
+
+from pe_research.encodings.alibi import ALiBi, alibi_bias, alibi_slopes
+from pe_research.encodings.base import PositionalEncoding, sequential_positions
+from pe_research.encodings.fire import Fire
+from pe_research.encodings.kerple import Kerple, kerple_bias
+from pe_research.encodings.learned import LearnedAbsolute
+from pe_research.encodings.nope import NoPE
+from pe_research.encodings.randomized import RandomizedPositions, random_sorted_positions
+from pe_research.encodings.registry import build_encoding, encoding_names, register
+from pe_research.encodings.rope import RoPE, apply_rope
+from pe_research.encodings.rope_scaling import parse_rope_scaling, rope_frequencies
+from pe_research.encodings.sinusoidal import Sinusoidal, sinusoidal
+from pe_research.encodings.t5 import T5RelativeBias, t5_relative_position_bucket
+from pe_research.encodings.xpos import XPos, apply_xpos
+
+__all__ = [
+  "ALiBi",
+  "Fire",
+  "Kerple",
+  "LearnedAbsolute",
+  "NoPE",
+  "PositionalEncoding",
+  "RandomizedPositions",
+  "RoPE",
+  "Sinusoidal",
+  "T5RelativeBias",
+  "XPos",
+  "alibi_bias",
+  "alibi_slopes",
+  "apply_rope",
+  "apply_xpos",
+  "build_encoding",
+  "encoding_names",
+  "kerple_bias",
+  "parse_rope_scaling",
+  "random_sorted_positions",
+  "register",
+  "rope_frequencies",
+  "sequential_positions",
+  "sinusoidal",
+  "t5_relative_position_bucket",
+]

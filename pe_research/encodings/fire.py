@@ -1,0 +1,101 @@
+"""FIRE (Li et al. 2024): a learned function of a progressively normalised relative distance.
+
+  logit[b, h, i, j] += MLP(ψ(i − j) / ψ(max(L_thr, i)))[h],   ψ(x) = log(|c·x| + 1)
+
+MLP: 1 -> hidden -> H with ReLU. c is learned (init ``pe.fire_c_init``). As in the paper's
+reference code, L_thr = |multiplier · L_init| with a learned multiplier (init 1) and the fixed
+L_init = ``pe.fire_l_thr_init``, so the threshold is learned on a unit scale. Dividing by
+ψ(max(L_thr, i)) maps every distance the query can see into [0, 1], which is what lets FIRE
+interpolate to longer contexts. Keys after the query (j > i) get distance 0 as in the
+reference's ``tril``; the causal mask removes them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.registry import register
+
+EPS = 1e-6  # Keeps ψ(max(L_thr, i)) > 0 when c or L_thr shrink to 0.
+
+
+def fire_log_transform(x: jax.Array, c: jax.Array) -> jax.Array:
+  """ψ(x) = log(|c·x| + 1), elementwise, float32."""
+  return jnp.log1p(jnp.abs(c * x.astype(jnp.float32)))
+
+
+def fire_normalized_distance(
+  q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array, c: jax.Array, l_thr: jax.Array
+) -> jax.Array:
+  """float32 ``[B, Q, K]``: ψ(max(i − j, 0)) / (ψ(max(L_thr, i)) + 1e-6), the MLP input."""
+  dist_BxQxK = jnp.maximum(q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :], 0)
+  norm_BxQ = jnp.maximum(l_thr, q_pos_BxQ.astype(jnp.float32))
+  psi_norm_BxQ = fire_log_transform(norm_BxQ, c) + EPS
+  return fire_log_transform(dist_BxQxK, c) / psi_norm_BxQ[:, :, None]
+
+
+@jax.jit
+def fire_bias(
+  q_pos_BxQ: jax.Array,
+  k_pos_BxK: jax.Array,
+  c: jax.Array,
+  l_thr: jax.Array,
+  w1_1xW: jax.Array,
+  b1_W: jax.Array,
+  w2_WxH: jax.Array,
+  b2_H: jax.Array,
+) -> jax.Array:
+  """float32 ``[B, H, Q, K]``: MLP(x) = relu(x·w1 + b1)·w2 + b2 of the normalised distance x."""
+  x_BxQxKx1 = fire_normalized_distance(q_pos_BxQ, k_pos_BxK, c, l_thr)[..., None]
+  h_BxQxKxW = jax.nn.relu(x_BxQxKx1 @ w1_1xW + b1_W)
+  return (h_BxQxKxW @ w2_WxH + b2_H).astype(jnp.float32).transpose(0, 3, 1, 2)
+
+
+class Fire(PositionalEncoding):
+  """Learned c, L_thr multiplier and a 1 -> hidden -> H ReLU MLP (shared by all positions)."""
+
+  has_bias = True
+
+  def __init__(
+    self, num_heads: int, *, hidden: int, c_init: float, l_thr_init: float, rngs: nnx.Rngs
+  ):
+    if hidden < 1:
+      raise ValueError(f"pe.fire_hidden={hidden} must be >= 1")
+    if l_thr_init <= 0:
+      raise ValueError(f"pe.fire_l_thr_init={l_thr_init} must be > 0")
+    self.l_thr_init = float(l_thr_init)
+    self.c = nnx.Param(jnp.asarray(c_init, jnp.float32))
+    self.l_thr_multiplier = nnx.Param(jnp.asarray(1.0, jnp.float32))
+    self.hidden = nnx.Linear(1, hidden, rngs=rngs)
+    self.out = nnx.Linear(hidden, num_heads, rngs=rngs)
+
+  def threshold(self) -> jax.Array:
+    """L_thr = |multiplier · L_init| (a float32 scalar)."""
+    return jnp.abs(self.l_thr_multiplier[...] * self.l_thr_init)
+
+  def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array:
+    return fire_bias(
+      q_pos_BxQ,
+      k_pos_BxK,
+      self.c[...],
+      self.threshold(),
+      self.hidden.kernel[...],
+      self.hidden.bias[...],
+      self.out.kernel[...],
+      self.out.bias[...],
+    )
+
+
+@register("fire")
+def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> Fire:
+  del head_dim, model_dim
+  return Fire(
+    num_heads,
+    hidden=pe_cfg.fire_hidden,
+    c_init=pe_cfg.fire_c_init,
+    l_thr_init=pe_cfg.fire_l_thr_init,
+    rngs=rngs,
+  )

@@ -1,0 +1,83 @@
+"""KERPLE (Chi et al. 2022): kernelized relative biases with two learned positive scalars per head.
+
+With d = i − j ≥ 0 (query minus key position):
+
+  * log variant:   logit[b, h, i, j] += −r1_h · log(1 + r2_h · d)
+  * power variant: logit[b, h, i, j] += −r1_h · d^{r2_h},  r2 ∈ (0, 2]
+
+Positivity is kept by clamping in the forward pass: r1, r2 ≥ 1e-2 and, for power, r2 ≤ 2
+(the reference clamps the stored values in place each step instead; the forward values are
+the same). Keys after the query (j > i) get d = 0, like the reference's ``tril``; the causal
+mask removes them, and the clamp keeps their gradients finite (log(1 + r2·d) with d < 0 is NaN).
+Initialisation follows the reference: log r1 ~ U(0, 2), r2 ~ U(0, 1); power r1 ~ U(0, 1),
+r2 ~ U(0, 2).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.registry import register
+
+VARIANTS = ("log", "power")
+MIN_PARAM = 1e-2
+MAX_POWER = 2.0
+
+
+def _check_variant(variant: str) -> None:
+  if variant not in VARIANTS:
+    raise ValueError(f"pe.kerple_variant={variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
+
+
+@functools.partial(jax.jit, static_argnames="variant")
+def kerple_bias(
+  q_pos_BxQ: jax.Array,
+  k_pos_BxK: jax.Array,
+  r1_H: jax.Array,
+  r2_H: jax.Array,
+  *,
+  variant: str,
+) -> jax.Array:
+  """float32 ``[B, H, Q, K]``: −r1·log(1 + r2·d) ("log") or −r1·d^r2 ("power"), d = max(i−j, 0).
+
+  ``r1_H`` and ``r2_H`` are clamped to >= 1e-2 (and r2 <= 2 for "power") before use.
+  """
+  _check_variant(variant)
+  dist_BxQxK = jnp.maximum(q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :], 0)
+  d_Bx1xQxK = dist_BxQxK.astype(jnp.float32)[:, None]
+  r1_1xHx1x1 = jnp.maximum(r1_H.astype(jnp.float32), MIN_PARAM)[None, :, None, None]
+  r2_1xHx1x1 = r2_H.astype(jnp.float32)[None, :, None, None]
+  if variant == "log":
+    return -r1_1xHx1x1 * jnp.log1p(jnp.maximum(r2_1xHx1x1, MIN_PARAM) * d_Bx1xQxK)
+  r2_1xHx1x1 = jnp.clip(r2_1xHx1x1, MIN_PARAM, MAX_POWER)
+  # d^r2 as exp(r2·log d) on d >= 1 and 0 at d = 0: the r2-gradient d^r2·log d stays finite.
+  log_d = jnp.log(jnp.maximum(d_Bx1xQxK, 1.0))
+  d_pow = jnp.where(d_Bx1xQxK > 0, jnp.exp(r2_1xHx1x1 * log_d), 0.0)
+  return -r1_1xHx1x1 * d_pow
+
+
+class Kerple(PositionalEncoding):
+  """Per-head learned ``r1 [H]`` and ``r2 [H]``; see the module docstring for init and clamps."""
+
+  has_bias = True
+
+  def __init__(self, num_heads: int, *, variant: str, rngs: nnx.Rngs):
+    _check_variant(variant)
+    r1_max, r2_max = (2.0, 1.0) if variant == "log" else (1.0, 2.0)
+    self.variant = variant
+    self.r1 = nnx.Param(jax.random.uniform(rngs.params(), (num_heads,), maxval=r1_max))
+    self.r2 = nnx.Param(jax.random.uniform(rngs.params(), (num_heads,), maxval=r2_max))
+
+  def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array:
+    return kerple_bias(q_pos_BxQ, k_pos_BxK, self.r1[...], self.r2[...], variant=self.variant)
+
+
+@register("kerple")
+def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> Kerple:
+  del head_dim, model_dim
+  return Kerple(num_heads, variant=pe_cfg.kerple_variant, rngs=rngs)

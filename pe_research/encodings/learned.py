@@ -1,0 +1,51 @@
+"""Learned absolute positional embeddings (GPT-2 style): x[p] += E[p], E float ``[max_len, D]``.
+
+A table cannot represent p ≥ max_len. Policy, in two layers:
+  * a sequence longer than the table (static L > max_len) raises ``ValueError`` at trace time;
+  * a position value ≥ max_len inside a shorter sequence (e.g. an offset window) cannot be
+    seen at trace time, so the gather uses ``mode="fill"`` with NaN: the output (and the loss)
+    becomes NaN instead of silently reusing the last row, as a clamped gather would.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.registry import register
+
+
+@jax.jit
+def learned_embedding(table_NxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+  """Rows ``E[p]`` of ``table [N, D]`` for ``pos [..., L]`` -> ``[..., L, D]``.
+
+  Rows for p outside [0, N) are NaN (never clamped); L > N raises ``ValueError``.
+  """
+  num_rows = table_NxD.shape[0]
+  if pos_BxL.shape[-1] > num_rows:
+    raise ValueError(
+      f"sequence length {pos_BxL.shape[-1]} exceeds pe.max_len={num_rows}; a learned "
+      "table cannot represent longer sequences (raise pe.max_len or pick another pe.name)"
+    )
+  return jnp.take(table_NxD, pos_BxL, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+class LearnedAbsolute(PositionalEncoding):
+  """Trainable table ``E [max_len, dim]``, initialised N(0, 0.02²) as in GPT-2."""
+
+  def __init__(self, max_len: int, dim: int, *, rngs: nnx.Rngs):
+    if max_len < 1:
+      raise ValueError(f"pe.max_len={max_len} must be >= 1")
+    self.max_length = max_len
+    self.table = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (max_len, dim)))
+
+  def embed(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+    return x_BxLxD + learned_embedding(self.table[...], pos_BxL).astype(x_BxLxD.dtype)
+
+
+@register("learned")
+def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> LearnedAbsolute:
+  del num_heads, head_dim
+  return LearnedAbsolute(pe_cfg.max_len, model_dim, rngs=rngs)

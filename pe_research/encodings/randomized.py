@@ -1,0 +1,93 @@
+"""Randomized positions (Ruoss et al. 2023) around ANY base encoding.
+
+For a sequence of length n, draw n distinct integers from [0, max_random_len), sort them and
+use them as the positions of that row; each row of the batch gets its own draw. The base
+encoding then sees positions spread over the whole range [0, max_random_len) during training,
+so longer test sequences do not bring unseen positions.
+
+Train/eval switch: the reference code also randomizes at evaluation. Here evaluation uses
+sequential positions 0..n−1 unless ``randomize_eval`` is set (``pe.randomize_eval``).
+The draw comes from an ``nnx.Rngs`` stream owned by this module, so its key and counter are
+model state (checkpointed and restored with the parameters).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pe_research.encodings.base import PositionalEncoding
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "length", "max_len"))
+def random_sorted_positions(key: jax.Array, batch: int, length: int, max_len: int) -> jax.Array:
+  """int32 ``[batch, length]``: per row, ``length`` distinct draws from [0, max_len), sorted."""
+  if not 1 <= length <= max_len:
+    raise ValueError(f"sequence length {length} must be in [1, pe.max_random_len={max_len}]")
+
+  def one_row(row_key: jax.Array) -> jax.Array:
+    return jnp.sort(jax.random.choice(row_key, max_len, (length,), replace=False))
+
+  return jax.vmap(one_row)(jax.random.split(key, batch)).astype(jnp.int32)
+
+
+class RandomizedPositions(PositionalEncoding):
+  """Draws the positions; ``embed``/``rotate``/``bias`` are the base encoding's.
+
+  ``max_length`` is ``max_random_len`` when evaluation is randomized, else the base's.
+  """
+
+  def __init__(
+    self,
+    base: PositionalEncoding,
+    *,
+    max_random_len: int,
+    randomize_eval: bool,
+    rngs: nnx.Rngs,
+  ):
+    if max_random_len < 1:
+      raise ValueError(f"pe.max_random_len={max_random_len} must be >= 1")
+    if base.max_length is not None and max_random_len > base.max_length:
+      raise ValueError(
+        f"pe.max_random_len={max_random_len} exceeds the base encoding's max_length="
+        f"{base.max_length} (e.g. pe.max_len of 'learned'); it must be <= {base.max_length}"
+      )
+    self.base = base
+    self.max_random_len = max_random_len
+    self.randomize_eval = randomize_eval
+    self.has_bias = base.has_bias
+    self.max_length = max_random_len if randomize_eval else base.max_length
+    self.rngs = nnx.Rngs(positions=rngs.params())
+
+  def positions(self, batch: int, length: int, *, train: bool) -> jax.Array:
+    if not (train or self.randomize_eval):
+      return self.base.positions(batch, length, train=train)
+    return random_sorted_positions(self.rngs.positions(), batch, length, self.max_random_len)
+
+  def embed(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+    return self.base.embed(x_BxLxD, pos_BxL)
+
+  def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    return self.base.rotate(x_BxLxHxK, pos_BxL, is_query=is_query)
+
+  def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array | None:
+    return self.base.bias(q_pos_BxQ, k_pos_BxK)
+
+
+def randomize(pe_cfg, base: PositionalEncoding, *, rngs: nnx.Rngs) -> PositionalEncoding:
+  """Wraps ``base`` when ``pe.randomized`` is true (reads pe.max_random_len, pe.randomize_eval).
+
+  ``build_encoding`` already calls this; an encoding that is already randomized is returned as
+  is, so a second call never stacks two draws.
+  """
+  if not pe_cfg.get("randomized", False) or isinstance(base, RandomizedPositions):
+    return base
+  return RandomizedPositions(
+    base,
+    max_random_len=pe_cfg.max_random_len,
+    randomize_eval=pe_cfg.randomize_eval,
+    rngs=rngs,
+  )

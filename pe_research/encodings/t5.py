@@ -1,0 +1,135 @@
+"""T5 relative position bias (Raffel et al. 2020): one learned scalar per (bucket, head).
+
+  logit[b, h, i, j] += E[bucket(j − i), h]
+
+The relative position is key − query (HF/Mesh-TF convention). Buckets are exact for small
+distances and logarithmic up to ``max_distance``; everything farther shares the last bucket,
+which is what lets T5 run on longer sequences than it was trained on. T5 itself uses no
+1/√d logit scaling; that choice belongs to attention, not to this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.registry import register
+
+
+def _validate(bidirectional: bool, num_buckets: int, max_distance: int) -> None:
+  if bidirectional and (num_buckets < 4 or num_buckets % 2):
+    raise ValueError(f"pe.t5_num_buckets={num_buckets} must be even and >= 4 when bidirectional")
+  if num_buckets < 2:
+    raise ValueError(f"pe.t5_num_buckets={num_buckets} must be >= 2")
+  nb = num_buckets // 2 if bidirectional else num_buckets
+  if max_distance <= nb // 2:
+    raise ValueError(f"pe.t5_max_distance={max_distance} must be > {nb // 2} (the exact range)")
+
+
+_STATIC = ("bidirectional", "num_buckets", "max_distance")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def t5_relative_position_bucket(
+  relative_position: jax.Array,
+  *,
+  bidirectional: bool,
+  num_buckets: int = 32,
+  max_distance: int = 128,
+) -> jax.Array:
+  """Bucket index, int32 of the same shape, for ``relative_position = key − query``.
+
+  bidirectional: nb = num_buckets/2, offset nb when rel > 0, n = |rel|;
+  causal:        nb = num_buckets,   n = max(−rel, 0).
+  max_exact = nb/2; bucket = n if n < max_exact, else
+  min(max_exact + int(ln(n/max_exact) / ln(max_distance/max_exact) · (nb − max_exact)), nb − 1).
+  """
+  _validate(bidirectional, num_buckets, max_distance)
+  rel = jnp.asarray(relative_position, jnp.int32)
+  if bidirectional:
+    nb = num_buckets // 2
+    offset = jnp.where(rel > 0, nb, 0).astype(jnp.int32)
+    n = jnp.abs(rel)
+  else:
+    nb = num_buckets
+    offset = jnp.zeros_like(rel)
+    n = jnp.maximum(-rel, 0)
+  max_exact = nb // 2
+  # log(0) is never selected below, but it must not produce inf/NaN in the unused branch.
+  n_safe = jnp.maximum(n, max_exact).astype(jnp.float32)
+  log_ratio = jnp.log(n_safe / max_exact) / math.log(max_distance / max_exact)
+  large = max_exact + (log_ratio * (nb - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, nb - 1)
+  return offset + jnp.where(n < max_exact, n, large)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def t5_bias(
+  q_pos_BxQ: jax.Array,
+  k_pos_BxK: jax.Array,
+  table_NxH: jax.Array,
+  *,
+  bidirectional: bool,
+  num_buckets: int,
+  max_distance: int,
+) -> jax.Array:
+  """float32 ``[B, H, Q, K]``: ``table[bucket(k_pos − q_pos), h]``, table ``[num_buckets, H]``."""
+  bucket_BxQxK = t5_relative_position_bucket(
+    k_pos_BxK[:, None, :] - q_pos_BxQ[:, :, None],
+    bidirectional=bidirectional,
+    num_buckets=num_buckets,
+    max_distance=max_distance,
+  )
+  bias_BxQxKxH = jnp.take(table_NxH, bucket_BxQxK, axis=0).astype(jnp.float32)
+  return bias_BxQxKxH.transpose(0, 3, 1, 2)
+
+
+class T5RelativeBias(PositionalEncoding):
+  """Table ``E [num_buckets, H]`` initialised N(0, model_dim^−1) as in HF T5."""
+
+  has_bias = True
+
+  def __init__(
+    self,
+    num_heads: int,
+    *,
+    num_buckets: int,
+    max_distance: int,
+    bidirectional: bool,
+    init_std: float,
+    rngs: nnx.Rngs,
+  ):
+    _validate(bidirectional, num_buckets, max_distance)
+    self.num_buckets = num_buckets
+    self.max_distance = max_distance
+    self.bidirectional = bidirectional
+    init = nnx.initializers.normal(init_std)
+    self.table = nnx.Param(init(rngs.params(), (num_buckets, num_heads)))
+
+  def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array:
+    return t5_bias(
+      q_pos_BxQ,
+      k_pos_BxK,
+      self.table[...],
+      bidirectional=self.bidirectional,
+      num_buckets=self.num_buckets,
+      max_distance=self.max_distance,
+    )
+
+
+@register("t5")
+def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> T5RelativeBias:
+  del head_dim
+  return T5RelativeBias(
+    num_heads,
+    num_buckets=pe_cfg.t5_num_buckets,
+    max_distance=pe_cfg.t5_max_distance,
+    bidirectional=False,  # Decoder-only causal LMs: keys never come after the query.
+    init_std=model_dim**-0.5,
+    rngs=rngs,
+  )
