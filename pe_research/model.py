@@ -1,0 +1,219 @@
+"""Decoder-only pre-norm transformer (Flax NNX) with a pluggable positional encoding.
+
+  pos = enc.positions(B, L);  x = enc.embed(E[tokens], pos)
+  per layer:  x += W_o attend(enc.rotate(q), enc.rotate(k), v; bias = enc.bias)   (on norm(x))
+              x += MLP(norm(x))
+  logits = norm(x) E^T   (tied)  or  norm(x) W_out   (untied)
+
+The encoding (``config.pe``) is built by the registry (which wraps it in randomized positions
+when ``pe.randomized``) and used only through the
+:class:`~pe_research.encodings.base.PositionalEncoding` hooks. With
+``pe.share_across_layers`` (default True) one encoding serves every layer; otherwise each layer
+owns one and the first also supplies positions and the input embedding.
+
+Choices: no biases in linear layers; weights ~ N(0, init_std), residual output projections
+~ N(0, init_std / sqrt(2 num_layers)) (GPT-2); GELU is the tanh approximation; ``head_dim=0``
+means ``model_dim // num_heads``; ``mlp_dim=0`` means ``4 model_dim`` (gelu) or ``8/3 model_dim``
+rounded up to a multiple of 64 (swiglu, LLaMA-style, keeps the parameter count near gelu's).
+``compute_dtype="bfloat16"``: bf16 matmuls with fp32 parameters, fp32 residual stream,
+fp32 softmax and fp32 logits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pe_research.attention import IMPLEMENTATIONS, attend
+from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.registry import build_encoding
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_NORMS = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx.RMSNorm}
+_MLPS = ("gelu", "swiglu")
+
+
+def _choice(field: str, value: str, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"model.{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def _linear(d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  """Bias-free ``x W`` with ``W ~ N(0, std^2)``, fp32 parameters, matmul in ``dtype``."""
+  return nnx.Linear(
+    d_in, d_out, use_bias=False, dtype=dtype, kernel_init=nnx.initializers.normal(std), rngs=rngs
+  )
+
+
+def resolved_dims(model_cfg) -> tuple[int, int]:
+  """``(head_dim, mlp_dim)`` with the 0 = default rules applied (see module docstring)."""
+  head_dim = model_cfg.head_dim or model_cfg.model_dim // model_cfg.num_heads
+  mlp_dim = model_cfg.mlp_dim
+  if not mlp_dim:
+    d = model_cfg.model_dim
+    mlp_dim = 4 * d if model_cfg.mlp == "gelu" else -(-(8 * d // 3) // 64) * 64
+  return head_dim, mlp_dim
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention; the encoding rotates q/k and supplies the bias."""
+
+  def __init__(self, model_cfg, *, dtype, out_std: float, rngs: nnx.Rngs):
+    self.num_heads = model_cfg.num_heads
+    self.head_dim, _ = resolved_dims(model_cfg)
+    d, hk = model_cfg.model_dim, self.num_heads * self.head_dim
+    self.qkv = _linear(d, 3 * hk, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
+    self.out = _linear(hk, d, std=out_std, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_BxLxD, pos_BxL, enc: PositionalEncoding, *, impl: str, block_size: int):
+    b, length, _ = x_BxLxD.shape
+    qkv_BxLx3xHxK = self.qkv(x_BxLxD).reshape(b, length, 3, self.num_heads, self.head_dim)
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    dtype = v_BxLxHxK.dtype
+    q_BxLxHxK = enc.rotate(q_BxLxHxK, pos_BxL, is_query=True).astype(dtype)
+    k_BxLxHxK = enc.rotate(k_BxLxHxK, pos_BxL, is_query=False).astype(dtype)
+    y_BxLxHxK = attend(
+      q_BxLxHxK,
+      k_BxLxHxK,
+      v_BxLxHxK,
+      q_pos_BxL=pos_BxL,
+      k_pos_BxL=pos_BxL,
+      bias_fn=enc.bias if enc.has_bias else None,
+      impl=impl,
+      block_size=block_size,
+    )
+    return self.out(y_BxLxHxK.reshape(b, length, -1))
+
+
+class Mlp(nnx.Module):
+  """``W_2 gelu(W_1 x)`` or SwiGLU ``W_2 (silu(W_g x) * W_1 x)``."""
+
+  def __init__(self, model_cfg, *, dtype, out_std: float, rngs: nnx.Rngs):
+    _, hidden = resolved_dims(model_cfg)
+    self.gated = model_cfg.mlp == "swiglu"
+    d = model_cfg.model_dim
+    width = (2 if self.gated else 1) * hidden
+    self.up = _linear(d, width, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
+    self.down = _linear(hidden, d, std=out_std, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_BxLxD):
+    h_BxLxF = self.up(x_BxLxD)
+    if self.gated:
+      gate_BxLxF, h_BxLxF = jnp.split(h_BxLxF, 2, axis=-1)
+      h_BxLxF = nnx.silu(gate_BxLxF) * h_BxLxF
+    else:
+      h_BxLxF = nnx.gelu(h_BxLxF)
+    return self.down(h_BxLxF)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: ``x += attn(norm(x)); x += mlp(norm(x))``."""
+
+  def __init__(self, model_cfg, *, dtype, rngs: nnx.Rngs):
+    norm = _NORMS[model_cfg.norm]
+    d = model_cfg.model_dim
+    out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
+    self.attn_norm = norm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    self.attn = Attention(model_cfg, dtype=dtype, out_std=out_std, rngs=rngs)
+    self.mlp_norm = norm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(model_cfg, dtype=dtype, out_std=out_std, rngs=rngs)
+
+  def __call__(self, x_BxLxD, pos_BxL, enc, *, impl: str, block_size: int):
+    x_BxLxD = x_BxLxD + self.attn(
+      self.attn_norm(x_BxLxD), pos_BxL, enc, impl=impl, block_size=block_size
+    )
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+
+class Transformer(nnx.Module):
+  """``Transformer(config, rngs=...)(inputs_BxL int32) -> logits float32 [B, L, V]``.
+
+  ``attention`` / ``attention_block`` are plain attributes (from ``config.model``); use
+  :func:`with_attention` to evaluate the same parameters with another implementation.
+  """
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    m = config.model
+    _choice("norm", m.norm, tuple(_NORMS))
+    _choice("mlp", m.mlp, _MLPS)
+    _choice("attention", m.attention, IMPLEMENTATIONS)
+    _choice("compute_dtype", m.compute_dtype, tuple(_DTYPES))
+    if m.model_dim % m.num_heads and not m.head_dim:
+      raise ValueError(f"model.model_dim={m.model_dim} must divide by model.num_heads")
+    self.dtype = _DTYPES[m.compute_dtype]
+    self.pe_name = config.pe.name
+    self.attention = m.attention
+    self.attention_block = m.attention_block
+    head_dim, _ = resolved_dims(m)
+    self.embed = nnx.Embed(
+      m.vocab_size, m.model_dim, embedding_init=nnx.initializers.normal(m.init_std), rngs=rngs
+    )
+    num_encodings = 1 if config.pe.get("share_across_layers", True) else m.num_layers
+    build = dict(num_heads=m.num_heads, head_dim=head_dim, model_dim=m.model_dim, rngs=rngs)
+    self.encodings = nnx.List(build_encoding(config.pe, **build) for _ in range(num_encodings))
+    self.blocks = nnx.List(Block(m, dtype=self.dtype, rngs=rngs) for _ in range(m.num_layers))
+    self.final_norm = _NORMS[m.norm](m.model_dim, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
+    d, v = m.model_dim, m.vocab_size
+    self.unembed = (
+      None if m.tie_embeddings else _linear(d, v, std=m.init_std, dtype=self.dtype, rngs=rngs)
+    )
+
+  def embed_tokens(self, inputs_BxL: jax.Array, *, train: bool = False):
+    """``(x_BxLxD, pos_BxL)``: token embeddings with the absolute encoding (if any) added."""
+    b, length = inputs_BxL.shape
+    enc = self.encodings[0]
+    if enc.max_length is not None and length > enc.max_length:
+      raise ValueError(
+        f"sequence length {length} exceeds {enc.max_length}, the longest pe.name="
+        f"{self.pe_name!r} can represent (pe.max_len / pe.max_random_len)"
+      )
+    pos_BxL = enc.positions(b, length, train=train)
+    return enc.embed(self.embed(inputs_BxL), pos_BxL), pos_BxL
+
+  def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+    """Transformer layers and output head on embedded inputs: float32 logits ``[B, L, V]``."""
+    for i, block in enumerate(self.blocks):
+      enc = self.encodings[i if len(self.encodings) > 1 else 0]
+      x_BxLxD = block(x_BxLxD, pos_BxL, enc, impl=self.attention, block_size=self.attention_block)
+    x_BxLxD = self.final_norm(x_BxLxD).astype(self.dtype)
+    if self.unembed is not None:
+      return self.unembed(x_BxLxD).astype(jnp.float32)
+    table_VxD = self.embed.embedding[...].astype(self.dtype)
+    return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD, preferred_element_type=jnp.float32)
+
+  def __call__(self, inputs_BxL: jax.Array, *, train: bool = False) -> jax.Array:
+    x_BxLxD, pos_BxL = self.embed_tokens(inputs_BxL, train=train)
+    return self.decode(x_BxLxD, pos_BxL)
+
+
+def with_attention(model: Transformer, impl: str, block_size: int | None = None) -> Transformer:
+  """A view of ``model`` using attention ``impl``; parameters are shared, not copied."""
+  _choice("attention", impl, IMPLEMENTATIONS)
+  view = nnx.merge(*nnx.split(model))
+  view.attention = impl
+  if block_size is not None:
+    view.attention_block = block_size
+  return view
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable scalars (every ``nnx.Param``, encodings included)."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def flops_per_token(config, seq_len: int) -> float:
+  """Training FLOPs per token: ``6 N + 6 n_layers H K (T + 1)``.
+
+  ``N`` counts matmul weights: per layer ``4 D H K`` (q, k, v, o) plus ``2 D F`` (gelu) or
+  ``3 D F`` (swiglu), plus ``D V`` for the output head (tied or not; the embedding lookup
+  is free). Attention: ``q.k`` and ``p.v`` cost ``4 H K`` FLOPs per (query, visible key)
+  forward, a query sees ``(T + 1) / 2`` keys on average under the causal mask, and backward
+  costs twice forward. Norms, softmax and encoding FLOPs are ignored.
+  """
+  m = config.model
+  head_dim, mlp_dim = resolved_dims(m)
+  hk = m.num_heads * head_dim
+  per_layer = 4 * m.model_dim * hk + (3 if m.mlp == "swiglu" else 2) * m.model_dim * mlp_dim
+  n = m.num_layers * per_layer + m.model_dim * m.vocab_size
+  return 6.0 * n + 6.0 * m.num_layers * hk * (seq_len + 1)

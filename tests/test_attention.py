@@ -1,0 +1,159 @@
+"""The three attention implementations compute the same causal attention."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pe_research.attention import attend
+
+B, H, K = 2, 3, 8
+
+
+def _qkv(length, seed=0, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, (B, length, H, K), dtype) for k in keys]
+
+
+def _positions(length):
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (B, length))
+
+
+def _bias_fn(params):
+  """A learnable relative bias like ALiBi + T5: ``-slope_h |i - j| + table[clip(i - j), h]``."""
+  slopes_H, table_DxH = params
+
+  def bias(q_pos_BxQ, k_pos_BxK):
+    rel_BxQxK = q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :]
+    linear = -slopes_H[None, :, None, None] * jnp.abs(rel_BxQxK)[:, None]
+    lookup_BxQxKxH = table_DxH[jnp.clip(rel_BxQxK, 0, table_DxH.shape[0] - 1)]
+    return linear + jnp.moveaxis(lookup_BxQxKxH, -1, 1)
+
+  return bias
+
+
+def _bias_params():
+  return (jnp.array([0.5, 0.25, 0.125]), jax.random.normal(jax.random.key(7), (5, H)))
+
+
+def _attend(impl, qkv, bias_params=None, block_size=4):
+  length = qkv[0].shape[1]
+  pos = _positions(length)
+  bias_fn = None if bias_params is None else _bias_fn(bias_params)
+  return attend(
+    *qkv, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=bias_fn, impl=impl, block_size=block_size
+  )
+
+
+_run = jax.jit(_attend, static_argnames=("impl", "block_size"))
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+@pytest.mark.parametrize(
+  "length,block,with_bias",
+  [(16, 4, True), (13, 4, True), (13, 4, False), (3, 4, True)],
+)
+def test_implementations_match_dense(impl, length, block, with_bias):
+  qkv = _qkv(length)
+  params = _bias_params() if with_bias else None
+  expected = _run("dense", qkv, params)
+  got = _run(impl, qkv, params, block_size=block)
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_matches_naive_loop():
+  length = 5
+  q, k, v = _qkv(length)
+  params = _bias_params()
+  bias = np.asarray(_bias_fn(params)(_positions(length), _positions(length)))
+  q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+  expected = np.zeros((B, length, H, K))
+  for b in range(B):
+    for h in range(H):
+      for i in range(length):
+        s = np.array(
+          [q[b, i, h] @ k[b, j, h] / np.sqrt(K) + bias[b, h, i, j] for j in range(i + 1)]
+        )
+        w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        expected[b, i, h] = w @ v[b, : i + 1, h]
+  np.testing.assert_allclose(_run("dense", (q, k, v), params), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_gradients_equal_dense():
+  length = 10  # 3 blocks of 4, the last one padded
+  qkv = _qkv(length, seed=1)
+  params = _bias_params()
+  cotangent = jax.random.normal(jax.random.key(3), (B, length, H, K))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  @functools.partial(jax.grad, argnums=(1, 2))
+  def grads(impl, qkv, params):
+    return jnp.sum(_attend(impl, qkv, params) * cotangent)
+
+  grad_dense = grads("dense", qkv, params)
+  grad_block = grads("blockwise", qkv, params)
+  for got, expected in zip(jax.tree.leaves(grad_block), jax.tree.leaves(grad_dense), strict=True):
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_bias_is_computed_per_block():
+  seen_shapes = []
+  bias = _bias_fn(_bias_params())
+
+  def recording_bias(q_pos, k_pos):
+    seen_shapes.append((q_pos.shape, k_pos.shape))
+    return bias(q_pos, k_pos)
+
+  length, block = 64, 8
+  pos = _positions(length)
+  jax.make_jaxpr(
+    lambda q, k, v: attend(
+      q,
+      k,
+      v,
+      q_pos_BxL=pos,
+      k_pos_BxL=pos,
+      bias_fn=recording_bias,
+      impl="blockwise",
+      block_size=block,
+    )
+  )(*_qkv(length))
+  assert seen_shapes and all(s == ((B, block), (B, block)) for s in seen_shapes)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "xla"])
+def test_output_is_causal(impl):
+  """Changing k, v at position t leaves every output before t unchanged."""
+  length, t = 11, 6
+  q, k, v = _qkv(length)
+  k2 = k.at[:, t:].set(5.0)
+  v2 = v.at[:, t:].set(-5.0)
+  params = _bias_params()
+  before = _run(impl, (q, k, v), params)
+  after = _run(impl, (q, k2, v2), params)
+  np.testing.assert_array_equal(before[:, :t], after[:, :t])
+  assert not np.allclose(before[:, t:], after[:, t:])
+
+
+def test_blockwise_jit_matches_eager():
+  qkv = _qkv(9)
+  params = _bias_params()
+  eager = _attend("blockwise", qkv, params)
+  jitted = _run("blockwise", qkv, params)
+  np.testing.assert_allclose(jitted, eager, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "xla"])
+def test_bfloat16_close_to_float32(impl):
+  qkv = _qkv(10)
+  params = _bias_params()
+  got = _run(impl, [x.astype(jnp.bfloat16) for x in qkv], params)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), _run("dense", qkv, params), atol=5e-2)
+
+
+def test_unknown_implementation_is_a_value_error():
+  with pytest.raises(ValueError, match="model.attention='flash'.*dense, blockwise, xla"):
+    _run("flash", _qkv(4))

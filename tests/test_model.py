@@ -1,0 +1,165 @@
+"""The transformer with every registered encoding: causal, any length, any attention impl."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import pe_research.encodings  # noqa: F401  (registers every family)
+from configs import base
+from pe_research.encodings.registry import encoding_names
+from pe_research.model import Transformer, count_params, flops_per_token, with_attention
+
+ENCODINGS = ("sinusoidal", "learned", "nope", "rope", "alibi", "t5", "xpos", "kerple", "fire")
+TRAIN_LEN = 8
+
+
+def _config(pe="nope", **model):
+  config = base.get_config()
+  config.model.update(
+    {"num_layers": 1, "model_dim": 16, "num_heads": 2, "attention_block": 8, **model}
+  )
+  config.pe.name = pe
+  config.train.seq_len = TRAIN_LEN
+  config.pe.max_len = 2 * TRAIN_LEN
+  config.pe.max_random_len = 8 * TRAIN_LEN
+  config.pe.fire_l_thr_init = float(TRAIN_LEN)
+  config.pe.xpos_gamma = 16.0
+  return config
+
+
+def _model(config, seed=0):
+  return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def _inputs(length, batch=2, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, 260, dtype=jnp.int32)
+
+
+def _jit_logits(models, inputs_BxL, train=False):
+  """Logits of each model, all compiled as one program (one compile is cheaper than many)."""
+  graphdefs, states = zip(*(nnx.split(model) for model in models), strict=True)
+
+  @jax.jit
+  def forward(states, x):
+    return [nnx.merge(g, s)(x, train=train) for g, s in zip(graphdefs, states, strict=True)]
+
+  return forward(states, inputs_BxL)
+
+
+def test_every_encoding_family_is_registered():
+  assert set(ENCODINGS) <= set(encoding_names())
+
+
+@pytest.mark.parametrize("pe", ENCODINGS)
+def test_no_position_depends_on_a_later_one_and_jit_matches_eager(pe):
+  """d logits[t] / d x[t'] is exactly zero for t' > t and nonzero for t' <= t."""
+  model = _model(_config(pe))
+  inputs_BxL = _inputs(TRAIN_LEN, batch=1)
+  x_BxLxD, pos_BxL = model.embed_tokens(inputs_BxL)
+  w_V = jax.random.normal(jax.random.key(1), (260,))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def logits_and_jacobian(state, inputs_BxL, x_BxLxD):
+    model = nnx.merge(graphdef, state)
+    jacobian = jax.jacrev(lambda x: model.decode(x, pos_BxL)[0] @ w_V)(x_BxLxD)
+    return model(inputs_BxL), jacobian
+
+  logits, jacobian_LxBxLxD = logits_and_jacobian(state, inputs_BxL, x_BxLxD)
+  norms_LxL = np.linalg.norm(np.asarray(jacobian_LxBxLxD)[:, 0], axis=-1)
+  assert np.all(norms_LxL[np.triu_indices(TRAIN_LEN, k=1)] == 0.0)
+  assert np.all(norms_LxL[np.tril_indices(TRAIN_LEN)] > 0.0)
+  np.testing.assert_allclose(logits, model(inputs_BxL), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pe", ENCODINGS)
+def test_long_evaluation_agrees_across_attention_implementations_and_bfloat16(pe):
+  """At 4x the training length (learned: its table size), dense = blockwise = xla to 1e-5;
+  bf16 compute is close to fp32."""
+  model = _model(_config(pe))
+  bf16_model = _model(_config(pe, compute_dtype="bfloat16"))  # same seed: same parameters
+  length = min(4 * TRAIN_LEN, model.encodings[0].max_length or 4 * TRAIN_LEN)
+  models = [model, with_attention(model, "blockwise"), with_attention(model, "xla"), bf16_model]
+  dense, blockwise, xla, bf16 = _jit_logits(models, _inputs(length))
+  assert dense.shape == (2, length, 260) and dense.dtype == jnp.float32
+  assert np.all(np.isfinite(dense))
+  np.testing.assert_allclose(blockwise, dense, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(xla, dense, atol=1e-5, rtol=1e-5)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(bf16, dense, atol=5e-3)  # |logits| ~ 0.4
+
+
+def test_learned_positions_beyond_the_table_are_a_clear_error():
+  model = _model(_config("learned"))
+  with pytest.raises(ValueError, match="pe.max_len"):
+    model(_inputs(4 * TRAIN_LEN))
+
+
+def test_blockwise_training_gradients_equal_dense():
+  """Gradients of the loss w.r.t. every parameter (encoding's too) match across impls."""
+  model = _model(_config("kerple", attention_block=4))
+  inputs_BxL = _inputs(10)
+
+  def grads(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+      logits_BxLxV = nnx.merge(graphdef, params, rest)(inputs_BxL)
+      return -jnp.mean(jax.nn.log_softmax(logits_BxLxV)[..., 0])
+
+    return jax.jit(jax.grad(loss))(params)
+
+  dense = grads(model)
+  blockwise = grads(with_attention(model, "blockwise"))
+  for got, expected in zip(jax.tree.leaves(blockwise), jax.tree.leaves(dense), strict=True):
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_variants_run_and_count_parameters():
+  """swiglu + rmsnorm + untied + one encoding per layer (kerple: 2 params/head) + randomized."""
+  config = _config(
+    "kerple",
+    num_layers=2,
+    mlp="swiglu",
+    norm="rmsnorm",
+    tie_embeddings=False,
+    attention="blockwise",
+  )
+  config.pe.share_across_layers = False
+  config.pe.randomized = True
+  model = _model(config)
+  (logits,) = _jit_logits([model], _inputs(3 * TRAIN_LEN), train=True)
+  assert logits.shape == (2, 3 * TRAIN_LEN, 260) and np.all(np.isfinite(logits))
+  d, f, v, layers, heads = 16, 64, 260, 2, 2  # swiglu: 8/3 * 16 = 42 -> 64
+  per_layer = 2 * d + 4 * d * d + 3 * d * f + 2 * heads
+  assert count_params(model) == 2 * v * d + layers * per_layer + d
+
+
+def test_with_attention_shares_parameters():
+  model = _model(_config("alibi"))
+  view = with_attention(model, "blockwise", block_size=4)
+  assert (view.attention, view.attention_block) == ("blockwise", 4)
+  assert model.attention == "dense"
+  assert view.embed.embedding[...] is model.embed.embedding[...]
+
+
+def test_flops_per_token_counts_matmuls_and_causal_attention():
+  config = _config(num_layers=2)  # D=16, H*K=16, F=64, V=260
+  n = 2 * (4 * 16 * 16 + 2 * 16 * 64) + 16 * 260
+  assert flops_per_token(config, 8) == 6 * n + 6 * 2 * 16 * 9
+
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("norm", "batchnorm", "model.norm='batchnorm'.*layernorm, rmsnorm"),
+    ("mlp", "relu", "model.mlp='relu'.*gelu, swiglu"),
+    ("attention", "flash", "model.attention='flash'.*dense, blockwise, xla"),
+    ("compute_dtype", "float16", "model.compute_dtype='float16'"),
+  ],
+)
+def test_bad_model_config_is_a_one_line_value_error(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    _model(_config(**{field: value}))
