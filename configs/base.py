@@ -1,0 +1,90 @@
+"""Every config field, with its default. Other configs start from ``get_config()`` and edit it.
+
+Not a runnable experiment by itself (it trains the default model on the default data):
+
+  python -m pe_research.main --config=configs/base.py --workdir=runs/base
+
+Fields are validated once at start-up by ``pe_research.config_lib.validate``; an invalid value
+exits with code 2 and one line naming the field and what is allowed.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the default config; ``arg`` is unused (variants live in other config files)."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameter init, the model's RNG streams and the data order.
+  config.init_from = ""  # Workdir of another run: start from its latest params ("" = random).
+
+  config.model = ml_collections.ConfigDict()
+  config.model.vocab_size = 260  # 256 bytes + special tokens (see pe_research.data).
+  config.model.num_layers = 4  # Transformer blocks.
+  config.model.model_dim = 256  # Residual width D.
+  config.model.num_heads = 4  # Attention heads H.
+  config.model.head_dim = 0  # Per-head width K; 0 = model_dim // num_heads.
+  config.model.mlp_dim = 0  # MLP hidden width; 0 = 4*model_dim (gelu), ~8/3*model_dim (swiglu).
+  config.model.mlp = "gelu"  # "gelu" or "swiglu".
+  config.model.norm = "layernorm"  # Pre-norm type: "layernorm" or "rmsnorm".
+  config.model.tie_embeddings = True  # Output projection = transposed input embedding.
+  config.model.attention = "dense"  # "dense" (einsum), "blockwise" (online softmax), "xla".
+  config.model.attention_block = 256  # Query/key block size of blockwise attention.
+  config.model.compute_dtype = "float32"  # Activations: "float32" or "bfloat16" (fp32 params).
+  config.model.init_std = 0.02  # Std of the normal init of embeddings and projections.
+
+  config.train = ml_collections.ConfigDict()
+  config.train.seq_len = 128  # Training sequence length L (tokens per example).
+  config.train.batch_size = 16  # Global batch (all processes); divisible by the device count.
+  config.train.steps = 1000  # Optimizer steps; raising it later extends a finished run.
+  config.train.lr = 1e-3  # Peak learning rate of AdamW.
+  config.train.warmup_steps = 100  # Linear warmup from 0 to lr, then cosine decay.
+  config.train.min_lr_ratio = 0.1  # Final lr = lr * min_lr_ratio at the last step.
+  config.train.weight_decay = 0.1  # Decoupled weight decay on matrices (ndim >= 2) only.
+  config.train.b1 = 0.9  # AdamW first-moment decay.
+  config.train.b2 = 0.95  # AdamW second-moment decay.
+  config.train.grad_clip = 1.0  # Clip the global gradient norm to this; 0 = no clipping.
+  config.train.log_every = 10  # Steps between metrics.jsonl / TensorBoard records.
+  config.train.checkpoint_every = 200  # Steps between checkpoints (one is also saved at the end).
+  config.train.keep_checkpoints = 3  # Checkpoints kept in the workdir (oldest deleted).
+  config.train.nan_policy = "stop"  # Non-finite loss/grads: "stop" the run or "skip" the step.
+
+  config.pe = ml_collections.ConfigDict()
+  config.pe.name = "rope"  # Registry name: sinusoidal learned nope rope alibi t5 xpos kerple fire.
+  config.pe.rope_scaling = ""  # HF `rope_scaling` JSON (rope/xpos only), "" = none.
+  config.pe.rope_base = 10000.0  # RoPE frequency base b: theta_i = b^(-2i/d).
+  config.pe.rope_layout = "half"  # Rotated pairs: "half" (NeoX/Llama) or "interleaved" (GPT-J).
+  config.pe.rotary_pct = 1.0  # Fraction of head_dim that is rotated (partial rotary).
+  config.pe.sinusoidal_layout = "concat"  # "concat" [sin..., cos...] or "interleaved".
+  config.pe.sinusoidal_base = 10000.0  # Sinusoidal wavelength base.
+  config.pe.max_len = 2048  # Table size of learned absolute positions.
+  config.pe.t5_num_buckets = 32  # T5 relative-position buckets.
+  config.pe.t5_max_distance = 128  # T5 distance beyond which buckets saturate.
+  config.pe.kerple_variant = "log"  # KERPLE kernel: "log" or "power".
+  config.pe.fire_hidden = 32  # Hidden width of FIRE's position MLP.
+  config.pe.fire_c_init = 0.1  # FIRE's initial log-transform scale c.
+  config.pe.fire_l_thr_init = 512.0  # FIRE's initial length threshold L_thr.
+  config.pe.xpos_gamma = 512.0  # xPos scale base (gamma in zeta^(n/gamma)).
+  config.pe.randomized = False  # Randomized positions (Ruoss et al. 2023) around pe.name.
+  config.pe.max_random_len = 2048  # Randomized positions are sorted samples from [0, this).
+  config.pe.randomize_eval = False  # Also randomize positions at evaluation.
+  config.pe.share_across_layers = True  # One encoding module shared by every layer.
+  # The training length, for encodings that use it; follows train.seq_len.
+  config.pe.train_len = config.train.get_ref("seq_len")
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "pystdlib"  # Dataset name (see pe_research.data).
+  config.data.data_dir = "data/tfds"  # TFDS data_dir for prepared datasets.
+  config.data.local_dir = ""  # Folder of text files for the local_text dataset.
+  config.data.eval_tokens = 65536  # Tokens per evaluation length.
+  config.data.task = "copy"  # Algorithmic task for the synthetic dataset.
+  config.data.train_min_len = 1  # Synthetic task: shortest training instance.
+  config.data.train_max_len = 20  # Synthetic task: longest training instance.
+  config.data.test_min_len = 21  # Synthetic task: shortest test instance.
+  config.data.test_max_len = 80  # Synthetic task: longest test instance.
+  config.data.auto_prepare = True  # Prepare a missing TFDS dataset from local sources.
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # Data-parallel axis size; -1 = all devices left after fsdp.
+  config.mesh.fsdp = 1  # Parameter-sharding axis size (1 = parameters replicated).
+  return config

@@ -1,0 +1,261 @@
+"""Config variants, start-up validation, and the resume compatibility check.
+
+``validate`` is the one place that decides whether a config is valid. It is called once at
+start-up; every problem raises ``ValueError`` with one line naming the field and what is
+allowed, which ``main`` prints before exiting with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+ROTARY_ENCODINGS = ("rope", "xpos")
+
+_CHOICES = {
+  "model.mlp": ("gelu", "swiglu"),
+  "model.norm": ("layernorm", "rmsnorm"),
+  "model.attention": ("dense", "blockwise", "xla"),
+  "model.compute_dtype": ("float32", "bfloat16"),
+  "pe.rope_layout": ("half", "interleaved"),
+  "pe.sinusoidal_layout": ("concat", "interleaved"),
+  "pe.kerple_variant": ("log", "power"),
+  "train.nan_policy": ("stop", "skip"),
+}
+_POSITIVE = (
+  *("model.vocab_size", "model.num_layers", "model.model_dim", "model.num_heads"),
+  *("model.attention_block", "model.init_std", "pe.rope_base", "pe.sinusoidal_base"),
+  *("pe.max_len", "pe.t5_num_buckets", "pe.t5_max_distance", "pe.fire_hidden"),
+  *("pe.fire_c_init", "pe.fire_l_thr_init", "pe.xpos_gamma", "pe.max_random_len"),
+  *("data.eval_tokens", "data.train_min_len", "data.train_max_len", "data.test_min_len"),
+  *("data.test_max_len", "train.seq_len", "train.batch_size", "train.steps", "train.lr"),
+  *("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "mesh.fsdp"),
+)
+_NON_NEGATIVE = (
+  *("seed", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay"),
+  "train.grad_clip",
+)
+# field: (low, high, low_inclusive, high_inclusive)
+_RANGES = {
+  "pe.rotary_pct": (0.0, 1.0, False, True),
+  "train.min_lr_ratio": (0.0, 1.0, True, True),
+  "train.b1": (0.0, 1.0, True, False),
+  "train.b2": (0.0, 1.0, True, False),
+}
+# A run may be extended by raising these; any other difference refuses to resume.
+_RESUMABLE_CHANGES = ("train.steps",)
+
+
+def parse_config_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a ``--config=file.py:k=v,k2=v2`` variant string over typed ``defaults``.
+
+  Each value is converted to its default's type; unknown keys are rejected.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"config variant {item!r} is invalid; allowed keys: {', '.join(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      if value not in ("True", "False", "true", "false"):
+        raise ValueError(f"config variant {key}={value!r} is invalid; allowed: True or False")
+      parsed[key] = value.lower() == "true"
+      continue
+    try:
+      parsed[key] = kind(value)
+    except ValueError:
+      allowed = f"a {kind.__name__}"
+      raise ValueError(f"config variant {key}={value!r} is invalid; allowed: {allowed}") from None
+  return parsed
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+  section, name = field.split(".") if "." in field else (None, field)
+  return config[name] if section is None else config[section][name]
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f"{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def _validate_fields(config: ml_collections.ConfigDict) -> None:
+  for field, choices in _CHOICES.items():
+    value = _get(config, field)
+    _require(value in choices, field, value, " or ".join(repr(c) for c in choices))
+  for field in _POSITIVE:
+    _require(_get(config, field) > 0, field, _get(config, field), "a number > 0")
+  for field in _NON_NEGATIVE:
+    _require(_get(config, field) >= 0, field, _get(config, field), "a number >= 0")
+  for field, (low, high, low_in, high_in) in _RANGES.items():
+    value = _get(config, field)
+    ok = (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
+    interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+    _require(ok, field, value, f"a number in {interval}")
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  from pe_research import encodings  # noqa: F401  (registers every encoding family)
+  from pe_research.encodings.registry import encoding_names
+
+  model, pe = config.model, config.pe
+  names = encoding_names()
+  _require(pe.name in names, "pe.name", pe.name, ", ".join(names))
+  if model.head_dim == 0:
+    _require(
+      model.model_dim % model.num_heads == 0,
+      "model.num_heads",
+      model.num_heads,
+      f"a divisor of model.model_dim={model.model_dim} (or set model.head_dim)",
+    )
+  head_dim = model.head_dim or model.model_dim // model.num_heads
+  if pe.name in ROTARY_ENCODINGS:
+    rotary_dim = int(head_dim * pe.rotary_pct)
+    _require(
+      rotary_dim >= 2 and rotary_dim % 2 == 0,
+      "model.head_dim",
+      head_dim,
+      f"head_dim with an even rotated part int(head_dim * pe.rotary_pct) for pe.name={pe.name!r}",
+    )
+  if pe.rope_scaling:
+    _require(
+      pe.name in ROTARY_ENCODINGS,
+      "pe.rope_scaling",
+      pe.rope_scaling,
+      f"'' unless pe.name is one of {', '.join(ROTARY_ENCODINGS)} (got {pe.name!r})",
+    )
+    from pe_research.encodings.rope_scaling import parse_rope_scaling
+
+    try:
+      parse_rope_scaling(pe.rope_scaling, original_max_position_embeddings=pe.train_len)
+    except ValueError as e:
+      example = '\'\' or JSON such as {"rope_type": "linear", "factor": 2.0}'
+      allowed = "" if "allowed" in str(e) else f"; allowed: {example}"
+      raise ValueError(f"pe.{e}{allowed}") from None
+  max_position = pe.max_random_len if pe.randomized else config.train.seq_len
+  if pe.randomized:
+    _require(
+      pe.max_random_len >= config.train.seq_len,
+      "pe.max_random_len",
+      pe.max_random_len,
+      f"a length >= train.seq_len={config.train.seq_len} when pe.randomized",
+    )
+  if pe.name == "learned":
+    _require(
+      max_position <= pe.max_len,
+      "pe.max_len",
+      pe.max_len,
+      f"a table size >= the largest training position {max_position} for pe.name='learned'",
+    )
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+  from pe_research.data import dataset_names, task_names
+
+  data = config.data
+  _require(data.name in dataset_names(), "data.name", data.name, ", ".join(dataset_names()))
+  _require(data.task in task_names(), "data.task", data.task, ", ".join(task_names()))
+  _require(
+    data.train_min_len <= data.train_max_len,
+    "data.train_min_len",
+    data.train_min_len,
+    f"a length <= data.train_max_len={data.train_max_len}",
+  )
+  _require(
+    data.test_min_len <= data.test_max_len,
+    "data.test_min_len",
+    data.test_min_len,
+    f"a length <= data.test_max_len={data.test_max_len}",
+  )
+  if data.name == "synthetic":
+    from pe_research.data.synthetic import sequence_length
+
+    needed = sequence_length(data.task, data.train_max_len)
+    _require(
+      config.train.seq_len >= needed,
+      "train.seq_len",
+      config.train.seq_len,
+      f">= {needed}, the length of a {data.task} example of data.train_max_len="
+      f"{data.train_max_len}",
+    )
+
+
+def _validate_train(config: ml_collections.ConfigDict, device_count: int) -> None:
+  train, mesh = config.train, config.mesh
+  _require(
+    train.warmup_steps < train.steps,
+    "train.warmup_steps",
+    train.warmup_steps,
+    f"a step count < train.steps={train.steps}",
+  )
+  _require(
+    mesh.data == -1 or mesh.data > 0, "mesh.data", mesh.data, "-1 (all devices) or a size > 0"
+  )
+  data_size = device_count // mesh.fsdp if mesh.data == -1 else mesh.data
+  _require(
+    data_size * mesh.fsdp == device_count,
+    "mesh.fsdp" if mesh.data == -1 else "mesh.data",
+    mesh.fsdp if mesh.data == -1 else mesh.data,
+    f"sizes with mesh.data * mesh.fsdp == {device_count} devices",
+  )
+  _require(
+    train.batch_size % device_count == 0,
+    "train.batch_size",
+    train.batch_size,
+    f"a multiple of the device count {device_count}",
+  )
+  if config.init_from:
+    _require(
+      os.path.isdir(config.init_from),
+      "init_from",
+      config.init_from,
+      "'' or the workdir of an earlier run",
+    )
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
+  """Raises ValueError (one line: field and allowed values) for the first invalid field.
+
+  ``device_count`` is the global number of devices (the batch is split over all of them).
+  """
+  _validate_fields(config)
+  _validate_model(config)
+  _validate_data(config)
+  _validate_train(config, device_count)
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The resolved config as plain JSON-compatible Python values (references followed)."""
+  return json.loads(config.to_json())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str):
+  """Raises ValueError naming the fields where ``config`` differs from a workdir's config.
+
+  Only ``train.steps`` may differ: raising it extends a run.
+  """
+  old, new = _flatten(saved), _flatten(config_to_dict(config))
+  changed = [
+    f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+    for key in sorted(old.keys() | new.keys())
+    if old.get(key) != new.get(key) and key not in _RESUMABLE_CHANGES
+  ]
+  if changed:
+    raise ValueError(
+      f"workdir {workdir} holds a run with a different config ({'; '.join(changed)}); "
+      "allowed: the same config (only train.steps may change) or a new --workdir"
+    )

@@ -1,0 +1,146 @@
+"""Training: loss falls for every encoding, the optimizer schedule, NaN handling, 8-device
+data parallelism, and the command-line run's outputs (config.json, metrics.jsonl)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from pe_research import train
+from pe_research.data import make_train_iterator
+from pe_research.encodings.registry import encoding_names
+from pe_research.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses(config, steps: int) -> list[float]:
+  mesh = train.make_mesh(config.mesh)
+  tx, schedule = train.make_optimizer(config.train)
+  graphdef, state = train.create_train_state(config, mesh, tx)
+  step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
+  data = make_train_iterator(config)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, train.global_batch(next(data), mesh))
+    losses.append(metrics["loss"])
+  return [float(x) for x in jax.device_get(losses)]
+
+
+@pytest.mark.parametrize("name", encoding_names())
+def test_loss_falls_on_tiny_config_for_every_encoding(name):
+  config = tiny.get_config(f"pe={name}")
+  config.train.steps = 40
+  losses = _losses(config, 40)
+  assert np.isfinite(losses).all()
+  assert np.mean(losses[-5:]) < losses[0] - 1.0, losses
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+  config = tiny.get_config()
+  t = config.train
+  _, schedule = train.make_optimizer(t)
+  np.testing.assert_allclose(schedule(0), 0.0)
+  np.testing.assert_allclose(schedule(t.warmup_steps), t.lr, rtol=1e-6)
+  np.testing.assert_allclose(schedule(t.steps), t.lr * t.min_lr_ratio, rtol=1e-6)
+  assert schedule(t.warmup_steps + 1) < t.lr
+
+
+def test_weighted_cross_entropy_ignores_zero_weight_tokens():
+  logits_BxLxV = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
+  targets_BxL = jnp.array([[0, 1]])
+  np.testing.assert_allclose(
+    train.weighted_cross_entropy(logits_BxLxV, targets_BxL, jnp.array([[1.0, 0.0]])),
+    np.log(2.0),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    train.weighted_cross_entropy(logits_BxLxV, targets_BxL, jnp.array([[1.0, 1.0]])),
+    (np.log(2.0) - np.log(0.1)) / 2,
+    rtol=1e-6,
+  )
+
+
+def test_non_finite_step_keeps_parameters_and_optimizer_state():
+  config = tiny.get_config()
+  mesh = train.make_mesh(config.mesh)
+  tx, schedule = train.make_optimizer(config.train)
+  graphdef, state = train.create_train_state(config, mesh, tx)
+  before = jax.device_get((state.params, state.opt_state))
+  batch = next(make_train_iterator(config))
+  batch["weights"][0, 0] = np.nan
+  step = jax.jit(train.make_train_step(graphdef, tx, schedule))
+  new_state, metrics = step(state, train.global_batch(batch, mesh))
+  assert not bool(metrics["finite"])
+  assert int(new_state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, before, (new_state.params, new_state.opt_state))
+
+
+_EIGHT_DEVICES = textwrap.dedent(
+  """
+  import jax, numpy as np
+  from configs import tiny
+  from pe_research import train
+  from pe_research.data import make_train_iterator
+
+  def run(devices, fsdp):
+    config = tiny.get_config("pe=alibi")
+    config.mesh.fsdp = fsdp
+    mesh = train.make_mesh(config.mesh, devices)
+    tx, schedule = train.make_optimizer(config.train)
+    graphdef, state = train.create_train_state(config, mesh, tx)
+    step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
+    data, losses = make_train_iterator(config), []
+    for _ in range(3):
+      state, metrics = step_fn(state, train.global_batch(next(data), mesh))
+      losses.append(metrics["loss"])
+    return np.array(losses), jax.device_get(state.params)
+
+  assert jax.device_count() == 8
+  loss_1, params_1 = run(jax.devices()[:1], 1)
+  for fsdp in (1, 2):
+    loss_8, params_8 = run(jax.devices(), fsdp)
+    np.testing.assert_allclose(loss_8, loss_1, atol=1e-5, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                 params_8, params_1)
+  print("OK")
+  """
+)
+
+
+def test_eight_device_steps_equal_one_device_steps():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
+  result = subprocess.run(
+    [sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env, capture_output=True, text=True
+  )
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_main_writes_config_metrics_and_tensorboard(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+    [
+      sys.executable, "-m", "pe_research.main", "--config=configs/tiny.py:pe=t5",
+      f"--workdir={workdir}", "--config.train.steps=6", "--config.train.log_every=2",
+      "--config.train.seq_len=24",
+    ],
+    cwd=REPO, capture_output=True, text=True,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not [line for line in result.stderr.splitlines() if line.startswith("I1")]
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["pe"]["name"] == "t5" and saved["train"]["steps"] == 6
+  assert saved["pe"]["train_len"] == saved["train"]["seq_len"] == 24
+  records = read_metrics(str(workdir))
+  assert [r["step"] for r in records] == [2, 4, 6]
+  for record in records:
+    assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second"} <= record.keys()
+    assert record["tokens_per_second"] > 0
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
