@@ -1,0 +1,257 @@
+"""Scoring a trained model at any length: one compiled program per (attention, batch shape).
+
+Every evaluation (perplexity, per-position loss, passkey, synthetic tasks) reduces to scoring
+batches ``{"inputs", "targets", "weights"}`` of shape ``[B, L]`` with one step that returns
+
+  nll_sum_L[l]    = Σ_b w[b,l] · NLL[b,l]        NLL = −log softmax(logits)[target]
+  weight_sum_L[l] = Σ_b w[b,l]
+  exact_B[b]      = ∀l: w[b,l] = 0 or argmax(logits[b,l]) = targets[b,l]
+  scored_B[b]     = Σ_l w[b,l]
+
+from which loss = Σ nll_sum / Σ weight_sum, ppl = exp(loss), bits_per_byte = loss / ln 2,
+and exact-match accuracy = mean of exact_B over rows with scored_B > 0 (greedy decoding of
+the targets, see ``passkey.py``). Host-side sums are float64.
+
+Long lengths: dense attention materialises ``B·H·L²`` float32 scores per layer; when that
+exceeds ``dense_budget_bytes`` a dense run is evaluated with blockwise attention instead
+(same parameters, different graph). Programs are compiled ahead of time and cached by
+``(attention, shapes)``; ``num_compiles`` counts them, so re-scoring a length never
+recompiles and a sweep over N lengths compiles N programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from pe_research import passkey
+from pe_research.data import make_eval_batches
+from pe_research.model import Transformer, with_attention
+
+Batch = dict[str, np.ndarray]
+_DTYPES = {"inputs": np.int32, "targets": np.int32, "weights": np.float32}
+
+
+def dense_score_bytes(batch: int, num_heads: int, length: int) -> int:
+  """Bytes of one layer's float32 attention scores: ``B·H·L²·4``."""
+  return batch * num_heads * length * length * 4
+
+
+def batch_stats(logits_BxLxV: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+  """The per-batch sums of the module docstring from float32 logits ``[B, L, V]``."""
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
+  nll_BxL = -jnp.take_along_axis(logp_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+  w_BxL = batch["weights"]
+  hit_BxL = jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"]
+  return {
+    "nll_sum_L": jnp.sum(w_BxL * nll_BxL, axis=0),
+    "weight_sum_L": jnp.sum(w_BxL, axis=0),
+    "exact_B": jnp.all(hit_BxL | (w_BxL == 0), axis=1),
+    "scored_B": jnp.sum(w_BxL, axis=1),
+  }
+
+
+def _eval_step(graphdef, params, rest, batch: Batch):
+  model = nnx.merge(graphdef, params, rest)
+  logits_BxLxV = model(batch["inputs"], train=False).astype(jnp.float32)
+  return batch_stats(logits_BxLxV, batch), nnx.split(model, nnx.Param, ...)[2]
+
+
+@dataclasses.dataclass
+class Totals:
+  """Float64 host accumulators over the batches of one length."""
+
+  nll_sum_L: np.ndarray
+  weight_sum_L: np.ndarray
+  correct: int = 0
+  examples: int = 0
+  seconds: float = 0.0
+  compile_seconds: float = 0.0
+  attention: str = ""
+
+  @property
+  def tokens(self) -> int:
+    return int(round(self.weight_sum_L.sum()))
+
+  @property
+  def loss(self) -> float:
+    return float(self.nll_sum_L.sum() / self.weight_sum_L.sum())
+
+  @property
+  def accuracy(self) -> float:
+    return self.correct / self.examples
+
+  def lm_row(self) -> dict[str, float]:
+    loss = self.loss
+    return {
+      "tokens": self.tokens,
+      "loss": loss,
+      "ppl": math.exp(loss) if loss < 700 else math.inf,
+      "bits_per_byte": loss / math.log(2),
+      "seconds": self.seconds,
+      "compile_seconds": self.compile_seconds,
+    }
+
+
+class Evaluator:
+  """Scores batches with ``model`` (a :class:`Transformer` holding the trained parameters).
+
+  ``attention="auto"`` keeps the model's attention unless it is dense and
+  ``dense_score_bytes`` exceeds ``dense_budget_bytes`` (then blockwise); any other value
+  forces that implementation at every length. Views share the parameters (``with_attention``).
+  """
+
+  def __init__(self, model: Transformer, *, attention: str = "auto", dense_budget_bytes=2**30):
+    self.model = model
+    self.attention = attention
+    self.dense_budget_bytes = dense_budget_bytes
+    self.num_heads = model.blocks[0].attn.num_heads
+    self.params = nnx.state(model, nnx.Param)
+    self._graphs: dict[str, tuple[nnx.GraphDef, nnx.State]] = {}
+    self._programs: dict[tuple, jax.stages.Compiled] = {}
+
+  @property
+  def num_compiles(self) -> int:
+    return len(self._programs)
+
+  def attention_for(self, batch: int, length: int) -> str:
+    if self.attention != "auto":
+      return self.attention
+    too_big = dense_score_bytes(batch, self.num_heads, length) > self.dense_budget_bytes
+    return "blockwise" if self.model.attention == "dense" and too_big else self.model.attention
+
+  def _graph(self, attention: str) -> tuple[nnx.GraphDef, nnx.State]:
+    if attention not in self._graphs:
+      graphdef, _, rest = nnx.split(with_attention(self.model, attention), nnx.Param, ...)
+      self._graphs[attention] = (graphdef, rest)
+    return self._graphs[attention]
+
+  def score(self, batch: Batch) -> tuple[dict[str, np.ndarray], float]:
+    """Runs one batch; returns its stats as numpy and the seconds spent compiling."""
+    batch = {name: np.asarray(batch[name], dtype) for name, dtype in _DTYPES.items()}
+    size, length = batch["inputs"].shape
+    attention = self.attention_for(size, length)
+    graphdef, rest = self._graph(attention)
+    key = (attention, size, length)
+    compile_seconds = 0.0
+    if key not in self._programs:
+      start = time.perf_counter()
+      step = jax.jit(_eval_step, static_argnums=0)
+      self._programs[key] = step.lower(graphdef, self.params, rest, batch).compile()
+      compile_seconds = time.perf_counter() - start
+    stats, rest = self._programs[key](self.params, rest, batch)
+    self._graphs[attention] = (graphdef, rest)  # RNG state advances (randomized positions)
+    return jax.tree.map(np.asarray, stats), compile_seconds
+
+  def score_all(self, batches: Iterable[Batch], *, batch_size: int, desc: str) -> Totals:
+    """Scores every batch (short ones padded with zero-weight rows) with a progress bar."""
+    totals = None
+    start = time.perf_counter()
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in tqdm.tqdm(batches, desc=desc, total=total, unit="batch", leave=False):
+      stats, compile_seconds = self.score(pad_batch(batch, batch_size))
+      if totals is None:
+        length = stats["nll_sum_L"].shape[0]
+        totals = Totals(np.zeros(length, np.float64), np.zeros(length, np.float64))
+      totals.nll_sum_L += stats["nll_sum_L"]
+      totals.weight_sum_L += stats["weight_sum_L"]
+      scored_B = stats["scored_B"] > 0
+      totals.correct += int(np.sum(stats["exact_B"] & scored_B))
+      totals.examples += int(np.sum(scored_B))
+      totals.compile_seconds += compile_seconds
+      totals.attention = self.attention_for(batch_size, length)
+    if totals is None:
+      raise ValueError(f"{desc}: the evaluation data produced no batches")
+    totals.seconds = time.perf_counter() - start - totals.compile_seconds
+    return totals
+
+
+def pad_batch(batch: Batch, batch_size: int) -> Batch:
+  """Pads the batch axis to ``batch_size`` with zero rows (weight 0: scored nowhere)."""
+  missing = batch_size - len(batch["inputs"])
+  if missing < 0:
+    raise ValueError(f"batch of {len(batch['inputs'])} rows exceeds batch_size={batch_size}")
+  padded = {}
+  for name, dtype in _DTYPES.items():
+    value = np.asarray(batch[name], dtype)
+    padded[name] = np.concatenate([value, np.zeros((missing, *value.shape[1:]), dtype)])
+  return padded
+
+
+def lm_sweep(
+  evaluator: Evaluator,
+  config,
+  lengths: Sequence[int],
+  *,
+  mode: str = "nonoverlapping",
+  stride: int | None = None,
+  max_tokens: int | None = None,
+  batch_size: int = 1,
+) -> tuple[list[dict], dict[int, tuple[np.ndarray, np.ndarray]]]:
+  """Loss/ppl at each length over the same token budget (``data.make_eval_batches``).
+
+  Returns one row per length and, per length, ``(nll_sum_L, weight_sum_L)`` for the
+  per-position diagnostic. Sliding mode uses ``stride`` (default ``length // 2``);
+  non-overlapping rows report ``stride = length``. Synthetic data (``length`` = task length)
+  adds ``seq_len``, ``examples`` and exact-match ``accuracy``.
+  """
+  synthetic = config.data.name == "synthetic"
+  rows, per_position = [], {}
+  for length in lengths:
+    step = length if mode == "nonoverlapping" else stride or max(1, length // 2)
+    batches = make_eval_batches(
+      config,
+      length=length,
+      mode=mode,
+      stride=step if mode == "sliding" else None,
+      max_tokens=max_tokens,
+      batch_size=batch_size,
+    )
+    totals = evaluator.score_all(batches, batch_size=batch_size, desc=f"length {length}")
+    row = {"length": length, "mode": mode, "stride": step, "attention": totals.attention}
+    row |= totals.lm_row()
+    if synthetic:
+      row |= {
+        "seq_len": len(totals.nll_sum_L),
+        "examples": totals.examples,
+        "accuracy": totals.accuracy,
+      }
+    rows.append(row)
+    per_position[length] = (totals.nll_sum_L, totals.weight_sum_L)
+    tqdm.tqdm.write(
+      f"length {length:>7}: loss {row['loss']:.4f}  ppl {row['ppl']:.3f}  "
+      f"({row['tokens']} tokens, {row['seconds']:.1f}s + {row['compile_seconds']:.1f}s compile)"
+    )
+  return rows, per_position
+
+
+def passkey_sweep(
+  evaluator: Evaluator,
+  lengths: Sequence[int],
+  depths: Sequence[float],
+  *,
+  trials: int,
+  batch_size: int,
+  encode: passkey.Encode,
+  seed: int = 0,
+) -> tuple[list[dict], np.ndarray]:
+  """Passkey accuracy (greedy exact match) on a ``len(lengths) × len(depths)`` grid."""
+  rows, grid_LxD = [], np.zeros((len(lengths), len(depths)))
+  for i, length in enumerate(lengths):
+    for j, depth in enumerate(depths):
+      batches = passkey.make_batches(
+        length, depth, trials=trials, batch_size=batch_size, encode=encode, seed=seed
+      )
+      totals = evaluator.score_all(batches, batch_size=batch_size, desc=f"passkey {length}@{depth}")
+      grid_LxD[i, j] = totals.accuracy
+      rows.append({"length": length, "depth": depth, "trials": trials, "accuracy": totals.accuracy})
+    tqdm.tqdm.write(f"passkey {length:>7}: accuracy by depth {np.round(grid_LxD[i], 2).tolist()}")
+  return rows, grid_LxD

@@ -1,0 +1,275 @@
+r"""Evaluates a trained run at many lengths: "how does this encoding behave beyond L?"
+
+  python -m pe_research.evaluate --workdir=runs/rope --lengths=128,256,512,1024,2048
+  python -m pe_research.evaluate --workdir=runs/rope --mode=sliding --stride=64
+  python -m pe_research.evaluate --workdir=runs/rope \
+      --rope_scaling='{"rope_type":"yarn","factor":8}'          # zero-shot extension
+  python -m pe_research.evaluate --workdir=runs/rope --passkey_trials=10
+
+Loads the latest checkpoint of ``DIR`` into the model of ``DIR/config.json`` (with
+``--rope_scaling`` replacing ``pe.rope_scaling``: same parameters, new frequencies) and writes
+into ``DIR/eval/``:
+
+  <name>.csv/.json/.png            per length: tokens, loss, ppl = exp(loss),
+                                   bits_per_byte = loss / ln 2, seconds (+ accuracy for
+                                   synthetic tasks); the figure is ppl against length
+  <name>_per_position.csv/.png     mean NLL against position within the window
+  <name>_passkey.csv/.json/.png    passkey accuracy, length × depth (``--passkey_trials > 0``)
+
+Defaults: lengths ``train_len · 2^k`` for k = 0..4 (synthetic tasks: the task length doubling
+from ``data.train_max_len // 2`` up to ``data.test_max_len``), non-overlapping windows (sliding:
+``--stride`` defaults to L // 2), the same ``data.eval_tokens`` targets at every length.
+Dense attention switches to blockwise when its ``B·H·L²·4`` score bytes exceed
+``--dense_budget_gib``; one program is compiled per length (``compiles`` in the JSON).
+Bad input (unknown mode, bad stride or JSON, rope_scaling on a model without RoPE, a learned
+table too short, a missing checkpoint) exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import app, flags
+from flax import nnx
+
+from pe_research import checkpoint, config_lib, eval_lib, eval_report, passkey
+from pe_research.data import ByteTokenizer
+from pe_research.data.pipeline import MODES
+from pe_research.metrics import quiet_library_logging
+from pe_research.model import Transformer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
+_LENGTHS = flags.DEFINE_list("lengths", [], "Evaluation lengths; default train_len·2^k, k=0..4.")
+_MODE = flags.DEFINE_string("mode", "nonoverlapping", f"One of {', '.join(MODES)}.")
+_STRIDE = flags.DEFINE_integer("stride", None, "Sliding stride S (scores the last S tokens).")
+_ROPE_SCALING = flags.DEFINE_string(
+  "rope_scaling", None, "HF rope_scaling JSON replacing the run's ('' = none); RoPE/xPos only."
+)
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Token budget; default data.eval_tokens.")
+_NAME = flags.DEFINE_string("name", None, "Output name under DIR/eval; default from the flags.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Windows per evaluation batch.")
+_ATTENTION = flags.DEFINE_string("attention", "auto", "auto, dense, blockwise or xla.")
+_DENSE_BUDGET = flags.DEFINE_float("dense_budget_gib", 1.0, "Dense score bytes allowed (auto).")
+_PASSKEY_TRIALS = flags.DEFINE_integer("passkey_trials", 0, "Prompts per passkey cell; 0 = skip.")
+_PASSKEY_DEPTHS = flags.DEFINE_string("passkey_depths", "0,0.25,0.5,0.75,1", "Needle depths.")
+flags.mark_flags_as_required(["workdir"])
+
+ATTENTION_CHOICES = ("auto", "dense", "blockwise", "xla")
+
+
+def load_model(workdir: str, *, rope_scaling: str | None = None):
+  """``(model, config, step)``: the latest checkpoint's parameters in the run's model.
+
+  ``rope_scaling`` (JSON text, "" = none) replaces ``pe.rope_scaling`` before the model is
+  built; only ``nnx.Param`` values are restored, so the new frequencies take effect.
+  """
+  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"--workdir={workdir!r} has no {checkpoint.CONFIG_FILE}; allowed: a run's dir")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if rope_scaling is not None:
+    if rope_scaling and config.pe.name not in config_lib.ROTARY_ENCODINGS:
+      raise ValueError(
+        f"--rope_scaling applies to pe.name in {', '.join(config_lib.ROTARY_ENCODINGS)}; "
+        f"this run has pe.name={config.pe.name!r}"
+      )
+    config.pe.rope_scaling = rope_scaling
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = None
+  if os.path.isdir(ckpt_dir):
+    with ocp.CheckpointManager(ckpt_dir) as manager:
+      step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"--workdir={workdir!r} has no checkpoint; allowed: a trained run's workdir")
+  model = Transformer(config, rngs=nnx.Rngs(config.seed))
+  params = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(params, checkpoint.load_params(workdir, nnx.to_pure_dict(params)))
+  nnx.update(model, params)
+  return model, config, step
+
+
+def default_lengths(config) -> list[int]:
+  """``train_len · 2^k`` (k = 0..4); synthetic: task lengths doubling up to test_max_len."""
+  if config.data.name != "synthetic":
+    return [config.train.seq_len * 2**k for k in range(5)]
+  lengths, n = [], max(1, config.data.train_max_len // 2)
+  while n < config.data.test_max_len:
+    lengths.append(n)
+    n *= 2
+  return [*lengths, config.data.test_max_len]
+
+
+def parse_lengths(items: list[str]) -> list[int]:
+  try:
+    lengths = [int(x) for x in items]
+  except ValueError:
+    raise ValueError(f"--lengths={','.join(items)!r} must be integers >= 1") from None
+  if not lengths or min(lengths) < 1:
+    raise ValueError(f"--lengths={','.join(items)!r} must be integers >= 1")
+  return sorted(set(lengths))
+
+
+def check_request(model, lengths, *, mode, stride, attention, synthetic: bool) -> None:
+  """Rejects a bad request before anything is evaluated (one-line ValueError)."""
+  if mode not in MODES:
+    raise ValueError(f"--mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
+  if attention not in ATTENTION_CHOICES:
+    allowed = ", ".join(ATTENTION_CHOICES)
+    raise ValueError(f"--attention={attention!r} is unknown; allowed: {allowed}")
+  if stride is not None:
+    if mode != "sliding":
+      raise ValueError(f"--stride={stride} needs --mode=sliding (non-overlapping has S = L)")
+    if not 1 <= stride <= min(lengths):
+      raise ValueError(f"--stride={stride} must lie in [1, {min(lengths)}] (the shortest length)")
+  if synthetic and mode != "nonoverlapping":
+    raise ValueError("--mode=sliding does not apply to synthetic tasks; allowed: nonoverlapping")
+  limit = model.encodings[0].max_length
+  if limit is not None and not synthetic and max(lengths) > limit:
+    raise ValueError(
+      f"--lengths: {max(lengths)} exceeds {limit}, the longest pe.name={model.pe_name!r} can "
+      f"represent (pe.max_len / pe.max_random_len); allowed: lengths <= {limit}"
+    )
+
+
+def default_name(mode: str, stride: int | None, rope_scaling: str | None) -> str:
+  """E.g. ``nonoverlapping``, ``sliding_s64``, ``nonoverlapping_yarn8``."""
+  name = mode + (f"_s{stride}" if stride else "")
+  if rope_scaling is not None:
+    spec = json.loads(rope_scaling) if rope_scaling else {}
+    name += f"_{spec.get('rope_type', 'none')}{spec.get('factor', '')}" if spec else "_noscaling"
+  return name
+
+
+def evaluate_run(
+  workdir: str,
+  *,
+  lengths: list[int] | None = None,
+  mode: str = "nonoverlapping",
+  stride: int | None = None,
+  rope_scaling: str | None = None,
+  max_tokens: int | None = None,
+  name: str | None = None,
+  batch_size: int = 1,
+  attention: str = "auto",
+  dense_budget_gib: float = 1.0,
+  passkey_trials: int = 0,
+  passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+) -> dict:
+  """Evaluates the run in ``workdir`` (see the module docstring); returns the JSON summary."""
+  if batch_size < 1 or (max_tokens is not None and max_tokens < 1) or passkey_trials < 0:
+    raise ValueError("--batch_size and --max_tokens must be >= 1 and --passkey_trials >= 0")
+  model, config, step = load_model(workdir, rope_scaling=rope_scaling)
+  synthetic = config.data.name == "synthetic"
+  lengths = lengths or default_lengths(config)
+  check_request(model, lengths, mode=mode, stride=stride, attention=attention, synthetic=synthetic)
+  name = name or default_name(mode, stride, rope_scaling)
+  encode = ByteTokenizer().encode
+  passkey_lengths = [n for n in lengths if n >= passkey.min_length(encode)]
+  if passkey_trials and not synthetic and not passkey_lengths:
+    raise ValueError(f"--passkey_trials needs a --lengths entry >= {passkey.min_length(encode)}")
+  evaluator = eval_lib.Evaluator(
+    model, attention=attention, dense_budget_bytes=int(dense_budget_gib * 2**30)
+  )
+  rows, per_position = eval_lib.lm_sweep(
+    evaluator,
+    config,
+    lengths,
+    mode=mode,
+    stride=stride,
+    max_tokens=max_tokens,
+    batch_size=batch_size,
+  )
+  train_len = config.data.train_max_len if synthetic else config.train.seq_len
+  label = config.pe.name + (f" {config.pe.rope_scaling}" if config.pe.rope_scaling else "")
+  stem = os.path.join(workdir, "eval", name)
+  summary = {
+    "name": name,
+    "workdir": workdir,
+    "step": step,
+    "pe": config.pe.name,
+    "rope_scaling": config.pe.rope_scaling,
+    "train_len": train_len,
+    "mode": mode,
+  }
+  position_rows = [r for n in lengths for r in eval_report.per_position_rows(n, *per_position[n])]
+  eval_report.write_table(f"{stem}_per_position", position_rows, summary)
+  eval_report.plot_per_position(
+    f"{stem}_per_position.png", per_position, title=f"{workdir}: {name}", train_len=train_len
+  )
+  if passkey_trials and not synthetic:
+    pk_rows, grid_LxD = eval_lib.passkey_sweep(
+      evaluator,
+      passkey_lengths,
+      passkey_depths,
+      trials=passkey_trials,
+      batch_size=batch_size,
+      encode=encode,
+    )
+    eval_report.write_table(f"{stem}_passkey", pk_rows, summary)
+    eval_report.plot_grid(
+      f"{stem}_passkey.png",
+      grid_LxD,
+      lengths=passkey_lengths,
+      depths=passkey_depths,
+      title=f"passkey accuracy: {label}",
+    )
+  ys = [r["accuracy"] for r in rows] if synthetic else [r["ppl"] for r in rows]
+  eval_report.plot_curves(
+    f"{stem}.png",
+    {label: (lengths, ys)},
+    ylabel="exact-match accuracy" if synthetic else "perplexity",
+    title=f"{workdir}: {name}",
+    train_len=train_len,
+    logy=not synthetic,
+  )
+  summary |= {
+    "compiles": evaluator.num_compiles,
+    "compiles_per_eval_length": evaluator.num_compiles / len(lengths),
+  }
+  eval_report.write_table(stem, rows, summary)
+  return {**summary, "rows": rows}
+
+
+def _exit_with_error(error: Exception) -> None:
+  print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors are one line and exit code 2 (absl's own exit 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ValueError, TypeError) as e:
+    _exit_with_error(e)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _exit_with_error(ValueError(f"unexpected arguments {argv[1:]}; allowed: flags only"))
+  quiet_library_logging()
+  try:
+    evaluate_run(
+      _WORKDIR.value,
+      lengths=parse_lengths(_LENGTHS.value) if _LENGTHS.value else None,
+      mode=_MODE.value,
+      stride=_STRIDE.value,
+      rope_scaling=_ROPE_SCALING.value,
+      max_tokens=_MAX_TOKENS.value,
+      name=_NAME.value,
+      batch_size=_BATCH_SIZE.value,
+      attention=_ATTENTION.value,
+      dense_budget_gib=_DENSE_BUDGET.value,
+      passkey_trials=_PASSKEY_TRIALS.value,
+      passkey_depths=passkey.parse_depths(_PASSKEY_DEPTHS.value),
+    )
+  except ValueError as e:
+    _exit_with_error(e)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

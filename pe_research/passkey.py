@@ -1,0 +1,122 @@
+"""Passkey retrieval prompts (Mohtashami & Jaggi 2023, "Landmark Attention").
+
+A prompt of exactly ``length + 1`` tokens hides one needle sentence in repeated filler::
+
+  HEADER + filler[:k] + "\\nThe pass key is 71432. Remember it. 71432 is the pass key.\\n"
+         + filler[k:] + "\\nWhat is the pass key? The pass key is " + "71432"
+
+with ``k = round(depth · F)``, F the filler budget in tokens, so depth 0 puts the needle
+right after the header and depth 1 right before the question. The filler has no digits, so
+the key appears only in the needle and the answer. As a language-model batch,
+``inputs = tokens[:-1]`` and ``targets = tokens[1:]`` (both ``length`` long) and the weights
+are 1 exactly on the answer's targets.
+
+Scoring is greedy decoding, computed with one teacher-forced pass: greedy decoding
+reproduces the answer iff at every answer position the argmax of the logits equals the
+answer token given the correct prefix (induction over the answer's tokens). So an example
+is correct iff ``argmax(logits) == targets`` wherever ``weights > 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+HEADER = (
+  "There is an important info hidden inside a lot of irrelevant text. "
+  "Find it and memorize it. I will quiz you about the important information there.\n"
+)
+FILLER = (
+  "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+QUESTION = "\nWhat is the pass key? The pass key is "
+
+Encode = Callable[[str], Sequence[int]]
+
+
+def needle(key: int) -> str:
+  return f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyExample:
+  """One prompt. ``tokens``: int32 ``[length + 1]``; the answer is ``tokens[answer_start:]``."""
+
+  tokens: np.ndarray
+  key: int
+  needle_start: int
+  answer_start: int
+
+  def as_batch_row(self) -> dict[str, np.ndarray]:
+    """``inputs``/``targets`` int32 ``[length]``, ``weights`` float32 ``[length]``."""
+    weights_L = np.zeros(len(self.tokens) - 1, np.float32)
+    weights_L[self.answer_start - 1 :] = 1.0
+    return {"inputs": self.tokens[:-1], "targets": self.tokens[1:], "weights": weights_L}
+
+
+def _parts(key: int, encode: Encode) -> tuple[np.ndarray, ...]:
+  """(header, needle, question, answer) token arrays."""
+  texts = (HEADER, needle(key), QUESTION, str(key))
+  return tuple(np.asarray(encode(text), np.int32) for text in texts)
+
+
+def min_length(encode: Encode, key: int = 99_999) -> int:
+  """The shortest model input (no filler) that holds a prompt with this many key digits."""
+  return sum(len(part) for part in _parts(key, encode)) - 1
+
+
+def make_example(length: int, depth: float, key: int, encode: Encode) -> PasskeyExample:
+  """The passkey prompt whose model input is exactly ``length`` tokens (see module doc)."""
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"passkey depth={depth} must be in [0, 1]")
+  if key < 0:
+    raise ValueError(f"passkey key={key} must be a non-negative integer")
+  header, mark, question, answer = _parts(key, encode)
+  budget = length - min_length(encode, key)
+  if budget < 0:
+    raise ValueError(f"passkey length={length} is too short: at least {length - budget} needed")
+  unit = np.asarray(encode(FILLER), np.int32)
+  filler = np.tile(unit, budget // len(unit) + 1)[:budget]
+  k = round(depth * budget)
+  tokens = np.concatenate([header, filler[:k], mark, filler[k:], question, answer])
+  return PasskeyExample(
+    tokens=tokens,
+    key=key,
+    needle_start=len(header) + k,
+    answer_start=len(tokens) - len(answer),
+  )
+
+
+def make_batches(
+  length: int, depth: float, *, trials: int, batch_size: int, encode: Encode, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+  """``trials`` prompts with random 5-digit keys, stacked into batches of ``batch_size``.
+
+  The last batch is padded with zero-weight rows so every batch has one shape (one compiled
+  program per length). Keys depend only on ``(seed, length, depth)``.
+  """
+  rng = np.random.default_rng([seed, length, round(depth * 1000)])
+  rows = [
+    make_example(length, depth, int(rng.integers(10_000, 100_000)), encode).as_batch_row()
+    for _ in range(trials)
+  ]
+  pad = {name: np.zeros_like(value) for name, value in rows[0].items()}
+  rows += [pad] * (-len(rows) % batch_size)
+  return [
+    {name: np.stack([r[name] for r in rows[i : i + batch_size]]) for name in pad}
+    for i in range(0, len(rows), batch_size)
+  ]
+
+
+def parse_depths(text: str) -> Sequence[float]:
+  """``"0,0.5,1"`` -> ``(0.0, 0.5, 1.0)``; each depth must lie in [0, 1]."""
+  error = ValueError(f"--passkey_depths={text!r} must be comma-separated numbers in [0, 1]")
+  try:
+    depths = tuple(float(d) for d in text.split(","))
+  except ValueError:
+    raise error from None
+  if not all(0.0 <= d <= 1.0 for d in depths):
+    raise error
+  return depths

@@ -1,0 +1,284 @@
+"""The evaluation harness: budgets, equivalences, compile counts, passkey prompts, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from flax import nnx
+
+from configs import tiny
+from pe_research import checkpoint, eval_lib, evaluate, passkey, train
+from pe_research.data import ByteTokenizer, make_eval_batches
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUDGET = 300  # Not a multiple of any length: the last window is partly scored.
+ENCODE = ByteTokenizer().encode
+
+
+def _config(tmp, pe="rope", **fields):
+  """configs/tiny.py on a small local_text corpus (train/ and validation/ from our sources)."""
+  config = tiny.get_config(f"pe={pe}")
+  config.data.name = "local_text"
+  config.data.local_dir = str(tmp / "text")
+  config.data.data_dir = str(tmp / "tfds")
+  for dotted, value in fields.items():
+    section, name = dotted.split("__")
+    config[section][name] = value
+  return config
+
+
+def _save_run(workdir, config, steps: int = 0):
+  """A run dir via the training code: ``steps`` training steps (0 = the initial parameters)."""
+  if steps:
+    config.train.steps, config.train.warmup_steps, config.train.checkpoint_every = steps, 1, steps
+    checkpoint.record_config(str(workdir), config, write=True)
+    train.train(config, str(workdir))
+    return workdir
+  tx, _ = train.make_optimizer(config.train)
+  _, state = train.create_train_state(config, train.make_mesh(config.mesh), tx)
+  checkpoint.record_config(str(workdir), config, write=True)
+  ckpt = checkpoint.Checkpointer(str(workdir), keep=1)
+  ckpt.save(1, state, {}, config)
+  ckpt.close()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("evaluate")
+  for split, source in (("train", "model.py"), ("validation", "attention.py")):
+    os.makedirs(tmp / "text" / split)
+    with (
+      open(os.path.join(REPO, "pe_research", source)) as f,
+      open(tmp / "text" / split / "a.txt", "w") as g,
+    ):
+      g.write(f.read())
+  return tmp
+
+
+@pytest.fixture(scope="module")
+def rope_run(tmp):
+  return _save_run(tmp / "rope", _config(tmp), steps=3)
+
+
+@pytest.fixture(scope="module")
+def rope(rope_run):
+  """The trained tiny RoPE model, its config and one evaluator shared by the tests."""
+  model, config, _ = evaluate.load_model(str(rope_run))
+  return eval_lib.Evaluator(model), config
+
+
+@pytest.mark.parametrize("mode,stride", [("nonoverlapping", None), ("sliding", 8)])
+def test_every_mode_scores_exactly_the_budgeted_tokens(rope, mode, stride):
+  evaluator, config = rope
+  rows, per_position = eval_lib.lm_sweep(
+    evaluator, config, [32, 64], mode=mode, stride=stride, max_tokens=BUDGET
+  )
+  assert [r["tokens"] for r in rows] == [BUDGET, BUDGET]
+  assert [per_position[n][1].sum() for n in (32, 64)] == [BUDGET, BUDGET]
+  assert all(np.isfinite(r["loss"]) and r["ppl"] == pytest.approx(np.exp(r["loss"])) for r in rows)
+  assert rows[0]["bits_per_byte"] == pytest.approx(rows[0]["loss"] / np.log(2))
+
+
+def test_sliding_with_stride_equal_to_length_is_nonoverlapping(rope):
+  evaluator, config = rope
+  _, slide = eval_lib.lm_sweep(
+    evaluator, config, [32], mode="sliding", stride=32, max_tokens=BUDGET
+  )
+  _, plain = eval_lib.lm_sweep(evaluator, config, [32], max_tokens=BUDGET)
+  np.testing.assert_array_equal(slide[32][1], plain[32][1])
+  np.testing.assert_allclose(slide[32][0], plain[32][0], rtol=1e-6)
+
+
+def test_compiles_one_program_per_length_and_none_on_rerun(rope_run):
+  model, config, _ = evaluate.load_model(str(rope_run))
+  evaluator = eval_lib.Evaluator(model)
+  for _ in range(2):
+    eval_lib.lm_sweep(evaluator, config, [16, 48], max_tokens=BUDGET)
+    eval_lib.lm_sweep(evaluator, config, [48], mode="sliding", stride=8, max_tokens=BUDGET)
+    assert evaluator.num_compiles == 2
+
+
+def test_blockwise_and_dense_evaluation_agree(rope):
+  evaluator, config = rope
+  losses = {}
+  for attention in ("dense", "blockwise"):
+    forced = eval_lib.Evaluator(evaluator.model, attention=attention)
+    _, per_position = eval_lib.lm_sweep(forced, config, [64], max_tokens=BUDGET)
+    losses[attention] = per_position[64][0]
+  np.testing.assert_allclose(losses["blockwise"], losses["dense"], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_switches_to_blockwise_above_the_memory_budget(rope):
+  evaluator, _ = rope
+  small = eval_lib.Evaluator(evaluator.model, dense_budget_bytes=2 * 64 * 64 * 4)  # B=1, H=2
+  assert [small.attention_for(1, n) for n in (32, 64, 65, 4096)] == ["dense"] * 2 + [
+    "blockwise"
+  ] * 2
+  assert eval_lib.dense_score_bytes(2, 4, 1024) == 2 * 4 * 1024 * 1024 * 4
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
+def test_zero_shot_scaling_with_factor_one_equals_no_scaling(rope, rope_run, rope_type):
+  evaluator, config = rope
+  batch = make_eval_batches(config, length=96)[0]
+  spec = {"rope_type": rope_type, "factor": 1.0}
+  scaled, _, _ = evaluate.load_model(str(rope_run), rope_scaling=json.dumps(spec))
+  stretched, _, _ = evaluate.load_model(
+    str(rope_run), rope_scaling=json.dumps({**spec, "factor": 4.0})
+  )
+  plain = evaluator.model(batch["inputs"])
+  np.testing.assert_allclose(scaled(batch["inputs"]), plain, rtol=1e-5, atol=1e-5)
+  # The override applies (3 training steps: positions move the logits by a few 1e-4).
+  assert np.abs(stretched(batch["inputs"]) - plain).max() > 1e-4
+
+
+def test_batch_stats_weight_the_nll_and_exact_match_only_scored_targets():
+  logits_BxLxV = np.log(np.array([[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]] * 3, np.float32))
+  batch = {
+    "targets": np.array([[0, 1], [0, 2], [0, 2]], np.int32),
+    "weights": np.array([[1, 1], [1, 1], [1, 0]], np.float32),
+  }
+  stats = jax.tree.map(np.asarray, eval_lib.batch_stats(logits_BxLxV, batch))
+  nll = -np.log([0.7, 0.6, 0.3])
+  np.testing.assert_allclose(stats["nll_sum_L"], [3 * nll[0], nll[1] + nll[2]], rtol=1e-6)
+  np.testing.assert_array_equal(stats["weight_sum_L"], [3, 2])
+  np.testing.assert_array_equal(stats["exact_B"], [True, False, True])  # row 2: 2 is unscored
+
+
+def test_synthetic_runs_report_exact_match_accuracy_per_task_length(tmp):
+  config = _config(tmp, data__name="synthetic")
+  summary = evaluate.evaluate_run(
+    str(_save_run(tmp / "copy", config)), lengths=[4, 9], max_tokens=200
+  )
+  rows = summary["rows"]
+  assert [r["seq_len"] for r in rows] == [2 * 4 + 2, 2 * 9 + 2]  # BOS x SEP x EOS, shifted
+  assert [r["examples"] for r in rows] == [200 // 10, 200 // 20]
+  assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows) and rows[0]["tokens"] == 20 * 5
+  assert os.path.getsize(tmp / "copy" / "eval" / "nonoverlapping.png") > 0
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("length", [300, 517])
+def test_passkey_prompt_has_exact_length_needle_depth_and_answer(length, depth):
+  example = passkey.make_example(length, depth, 71432, ENCODE)
+  text = bytes(example.tokens.astype(np.uint8)).decode()
+  needle = "\nThe pass key is 71432. Remember it. 71432 is the pass key.\n"
+  assert len(example.tokens) == length + 1
+  assert text.startswith(passkey.HEADER) and text.endswith(passkey.QUESTION + "71432")
+  assert text.find(needle) == example.needle_start and text.count("71432") == 3
+  filler = text[len(passkey.HEADER) :].replace(needle, "", 1)[: -len(passkey.QUESTION) - 5]
+  assert not any(c.isdigit() for c in filler)
+  assert example.needle_start - len(passkey.HEADER) == round(depth * len(filler))
+  row = example.as_batch_row()
+  assert bytes(row["targets"][row["weights"] > 0].astype(np.uint8)) == b"71432"
+  np.testing.assert_array_equal(row["inputs"][1:], row["targets"][:-1])
+
+
+def test_passkey_batches_are_padded_deterministic_and_reject_short_lengths():
+  batches = passkey.make_batches(300, 0.5, trials=3, batch_size=2, encode=ENCODE, seed=1)
+  assert [b["inputs"].shape for b in batches] == [(2, 300), (2, 300)]
+  assert batches[1]["weights"][1].sum() == 0 and batches[0]["weights"][0].sum() == 5
+  again = passkey.make_batches(300, 0.5, trials=3, batch_size=2, encode=ENCODE, seed=1)
+  np.testing.assert_array_equal(batches[0]["targets"], again[0]["targets"])
+  with pytest.raises(ValueError, match="too short"):
+    passkey.make_example(passkey.min_length(ENCODE) - 1, 0.5, 12345, ENCODE)
+  assert len(passkey.make_example(passkey.min_length(ENCODE), 0.5, 12345, ENCODE).tokens) > 0
+
+
+def test_init_from_copies_parameters_but_not_optimizer_state(tmp, rope_run):
+  source = nnx.to_pure_dict(nnx.state(evaluate.load_model(str(rope_run))[0], nnx.Param))
+  config = _config(tmp, train__lr=1e-9)
+  config.init_from = str(rope_run)
+  config.train.steps, config.train.warmup_steps, config.train.checkpoint_every = 1, 0, 1
+  checkpoint.record_config(str(tmp / "fine_tune"), config, write=True)
+  state = train.train(config, str(tmp / "fine_tune"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params, source)
+  counts = [int(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0]
+  assert counts and set(counts) == {1}  # a fresh optimizer after one step (the source ran 3)
+
+
+def _cli(argv, capsys):
+  """Runs the CLI in-process: absl parsing, then main; returns (exit code, stderr)."""
+  flags.FLAGS.unparse_flags()
+  code = 0
+  try:
+    evaluate.main(evaluate._parse_flags(["evaluate", *argv]))
+  except SystemExit as e:
+    code = e.code
+  return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def other_runs(tmp):
+  alibi = _save_run(tmp / "alibi", _config(tmp, pe="alibi"))
+  learned = _save_run(tmp / "learned", _config(tmp, pe="learned", pe__max_len=64))
+  os.makedirs(tmp / "empty")
+  checkpoint.record_config(str(tmp / "untrained"), _config(tmp), write=True)
+  return {
+    "alibi": alibi,
+    "learned": learned,
+    "empty": tmp / "empty",
+    "untrained": tmp / "untrained",
+  }
+
+
+@pytest.mark.parametrize(
+  "run,argv,message",
+  [
+    ("rope", ["--mode=strided"], "--mode='strided' is unknown"),
+    (
+      "rope",
+      ["--mode=sliding", "--stride=40", "--lengths=32,64"],
+      "--stride=40 must lie in [1, 32]",
+    ),
+    ("rope", ["--mode=sliding", "--stride=0"], "--stride=0 must lie in"),
+    ("rope", ["--stride=8"], "--stride=8 needs --mode=sliding"),
+    ("rope", ["--lengths=0,32"], "--lengths='0,32' must be integers >= 1"),
+    ("rope", ["--stride=abc"], "stride"),
+    ("rope", ["--attention=flash"], "--attention='flash' is unknown"),
+    ("rope", ["--lengths=64", "--passkey_trials=1"], "needs a --lengths entry >= 250"),
+    ("rope", ["--rope_scaling={bad"], "rope_scaling is not valid JSON"),
+    ("rope", ['--rope_scaling={"rope_type":"warp","factor":2}'], "rope_type='warp' is unknown"),
+    ("alibi", ['--rope_scaling={"rope_type":"linear","factor":2}'], "pe.name='alibi'"),
+    ("learned", ["--lengths=32,128"], "128 exceeds 64"),
+    ("empty", [], "has no config.json"),
+    ("untrained", [], "has no checkpoint"),
+    ("missing", [], "has no config.json"),
+  ],
+)
+def test_bad_input_exits_2_with_one_line(tmp, rope_run, other_runs, capsys, run, argv, message):
+  workdir = {"rope": rope_run, "missing": tmp / "missing", **other_runs}[run]
+  code, err = _cli([f"--workdir={workdir}", *argv], capsys)
+  assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+  assert not os.path.exists(os.path.join(workdir, "eval"))
+
+
+def test_cli_writes_tables_plots_and_compile_count(rope_run):
+  argv = ["--lengths=64,256", "--max_tokens=300", "--mode=sliding", "--stride=16"]
+  argv += ["--passkey_trials=2", "--passkey_depths=0,1", "--name=smoke"]
+  result = subprocess.run(
+    [sys.executable, "-m", "pe_research.evaluate", f"--workdir={rope_run}", *argv],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = rope_run / "eval"
+  summary = json.loads((out / "smoke.json").read_text())
+  assert [r["tokens"] for r in summary["rows"]] == [300, 300]
+  assert summary["compiles_per_eval_length"] == 1.0 and summary["step"] == 3
+  assert (out / "smoke.csv").read_text().startswith("length,mode,stride,attention,tokens,loss,ppl")
+  for name in (
+    "smoke.png",
+    "smoke_per_position.csv",
+    "smoke_per_position.png",
+    "smoke_passkey.png",
+  ):
+    assert (out / name).stat().st_size > 0
