@@ -27,7 +27,7 @@ install: $(RUNTIME_STAMP)
 install-dev: $(DEV_STAMP)
 
 demo: $(RUNTIME_STAMP)
-	$(PY) -m experiments.rope_decay --out=runs/demo
+	$(PY) -m experiments.demo --out=runs/demo
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
