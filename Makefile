@@ -16,7 +16,7 @@ $(PY):
 
 $(RUNTIME_STAMP): | $(PY)
 	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) install -q --no-deps -e .
 	touch $@
 
 $(DEV_STAMP): $(RUNTIME_STAMP)
