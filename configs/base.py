@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.attention_block = 256  # Query/key block size of blockwise attention.
   config.model.compute_dtype = "float32"  # Activations: "float32" or "bfloat16" (fp32 params).
   config.model.init_std = 0.02  # Std of the normal init of embeddings and projections.
+  config.model.scale_embeddings = False  # Multiply token embeddings by sqrt(model_dim).
 
   config.train = ml_collections.ConfigDict()
   config.train.seq_len = 128  # Training sequence length L (tokens per example).

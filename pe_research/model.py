@@ -145,6 +145,8 @@ class Transformer(nnx.Module):
     self.pe_name = config.pe.name
     self.attention = m.attention
     self.attention_block = m.attention_block
+    # Vaswani/fairseq scale token embeddings by sqrt(D) so they are not drowned by an added PE.
+    self.embed_scale = float(m.model_dim) ** 0.5 if m.get("scale_embeddings", False) else 1.0
     head_dim, _ = resolved_dims(m)
     self.embed = nnx.Embed(
       m.vocab_size, m.model_dim, embedding_init=nnx.initializers.normal(m.init_std), rngs=rngs
@@ -169,7 +171,7 @@ class Transformer(nnx.Module):
         f"{self.pe_name!r} can represent (pe.max_len / pe.max_random_len)"
       )
     pos_BxL = enc.positions(b, length, train=train)
-    return enc.embed(self.embed(inputs_BxL), pos_BxL), pos_BxL
+    return enc.embed(self.embed(inputs_BxL) * self.embed_scale, pos_BxL), pos_BxL
 
   def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
     """Transformer layers and output head on embedded inputs: float32 logits ``[B, L, V]``."""
