@@ -24,8 +24,10 @@ def _power_of_two_slopes(n: int) -> list[float]:
   return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
 
 
-def alibi_slopes(num_heads: int) -> jax.Array:
+def alibi_slopes(num_heads: int) -> np.ndarray:
   """Per-head slopes m, float32 ``[num_heads]``, by the reference algorithm.
+
+  A NumPy array, so building the model also works under ``jax.eval_shape`` (``--dry_run``).
 
   n a power of two: m_k = 2^(−8k/n), k = 1..n (a geometric sequence with ratio 2^(−8/n)).
   Otherwise, with p = 2^floor(log2 n): slopes(p) + slopes(2p)[0::2][:n − p],
@@ -35,7 +37,7 @@ def alibi_slopes(num_heads: int) -> jax.Array:
     raise ValueError(f"num_heads={num_heads} must be >= 1")
   p = 2 ** math.floor(math.log2(num_heads))
   slopes = _power_of_two_slopes(p) + _power_of_two_slopes(2 * p)[0::2][: num_heads - p]
-  return jax.device_put(np.asarray(slopes, np.float32))  # jnp.asarray compiles per shape.
+  return np.asarray(slopes, np.float32)
 
 
 @jax.jit

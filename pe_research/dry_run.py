@@ -1,0 +1,110 @@
+r"""``--dry_run``: the mesh, batch split, memory per device and length of a run, without training.
+
+Nothing is allocated: the train state's shapes come from ``jax.eval_shape`` of its
+initialisation, and ``device_count`` may be any number (``--dry_run_devices=256`` shows a pod's
+plan on a laptop). Per device, with ``b`` the per-device batch, ``L = train.seq_len``, model
+width ``D``, ``H`` heads of ``K``, MLP width ``F`` (``F_up = 2F`` for swiglu), vocabulary
+``V``, ``s`` bytes per compute-dtype element and float32 everywhere else:
+
+  parameters   Σ over leaves of one shard's bytes; ``train.fsdp_spec`` splits a leaf over
+               ``mesh.fsdp`` (1/fsdp of it per device) or replicates it
+  optimizer    the same over the AdamW state (two moments per parameter)
+  gradients    the same as parameters (float32, sharded like them)
+  gathered     with fsdp > 1, the whole parameters, gathered for the forward and backward pass
+  activations  what the backward pass keeps, per layer
+                 b·L·(D·(16 + 2s) + 6·H·K·s + (F_up + 2F)·s)   2 norms (input, normalised,
+                                                  output), q/k/v before and after the encoding,
+                                                  attention output, MLP up/activation/inner
+                 + 2·b·H·L²·4                     dense/xla logits and probabilities
+               (blockwise attention recomputes its blocks: no L² term), plus the head's
+               b·L·(D·(8 + s) + 2·V·4) for the final norm, logits and their softmax.
+               An estimate: within ~25% of XLA's own count on CPU in float32 (where bfloat16 is
+               computed in float32, so bfloat16 there needs up to twice this).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+
+from pe_research import train
+from pe_research.model import flops_per_token, resolved_dims
+
+
+def _bytes(x: jax.ShapeDtypeStruct, fsdp: int) -> tuple[int, int]:
+  """``(total, per_device)`` bytes of one train-state leaf."""
+  spec = train.fsdp_spec(x.shape, fsdp)
+  shard = [size // fsdp if axis else size for size, axis in zip(x.shape, spec, strict=False)]
+  itemsize = np.dtype(x.dtype).itemsize if np.issubdtype(x.dtype, np.number) else 8
+  return math.prod(x.shape) * itemsize, math.prod(shard) * itemsize
+
+
+def _tree_bytes(tree, fsdp: int) -> tuple[int, int]:
+  sizes = [_bytes(x, fsdp) for x in jax.tree.leaves(tree)]
+  return sum(t for t, _ in sizes), sum(d for _, d in sizes)
+
+
+def activation_bytes(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
+  """Estimated activation bytes one device keeps for the backward pass (module docstring)."""
+  m, length = config.model, config.train.seq_len
+  head_dim, mlp_dim = resolved_dims(m)
+  s = 2 if m.compute_dtype == "bfloat16" else 4
+  hk, d = m.num_heads * head_dim, m.model_dim
+  mlp_up = 2 * mlp_dim if m.mlp == "swiglu" else mlp_dim
+  per_token = d * (16 + 2 * s) + 6 * hk * s + (mlp_up + 2 * mlp_dim) * s
+  attention = 0 if m.attention == "blockwise" else 2 * m.num_heads * length * length * 4
+  per_layer = per_device_batch * (length * per_token + attention)
+  head = per_device_batch * length * (d * (8 + s) + 2 * m.vocab_size * 4)
+  return m.num_layers * per_layer + head
+
+
+def _size(n: float) -> str:
+  """``n`` bytes in the largest binary unit that keeps the number >= 1."""
+  unit = max(i for i in range(4) if n >= 1024**i or i == 0)
+  return f"{n / 1024**unit:,.1f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
+
+
+def report(
+  config: ml_collections.ConfigDict, *, device_count: int, process_count: int | None = None
+) -> str:
+  """The dry-run text for ``config`` on ``device_count`` devices in ``process_count``
+  processes (None: a planned device count, processes unknown); ``config`` is already
+  validated for that device count."""
+  t, m = config.train, config.model
+  data, fsdp = train.mesh_shape(config.mesh, device_count)
+  tx, _ = train.make_optimizer(t)
+  state = jax.eval_shape(lambda: train.init_train_state(config, tx)[1])
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  params, params_dev = _tree_bytes(state.params, fsdp)
+  opt, opt_dev = _tree_bytes(state.opt_state, fsdp)
+  per_device = t.batch_size // device_count
+  acts = activation_bytes(config, per_device)
+  head_dim, mlp_dim = resolved_dims(m)
+  tokens = t.steps * t.batch_size * t.seq_len
+  gathered = params if fsdp > 1 else 0
+  split = "replicated" if fsdp == 1 else f"split over fsdp={fsdp} where a dimension divides"
+  processes = f" in {process_count} process(es)" if process_count else " (planned, not present)"
+  batch = f"global {t.batch_size} × {t.seq_len} tokens; per device {per_device}"
+  if process_count and process_count > 1:
+    batch += f"; per process {t.batch_size // process_count}"
+  lines = [
+    f"devices       {device_count}{processes}",
+    f"mesh          data={data} × fsdp={fsdp} (batch split over both axes)",
+    f"batch         {batch}",
+    f"model         {m.num_layers} layers, d={m.model_dim}, {m.num_heads} heads × {head_dim}, "
+    f"{m.mlp} {mlp_dim}, vocab {m.vocab_size}, pe={config.pe.name}, {m.attention} attention, "
+    f"{m.compute_dtype}",
+    f"parameters    {num_params:,} = {_size(params)}; per device {_size(params_dev)} ({split})",
+    f"optimizer     AdamW {_size(opt)}; per device {_size(opt_dev)}",
+    f"gradients     per device {_size(params_dev)}",
+    f"activations   per device ~{_size(acts)} (estimate, batch {per_device} × {t.seq_len})",
+    f"total         per device ~{_size(2 * params_dev + opt_dev + gathered + acts)}",
+    f"steps         {t.steps:,} (warmup {t.warmup_steps:,}), {tokens:,} tokens, "
+    f"~{flops_per_token(config, t.seq_len) * tokens:.2e} training FLOPs",
+  ]
+  if gathered:  # Before the activations line.
+    lines.insert(7, f"gathered      per device {_size(gathered)} (all parameters, during the step)")
+  return "\n".join(lines)
