@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import time
 
 from configs import demo as demo_config
-from experiments import rope_decay
-from pe_research import checkpoint, config_lib, eval_report
-from pe_research import evaluate as evaluate_lib
+from experiments import report, rope_decay, sweep
+from pe_research import eval_report
 from pe_research.metrics import quiet_library_logging
 
 ENCODINGS = ("sinusoidal", "rope", "alibi", "t5", "nope", "kerple", "fire")
@@ -31,37 +29,6 @@ ZERO_SHOT = {  # label -> rope_scaling applied to the RoPE run at evaluation onl
   "rope+dynNTK×8": {"rope_type": "dynamic", "factor": 8.0},
   "rope+YaRN×8": {"rope_type": "yarn", "factor": 8.0},
 }
-
-
-def train_run(pe: str, workdir: str, steps: int) -> None:
-  """Trains (or resumes, or skips when finished) the demo model with encoding ``pe``."""
-  from pe_research import train  # Heavy import; keeps `--help` fast.
-
-  config = demo_config.get_config(f"pe={pe},steps={steps}")
-  config_lib.validate(config, device_count=1)
-  checkpoint.record_config(workdir, config, write=True)
-  train.train(config, workdir)
-
-
-def evaluate(workdir: str, name: str, scaling: dict | None, lengths, max_tokens) -> list[dict]:
-  """Rows of ``workdir/eval/<name>.json``, computed unless an identical one exists."""
-  path = os.path.join(workdir, "eval", f"{name}.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
-    if [r["length"] for r in cached["rows"]] == lengths and cached.get("max_tokens") == max_tokens:
-      return cached["rows"]
-  summary = evaluate_lib.evaluate_run(
-    workdir,
-    lengths=lengths,
-    rope_scaling=json.dumps(scaling) if scaling else None,
-    max_tokens=max_tokens,
-    name=name,
-  )
-  summary["max_tokens"] = max_tokens
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2)
-  return summary["rows"]
 
 
 def growth(rows: list[dict], factor: int) -> float:
@@ -135,13 +102,9 @@ def write_outputs(out: str, results: dict[str, list[dict]], max_factor: int, wal
     "",
     *table,
     "",
-    "## Does the published shape appear? (ALiBi paper Fig. 1, YaRN Table 1)",
-    "",
-    *findings(results, max_factor),
-    "",
+    "Published shapes checked below: ALiBi paper Fig. 1 and YaRN Table 1.",
   ]
-  with open(os.path.join(out, "REPORT.md"), "w") as f:
-    f.write("\n".join(text))
+  report.write_report(out, text, findings(results, max_factor))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   quiet_library_logging()
-  start, out = time.time(), args.out
+  start, out = time.time(), os.path.abspath(args.out)  # Orbax wants absolute paths.
   os.makedirs(out, exist_ok=True)
   rope_decay.main(["--out", os.path.join(out, "rope_decay")])  # The analytic figure.
   lengths = [128 * 2**k for k in range(args.max_factor.bit_length())]
@@ -169,12 +132,20 @@ def main(argv: list[str] | None = None) -> None:
   for pe in ENCODINGS:
     workdir = os.path.join(out, pe)
     print(f"== {pe}: train {args.steps} steps, evaluate at {lengths}", flush=True)
-    train_run(pe, workdir, args.steps)
-    results[pe] = evaluate(workdir, "demo", None, lengths, args.max_tokens)
+    sweep.train_run(demo_config.get_config(f"pe={pe},steps={args.steps}"), workdir)
+    results[pe] = sweep.evaluate(workdir, "demo", lengths=lengths, max_tokens=args.max_tokens)[
+      "rows"
+    ]
   for label, scaling in ZERO_SHOT.items():
     print(f"== {label}: zero-shot evaluation of the RoPE run", flush=True)
     name = "demo_" + scaling["rope_type"]
-    results[label] = evaluate(os.path.join(out, "rope"), name, scaling, lengths, args.max_tokens)
+    results[label] = sweep.evaluate(
+      os.path.join(out, "rope"),
+      name,
+      lengths=lengths,
+      max_tokens=args.max_tokens,
+      rope_scaling=scaling,
+    )["rows"]
   write_outputs(out, results, args.max_factor, time.time() - start)
   print(f"wrote {out}/ppl_vs_length.png, results.csv, REPORT.md", flush=True)
 

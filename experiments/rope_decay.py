@@ -11,14 +11,23 @@ distance: ALiBi (per-head slopes), the T5 bucket index, and KERPLE (log, power) 
 initialisation (seeded).
 
   python -m experiments.rope_decay --out=runs/demo   # ~10 s on 2 CPU cores
+  python -m experiments.rope_decay --preset=cpu \
+      --checkpoints=runs/demo/alibi,runs/demo/t5,runs/demo/kerple,runs/demo/fire
+
+Presets (analytic, so cheap at any scale): smoke d=64, r ≤ 128, 4 heads; cpu d=128, r ≤ 512,
+8 heads (RoFormer's d); paper d=128, r ≤ 16384, 8 heads (the ALiBi paper's longest evaluation).
+``--dim``, ``--r_max`` and ``--num_heads`` override the preset.
 
 Writes OUT/rope_decay.png, OUT/bias_vs_distance.csv (one row per distance) and OUT/REPORT.md.
+With ``--checkpoints`` (trained runs of bias encodings), also the learned biases for a query at
+position r_max against key distance r: OUT/learned_bias.png and OUT/learned_bias_vs_distance.csv.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import pathlib
 
 import jax.numpy as jnp
@@ -27,6 +36,7 @@ from flax import nnx
 from matplotlib.figure import Figure
 
 from configs.base import get_config
+from experiments import report
 from pe_research.encodings.alibi import alibi_slopes
 from pe_research.encodings.fire import Fire
 from pe_research.encodings.kerple import Kerple
@@ -40,16 +50,39 @@ def rope_relative_upper_bound(distance_R: np.ndarray, dim: int, base: float) -> 
   return np.abs(partial_sums_RxF).mean(axis=1)
 
 
-def bias_curves(distance_R: np.ndarray, num_heads: int, seed: int) -> dict[str, np.ndarray]:
-  """Per-encoding curves against distance r: name -> ``[R]`` or ``[R, H]`` (query at r_max)."""
-  pe = get_config().pe
+PRESETS = {"smoke": (64, 128, 4), "cpu": (128, 512, 8), "paper": (128, 16384, 8)}  # d, r_max, H
+
+
+def per_head(encoding, distance_R: np.ndarray) -> np.ndarray:
+  """``encoding.bias`` for a query at r_max and keys at r_max − r: ``[R, H]``."""
   r_max = int(distance_R[-1])
   q_pos_1x1 = jnp.full((1, 1), r_max, jnp.int32)
   k_pos_1xR = jnp.asarray(r_max - distance_R, jnp.int32)[None, :]
+  return np.asarray(encoding.bias(q_pos_1x1, k_pos_1xR))[0, :, 0, :].T  # [1, H, 1, R] -> [R, H]
 
-  def per_head(encoding) -> np.ndarray:  # [1, H, 1, R] -> [R, H]
-    return np.asarray(encoding.bias(q_pos_1x1, k_pos_1xR))[0, :, 0, :].T
 
+def learned_curves(
+  workdirs: list[str], distance_R: np.ndarray
+) -> dict[str, tuple[str, np.ndarray]]:
+  """``<workdir name>@<step>`` -> (pe.name, learned bias ``[R, H]``) from each latest checkpoint."""
+  from pe_research.evaluate import load_model  # Heavy import; only with --checkpoints.
+
+  curves = {}
+  for workdir in workdirs:
+    model, config, step = load_model(workdir)
+    if not model.encodings[0].has_bias:
+      raise ValueError(
+        f"--checkpoints: {workdir} has pe.name={config.pe.name!r}, which adds no attention bias; "
+        "allowed: runs of alibi, t5, kerple, fire"
+      )
+    label = f"{os.path.basename(os.path.normpath(workdir))}@{step}"
+    curves[label] = (config.pe.name, per_head(model.encodings[0], distance_R))
+  return curves
+
+
+def bias_curves(distance_R: np.ndarray, num_heads: int, seed: int) -> dict[str, np.ndarray]:
+  """Per-encoding curves against distance r: name -> ``[R]`` or ``[R, H]`` (query at r_max)."""
+  pe = get_config().pe
   rngs = nnx.Rngs(seed)
   fire = Fire(
     num_heads,
@@ -67,14 +100,15 @@ def bias_curves(distance_R: np.ndarray, num_heads: int, seed: int) -> dict[str, 
   return {
     "alibi": -np.outer(distance_R, np.asarray(alibi_slopes(num_heads))),
     "t5_bucket": np.asarray(bucket_R),
-    "kerple_log": per_head(Kerple(num_heads, variant="log", rngs=rngs)),
-    "kerple_power": per_head(Kerple(num_heads, variant="power", rngs=rngs)),
-    "fire": per_head(fire),
+    "kerple_log": per_head(Kerple(num_heads, variant="log", rngs=rngs), distance_R),
+    "kerple_power": per_head(Kerple(num_heads, variant="power", rngs=rngs), distance_R),
+    "fire": per_head(fire, distance_R),
   }
 
 
-def write_csv(path: pathlib.Path, distance_R, rope_R, curves) -> None:
-  columns = {"distance": distance_R, "rope_bound": rope_R}
+def write_csv(path: pathlib.Path, first_columns: dict[str, np.ndarray], curves) -> None:
+  """``first_columns`` then one column per curve (``<name>_h<k>`` for per-head curves)."""
+  columns = dict(first_columns)
   for name, values in curves.items():
     if values.ndim == 1:
       columns[name] = values
@@ -107,7 +141,37 @@ def plot(path: pathlib.Path, distance_R, rope_R, curves, dim: int, base: float) 
   fig.savefig(path, dpi=120)
 
 
-def write_report(path: pathlib.Path, distance_R, rope_R, curves, args) -> None:
+def plot_learned(path: pathlib.Path, distance_R, learned) -> None:
+  """One panel per trained run, one line per head."""
+  fig = Figure(figsize=(5 * len(learned), 4))
+  for ax, (label, (pe_name, bias_RxH)) in zip(
+    fig.subplots(1, len(learned), squeeze=False).flat, learned.items(), strict=True
+  ):
+    ax.plot(distance_R, bias_RxH, lw=1.0)
+    ax.set(title=f"{pe_name}: {label}", xlabel="relative distance r", ylabel="learned bias")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def learned_lines(distance_R, learned) -> list[str]:
+  """What each trained bias looks like against distance (query at r_max)."""
+  if not learned:
+    return ["No `--checkpoints` given: learned biases are not drawn (see the module docstring)."]
+  lines = ["## Learned biases (`learned_bias.png`, `learned_bias_vs_distance.csv`)", ""]
+  r_max = int(distance_R[-1])
+  for label, (pe_name, bias_RxH) in learned.items():
+    mean_R = bias_RxH.mean(axis=1)
+    falling = int(np.sum(np.all(np.diff(bias_RxH, axis=0) <= 1e-6, axis=0)))
+    lines.append(
+      f"- {label}, {pe_name}: head-mean bias {mean_R[0]:.3g} at r=0, {mean_R[min(64, r_max)]:.3g} "
+      f"at r={min(64, r_max)}, {mean_R[-1]:.3g} at r={r_max}; {falling} of {bias_RxH.shape[1]} "
+      "heads never increase with distance (a recency bias, as ALiBi imposes)."
+    )
+  return lines
+
+
+def write_report(path: pathlib.Path, distance_R, rope_R, curves, learned, args) -> None:
   at = {r: float(rope_R[r]) for r in (0, 10, 100, int(distance_R[-1]))}
   tail = rope_R[len(rope_R) // 2 :]
   pe = get_config().pe
@@ -137,20 +201,24 @@ def write_report(path: pathlib.Path, distance_R, rope_R, curves, args) -> None:
     "- KERPLE (log and power) at init is "
     + ("monotone non-increasing in r for every head." if kerple_drops else "NOT monotone."),
     "",
-    "Learned curves from a trained checkpoint are not drawn yet.",
+    *learned_lines(distance_R, learned),
   ]
   path.write_text("\n".join(lines) + "\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="Output folder (created).")
-  parser.add_argument("--dim", type=int, default=128, help="RoPE rotary dim d (RoFormer: 128).")
+  report.add_common_flags(parser, "rope_decay")
+  parser.add_argument("--dim", type=int, default=None, help="RoPE rotary dim d (RoFormer: 128).")
   parser.add_argument("--base", type=float, default=10000.0, help="RoPE base b.")
-  parser.add_argument("--r_max", type=int, default=512, help="Largest relative distance.")
-  parser.add_argument("--num_heads", type=int, default=8, help="Heads for the bias curves.")
+  parser.add_argument("--r_max", type=int, default=None, help="Largest relative distance.")
+  parser.add_argument("--num_heads", type=int, default=None, help="Heads for the bias curves.")
   parser.add_argument("--seed", type=int, default=0, help="Init seed for KERPLE and FIRE.")
+  parser.add_argument("--checkpoints", default="", help="Comma-separated workdirs of bias runs.")
   args = parser.parse_args(argv)
+  for field, value in zip(("dim", "r_max", "num_heads"), PRESETS[args.preset], strict=True):
+    if getattr(args, field) is None:
+      setattr(args, field, value)
   if args.dim < 2 or args.dim % 2:
     parser.error(f"--dim={args.dim} must be a positive even number")
   if args.r_max < 100:
@@ -160,16 +228,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = pathlib.Path(report.out_dir(args, "rope_decay"))
   distance_R = np.arange(args.r_max + 1)
   rope_R = rope_relative_upper_bound(distance_R, args.dim, args.base)
   curves = bias_curves(distance_R, args.num_heads, args.seed)
-  write_csv(out / "bias_vs_distance.csv", distance_R, rope_R, curves)
+  write_csv(out / "bias_vs_distance.csv", {"distance": distance_R, "rope_bound": rope_R}, curves)
   plot(out / "rope_decay.png", distance_R, rope_R, curves, args.dim, args.base)
-  write_report(out / "REPORT.md", distance_R, rope_R, curves, args)
+  learned = learned_curves(list(filter(None, args.checkpoints.split(","))), distance_R)
+  if learned:
+    columns = {label: bias_RxH for label, (_, bias_RxH) in learned.items()}
+    write_csv(out / "learned_bias_vs_distance.csv", {"distance": distance_R}, columns)
+    plot_learned(out / "learned_bias.png", distance_R, learned)
+  write_report(out / "REPORT.md", distance_R, rope_R, curves, learned, args)
   print(f"wrote {out}/rope_decay.png, bias_vs_distance.csv, REPORT.md")
 
 
 if __name__ == "__main__":
-  main()
+  report.exit_on_value_error(main)

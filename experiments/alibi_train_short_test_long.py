@@ -1,0 +1,203 @@
+r"""ALiBi paper Fig. 1 / Tables 2–3: train at L, evaluate at up to 30× L, eight encodings.
+
+  python -m experiments.alibi_train_short_test_long --preset=cpu  # ~8 min after make demo
+  python -m experiments.alibi_train_short_test_long --preset=paper --print_commands
+
+Trains sinusoidal, RoPE, T5 bias, ALiBi, NoPE, KERPLE, FIRE and xPos models of one preset
+(``experiments/lm_presets.py``; cpu reuses `make demo`'s runs) and evaluates each on the same
+validation bytes at every length, non-overlapping (every token scored once, ppl = exp(mean
+NLL)) and with a sliding window (stride S: each window scores its last S tokens). Writes
+``OUT/results.csv``, ``OUT/ppl_vs_length.png``, ``OUT/sliding.png`` and ``OUT/REPORT.md``,
+which checks the published shapes (sinusoidal explodes past L, RoPE degrades steadily, T5
+improves a little then degrades, ALiBi stays flat) and the ordering at the longest length.
+The paper used WikiText-103 (not in TFDS); the paper preset trains on PG-19 bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from experiments import launch, lm_presets, report, sweep
+from pe_research import eval_report
+
+NAME = "alibi_train_short_test_long"
+ALL = ("sinusoidal", "rope", "t5", "alibi", "nope", "kerple", "fire", "xpos")
+PAPER_ORDER = ("alibi", "t5", "rope", "sinusoidal")  # Best to worst at 30× L (Table 2).
+# Press et al. 2022, WikiText-103, L=512, non-overlapping: L_valid -> ppl (None: OOM).
+PUBLISHED = {
+  "sinusoidal": {512: 20.05, 1012: 43.54, 1512: 76.23, 3512: 178.97, 12512: 373.17, 15512: 406.01},
+  "rope": {512: 20.07, 1012: 21.37, 1512: 25.99, 3512: 35.54, 12512: 69.70, 15512: 79.25},
+  "t5": {512: 19.65, 1012: 18.79, 1512: 18.91, 3512: 22.91, 12512: 64.94, 15512: None},
+  "alibi": {512: 19.73, 1012: 18.73, 1512: 18.52, 3512: 18.40, 12512: 18.31, 15512: 18.31},
+}
+PUBLISHED_SLIDING = {  # Stride 1, trained at 512: L_valid 512 / 1024 / 3072.
+  "sinusoidal": (18.35, 204.42, 360.12),
+  "t5": (17.92, 18.51, 30.77),
+  "alibi": (17.98, 17.92, 18.3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  encodings: tuple[str, ...]
+  lengths: tuple[int, ...]  # Non-overlapping evaluation lengths; the first is L.
+  max_tokens: int  # Bytes scored per length.
+  sliding_lengths: tuple[int, ...]
+  stride: int
+  sliding_tokens: int
+  batch_size: int
+
+
+PRESETS = {
+  "smoke": Preset(("sinusoidal", "rope", "alibi"), (32, 64, 512), 512, (32, 64), 8, 128, 4),
+  "cpu": Preset(ALL, tuple(128 * 2**k for k in range(6)), 16384, (128, 256, 512), 16, 4096, 4),
+  "paper": Preset(
+    ALL,
+    (512, 1012, 1512, 2512, 3512, 6512, 12512, 15512),
+    262_144,
+    (512, 1024, 3072),
+    1,
+    16384,
+    16,
+  ),
+}
+
+
+def ratio(rows: list[dict], at: int) -> float:
+  """ppl at row ``at`` over ppl at the first (training) length."""
+  return rows[at]["ppl"] / rows[0]["ppl"]
+
+
+def findings(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> list[str]:
+  """Sentences checking the published shapes against these numbers."""
+  sin2, rope_max = ratio(res["sinusoidal"], 1), ratio(res["rope"], -1)
+  rope_ppl = [r["ppl"] for r in res["rope"]]
+  rope_rising = all(np.diff(rope_ppl[1:]) >= 0)
+  alibi_max = max(ratio(res["alibi"], i) for i in range(len(res["alibi"])))
+  lines = [
+    f"- Sinusoidal explodes right past L: ppl(2L)/ppl(L) = {sin2:.2f} (paper 2.17) — "
+    + report.verdict(sin2 > 1.5),
+    f"- RoPE degrades steadily: ppl(max)/ppl(L) = {rope_max:.2f} (paper 3.95 at 30×), "
+    f"{'monotone' if rope_rising else 'not monotone'} from 2L on — "
+    + report.verdict(rope_max > 1.15 and rope_rising),
+    f"- ALiBi stays flat: largest ppl/ppl(L) = {alibi_max:.2f} (paper 1.00; 0.93 at 30×) — "
+    + report.verdict(alibi_max < 1.05),
+  ]
+  if "t5" in res:
+    t5 = [ratio(res["t5"], i) for i in range(len(res["t5"]))]
+    shape = min(t5[1:3]) < 1.0 and t5[-1] > min(t5)
+    lines.append(
+      f"- T5 improves a little then degrades: ppl/ppl(L) = {', '.join(f'{r:.2f}' for r in t5)} "
+      "(paper 0.96 at 2×, 3.3 at 24×) — " + report.verdict(shape)
+    )
+  order = sorted((pe for pe in PAPER_ORDER if pe in res), key=lambda pe: res[pe][-1]["ppl"])
+  expected = [pe for pe in PAPER_ORDER if pe in res]
+  lines.append(
+    f"- Ranking at the longest length (best first): {' < '.join(order)}; paper: "
+    f"{' < '.join(expected)} — " + report.verdict(order == expected)
+  )
+  extra = [pe for pe in res if pe not in PAPER_ORDER]
+  if extra:
+    lines.append(
+      "- Not in the ALiBi paper (ppl(max)/ppl(L)): "
+      + ", ".join(f"{pe} {ratio(res[pe], -1):.2f}" for pe in extra)
+    )
+  helps = [pe for pe in sliding if sliding[pe][0]["ppl"] <= res[pe][0]["ppl"]]
+  alibi_slide = ratio(sliding["alibi"], -1)
+  lines += [
+    f"- Sliding window at L scores below non-overlapping at L (more context per token) for "
+    f"{len(helps)} of {len(sliding)} encodings (paper: all) — "
+    + report.verdict(len(helps) == len(sliding)),
+    f"- Sliding, ALiBi at the longest sliding length / at L = {alibi_slide:.2f} (paper 1.02) — "
+    + report.verdict(alibi_slide < 1.05),
+  ]
+  return lines
+
+
+def write_outputs(out, preset, res, sliding, wall: float, args) -> None:
+  rows = [
+    {"encoding": pe, **{k: r[k] for k in ("mode", "stride", "length", "tokens", "loss", "ppl")}}
+    for table in (res, sliding)
+    for pe, pe_rows in table.items()
+    for r in pe_rows
+  ]
+  report.write_csv(os.path.join(out, "results.csv"), rows)
+  L = preset.lengths[0]
+  for file, table, kind in (("ppl_vs_length", res, "non-overlapping"), ("sliding", sliding, "")):
+    eval_report.plot_curves(
+      os.path.join(out, f"{file}.png"),
+      {pe: ([r["length"] for r in t], [r["ppl"] for r in t]) for pe, t in table.items()},
+      ylabel="validation perplexity (bytes)",
+      title=f"Train at L={L}, test long ({kind or f'sliding, stride {preset.stride}'})",
+      train_len=L,
+    )
+  lengths, slide_lengths = list(preset.lengths), list(preset.sliding_lengths)
+  published = [[pe, *PUBLISHED[pe].values()] for pe in PAPER_ORDER[::-1]]
+  text = [
+    f"# Train short, test long — ALiBi paper Fig. 1 (preset `{args.preset}`)",
+    "",
+    f"Byte-level LMs ({lm_presets.PRESETS[args.preset].config_file}) trained at L={L}; the "
+    f"same {preset.max_tokens} validation bytes scored at every length. Runs: `{args.runs}`. "
+    f"Wall time of this invocation: {wall / 60:.1f} min.",
+    "",
+    "![non-overlapping](ppl_vs_length.png) ![sliding](sliding.png)",
+    "",
+    "## Non-overlapping perplexity",
+    *report.markdown_table(
+      ["encoding", *lengths], [[pe, *(r["ppl"] for r in t)] for pe, t in res.items()]
+    ),
+    "",
+    f"## Sliding window, stride {preset.stride} ({preset.sliding_tokens} bytes per length)",
+    *report.markdown_table(
+      ["encoding", *slide_lengths], [[pe, *(r["ppl"] for r in t)] for pe, t in sliding.items()]
+    ),
+    "",
+    "## Published (WikiText-103, word-level, L=512, non-overlapping)",
+    *report.markdown_table(["encoding", *PUBLISHED["alibi"]], published),
+    "",
+    "Sliding, stride 1, at 512 / 1024 / 3072: "
+    + "; ".join(f"{pe} {'/'.join(map(str, v))}" for pe, v in PUBLISHED_SLIDING.items()),
+    "",
+    "Our perplexities are per byte (PG-19 or Python source), the paper's per word: compare the",
+    "shapes (ratios to the ppl at L) and orderings, not the values.",
+  ]
+  report.write_report(out, text, findings(res, sliding))
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = launch.parse_experiment_args(
+    __doc__, NAME, argv, lambda preset: lm_presets.PRESETS[preset].runs
+  )
+  start, preset = time.time(), PRESETS[args.preset]
+  overrides = launch.parse_overrides(args.set)
+  runs = [lm_presets.lm_run(args.preset, pe, args.runs, overrides) for pe in preset.encodings]
+  out = launch.run_or_print(runs, args, NAME)
+  if out is None:
+    return
+  res, sliding = {}, {}
+  for pe, run in zip(preset.encodings, runs, strict=True):
+    print(f"== {pe}: evaluate at {preset.lengths}, sliding at {preset.sliding_lengths}", flush=True)
+    common = {"batch_size": preset.batch_size}
+    res[pe] = sweep.evaluate(
+      run.workdir, "fig1", lengths=preset.lengths, max_tokens=preset.max_tokens, **common
+    )["rows"]
+    if pe in ("sinusoidal", "rope", "t5", "alibi"):  # The paper's sliding table.
+      sliding[pe] = sweep.evaluate(
+        run.workdir,
+        f"fig1_sliding_s{preset.stride}",
+        lengths=preset.sliding_lengths,
+        max_tokens=preset.sliding_tokens,
+        mode="sliding",
+        stride=preset.stride,
+        **common,
+      )["rows"]
+  write_outputs(out, preset, res, sliding, time.time() - start, args)
+  print(f"wrote {out}/REPORT.md, results.csv, ppl_vs_length.png, sliding.png", flush=True)
+
+
+if __name__ == "__main__":
+  report.exit_on_value_error(main)

@@ -1,0 +1,73 @@
+"""Output helpers shared by the experiment scripts: the CSV, markdown tables, the CLI flags.
+
+Every experiment writes ``OUT/results.csv`` (one row per measured point), one or more PNGs and
+``OUT/REPORT.md``; ``--preset`` picks its scale and ``--out`` its folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+PRESETS = ("smoke", "cpu", "paper")
+
+
+def add_common_flags(parser: argparse.ArgumentParser, name: str) -> None:
+  """``--preset`` and ``--out`` (default ``runs/<name>/<preset>``)."""
+  parser.add_argument("--preset", choices=PRESETS, default="cpu", help="Scale of the experiment.")
+  parser.add_argument("--out", default="", help=f"Output folder; default runs/{name}/<preset>.")
+
+
+def out_dir(args: argparse.Namespace, name: str) -> str:
+  out = args.out or os.path.join("runs", name, args.preset)
+  os.makedirs(out, exist_ok=True)
+  return out
+
+
+def write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+  """One line per row; the columns are the union of the rows' keys in first-seen order."""
+  columns = list(dict.fromkeys(key for row in rows for key in row))
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def fmt(value: Any) -> str:
+  """Numbers to 2 decimals (4 significant digits when small), None as a dash."""
+  if value is None:
+    return "–"
+  if isinstance(value, float):
+    return f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.3g}"
+  return str(value)
+
+
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
+  """Lines of a markdown table."""
+  lines = ["| " + " | ".join(str(h) for h in header) + " |", "|---" * len(header) + "|"]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return lines
+
+
+def write_report(out: str, lines: Sequence[str], checks: Sequence[str]) -> None:
+  """``OUT/REPORT.md``: ``lines``, then the section of shape ``checks`` (one bullet each)."""
+  section = ["", "## Does the published shape appear?", "", *checks]
+  with open(os.path.join(out, "REPORT.md"), "w") as f:
+    f.write("\n".join([*lines, *section]) + "\n")
+
+
+def verdict(ok: bool, yes: str = "matches the paper", no: str = "does NOT match the paper") -> str:
+  return f"**{yes}**" if ok else f"**{no}**"
+
+
+def exit_on_value_error(main: Callable[[], None]) -> None:
+  """Runs an experiment's ``main``; bad input (ValueError) exits 2 with one line."""
+  try:
+    main()
+  except ValueError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,287 @@
+r"""Extending a RoPE model past its training length L to s·L: YaRN Table 1 / PI Table 3 shape.
+
+  python -m experiments.rope_scaling --preset=cpu          # ~12 min after make demo
+  python -m experiments.rope_scaling --preset=paper --print_commands
+
+Starts from the preset's RoPE run (``experiments/lm_presets.py``, shared with the ALiBi
+figure) and compares six HF ``rope_scaling`` methods with factor s:
+
+  PI (linear), NTK (static), dynamic NTK, YaRN, Llama-3 (low/high freq factor 1/4), LongRoPE
+
+(1) zero-shot: the base run's parameters with new frequencies; (2) after a short fine-tune at
+s·L (``init_from`` = the base run, ``train.seq_len`` = s·L, same bytes per step, a quarter of
+the base learning rate), plus "fine-tune only" without scaling (PI's baseline). Every model
+is scored on the same validation bytes at lengths up to 4·s·L and on passkey retrieval
+(``pe_research.passkey``). Writes ``OUT/results.csv``, ``OUT/passkey.csv``, ``OUT/zero_shot.png``,
+``OUT/fine_tuned.png`` and ``OUT/REPORT.md``.
+
+LongRoPE's factors come from a search in the paper; here they are deterministic: short_factor
+= 1 (no change inside L) and long_factor_i = 1 + (s − 1)·ramp_i with YaRN's ramp (β_fast=32,
+β_slow=1), i.e. high-frequency dims are kept and low-frequency dims divided by s — the same
+end points as YaRN, but blending the divisor instead of the frequency, with LongRoPE's
+attention factor sqrt(1 + ln s / ln L).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from experiments import launch, lm_presets, report, sweep
+from experiments.launch import Run
+from pe_research import eval_report
+from pe_research.encodings.rope_scaling import yarn_correction_range
+
+NAME = "rope_scaling"
+_L = "original_max_position_embeddings"
+PUBLISHED = [  # YaRN Table 1 (Llama-2 7B, 4k -> 8k, fine-tuned; sliding S=256), lengths below.
+  ("PI (s=2)", 3.92, 3.51, 3.51, 3.34, 8.07),
+  ("NTK (θ=20k)", 4.20, 3.75, 3.74, 3.59, 6.24),
+  ("YaRN (s=2)", 3.91, 3.50, 3.51, 3.35, 6.04),
+]
+PUBLISHED_LENGTHS = (2048, 4096, 6144, 8192, 10240)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  factor: int  # s: the extended length is s·L.
+  methods: tuple[str, ...]  # Compared zero-shot (keys of ``methods()``).
+  ft_methods: tuple[str, ...]  # Also fine-tuned (with "fine-tune only"); PI and YaRN at least.
+  lengths: tuple[int, ...]  # L first; include s·L and at least one length beyond it.
+  ft_steps: int
+  max_tokens: int
+  mode: str  # PI and YaRN report sliding windows with stride 256.
+  stride: int | None
+  batch_size: int
+  passkey_trials: int
+
+
+ALL = ("PI", "NTK", "dynamic NTK", "YaRN", "Llama-3", "LongRoPE")
+# Lengths: L..s·L, then 1.25·s·L (YaRN's 10240 for 8192), 2·s·L and 4·s·L.
+PRESETS = {
+  "smoke": Preset(
+    2,
+    ("PI", "NTK", "dynamic NTK", "YaRN"),
+    ("PI", "YaRN"),
+    (32, 64, 256),
+    10,
+    512,
+    "nonoverlapping",
+    None,
+    1,
+    1,
+  ),
+  "cpu": Preset(
+    4, ALL, ALL, (128, 256, 512, 640, 1024, 2048), 100, 8192, "nonoverlapping", None, 4, 4
+  ),
+  "paper": Preset(
+    4, ALL, ALL, (512, 1024, 2048, 2560, 4096, 8192), 1000, 65536, "sliding", 256, 8, 20
+  ),
+}
+
+
+def longrope_factors(factor: float, train_len: int, dim: int, base: float) -> list[float]:
+  """``1 + (s − 1)·ramp_i`` for i < d/2, with YaRN's ramp between its correction dims."""
+  low, high = yarn_correction_range(dim, base, train_len, 32, 1)
+  ramp_F = np.clip((np.arange(dim // 2) - low) / max(high - low, 1e-3), 0.0, 1.0)
+  return [round(float(f), 6) for f in 1.0 + (factor - 1.0) * ramp_F]
+
+
+def methods(factor: int, train_len: int, dim: int, base: float) -> dict[str, dict]:
+  """Label -> HF ``rope_scaling`` dict extending ``train_len`` by ``factor``."""
+  s = float(factor)
+  return {
+    "PI": {"rope_type": "linear", "factor": s},
+    "NTK": {"rope_type": "ntk", "factor": s},
+    "dynamic NTK": {"rope_type": "dynamic", "factor": s, _L: train_len},
+    "YaRN": {"rope_type": "yarn", "factor": s, _L: train_len},
+    "Llama-3": {
+      **{"rope_type": "llama3", "factor": s, _L: train_len},
+      **{"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    },
+    "LongRoPE": {
+      **{"rope_type": "longrope", "factor": s, _L: train_len},
+      "short_factor": [1.0] * (dim // 2),
+      "long_factor": longrope_factors(s, train_len, dim, base),
+    },
+  }
+
+
+def fine_tune_run(base: Run, label: str, scaling: dict | None, preset: Preset) -> Run:
+  """``base`` continued at s·L with ``scaling`` (same bytes per step, lr / 4)."""
+  slug = label.lower().replace(" ", "_").replace("-", "")
+  steps, train = preset.ft_steps, base.config().train
+  overrides = (
+    ("init_from", base.workdir),
+    ("pe.rope_scaling", json.dumps(scaling) if scaling else ""),
+    ("train.seq_len", train.seq_len * preset.factor),
+    ("train.batch_size", max(1, train.batch_size // preset.factor)),
+    ("train.steps", steps),
+    ("train.warmup_steps", steps // 10),
+    ("train.lr", train.lr / 4),
+    ("train.checkpoint_every", steps),
+  )
+  workdir = f"{os.path.dirname(base.workdir)}/rope_ft{preset.factor}x_{slug}"
+  return Run(base.config_file, base.variant, workdir, (*base.overrides, *overrides))
+
+
+def findings(zs: dict[str, list[dict]], ft: dict[str, list[dict]], train_len: int, factor: int):
+  """Sentences checking the published shapes (PI Table 3, YaRN Table 1) against these numbers."""
+  top = train_len * factor
+
+  def ppl(rows, length):
+    return next(r["ppl"] for r in rows if r["length"] == length)
+
+  def mean_log(rows, keep):
+    return float(np.mean([np.log(r["ppl"]) for r in rows if keep(r["length"])]))
+
+  inside = lambda n: train_len < n <= top  # noqa: E731
+  beyond = lambda n: n > top  # noqa: E731
+  base2 = ppl(zs["none"], 2 * train_len) / ppl(zs["none"], train_len)
+  dyn, ntk = mean_log(zs["dynamic NTK"], beyond), mean_log(zs["NTK"], beyond)
+  pi_zs, pi_ft, ft_only = ppl(zs["PI"], top), ppl(ft["PI"], top), ppl(ft["fine-tune only"], top)
+  yarn_in, pi_in = mean_log(ft["YaRN"], inside), mean_log(ft["PI"], inside)
+  last = max(r["length"] for r in ft["PI"])
+  best_beyond = min(ft, key=lambda k: ppl(ft[k], last))
+  past = min(n for n in (r["length"] for r in ft["PI"]) if n > top)
+  yarn_vs_pi = ppl(ft["YaRN"], past) <= ppl(ft["PI"], past)
+  return [
+    f"- No extension: ppl(2L)/ppl(L) = {base2:.2f} (paper: 7.20 -> >1000) — "
+    + report.verdict(base2 > 1.5),
+    f"- Zero-shot, beyond L: dynamic NTK mean log-ppl {dyn:.3f} vs static NTK {ntk:.3f} "
+    "(paper: dynamic beats static without fine-tuning) — " + report.verdict(dyn <= ntk),
+    f"- PI at s·L: {pi_zs:.2f} zero-shot -> {pi_ft:.2f} after {factor}× fine-tuning "
+    "(paper: 16.10 -> 6.95) — " + report.verdict(pi_ft < pi_zs),
+    f"- Fine-tuned at s·L: PI {pi_ft:.2f} vs fine-tune only {ft_only:.2f} (paper: 6.95 vs 7.69) — "
+    + report.verdict(pi_ft <= ft_only),
+    f"- Fine-tuned, inside (L, s·L]: YaRN mean log-ppl {yarn_in:.3f} vs PI {pi_in:.3f} "
+    "(paper: YaRN ≤ PI) — " + report.verdict(yarn_in <= pi_in + 1e-3),
+    "- Fine-tuned, just past s·L (1.25·s·L): YaRN ≤ PI (paper: 6.04 vs 8.07) — "
+    + report.verdict(yarn_vs_pi),
+    f"- Fine-tuned, lowest ppl at {last} (4·s·L): {best_beyond} (paper, at 1.25·s·L: YaRN).",
+  ]
+
+
+def passkey_table(summaries: dict[str, dict]) -> tuple[list[dict], list[int]]:
+  """Rows (model, length, accuracy averaged over depths) and the passkey lengths."""
+  rows = []
+  for label, summary in summaries.items():
+    by_length: dict[int, list[float]] = {}
+    for r in summary.get("passkey", []):
+      by_length.setdefault(r["length"], []).append(r["accuracy"])
+    rows += [
+      {"model": label, "length": n, "accuracy": float(np.mean(a))} for n, a in by_length.items()
+    ]
+  return rows, sorted({r["length"] for r in rows})
+
+
+def write_outputs(out, zs, ft, summaries, args, preset, base: Run, train_len: int, wall) -> None:
+  rows = [
+    {
+      "model": f"{kind}: {label}",
+      "length": r["length"],
+      "mode": r["mode"],
+      "ppl": r["ppl"],
+      "loss": r["loss"],
+    }
+    for kind, table in (("zero-shot", zs), ("fine-tuned", ft))
+    for label, t in table.items()
+    for r in t
+  ]
+  report.write_csv(os.path.join(out, "results.csv"), rows)
+  pk_rows, pk_lengths = passkey_table(summaries)
+  report.write_csv(os.path.join(out, "passkey.csv"), pk_rows)
+  top, lengths = train_len * preset.factor, preset.lengths
+  for file, table in (("zero_shot", zs), ("fine_tuned", ft)):
+    eval_report.plot_curves(
+      os.path.join(out, f"{file}.png"),
+      {label: ([r["length"] for r in t], [r["ppl"] for r in t]) for label, t in table.items()},
+      ylabel="validation perplexity (bytes)",
+      title=f"RoPE L={train_len} extended ×{preset.factor} ({file.replace('_', '-')})",
+      train_len=top if file == "fine_tuned" else train_len,
+    )
+  accuracy = {(r["model"], r["length"]): r["accuracy"] for r in pk_rows}
+  text = [
+    f"# Extending RoPE ×{preset.factor}: zero-shot and fine-tuned (preset `{args.preset}`)",
+    "",
+    f"Base: {base.config_file} RoPE run trained at L={train_len} (`{base.workdir}`); "
+    f"fine-tunes: {preset.ft_steps} steps at {top}. Perplexity per byte, {preset.mode}"
+    + (f" (stride {preset.stride})" if preset.stride else "")
+    + f", {preset.max_tokens} bytes per length. Wall time of this invocation: {wall / 60:.1f} min.",
+    "",
+    "![zero-shot](zero_shot.png) ![fine-tuned](fine_tuned.png)",
+    "",
+    "## Zero-shot (base parameters, new frequencies)",
+    *report.markdown_table(
+      ["method", *lengths], [[k, *(r["ppl"] for r in t)] for k, t in zs.items()]
+    ),
+    "",
+    f"## After fine-tuning at {top}",
+    *report.markdown_table(
+      ["method", *lengths], [[k, *(r["ppl"] for r in t)] for k, t in ft.items()]
+    ),
+    "",
+    f"## Passkey retrieval (greedy exact match, mean over needle depths, {preset.passkey_trials} "
+    "prompt(s) per cell)",
+    *report.markdown_table(
+      ["model", *pk_lengths], [[m, *(accuracy.get((m, n)) for n in pk_lengths)] for m in summaries]
+    ),
+    "",
+    "## Published: YaRN Table 1 (fine-tuned 4k -> 8k, word-piece ppl)",
+    *report.markdown_table(["method", *PUBLISHED_LENGTHS], PUBLISHED),
+    "",
+    "PI Table 3 (LLaMA 7B 2048 -> 8192, PG-19): no extension 7.20 / >1e3 at 4096; fine-tune only "
+    "7.21 / 7.34 / 7.69 at 2048 / 4096 / 8192; PI 7.13 / 6.96 / 6.95 (16.10 at 8192 before "
+    "fine-tuning).",
+  ]
+  report.write_report(out, text, findings(zs, ft, train_len, preset.factor))
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = launch.parse_experiment_args(
+    __doc__, NAME, argv, lambda preset: lm_presets.PRESETS[preset].runs
+  )
+  start, preset = time.time(), PRESETS[args.preset]
+  base = lm_presets.lm_run(args.preset, "rope", args.runs, launch.parse_overrides(args.set))
+  config = base.config()
+  train_len = config.train.seq_len
+  rotary_dim = int(config.model.model_dim // config.model.num_heads * config.pe.rotary_pct)
+  every = methods(preset.factor, train_len, rotary_dim, config.pe.rope_base)
+  scalings = {label: every[label] for label in preset.methods}
+  ft_runs = {
+    label: fine_tune_run(base, label, every.get(label), preset)
+    for label in ("fine-tune only", *preset.ft_methods)
+  }
+  out = launch.run_or_print([base, *ft_runs.values()], args, NAME)
+  if out is None:
+    return
+  request = {
+    "lengths": preset.lengths,
+    "max_tokens": preset.max_tokens,
+    "mode": preset.mode,
+    "stride": preset.stride,
+    "batch_size": preset.batch_size,
+    "passkey_trials": preset.passkey_trials,
+  }
+  summaries, zs, ft = {}, {}, {}
+  for label, scaling in {"none": None, **scalings}.items():
+    print(f"== zero-shot {label}", flush=True)
+    name = f"rs_zeroshot_{scaling['rope_type'] if scaling else 'none'}{preset.factor}"
+    summaries[f"zero-shot: {label}"] = sweep.evaluate(
+      base.workdir, name, rope_scaling=scaling, **request
+    )
+    zs[label] = summaries[f"zero-shot: {label}"]["rows"]
+  for label, run in ft_runs.items():
+    print(f"== fine-tuned {label}", flush=True)
+    summaries[f"fine-tuned: {label}"] = sweep.evaluate(run.workdir, "rs_finetuned", **request)
+    ft[label] = summaries[f"fine-tuned: {label}"]["rows"]
+  write_outputs(out, zs, ft, summaries, args, preset, base, train_len, time.time() - start)
+  print(f"wrote {out}/REPORT.md, results.csv, passkey.csv, zero_shot.png, fine_tuned.png")
+
+
+if __name__ == "__main__":
+  report.exit_on_value_error(main)

@@ -1,0 +1,97 @@
+"""Train a config in a workdir unless it is finished; evaluate a run unless that is cached.
+
+Every experiment script (and ``make demo``) goes through these two functions, so re-running an
+experiment reuses every finished training run and every identical evaluation:
+
+  train_run(config, workdir)       validate, record DIR/config.json, train to train.steps
+                                   (skipped when the latest checkpoint already reached it)
+  evaluate(workdir, name, ...)     DIR/eval/<name>.json via pe_research.evaluate.evaluate_run,
+                                   recomputed only when the request or the checkpoint changed
+
+A workdir holding a different config is refused (``checkpoint.record_config``): two
+experiments share a run only when their configs are identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from pe_research import checkpoint, config_lib
+from pe_research import evaluate as evaluate_lib
+
+
+def is_finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """True when ``workdir`` holds this config trained to ``train.steps`` (raises on a clash)."""
+  checkpoint.record_config(workdir, config, write=False)
+  step = checkpoint.latest_intact_step(workdir)
+  return step is not None and step >= config.train.steps
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains (or resumes, or skips when finished) ``config`` in ``workdir``; exits (code 1)
+  when a signal stopped the training early, so a sweep stops with it."""
+  config_lib.validate(config, device_count=jax.device_count())
+  if is_finished(config, workdir):
+    return
+  from pe_research import train  # Heavy import; keeps `--help` fast.
+
+  checkpoint.prepare_workdir(workdir, config, overwrite=False)
+  train.train(config, workdir)
+  if not is_finished(config, workdir):  # SIGTERM/SIGINT: train saved and stopped early.
+    raise SystemExit(f"{workdir}: stopped before train.steps by a signal; rerun to resume")
+
+
+def evaluate(
+  workdir: str,
+  name: str,
+  *,
+  lengths: list[int],
+  max_tokens: int,
+  rope_scaling: dict | None = None,
+  mode: str = "nonoverlapping",
+  stride: int | None = None,
+  batch_size: int = 1,
+  passkey_trials: int = 0,
+) -> dict:
+  """The summary of ``workdir/eval/<name>.json`` (``rows``, and ``passkey`` rows when
+  ``passkey_trials > 0``), computed unless one exists for the same request and checkpoint.
+
+  ``rope_scaling`` (a dict in HF vocabulary) replaces the run's at evaluation only (zero-shot).
+  """
+  request = {
+    "step": checkpoint.latest_intact_step(workdir),
+    "lengths": list(lengths),
+    "max_tokens": max_tokens,
+    "rope_scaling": rope_scaling,
+    "mode": mode,
+    "stride": stride,
+    "passkey_trials": passkey_trials,
+  }
+  path = os.path.join(workdir, "eval", f"{name}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get("request") == request:
+      return cached
+  summary = evaluate_lib.evaluate_run(
+    workdir,
+    lengths=list(lengths),
+    rope_scaling=json.dumps(rope_scaling) if rope_scaling else None,
+    mode=mode,
+    stride=stride,
+    max_tokens=max_tokens,
+    name=name,
+    batch_size=batch_size,
+    passkey_trials=passkey_trials,
+  )
+  if passkey_trials:
+    with open(os.path.join(workdir, "eval", f"{name}_passkey.json")) as f:
+      summary["passkey"] = json.load(f)["rows"]
+  summary["request"] = request
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
