@@ -1,4 +1,5 @@
-"""Checkpoints of a run's workdir (Orbax ``CheckpointManager``, ``args`` API).
+"""Checkpoints of a run's workdir (Orbax ``CheckpointManager``, ``args`` API), their integrity,
+preemption stops, and the start-up checks of a workdir.
 
 Layout of ``DIR``::
 
@@ -8,23 +9,42 @@ Layout of ``DIR``::
                               model's other NNX state, e.g. RNG keys and counters
   checkpoints/<step>/data     the data iterator's state (JSON)
   checkpoints/<step>/config   the config (JSON)
+  checkpoints/<step>/integrity.json   {file: [bytes, CRC32]} of every file of the four above
+  checkpoints_damaged/<step>  damaged checkpoints moved aside on resume (never deleted)
+
+Every checkpoint carries ``integrity.json`` (``pe_research.integrity``). Resuming uses the
+newest intact checkpoint and moves newer damaged ones to ``checkpoints_damaged/`` (with a
+warning naming both steps), so Orbax's ``max_to_keep`` pruning, which deletes the oldest only
+after a new checkpoint is committed, never counts them nor deletes the only intact one.
 
 Restoring into a placed train state gives every array that state's sharding. The data state
 saved is process 0's; the grain pipeline's state (a count of elements read) is the same on
-every process, so every process restores from it.
+every process, so every process restores from it. Decisions about the workdir are made on
+process 0 and shared, so that no process waits for others that have failed.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
-from pe_research import config_lib
+from pe_research import config_lib, integrity
+from pe_research.integrity import WorkdirError
 
 CONFIG_FILE = "config.json"
 
@@ -37,19 +57,87 @@ def _state_item(state) -> dict[str, Any]:
   return {"step": state.step, "opt_state": state.opt_state, "model_state": state.model_state}
 
 
+def latest_intact_step(workdir: str) -> int | None:
+  """The step of ``workdir``'s newest intact checkpoint (None: no checkpoint); warns about
+  newer damaged ones and raises WorkdirError if every checkpoint is damaged."""
+  step, damaged = integrity.newest_intact(workdir)
+  if damaged:
+    logging.warning("%s: damaged checkpoint %s; using step %d", workdir, "; ".join(damaged), step)
+  return step
+
+
+def _on_primary(check: Callable[[], None]) -> None:
+  """Runs ``check`` on process 0; when it raises WorkdirError every process raises, so that
+  none waits for the others."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      check()
+    except WorkdirError as e:
+      error = e
+  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+    error = error or WorkdirError("process 0 refused the workdir; see its error")
+  if error is not None:
+    raise error
+
+
+def _gib(size: float) -> str:
+  return f"{size / 2**30:.3g} GiB"
+
+
 class Checkpointer:
-  """Saves and restores a train state (``step, params, opt_state, model_state`` fields)."""
+  """Saves and restores a train state (``step, params, opt_state, model_state`` fields).
+
+  On creation, damaged checkpoints newer than the newest intact one are moved aside, so
+  ``latest_step()`` is the step to resume from.
+  """
 
   def __init__(self, workdir: str, *, keep: int):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    self._manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
+    self._workdir, self._keep = workdir, keep
+    self._dir = os.path.join(workdir, "checkpoints")
+    _on_primary(lambda: integrity.quarantine(workdir))
+    self._sealing = collections.deque()  # Steps being saved, oldest first (process 0 only).
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      create=True,
+      cleanup_tmp_directories=True,  # Saves cut short by a kill.
+      async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_oldest),
+    )
+    self._manager = ocp.CheckpointManager(self._dir, options=options)
+
+  def _seal_oldest(self) -> None:
+    """Orbax calls this on process 0 once every file of a save is written, before renaming
+    its temporary directory (``<step>.orbax-checkpoint-tmp``) to ``<step>``."""
+    step_dir = os.path.join(self._dir, str(self._sealing.popleft()))
+    tmp_dir = step_dir + ocp.path.atomicity_types.TMP_DIR_SUFFIX
+    integrity.seal(tmp_dir if os.path.isdir(tmp_dir) else step_dir)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def check_disk_space(self, state) -> None:
+    """Raises WorkdirError unless the disk has room for the checkpoints still to be written:
+    ``keep + 1`` copies of ``state`` (a new one is committed before the oldest is deleted),
+    less those on disk already, plus 10%."""
+    size = sum(x.nbytes for x in jax.tree.leaves(state))
+    count = max(1, self._keep + 1 - len(self._manager.all_steps()))
+
+    def check() -> None:
+      needed, free = 1.1 * size * count, shutil.disk_usage(self._dir).free
+      if free < needed:
+        raise WorkdirError(
+          f"--workdir={self._workdir!r}: its disk has {_gib(free)} free, {count} more "
+          f"checkpoints of {_gib(size)} need {_gib(needed)}; allowed: free space, a smaller "
+          "train.keep_checkpoints, or a --workdir on another disk"
+        )
+
+    _on_primary(check)
+
   def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
     """Starts an asynchronous save of ``state`` at ``step`` (the arrays are copied first)."""
-    self._manager.save(
+    if jax.process_index() == 0:
+      self._sealing.append(step)
+    saved = self._manager.save(
       step,
       args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
@@ -58,6 +146,8 @@ class Checkpointer:
         config=ocp.args.JsonSave(config_lib.config_to_dict(config)),
       ),
     )
+    if not saved and jax.process_index() == 0:
+      self._sealing.pop()
 
   def restore(self, step: int, like) -> tuple[Any, dict]:
     """``(state, data_state)`` saved at ``step``; shapes, dtypes and shardings from ``like``."""
@@ -78,16 +168,40 @@ class Checkpointer:
     self._manager.close()
 
 
-def load_params(workdir: str, like: Any) -> Any:
-  """Parameters of the latest checkpoint of the run in ``workdir`` (for ``init_from``)."""
+def load_params(workdir: str, like: Any, step: int | None = None) -> Any:
+  """Parameters of the checkpoint at ``step`` (default: the newest intact one) of ``workdir``."""
+  step = latest_intact_step(workdir) if step is None else step
+  if step is None:
+    raise ValueError(f"init_from={workdir!r} has no checkpoint; allowed: a run's workdir")
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise ValueError(f"init_from={workdir!r} has no checkpoint; allowed: a run's workdir")
     restored = manager.restore(
       step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like)))
     )
   return restored.params
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[int], bool]]:
+  """Yields ``should_stop(step)``: True once SIGTERM or SIGINT arrived, so the loop can save
+  and exit cleanly (a second signal acts as usual). With several processes, JAX's preemption
+  service (a SIGTERM to any process) chooses one step at which every process stops."""
+  if jax.process_count() > 1:
+    yield multihost_utils.reached_preemption_sync_point
+    return
+  received = []
+
+  def on_signal(signum, frame) -> None:
+    del frame
+    received.append(signum)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield lambda step: bool(received)
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def record_config(workdir: str, config: ml_collections.ConfigDict, *, write: bool) -> None:
@@ -99,8 +213,46 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, *, write: boo
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):
     with open(path) as f:
-      config_lib.check_resumable(json.load(f), config, workdir)
+      try:
+        saved = json.load(f)
+      except ValueError as e:
+        raise WorkdirError(f"{path} is unreadable ({e}); allowed: --overwrite") from None
+    config_lib.check_resumable(saved, config, workdir)
   if write:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    with open(f"{path}.tmp", "w") as f:
       f.write(config.to_json(indent=2) + "\n")
+    os.replace(f"{path}.tmp", path)  # Atomic: other processes, or a kill, see old or new.
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, overwrite: bool):
+  """Start-up checks of ``workdir`` before anything is trained; returns where an old run was
+  moved (None if it was not).
+
+  With ``overwrite``, an existing non-empty ``DIR`` is renamed to ``DIR.old-<time>`` (nothing
+  is deleted). Then ``config`` is checked against the run in ``DIR`` (``record_config``) and
+  written, and ``DIR`` and ``DIR/checkpoints`` must accept new files.
+
+  Raises:
+    ValueError: the workdir holds a run with another config.
+    WorkdirError: the workdir cannot be written.
+  """
+  moved = []
+
+  def move_aside_and_probe() -> None:
+    try:
+      if overwrite and os.path.isdir(workdir) and os.listdir(workdir):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved.append(integrity.unused_path(f"{os.path.normpath(workdir)}.old-{stamp}"))
+        os.rename(workdir, moved[0])
+      for directory in (workdir, os.path.join(workdir, "checkpoints")):
+        os.makedirs(directory, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+      raise WorkdirError(
+        f"--workdir={workdir!r} is not writable ({e}); allowed: a writable directory"
+      ) from None
+
+  _on_primary(move_aside_and_probe)
+  record_config(workdir, config, write=jax.process_index() == 0)
+  return moved[0] if moved else None

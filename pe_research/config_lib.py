@@ -8,6 +8,7 @@ allowed, which ``main`` prints before exiting with code 2.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -80,7 +81,35 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
   if not ok:
-    raise ValueError(f"{field}={value!r} is invalid; allowed: {allowed}")
+    raise ValueError(" ".join(f"{field}={value!r} is invalid; allowed: {allowed}".split()))
+
+
+def _same_type(value: Any, default: Any) -> bool:
+  """``value`` may replace ``default``: same type, an int for a float, never a bool for a number."""
+  if isinstance(default, bool) or isinstance(value, bool):
+    return type(value) is type(default)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+  return type(value) is type(default)
+
+
+def _validate_schema(config: ml_collections.ConfigDict, schema, prefix: str = "") -> None:
+  """Every field of ``schema`` (configs/base.py), of its type (floats finite), and no other."""
+  for key in config:
+    if key not in schema:
+      fields = ", ".join(f"{prefix}{name}" for name in schema)
+      raise ValueError(f"{prefix}{key} is an unknown field; allowed: {fields}")
+  for key, default in schema.items():
+    field, is_section = f"{prefix}{key}", isinstance(default, ml_collections.ConfigDict)
+    kind = "finite float" if isinstance(default, float) else type(default).__name__
+    allowed = "a section" if is_section else f"a value of type {kind}, e.g. {default!r}"
+    if key not in config:
+      raise ValueError(f"{field} is missing; allowed: {allowed}")
+    if is_section:
+      _require(isinstance(config[key], ml_collections.ConfigDict), field, config[key], allowed)
+      _validate_schema(config[key], default, f"{field}.")
+    else:
+      _require(_same_type(config[key], default), field, config[key], allowed)
 
 
 def _validate_fields(config: ml_collections.ConfigDict) -> None:
@@ -96,6 +125,27 @@ def _validate_fields(config: ml_collections.ConfigDict) -> None:
     ok = (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
     interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
     _require(ok, field, value, f"a number in {interval}")
+
+
+def check_rope_scaling(pe: ml_collections.ConfigDict, field: str = "pe.rope_scaling") -> None:
+  """Raises ValueError (one line naming ``field``) unless ``pe.rope_scaling`` is "" or valid
+  HF ``rope_scaling`` JSON for a rotary ``pe.name``."""
+  if not pe.rope_scaling:
+    return
+  _require(
+    pe.name in ROTARY_ENCODINGS,
+    field,
+    pe.rope_scaling,
+    f"'' unless pe.name is one of {', '.join(ROTARY_ENCODINGS)} (got {pe.name!r})",
+  )
+  from pe_research.encodings.rope_scaling import parse_rope_scaling
+
+  try:
+    parse_rope_scaling(pe.rope_scaling, original_max_position_embeddings=pe.train_len)
+  except ValueError as e:
+    example = '\'\' or JSON such as {"rope_type": "linear", "factor": 2.0}'
+    allowed = "" if "allowed" in str(e) else f"; allowed: {example}"
+    raise ValueError(f"{field}{str(e).removeprefix('rope_scaling')}{allowed}") from None
 
 
 def _validate_model(config: ml_collections.ConfigDict) -> None:
@@ -121,21 +171,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
       head_dim,
       f"head_dim with an even rotated part int(head_dim * pe.rotary_pct) for pe.name={pe.name!r}",
     )
-  if pe.rope_scaling:
-    _require(
-      pe.name in ROTARY_ENCODINGS,
-      "pe.rope_scaling",
-      pe.rope_scaling,
-      f"'' unless pe.name is one of {', '.join(ROTARY_ENCODINGS)} (got {pe.name!r})",
-    )
-    from pe_research.encodings.rope_scaling import parse_rope_scaling
-
-    try:
-      parse_rope_scaling(pe.rope_scaling, original_max_position_embeddings=pe.train_len)
-    except ValueError as e:
-      example = '\'\' or JSON such as {"rope_type": "linear", "factor": 2.0}'
-      allowed = "" if "allowed" in str(e) else f"; allowed: {example}"
-      raise ValueError(f"pe.{e}{allowed}") from None
+  check_rope_scaling(pe)
   max_position = pe.max_random_len if pe.randomized else config.train.seq_len
   if pe.randomized:
     _require(
@@ -222,6 +258,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
 
   ``device_count`` is the global number of devices (the batch is split over all of them).
   """
+  from configs import base  # The schema: every field with its default (and so its type).
+
+  _validate_schema(config, base.get_config())
   _validate_fields(config)
   _validate_model(config)
   _validate_data(config)
@@ -246,9 +285,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str):
   """Raises ValueError naming the fields where ``config`` differs from a workdir's config.
 
-  Only ``train.steps`` may differ: raising it extends a run.
+  Only ``train.steps`` may differ: raising it extends a run. A field added to configs/base.py
+  after the run started is no difference while it keeps its default.
   """
+  from configs import base
+
+  defaults = _flatten(config_to_dict(base.get_config()))
   old, new = _flatten(saved), _flatten(config_to_dict(config))
+  old |= {key: defaults[key] for key in defaults.keys() - old.keys()}
   changed = [
     f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
     for key in sorted(old.keys() | new.keys())
@@ -257,5 +301,6 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, wo
   if changed:
     raise ValueError(
       f"workdir {workdir} holds a run with a different config ({'; '.join(changed)}); "
-      "allowed: the same config (only train.steps may change) or a new --workdir"
+      "allowed: the same config (only train.steps may change), a new --workdir, or "
+      "--overwrite (renames the old run to DIR.old-<time>)"
     )

@@ -6,7 +6,7 @@ r"""Evaluates a trained run at many lengths: "how does this encoding behave beyo
       --rope_scaling='{"rope_type":"yarn","factor":8}'          # zero-shot extension
   python -m pe_research.evaluate --workdir=runs/rope --passkey_trials=10
 
-Loads the latest checkpoint of ``DIR`` into the model of ``DIR/config.json`` (with
+Loads the newest intact checkpoint of ``DIR`` into the model of ``DIR/config.json`` (with
 ``--rope_scaling`` replacing ``pe.rope_scaling``: same parameters, new frequencies) and writes
 into ``DIR/eval/``:
 
@@ -32,7 +32,6 @@ import os
 import sys
 
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import nnx
 
@@ -62,7 +61,7 @@ ATTENTION_CHOICES = ("auto", "dense", "blockwise", "xla")
 
 
 def load_model(workdir: str, *, rope_scaling: str | None = None):
-  """``(model, config, step)``: the latest checkpoint's parameters in the run's model.
+  """``(model, config, step)``: the newest intact checkpoint's parameters in the run's model.
 
   ``rope_scaling`` (JSON text, "" = none) replaces ``pe.rope_scaling`` before the model is
   built; only ``nnx.Param`` values are restored, so the new frequencies take effect.
@@ -79,16 +78,13 @@ def load_model(workdir: str, *, rope_scaling: str | None = None):
         f"this run has pe.name={config.pe.name!r}"
       )
     config.pe.rope_scaling = rope_scaling
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = None
-  if os.path.isdir(ckpt_dir):
-    with ocp.CheckpointManager(ckpt_dir) as manager:
-      step = manager.latest_step()
+    config_lib.check_rope_scaling(config.pe, field="--rope_scaling")
+  step = checkpoint.latest_intact_step(workdir)
   if step is None:
     raise ValueError(f"--workdir={workdir!r} has no checkpoint; allowed: a trained run's workdir")
   model = Transformer(config, rngs=nnx.Rngs(config.seed))
   params = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(params, checkpoint.load_params(workdir, nnx.to_pure_dict(params)))
+  nnx.replace_by_pure_dict(params, checkpoint.load_params(workdir, nnx.to_pure_dict(params), step))
   nnx.update(model, params)
   return model, config, step
 

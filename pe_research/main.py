@@ -4,11 +4,17 @@ r"""Trains one config in one workdir; re-running the same command resumes it.
       --workdir=runs/alibi --config.train.steps=2000
 
 Writes ``DIR/config.json``, ``DIR/metrics.jsonl``, TensorBoard events under
-``DIR/tensorboard`` and checkpoints under ``DIR/checkpoints``. An invalid config or flag exits
-with code 2 and one line naming the field and what is allowed; a diverged run exits 1.
-Multi-process (``JAX_COORDINATOR_ADDRESS`` set, with ``JAX_NUM_PROCESSES`` and
-``JAX_PROCESS_ID`` where the platform does not provide them) calls
-``jax.distributed.initialize()`` first.
+``DIR/tensorboard`` and checkpoints under ``DIR/checkpoints``. An invalid config or flag, a
+workdir holding a run with another config, an unwritable workdir or too little disk space for
+the checkpoints exits with code 2 and one line naming the problem and what is allowed, before
+training starts; a diverged run exits 1. ``--overwrite`` first renames an existing ``DIR`` to
+``DIR.old-<time>`` (nothing is deleted) and starts afresh. A killed run resumes from its newest
+intact checkpoint (damaged ones are moved to ``DIR/checkpoints_damaged``); SIGTERM or SIGINT
+saves a checkpoint at the current step and exits 0. ``--dry_run`` prints the mesh, the batch
+per device, memory estimates and the steps without training (``--dry_run_devices=256`` plans
+for a pod; see ``pe_research.dry_run``). Multi-process (``JAX_COORDINATOR_ADDRESS`` set, with
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` where the platform does not provide them) calls
+``jax.distributed.initialize()`` first; see docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -26,6 +32,15 @@ from pe_research.metrics import quiet_library_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:pe=t5")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite", False, "Rename an existing --workdir to DIR.old-<time>, then start afresh."
+)
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run", False, "Print the mesh, batch split, memory per device and steps; do not train."
+)
+_DRY_RUN_DEVICES = flags.DEFINE_integer(
+  "dry_run_devices", 0, "With --dry_run: plan for this many devices (0 = the devices present)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -96,18 +111,30 @@ def main(argv: list[str]) -> None:
   quiet_library_logging()
   _initialize_distributed()
   # Imported after flag parsing, so that a bad flag is reported in about a second.
-  from pe_research import checkpoint, train
+  from pe_research import checkpoint, dry_run, train
 
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if _DRY_RUN_DEVICES.value < 0 or (_DRY_RUN_DEVICES.value and not _DRY_RUN.value):
+    _exit_with_error("--dry_run_devices is invalid; allowed: 0, or a count > 0 with --dry_run", 2)
+  device_count = _DRY_RUN_DEVICES.value or jax.device_count()
   try:
-    config_lib.validate(config, device_count=jax.device_count())
-    checkpoint.record_config(workdir, config, write=jax.process_index() == 0)
+    config_lib.validate(config, device_count=device_count)
+    if _DRY_RUN.value:  # Nothing is written to the workdir.
+      if jax.process_index() == 0:
+        processes = None if _DRY_RUN_DEVICES.value else jax.process_count()
+        print(dry_run.report(config, device_count=device_count, process_count=processes))
+      return
+    moved = checkpoint.prepare_workdir(workdir, config, overwrite=_OVERWRITE.value)
   except (ValueError, OSError) as e:  # OSError: unreadable --config file or workdir.
     _exit_with_error(_one_line(e), 2)
+  if moved:
+    print(f"--overwrite: moved the old run to {moved}", file=sys.stderr)
   try:
     train.train(config, workdir)
   except train.DivergenceError as e:
     _exit_with_error(_one_line(e), 1)
+  except checkpoint.WorkdirError as e:  # No intact checkpoint, or too little disk space.
+    _exit_with_error(_one_line(e), 2)
 
 
 if __name__ == "__main__":

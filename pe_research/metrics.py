@@ -3,8 +3,9 @@
 Each logged step appends one JSON object to ``DIR/metrics.jsonl`` (at least ``step``,
 ``loss``, ``learning_rate``, ``grad_norm``, ``tokens_per_second``) and the same scalars to
 TensorBoard event files under ``DIR/tensorboard``. On resume from step ``s`` the lines of
-steps ``> s`` (written after that checkpoint by a killed run) are dropped first, so the file
-never holds duplicate steps.
+steps ``> s`` (written after that checkpoint by a killed run), and a last line cut short by the
+kill, are dropped first, so the file never holds duplicate or broken records; TensorBoard is
+told to drop its events after ``s`` too (``purge_step``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import tqdm
@@ -28,30 +30,48 @@ def quiet_library_logging() -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """All records of ``DIR/metrics.jsonl`` in file order (empty if there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
+def _records(path: str) -> list[tuple[str, dict[str, Any]]]:
+  """``(line, record)`` of every complete line of ``path`` (none if it does not exist)."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_after(path: str, step: int) -> None:
-  """Keeps only complete records with ``record["step"] <= step``."""
-  if not os.path.exists(path):
-    return
-  kept = []
+  records = []
   with open(path) as f:
     for line in f:
       try:
-        record = json.loads(line)
-      except json.JSONDecodeError:  # A line cut short by a kill.
+        records.append((line.rstrip("\n") + "\n", json.loads(line)))
+      except json.JSONDecodeError:  # Empty, or cut short by a kill.
         continue
-      if record["step"] <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
-  with open(path, "w") as f:
-    f.writelines(kept)
+  return records
+
+
+def _import_tensorboardx():
+  """tensorboardX without the torch import it does when torch is installed (3 s of start-up;
+  only its torch-tensor conversions, which we do not use, need it)."""
+  if "torch" in sys.modules:
+    import tensorboardX
+
+    return tensorboardX
+  sys.modules["torch"] = None  # Makes ``import torch`` raise ImportError.
+  try:
+    import tensorboardX
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """All complete records of ``DIR/metrics.jsonl`` in file order (empty if there is none)."""
+  return [record for _, record in _records(os.path.join(workdir, METRICS_FILE))]
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Keeps only complete records with ``record["step"] <= step``; atomic, so a kill while
+  this runs leaves the old file."""
+  if not os.path.exists(path):
+    return
+  with open(f"{path}.tmp", "w") as f:
+    f.writelines(line for line, record in _records(path) if record["step"] <= step)
+  os.replace(f"{path}.tmp", path)
 
 
 class MetricsLogger:
@@ -68,9 +88,10 @@ class MetricsLogger:
     path = os.path.join(workdir, METRICS_FILE)
     _truncate_after(path, start_step)
     self._file = open(path, "a")  # noqa: SIM115  (closed in close())
-    import tensorboardX  # Imports torch when installed (2 s): only the writing process pays.
-
-    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    tensorboardX = _import_tensorboardx()
+    self._tb = tensorboardX.SummaryWriter(
+      os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None
+    )
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
   def advance(self) -> None:

@@ -4,8 +4,9 @@ The model is split once with ``nnx.split`` into a static graph and a :class:`Tra
 pytree; ``train_step(state, batch) -> (state, metrics)`` is a pure function, compiled with
 ``jax.jit``, donated state and explicit ``NamedSharding``s over a ``("data", "fsdp")`` mesh of
 all devices. The batch is split over both axes; a parameter (and its optimizer moments) is
-split over ``fsdp`` along its first dimension divisible by the ``fsdp`` size, so
-``mesh.fsdp=1`` (default) replicates parameters.
+stored split over ``fsdp`` along its first dimension divisible by the ``fsdp`` size and
+gathered for each step's computation, so ``mesh.fsdp=1`` (default) replicates parameters.
+Checkpoints count the data read globally, so a run resumes on another number of processes.
 
 Loss: ``sum(weights * NLL) / sum(weights)``. Learning rate at update ``t`` (0-based):
 linear ``lr * t / warmup`` then cosine from ``lr`` to ``lr * min_lr_ratio`` at ``train.steps``.
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -67,32 +69,43 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict):
   return adamw, schedule
 
 
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, device_count: int) -> tuple[int, int]:
+  """``(data, fsdp)`` sizes for ``device_count`` devices; ``mesh.data=-1`` takes what fsdp
+  leaves, so a config runs unchanged on any device count that ``mesh.fsdp`` divides."""
+  data = device_count // mesh_cfg.fsdp if mesh_cfg.data == -1 else mesh_cfg.data
+  return data, mesh_cfg.fsdp
+
+
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-  """``devices`` (default: all) as a ``(data, fsdp)`` mesh; ``mesh.data=-1`` takes what fsdp
-  leaves. Axes are ``Auto``: XLA propagates shardings from the explicit in/out shardings."""
+  """``devices`` (default: all, every process's) as a ``(data, fsdp)`` mesh (``mesh_shape``).
+  Axes are ``Auto``: XLA propagates shardings from the explicit in/out shardings."""
   devices = jax.devices() if devices is None else devices
-  data = len(devices) // mesh_cfg.fsdp if mesh_cfg.data == -1 else mesh_cfg.data
   auto = (jax.sharding.AxisType.Auto,) * 2
-  return jax.make_mesh((data, mesh_cfg.fsdp), ("data", "fsdp"), auto, devices=devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, ("data", "fsdp"), auto, devices=devices)
 
 
-def array_sharding(x: Any, mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Shards the first dimension divisible by the fsdp size over ``fsdp``; else replicates."""
-  fsdp = mesh.shape["fsdp"]
-  shape = getattr(x, "shape", ())
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
+  """Splits the first dimension divisible by ``fsdp`` over the ``fsdp`` axis; else replicated."""
   dims = [i for i, size in enumerate(shape) if fsdp > 1 and size % fsdp == 0]
   spec = [None] * len(shape)
   if dims:
     spec[dims[0]] = "fsdp"
-  return NamedSharding(mesh, P(*spec))
+  return P(*spec)
+
+
+def array_sharding(x: Any, mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The sharding of a train-state leaf ``x`` (array or shape struct): ``fsdp_spec``."""
+  return NamedSharding(mesh, fsdp_spec(getattr(x, "shape", ()), mesh.shape["fsdp"]))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh, tx) -> tuple[Any, TrainState]:
-  """``(graphdef, state)``: a freshly initialised model and optimizer, placed on ``mesh``."""
+def init_train_state(config: ml_collections.ConfigDict, tx) -> tuple[Any, TrainState]:
+  """``(graphdef, state)``: a freshly initialised model and optimizer (traceable: it also runs
+  under ``jax.eval_shape`` and ``jax.jit``)."""
   model = Transformer(config, rngs=nnx.Rngs(config.seed))
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(params)
@@ -102,7 +115,19 @@ def create_train_state(config: ml_collections.ConfigDict, mesh, tx) -> tuple[Any
     opt_state=tx.init(params),
     model_state=nnx.to_pure_dict(model_state),
   )
-  return graphdef, jax.device_put(state, jax.tree.map(lambda x: array_sharding(x, mesh), state))
+  return graphdef, state
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh, tx) -> tuple[Any, TrainState]:
+  """``(graphdef, state)`` placed on ``mesh``. With ``fsdp > 1`` it is initialised by a jitted
+  function directly into its shards (no device holds the whole state at start-up); with
+  ``fsdp = 1`` every device holds all of it anyway, and eager initialisation saves a compile."""
+  if mesh.shape["fsdp"] == 1:
+    graphdef, state = init_train_state(config, tx)
+    return graphdef, jax.device_put(state, jax.tree.map(lambda x: array_sharding(x, mesh), state))
+  graphdef, abstract = nnx.eval_shape(lambda: init_train_state(config, tx))
+  shardings = jax.tree.map(lambda x: array_sharding(x, mesh), abstract)
+  return graphdef, jax.jit(lambda: init_train_state(config, tx)[1], out_shardings=shardings)()
 
 
 def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL) -> jax.Array:
@@ -111,12 +136,16 @@ def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL) -> jax.Array:
   return jnp.sum(weights_BxL * nll_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
 
 
-def make_train_step(graphdef, tx, schedule):
+def make_train_step(graphdef, tx, schedule, compute_sharding: NamedSharding | None = None):
   """The pure step ``(state, batch) -> (state, metrics)``; a non-finite step keeps the old
-  parameters and optimizer state (``metrics["finite"]`` is False)."""
+  parameters and optimizer state (``metrics["finite"]`` is False). ``compute_sharding``
+  (FSDP): parameters are gathered to it for the forward and backward pass, so activations
+  stay split over the batch and gradients are reduce-scattered back to the stored shards."""
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     def loss_fn(params):
+      if compute_sharding is not None:
+        params = jax.lax.with_sharding_constraint(params, compute_sharding)
       model = nnx.merge(graphdef, params, state.model_state)
       logits_BxLxV = model(batch["inputs"], train=True)
       loss = weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
@@ -148,10 +177,11 @@ def make_train_step(graphdef, tx, schedule):
 def jit_train_step(graphdef, tx, schedule, state: TrainState, mesh):
   """``make_train_step`` compiled with the state's shardings and donated state."""
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  replicated = NamedSharding(mesh, P())
   return jax.jit(
-    make_train_step(graphdef, tx, schedule),
+    make_train_step(graphdef, tx, schedule, replicated if mesh.shape["fsdp"] > 1 else None),
     in_shardings=(state_shardings, batch_sharding(mesh)),
-    out_shardings=(state_shardings, NamedSharding(mesh, P())),
+    out_shardings=(state_shardings, replicated),
     donate_argnums=0,
   )
 
@@ -160,6 +190,18 @@ def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """This process's rows of the batch -> global arrays split over ``BATCH_AXES``."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def global_data_state(local_state: dict, process_count: int) -> dict:
+  """Process ``p`` of ``P`` reads global elements ``p, p+P, ...``, so its grain ``next_index``
+  ``n`` means ``n * P`` global elements read; checkpoints keep that global count so a run
+  resumes on any number of processes."""
+  return {**local_state, "next_index": local_state["next_index"] * process_count}
+
+
+def local_data_state(saved_state: dict, process_count: int) -> dict:
+  """Inverse of ``global_data_state`` (``train.batch_size`` divides by ``process_count``)."""
+  return {**saved_state, "next_index": saved_state["next_index"] // process_count}
 
 
 def _fetch(pending: list[dict], first_step: int, policy: str, last_checkpoint: int | None):
@@ -172,6 +214,8 @@ def _fetch(pending: list[dict], first_step: int, policy: str, last_checkpoint: i
         f"step {first_step + offset}: loss or gradients are not finite; last good checkpoint: "
         f"{good} (train.nan_policy='skip' skips such steps instead)"
       )
+    if not record["finite"]:
+      logging.warning("step %d: loss or gradients are not finite; skipped", first_step + offset)
   return records
 
 
@@ -184,10 +228,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     config, process_index=jax.process_index(), process_count=jax.process_count()
   )
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  checkpointer.check_disk_space(state)
   start = checkpointer.latest_step()
   if start is not None:
     state, data_state = checkpointer.restore(start, state)
-    data_iter.set_state(data_state)
+    data_iter.set_state(local_data_state(data_state, jax.process_count()))
   elif config.init_from:
     state = state.replace(params=checkpoint.load_params(config.init_from, state.params))
   step_fn = jit_train_step(graphdef, tx, schedule, state, mesh)
@@ -198,15 +243,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     is_primary=jax.process_index() == 0,
   )
   try:
-    with logger:
-      return _loop(config, state, step_fn, data_iter, mesh, checkpointer, logger)
+    with logger, checkpoint.stop_requests() as should_stop:
+      return _loop(config, state, step_fn, data_iter, mesh, checkpointer, logger, should_stop)
   finally:
     checkpointer.close()
 
 
-def _loop(config, state, step_fn, data_iter, mesh, checkpointer, logger) -> TrainState:
+def _loop(config, state, step_fn, data_iter, mesh, checkpointer, logger, should_stop):
   """Steps ``state.step + 1 .. train.steps``: log every ``log_every``, save every
-  ``checkpoint_every`` and at the end."""
+  ``checkpoint_every``, at the end, and at the step where ``should_stop(step)`` (SIGTERM,
+  SIGINT) ends the run early."""
   train_cfg = config.train
   start = int(state.step)
   tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
@@ -216,7 +262,8 @@ def _loop(config, state, step_fn, data_iter, mesh, checkpointer, logger) -> Trai
     pending.append(metrics)
     logger.advance()
     is_log = step % train_cfg.log_every == 0 or step == train_cfg.steps
-    is_save = step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps
+    stop = should_stop(step)
+    is_save = step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps or stop
     if is_log or is_save:
       first = step - len(pending) + 1
       records = _fetch(pending, first, train_cfg.nan_policy, checkpointer.latest_step())
@@ -228,7 +275,11 @@ def _loop(config, state, step_fn, data_iter, mesh, checkpointer, logger) -> Trai
       logger.write(step, scalars)
       timer, timed_from = now, step
     if is_save:
-      checkpointer.save(step, state, data_iter.get_state(), config)
+      data_state = global_data_state(data_iter.get_state(), jax.process_count())
+      checkpointer.save(step, state, data_state, config)
+    if stop:
+      logging.warning("step %d: stopped by a signal; checkpoint saved, rerun to resume", step)
+      break
     if step == start + 1 and not is_log:  # Keep compilation out of the throughput.
       jax.block_until_ready(state)
       timer, timed_from = time.perf_counter(), step

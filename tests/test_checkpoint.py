@@ -1,6 +1,6 @@
 """Checkpoints and faults: an interrupted run resumes bit-for-bit, old checkpoints are pruned,
 ``init_from`` loads parameters, a workdir refuses a different config, and a non-finite loss
-stops the run (``train.nan_policy="stop"``)."""
+stops the run (``train.nan_policy="stop"``) or skips the step (``"skip"``)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from pe_research import checkpoint, train
+from pe_research import checkpoint, config_lib, train
 from pe_research.metrics import read_metrics
 
 STEPS = 12
@@ -124,3 +124,24 @@ def test_non_finite_loss_stops_the_run_naming_the_step_and_last_checkpoint(tmp_p
   with pytest.raises(train.DivergenceError, match="step 6: .* last good checkpoint: step 4"):
     train.train(_config(), str(tmp_path))
   assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5]
+
+
+def test_skip_policy_skips_a_non_finite_step_and_finishes(tmp_path, monkeypatch, caplog):
+  _inject(monkeypatch, at=6, fault="nan")
+  config = _config()
+  config.train.nan_policy = "skip"
+  train.train(config, str(tmp_path))
+  losses = [r["loss"] for r in read_metrics(str(tmp_path))]
+  assert len(losses) == STEPS and np.isnan(losses[5]) and np.isfinite(np.delete(losses, 5)).all()
+  assert "step 6: loss or gradients are not finite; skipped" in caplog.text
+
+
+def test_workdir_from_before_a_new_config_field_resumes_while_it_keeps_its_default(tmp_path):
+  config = _config()
+  saved = config_lib.config_to_dict(config)
+  del saved["model"]["mlp"]  # As if model.mlp had been added to configs/base.py since.
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  checkpoint.record_config(str(tmp_path), config, write=False)
+  config.model.mlp = "swiglu"
+  with pytest.raises(ValueError, match="model.mlp: 'gelu' -> 'swiglu'"):
+    checkpoint.record_config(str(tmp_path), config, write=False)
