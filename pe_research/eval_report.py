@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -53,9 +54,11 @@ def plot_curves(
   """One line per curve against evaluation length (log₂ x axis); non-finite y is dropped."""
   fig = Figure(figsize=(7, 4.5))
   ax = fig.subplots()
-  for label, (xs, ys) in curves.items():
+  colors = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors
+  for i, (label, (xs, ys)) in enumerate(curves.items()):
     keep = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
-    ax.plot([x for x, _ in keep], [y for _, y in keep], marker="o", label=label)
+    color = colors[i % len(colors)]  # The default cycle repeats after 10 curves.
+    ax.plot([x for x, _ in keep], [y for _, y in keep], marker="o", label=label, color=color)
   ax.set_xscale("log", base=2)
   if logy:
     ax.set_yscale("log")
