@@ -4,10 +4,11 @@ d=128, 4 layers, 4 heads (~0.8M parameters), batch 16×128 bytes. Variants: ``pe
 
   python -m pe_research.main --config=configs/demo.py:pe=alibi --workdir=runs/demo/alibi
 
-Runtime here (2 CPU cores): about a minute per encoding for the default steps. Expected:
-the training loss falls from ln(260)=5.56 to about 1.7–1.9 nats/byte; at 1× the training
-length all encodings are within a few percent; beyond it, sinusoidal and learned explode,
-ALiBi stays flat (ALiBi paper, Fig. 1). ``experiments.demo`` drives all seven encodings.
+Runtime here (2 CPU cores): 2–6 min per encoding for 600 steps (2–10k tokens/s, measured
+while the machine was shared). Measured (600 steps): training loss 1.43 (RoPE) to 2.05 (NoPE)
+nats/byte; validation ppl at L=128 from 11.9 (RoPE) to 18.5 (NoPE); at 32× L, ALiBi and
+KERPLE stay flat (13.5 → 13.1, 13.0 → 13.1), RoPE degrades 11.9 → 33.0, sinusoidal grows
+steadily 15.6 → 35.1. ``experiments.demo`` drives all seven encodings.
 """
 
 import ml_collections

@@ -7,7 +7,8 @@ RoPE, ALiBi, T5 bias, NoPE, KERPLE and FIRE; evaluates each, non-overlapping, at
 training length on the same validation bytes; evaluates the RoPE run zero-shot with PI, NTK,
 dynamic NTK and YaRN (factor 8). Writes ``OUT/ppl_vs_length.png``, ``OUT/results.csv`` and
 ``OUT/REPORT.md`` (plus the analytic ``OUT/rope_decay/``). A rerun reuses finished training
-runs and evaluations. Runtime here (2 CPU cores): about 15 minutes from scratch.
+runs and evaluations. Runtime here (2 CPU cores): 40 min from scratch measured while the
+machine was shared by other jobs (load average 4–10); unloaded time not yet measured.
 """
 
 from __future__ import annotations
