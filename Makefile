@@ -40,5 +40,8 @@ format: $(DEV_STAMP)
 test: lint
 	$(PY) -m pytest tests
 
+bench: $(DEV_STAMP)
+	$(PY) -m experiments.benchmark $(ARGS)
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -11,9 +11,10 @@ encoding's logit bias (or ``None``); attention never knows which encoding it cam
 
 Implementations (``impl``), equal to 1e-5 in fp32:
   * ``dense``: einsum reference; materialises ``[B, H, L, L]`` logits.
-  * ``blockwise``: flash-style online softmax over key blocks of ``block_size``; blocks above
-    the diagonal are skipped; ``bias_fn`` is called per (query block, key block), so memory is
-    linear in L. Differentiable (each query block is rematerialised in the backward pass).
+  * ``blockwise``: flash attention (``flash_attention.py``): online softmax over blocks of
+    ``block_size``, blocks above the diagonal skipped in both passes, a custom VJP that
+    recomputes blocks instead of storing probabilities, ``bias_fn`` called per block pair (its
+    parameters get gradients); memory linear in L.
   * ``xla``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16).
 
 Logits, softmax and accumulation are float32 whatever the input dtype (bf16 matmuls accumulate
@@ -28,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pe_research.flash_attention import MASK_VALUE, blockwise_attention
+
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array | None]
 IMPLEMENTATIONS = ("dense", "blockwise", "xla")
-# Finite, so exp(mask - running_max) is 0 instead of NaN when a whole row is masked.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def attend(
@@ -81,77 +82,9 @@ def dense_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_
   if bias_fn is not None:
     logits_BxHxLxL = logits_BxHxLxL + bias_fn(q_pos_BxL, k_pos_BxL)
   causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-  logits_BxHxLxL = jnp.where(causal_LxL, logits_BxHxLxL, _MASK_VALUE)
+  logits_BxHxLxL = jnp.where(causal_LxL, logits_BxHxLxL, MASK_VALUE)
   probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
   return _weighted_values(probs_BxHxLxL, v_BxLxHxK).astype(q_BxLxHxK.dtype)
-
-
-def _to_blocks(x_BxLx: jax.Array, num_blocks: int, block: int) -> jax.Array:
-  """``[B, n*S, ...] -> [n, B, S, ...]``."""
-  b = x_BxLx.shape[0]
-  return jnp.moveaxis(x_BxLx.reshape(b, num_blocks, block, *x_BxLx.shape[2:]), 1, 0)
-
-
-def blockwise_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn, block_size):
-  """Flash-style causal attention, memory ``O(L * block_size)`` instead of ``O(L^2)``.
-
-  L is padded to ``n * S`` (``S = min(block_size, L)``); padded keys sit after every real
-  query so the causal mask hides them, padded query rows are dropped. Positions are padded by
-  repeating the last one, so ``bias_fn`` only sees ordinary positions. For query block ``a``
-  and key block ``c <= a`` (blocks ``c > a`` are skipped with ``lax.cond``), with running
-  max ``m``, normaliser ``l`` and accumulator ``o`` per query row::
-
-    s = q_a . k_c / sqrt(K) + bias(p_a, p_c)   (masked where j > i)
-    m' = max(m, max_j s);  l' = l e^(m - m') + sum_j e^(s - m');  o' = o e^(m - m') + e^(s - m') v_c
-    out_a = o / l
-  """
-  b, length, h, d = q_BxLxHxK.shape
-  if block_size < 1:
-    raise ValueError(f"model.attention_block={block_size} must be a positive integer")
-  block = min(block_size, length)
-  n = -(-length // block)
-  pad = n * block - length
-  pad_x = ((0, 0), (0, pad), (0, 0), (0, 0))
-  q_NxBxSxHxK = _to_blocks(jnp.pad(q_BxLxHxK, pad_x), n, block)
-  k_NxBxSxHxK = _to_blocks(jnp.pad(k_BxLxHxK, pad_x), n, block)
-  v_NxBxSxHxK = _to_blocks(jnp.pad(v_BxLxHxK, pad_x), n, block)
-  q_pos_NxBxS = _to_blocks(jnp.pad(q_pos_BxL, ((0, 0), (0, pad)), mode="edge"), n, block)
-  k_pos_NxBxS = _to_blocks(jnp.pad(k_pos_BxL, ((0, 0), (0, pad)), mode="edge"), n, block)
-  offsets_S = jnp.arange(block)
-
-  def query_block(args):
-    a, q_BxSxHxK, q_pos_BxS = args
-
-    def key_block(carry, c):
-      m_BxHxS, l_BxHxS, o_BxSxHxK = carry
-      s_BxHxSxS = _logits(q_BxSxHxK, k_NxBxSxHxK[c])
-      if bias_fn is not None:
-        s_BxHxSxS = s_BxHxSxS + bias_fn(q_pos_BxS, k_pos_NxBxS[c])
-      causal_SxS = (a * block + offsets_S)[:, None] >= (c * block + offsets_S)[None, :]
-      s_BxHxSxS = jnp.where(causal_SxS, s_BxHxSxS, _MASK_VALUE)
-      m_new = jnp.maximum(m_BxHxS, s_BxHxSxS.max(axis=-1))
-      correction_BxHxS = jnp.exp(m_BxHxS - m_new)
-      p_BxHxSxS = jnp.exp(s_BxHxSxS - m_new[..., None])
-      l_new = l_BxHxS * correction_BxHxS + p_BxHxSxS.sum(axis=-1)
-      o_new = o_BxSxHxK * jnp.moveaxis(correction_BxHxS, 1, 2)[..., None]
-      o_new = o_new + _weighted_values(p_BxHxSxS, v_NxBxSxHxK[c])
-      return m_new, l_new, o_new
-
-    def step(carry, c):
-      return jax.lax.cond(c <= a, key_block, lambda carry, c: carry, carry, c), None
-
-    init = (
-      jnp.full((b, h, block), _MASK_VALUE, jnp.float32),
-      jnp.zeros((b, h, block), jnp.float32),
-      jnp.zeros((b, block, h, d), jnp.float32),
-    )
-    (_, l_BxHxS, o_BxSxHxK), _ = jax.lax.scan(step, init, jnp.arange(n))
-    return (o_BxSxHxK / jnp.moveaxis(l_BxHxS, 1, 2)[..., None]).astype(q_BxLxHxK.dtype)
-
-  out_NxBxSxHxK = jax.lax.map(
-    jax.checkpoint(query_block), (jnp.arange(n), q_NxBxSxHxK, q_pos_NxBxS)
-  )
-  return jnp.moveaxis(out_NxBxSxHxK, 0, 1).reshape(b, n * block, h, d)[:, :length]
 
 
 def xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn):

@@ -49,8 +49,12 @@ def batch_stats(logits_BxLxV: jax.Array, batch: Batch) -> dict[str, jax.Array]:
   """The per-batch sums of the module docstring from float32 logits ``[B, L, V]``."""
   logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
   nll_BxL = -jnp.take_along_axis(logp_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+  return token_stats(nll_BxL, jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"], batch)
+
+
+def token_stats(nll_BxL: jax.Array, hit_BxL: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+  """The per-batch sums of the module docstring from per-token NLL and argmax hits."""
   w_BxL = batch["weights"]
-  hit_BxL = jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"]
   return {
     "nll_sum_L": jnp.sum(w_BxL * nll_BxL, axis=0),
     "weight_sum_L": jnp.sum(w_BxL, axis=0),
@@ -61,8 +65,8 @@ def batch_stats(logits_BxLxV: jax.Array, batch: Batch) -> dict[str, jax.Array]:
 
 def _eval_step(graphdef, params, rest, batch: Batch):
   model = nnx.merge(graphdef, params, rest)
-  logits_BxLxV = model(batch["inputs"], train=False).astype(jnp.float32)
-  return batch_stats(logits_BxLxV, batch), nnx.split(model, nnx.Param, ...)[2]
+  nll_BxL, hit_BxL = model.nll_and_hits(batch["inputs"], batch["targets"])
+  return token_stats(nll_BxL, hit_BxL, batch), nnx.split(model, nnx.Param, ...)[2]
 
 
 @dataclasses.dataclass

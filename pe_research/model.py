@@ -15,11 +15,15 @@ Choices: no biases in linear layers; weights ~ N(0, init_std), residual output p
 ~ N(0, init_std / sqrt(2 num_layers)) (GPT-2); GELU is the tanh approximation; ``head_dim=0``
 means ``model_dim // num_heads``; ``mlp_dim=0`` means ``4 model_dim`` (gelu) or ``8/3 model_dim``
 rounded up to a multiple of 64 (swiglu, LLaMA-style, keeps the parameter count near gelu's).
-``compute_dtype="bfloat16"``: bf16 matmuls with fp32 parameters, fp32 residual stream,
-fp32 softmax and fp32 logits.
+``compute_dtype="bfloat16"``: bf16 matmuls with fp32 accumulation (forward and both backward
+products, :func:`mixed_dot`), fp32 parameters, fp32 residual stream, softmax and logits.
+Sequences longer than ``SEQUENCE_CHUNK`` run the MLP and the output head chunk by chunk, and
+:meth:`Transformer.nll_and_hits` scores tokens without materialising ``[B, L, V]`` logits.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +34,9 @@ from pe_research.encodings.base import PositionalEncoding
 from pe_research.encodings.registry import build_encoding
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Longer sequences run the MLP and the output head over chunks of this many positions, so
+# their [B, L, 4D] and [B, L, V] intermediates exist for one chunk at a time (evaluation memory).
+SEQUENCE_CHUNK = 4096
 _NORMS = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx.RMSNorm}
 _MLPS = ("gelu", "swiglu")
 
@@ -39,11 +46,49 @@ def _choice(field: str, value: str, allowed) -> None:
     raise ValueError(f"model.{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
 
 
-def _linear(d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  """Bias-free ``x W`` with ``W ~ N(0, std^2)``, fp32 parameters, matmul in ``dtype``."""
-  return nnx.Linear(
-    d_in, d_out, use_bias=False, dtype=dtype, kernel_init=nnx.initializers.normal(std), rngs=rngs
-  )
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_dot(x_NxK: jax.Array, w_KxM: jax.Array, out_dtype) -> jax.Array:
+  """``x W`` with bf16 operands and float32 accumulation, in the forward and both backward
+  matmuls (``dx = g W^T``, ``dW = x^T g``, ``g`` rounded to bf16); ``dW`` stays float32.
+
+  Plain autodiff of a bf16 matmul gives backward matmuls that XLA:CPU runs in float32.
+  """
+  w_KxM = w_KxM.astype(jnp.bfloat16)
+  return jnp.dot(x_NxK, w_KxM, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _mixed_dot_fwd(x_NxK, w_KxM, out_dtype):
+  return mixed_dot(x_NxK, w_KxM, out_dtype), (x_NxK, w_KxM.astype(jnp.bfloat16))
+
+
+def _mixed_dot_bwd(out_dtype, residuals, g_NxM):
+  del out_dtype
+  x_NxK, w_KxM = residuals
+  g_NxM = g_NxM.astype(jnp.bfloat16)
+  dx_NxK = jnp.dot(g_NxM, w_KxM.T, preferred_element_type=jnp.float32).astype(x_NxK.dtype)
+  return dx_NxK, jnp.dot(x_NxK.T, g_NxM, preferred_element_type=jnp.float32)
+
+
+mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+
+
+class Linear(nnx.Module):
+  """Bias-free ``x W``, ``W ~ N(0, std^2)`` float32 ``[d_in, d_out]``; output in ``dtype``.
+
+  float32: one float32 matmul. bfloat16: :func:`mixed_dot` on ``x`` cast to bf16.
+  """
+
+  def __init__(self, d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (d_in, d_out)))
+    self.dtype = dtype
+
+  def __call__(self, x_BxLxK: jax.Array, out_dtype=None) -> jax.Array:
+    w_KxM = self.kernel[...]
+    out_dtype = out_dtype or self.dtype
+    if self.dtype == jnp.float32:
+      return jnp.dot(x_BxLxK.astype(jnp.float32), w_KxM).astype(out_dtype)
+    x_NxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1]).astype(self.dtype)
+    return mixed_dot(x_NxK, w_KxM, out_dtype).reshape(*x_BxLxK.shape[:-1], -1)
 
 
 def resolved_dims(model_cfg) -> tuple[int, int]:
@@ -56,6 +101,26 @@ def resolved_dims(model_cfg) -> tuple[int, int]:
   return head_dim, mlp_dim
 
 
+def over_sequence_chunks(fn, *xs_BxLx):
+  """``fn(*xs)`` for a position-wise ``fn``, ``SEQUENCE_CHUNK`` positions at a time (lax.map).
+
+  Same values as ``fn(*xs)``; L is padded to a multiple of the chunk and cut back after.
+  """
+  b, length = xs_BxLx[0].shape[:2]
+  chunk = SEQUENCE_CHUNK
+  if length <= chunk:
+    return fn(*xs_BxLx)
+  n = -(-length // chunk)
+
+  def to_chunks(x_BxLx):
+    x_BxLx = jnp.pad(x_BxLx, ((0, 0), (0, n * chunk - length)) + ((0, 0),) * (x_BxLx.ndim - 2))
+    return jnp.moveaxis(x_BxLx.reshape(b, n, chunk, *x_BxLx.shape[2:]), 1, 0)
+
+  ys_NxBxCx = jax.lax.map(lambda xs: fn(*xs), tuple(to_chunks(x) for x in xs_BxLx))
+  from_chunks = lambda y: jnp.moveaxis(y, 0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :length]
+  return jax.tree.map(from_chunks, ys_NxBxCx)
+
+
 class Attention(nnx.Module):
   """Multi-head causal self-attention; the encoding rotates q/k and supplies the bias."""
 
@@ -63,8 +128,8 @@ class Attention(nnx.Module):
     self.num_heads = model_cfg.num_heads
     self.head_dim, _ = resolved_dims(model_cfg)
     d, hk = model_cfg.model_dim, self.num_heads * self.head_dim
-    self.qkv = _linear(d, 3 * hk, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
-    self.out = _linear(hk, d, std=out_std, dtype=dtype, rngs=rngs)
+    self.qkv = Linear(d, 3 * hk, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
+    self.out = Linear(hk, d, std=out_std, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxLxD, pos_BxL, enc: PositionalEncoding, *, impl: str, block_size: int):
     b, length, _ = x_BxLxD.shape
@@ -94,8 +159,8 @@ class Mlp(nnx.Module):
     self.gated = model_cfg.mlp == "swiglu"
     d = model_cfg.model_dim
     width = (2 if self.gated else 1) * hidden
-    self.up = _linear(d, width, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
-    self.down = _linear(hidden, d, std=out_std, dtype=dtype, rngs=rngs)
+    self.up = Linear(d, width, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
+    self.down = Linear(hidden, d, std=out_std, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxLxD):
     h_BxLxF = self.up(x_BxLxD)
@@ -123,7 +188,7 @@ class Block(nnx.Module):
     x_BxLxD = x_BxLxD + self.attn(
       self.attn_norm(x_BxLxD), pos_BxL, enc, impl=impl, block_size=block_size
     )
-    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return x_BxLxD + over_sequence_chunks(lambda x: self.mlp(self.mlp_norm(x)), x_BxLxD)
 
 
 class Transformer(nnx.Module):
@@ -158,7 +223,7 @@ class Transformer(nnx.Module):
     self.final_norm = _NORMS[m.norm](m.model_dim, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
     d, v = m.model_dim, m.vocab_size
     self.unembed = (
-      None if m.tie_embeddings else _linear(d, v, std=m.init_std, dtype=self.dtype, rngs=rngs)
+      None if m.tie_embeddings else Linear(d, v, std=m.init_std, dtype=self.dtype, rngs=rngs)
     )
 
   def embed_tokens(self, inputs_BxL: jax.Array, *, train: bool = False):
@@ -173,20 +238,45 @@ class Transformer(nnx.Module):
     pos_BxL = enc.positions(b, length, train=train)
     return enc.embed(self.embed(inputs_BxL) * self.embed_scale, pos_BxL), pos_BxL
 
-  def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
-    """Transformer layers and output head on embedded inputs: float32 logits ``[B, L, V]``."""
+  def layers(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+    """The transformer blocks on embedded inputs: the residual stream ``[B, L, D]``."""
     for i, block in enumerate(self.blocks):
       enc = self.encodings[i if len(self.encodings) > 1 else 0]
       x_BxLxD = block(x_BxLxD, pos_BxL, enc, impl=self.attention, block_size=self.attention_block)
+    return x_BxLxD
+
+  def head(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Final norm and output projection of the residual stream: float32 logits ``[B, L, V]``."""
     x_BxLxD = self.final_norm(x_BxLxD).astype(self.dtype)
     if self.unembed is not None:
-      return self.unembed(x_BxLxD).astype(jnp.float32)
-    table_VxD = self.embed.embedding[...].astype(self.dtype)
-    return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD, preferred_element_type=jnp.float32)
+      return self.unembed(x_BxLxD, out_dtype=jnp.float32)
+    table_VxD = self.embed.embedding[...]
+    if self.dtype == jnp.float32:
+      return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD)
+    x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+    return mixed_dot(x_NxD, table_VxD.T, jnp.float32).reshape(*x_BxLxD.shape[:-1], -1)
+
+  def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+    """Transformer layers and output head on embedded inputs: float32 logits ``[B, L, V]``."""
+    return self.head(self.layers(x_BxLxD, pos_BxL))
 
   def __call__(self, inputs_BxL: jax.Array, *, train: bool = False) -> jax.Array:
     x_BxLxD, pos_BxL = self.embed_tokens(inputs_BxL, train=train)
     return self.decode(x_BxLxD, pos_BxL)
+
+  def nll_and_hits(self, inputs_BxL: jax.Array, targets_BxL: jax.Array, *, train: bool = False):
+    """``(nll_BxL, hit_BxL)``: ``-log softmax(logits)[target]`` (float32) and
+    ``argmax(logits) == target``, with the logits computed ``SEQUENCE_CHUNK`` positions at a
+    time, so long evaluations never hold float32 ``[B, L, V]`` logits."""
+    x_BxLxD, pos_BxL = self.embed_tokens(inputs_BxL, train=train)
+
+    def score(x_BxCxD, targets_BxC):
+      logits_BxCxV = self.head(x_BxCxD)
+      target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+      nll_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1) - target_BxC
+      return nll_BxC, jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
+
+    return over_sequence_chunks(score, self.layers(x_BxLxD, pos_BxL), targets_BxL)
 
 
 def with_attention(model: Transformer, impl: str, block_size: int | None = None) -> Transformer:

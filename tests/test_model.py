@@ -8,6 +8,7 @@ from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every family)
 from configs import base
+from pe_research import model as model_lib
 from pe_research.encodings.registry import encoding_names
 from pe_research.model import Transformer, count_params, flops_per_token, with_attention
 
@@ -163,3 +164,41 @@ def test_flops_per_token_counts_matmuls_and_causal_attention():
 def test_bad_model_config_is_a_one_line_value_error(field, value, match):
   with pytest.raises(ValueError, match=match):
     _model(_config(**{field: value}))
+
+
+def test_long_sequences_run_mlp_and_head_in_chunks_with_the_same_values(monkeypatch):
+  """With SEQUENCE_CHUNK = 8, a length-21 input (3 chunks, the last padded) gives the same
+  logits, and ``nll_and_hits`` equals NLL/argmax computed from the full logits."""
+  model = _model(_config("alibi"))
+  inputs_BxL, targets_BxL = _inputs(21), _inputs(21, seed=1)
+  full = model(inputs_BxL)
+  monkeypatch.setattr(model_lib, "SEQUENCE_CHUNK", 8)
+  np.testing.assert_allclose(model(inputs_BxL), full, atol=1e-5, rtol=1e-5)
+  nll_BxL, hit_BxL = model.nll_and_hits(inputs_BxL, targets_BxL)
+  logp_BxLxV = jax.nn.log_softmax(full)
+  expected_nll = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  np.testing.assert_allclose(nll_BxL, expected_nll, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(hit_BxL, jnp.argmax(full, axis=-1) == targets_BxL)
+
+
+def test_bfloat16_gradients_are_close_to_float32():
+  """bf16 matmuls with fp32 accumulation in all three products (``mixed_dot``): every
+  parameter's gradient within 5% of its largest fp32 entry."""
+  inputs_BxL = _inputs(12)
+
+  def grads(compute_dtype):
+    graphdef, params, rest = nnx.split(
+      _model(_config("t5", compute_dtype=compute_dtype)), nnx.Param, ...
+    )
+
+    def loss(params):
+      logits_BxLxV = nnx.merge(graphdef, params, rest)(inputs_BxL)
+      return -jnp.mean(jax.nn.log_softmax(logits_BxLxV)[..., 0])
+
+    return jax.jit(jax.grad(loss))(params)
+
+  for got, expected in zip(
+    jax.tree.leaves(grads("bfloat16")), jax.tree.leaves(grads("float32")), strict=True
+  ):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, atol=0.05 * float(np.abs(expected).max()))

@@ -1,0 +1,370 @@
+"""`make bench`: training speed against PyTorch eager, MFU, encoding overhead, bf16, evaluation
+memory against length and compiles per evaluated length, measured in one run on this machine.
+
+  make bench                  # full: both sizes, evaluation 4k..128k (about an hour on 2 cores)
+  make bench ARGS=--quick     # small size, evaluation 4k and 16k: under 5 minutes
+  python -m experiments.benchmark --smoke --out=/tmp/bench   # tiny shapes, seconds (tests)
+
+Training: the project's train step (``pe_research.train``, blockwise attention) against the
+same model in PyTorch eager (``experiments/torch_reference.py``), both float32, on one fixed
+batch. Every variant of a size is compiled first and then timed in interleaved rounds, one step
+each per round, so all of them see the same machine load; a ratio is the median over rounds of
+the per-round ratios. Tokens/s are wall-clock medians; the best step and CPU seconds per step
+(all threads) are kept too: on a shared machine PyTorch's OpenMP threads lose whole time slices
+at each barrier when another process holds a core, so the best step is the fairer comparison.
+MFU = tokens/s * ``flops_per_token`` / the matmul peak measured in the same run (fp32, or bf16
+inputs with fp32 accumulation for bf16).
+Evaluation: each (attention, length) is scored in a fresh subprocess that reports its peak RSS.
+Writes OUT/results.json and OUT/results.md (also printed); OUT defaults to runs/bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pe_research.encodings  # noqa: F401  (registers every encoding family)
+from configs.base import get_config
+from experiments.report import markdown_table
+from pe_research import eval_lib, train
+from pe_research.model import Transformer, flops_per_token
+
+ENCODINGS = {"full": ("nope", "rope", "alibi", "t5"), "quick": ("nope", "rope", "alibi", "t5")}
+ENCODINGS["smoke"] = ("nope", "rope")
+# name: (model_dim, num_layers, seq_len, batch, timed rounds)
+SIZES = {
+  "full": {"d256x4_T256": (256, 4, 256, 16, 5), "d512x8_T1024": (512, 8, 1024, 8, 3)},
+  "quick": {"d256x4_T256": (256, 4, 256, 8, 3)},
+  "smoke": {"d64x2_T64": (64, 2, 64, 2, 1)},
+}
+EVAL_LENGTHS = {  # attention -> lengths; dense beyond 8k needs > 4 GiB of scores per layer
+  "full": {"dense": [4096, 8192], "blockwise": [4096, 8192, 16384, 32768, 65536, 131072]},
+  "quick": {"dense": [4096], "blockwise": [4096, 16384]},
+  "smoke": {"dense": [256], "blockwise": [256]},
+}
+_BACKEND_COMPILES = [0]  # XLA compilations in this process, counted from jax.monitoring events.
+
+
+def _count_compile(event: str, *_, **__) -> None:
+  if event == "/jax/core/compile/backend_compile_duration":
+    _BACKEND_COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def model_config(d: int, layers: int, seq_len: int, batch: int, pe: str, **model):
+  config = get_config()
+  config.model.update(model_dim=d, num_layers=layers, num_heads=max(1, d // 64), **model)
+  config.train.update(seq_len=seq_len, batch_size=batch)
+  config.pe.name = pe
+  return config
+
+
+def matmul_peak_gflops(dtype, n: int = 1024, reps: int = 5) -> float:
+  """Median GFLOP/s of a ``[4n, n] x [n, n]`` matmul (fp32 accumulation)."""
+  a, b = jnp.ones((4 * n, n), dtype), jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  f(a, b).block_until_ready()
+  seconds = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    seconds.append(time.perf_counter() - start)
+  return 8 * n**3 / np.median(seconds) / 1e9
+
+
+def _batch(seq_len: int, batch: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 256, (batch, seq_len + 1)).astype(np.int32)
+  weights = np.ones((batch, seq_len), np.float32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+
+
+def _timed(step) -> tuple[float, float, float]:
+  """``(wall seconds, CPU seconds of this process, loss)`` of one ``step()``."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  loss = step()
+  return time.perf_counter() - wall, time.process_time() - cpu, loss
+
+
+def jax_trainer(config):
+  """A timed step closure over the project's compiled train step (two warm-up steps)."""
+  mesh = train.make_mesh(config.mesh)
+  tx, schedule = train.make_optimizer(config.train)
+  graphdef, state = train.create_train_state(config, mesh, tx)
+  step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
+  batch = train.global_batch(_batch(config.train.seq_len, config.train.batch_size), mesh)
+  box = [state]
+
+  def step() -> float:
+    box[0], metrics = step_fn(box[0], batch)
+    return float(metrics["loss"])
+
+  step()
+  step()
+  return lambda: _timed(step)
+
+
+def torch_trainer(config):
+  """The same model and step in PyTorch eager, float32 (three warm-up steps)."""
+  import torch  # Here, not at the top: evaluation subprocesses must not pay torch's memory.
+
+  from experiments.torch_reference import TorchTransformer, make_train_step
+
+  m = config.model
+  model = TorchTransformer(
+    vocab_size=m.vocab_size,
+    model_dim=m.model_dim,
+    num_layers=m.num_layers,
+    num_heads=m.num_heads,
+    pe=config.pe.name,
+  )
+  train_step = make_train_step(model, lr=config.train.lr, grad_clip=config.train.grad_clip)
+  b = _batch(config.train.seq_len, config.train.batch_size)
+  inputs, targets = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
+  weights = torch.from_numpy(b["weights"])
+  step = lambda: train_step(inputs, targets, weights)
+  for _ in range(3):  # PyTorch's first steps on new shapes are slow.
+    step()
+  return lambda: _timed(step)
+
+
+def _torch_worker(conn, configs: dict) -> None:
+  """Child process: builds the PyTorch trainers, then runs the steps named on ``conn``."""
+  steps = {name: torch_trainer(config) for name, config in configs.items()}
+  conn.send("ready")
+  while (name := conn.recv()) is not None:
+    conn.send(steps[name]())
+
+
+class TorchProcess:
+  """PyTorch runs in its own process: in one process, the idle thread pool of one runtime
+  slows the other down (on 2 cores a small PyTorch step took 100x longer after a JAX step)."""
+
+  def __init__(self, configs: dict):
+    self.conn, child = multiprocessing.get_context("spawn").Pipe()
+    args = (child, configs)
+    self.process = multiprocessing.get_context("spawn").Process(target=_torch_worker, args=args)
+    self.process.start()
+    self.conn.recv()
+    self.steps = {name: functools.partial(self._step, name) for name in configs}
+
+  def _step(self, name: str) -> tuple[float, float, float]:
+    self.conn.send(name)
+    return self.conn.recv()
+
+  def close(self) -> None:
+    self.conn.send(None)
+    self.process.join()
+
+
+def time_rounds(steps: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
+  """Interleaved rounds: each variant runs one step per round; wall/CPU seconds and losses."""
+  out = {name: {"wall": [], "cpu": [], "loss": []} for name in steps}
+  for _ in range(rounds):
+    for name, step in steps.items():
+      for key, value in zip(("wall", "cpu", "loss"), step(), strict=True):
+        out[name][key].append(value)
+  return out
+
+
+def _median_ratio(numerator: list[float], denominator: list[float]) -> float:
+  return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
+
+
+def train_size(spec: tuple, encodings: tuple[str, ...], peaks: dict[str, float]) -> dict:
+  """JAX (each encoding fp32, RoPE bf16, RoPE dense) and PyTorch (each encoding) at one size."""
+  d, layers, seq_len, batch, rounds = spec
+
+  def config(pe, **model):
+    return model_config(d, layers, seq_len, batch, pe, **{"attention": "blockwise", **model})
+
+  steps = {f"jax/{pe}": jax_trainer(config(pe)) for pe in encodings}
+  steps["jax/rope/bf16"] = jax_trainer(config("rope", compute_dtype="bfloat16"))
+  steps["jax/rope/dense"] = jax_trainer(config("rope", attention="dense"))
+  torch_process = TorchProcess({f"torch/{pe}": config(pe) for pe in encodings})
+  try:
+    times = time_rounds(steps | torch_process.steps, rounds)
+  finally:
+    torch_process.close()
+  flops = flops_per_token(config("rope"), seq_len)
+  rows = {}
+  for name, t in times.items():
+    tokens_per_s = batch * seq_len / float(np.median(t["wall"]))
+    best_tokens_per_s = batch * seq_len / float(np.min(t["wall"]))
+    peak = peaks["bfloat16" if name.endswith("bf16") else "float32"]
+    mfu = tokens_per_s * flops / (peak * 1e9)
+    rows[name] = {"tokens_per_s": tokens_per_s, "best_tokens_per_s": best_tokens_per_s}
+    rows[name]["cpu_s_per_step"] = float(np.median(t["cpu"]))
+    rows[name] |= {"mfu": mfu, "wall_s": t["wall"], "loss": t["loss"]}
+  speed = lambda slow, fast, key="wall": _median_ratio(times[slow][key], times[fast][key])
+  by_pe = {pe: speed(f"torch/{pe}", f"jax/{pe}") for pe in encodings}
+  loss_gap = np.abs(np.subtract(times["jax/rope"]["loss"], times["jax/rope/bf16"]["loss"]))
+  return {
+    "train": rows,
+    "train_ratio_vs_torch": by_pe["rope"],
+    "train_ratio_vs_torch_cpu": speed("torch/rope", "jax/rope", "cpu"),
+    "train_ratio_vs_torch_best": min(times["torch/rope"]["wall"]) / min(times["jax/rope"]["wall"]),
+    "train_ratio_vs_torch_by_encoding": by_pe,
+    "mfu": rows["jax/rope"]["mfu"],
+    "bf16_speedup": speed("jax/rope", "jax/rope/bf16"),
+    "bf16_max_loss_gap": float(loss_gap.max()),
+    "blockwise_speedup_vs_dense": speed("jax/rope/dense", "jax/rope"),
+    "pe_overhead_vs_nope": {pe: speed(f"jax/{pe}", "jax/nope") - 1 for pe in encodings[1:]},
+  }
+
+
+def train_section(mode: str, peaks: dict[str, float]) -> dict:
+  """``{metric: {size: value}}``, except ``pe_overhead_vs_nope``: ``{encoding: {size: value}}``."""
+  results = {}
+  for size, spec in SIZES[mode].items():
+    for metric, value in train_size(spec, ENCODINGS[mode], peaks).items():
+      results.setdefault(metric, {})[size] = value
+  by_size = results.pop("pe_overhead_vs_nope")
+  results["pe_overhead_vs_nope"] = {
+    pe: {size: by_size[size][pe] for size in by_size} for pe in ENCODINGS[mode][1:]
+  }
+  return results
+
+
+def eval_child(length: int, attention: str, pe: str, mode: str) -> dict:
+  """Scores one random batch of ``length`` tokens (small-size model); runs in a subprocess."""
+  d, layers = SIZES[mode][next(iter(SIZES[mode]))][:2]
+  model = Transformer(model_config(d, layers, length, 1, pe, attention=attention), rngs=nnx.Rngs(0))
+  evaluator = eval_lib.Evaluator(model, attention=attention)
+  base_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  start = time.perf_counter()
+  _, compile_seconds = evaluator.score(_batch(length, 1))
+  seconds = time.perf_counter() - start - compile_seconds
+  peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return {"peak_rss_gib": peak_gib, "base_rss_gib": base_gib, "seconds": seconds}
+
+
+def eval_section(mode: str, pe: str = "rope") -> dict:
+  """Peak RSS, RSS before scoring (imports, model) and seconds per (attention, length)."""
+  rss, base, seconds = {}, {}, {}
+  for attention, lengths in EVAL_LENGTHS[mode].items():
+    for length in lengths:
+      args = json.dumps([length, attention, pe, mode])
+      cmd = [sys.executable, "-m", "experiments.benchmark", "--eval_child", args]
+      done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if done.returncode:
+        raise RuntimeError(f"evaluation {attention} at {length} failed:\n{done.stderr[-2000:]}")
+      child = json.loads(done.stdout.strip().splitlines()[-1])
+      rss.setdefault(attention, {})[length] = child["peak_rss_gib"]
+      base.setdefault(attention, {})[length] = child["base_rss_gib"]
+      seconds.setdefault(attention, {})[length] = child["seconds"]
+      print(
+        f"eval {attention:>9} {length:>7}: {child['peak_rss_gib']:.2f} GiB, "
+        f"{child['seconds']:.1f} s",
+        flush=True,
+      )
+  return {"eval_peak_rss_gib": rss, "eval_base_rss_gib": base, "eval_seconds": seconds}
+
+
+def compiles_per_eval_length(lengths=(64, 128, 256, 512)) -> dict:
+  """Backend compiles while a fresh evaluator scores each length twice, per length."""
+  model = Transformer(model_config(64, 2, 64, 1, "rope", attention="blockwise"), rngs=nnx.Rngs(0))
+  evaluator = eval_lib.Evaluator(model)
+  before = _BACKEND_COMPILES[0]
+  for length in [*lengths, *lengths]:
+    evaluator.score(_batch(length, 2))
+  return {
+    "compiles_per_eval_length": (_BACKEND_COMPILES[0] - before) / len(lengths),
+    "evaluator_programs": evaluator.num_compiles,
+  }
+
+
+def report_lines(results: dict) -> list[str]:
+  """The markdown report: training table per size, targets, evaluation table."""
+  lines = [
+    "# Benchmark",
+    "",
+    f"Machine: {results['machine']}",
+    "",
+    f"Matmul peak: {results['matmul_peak_gflops']} GFLOP/s",
+    "",
+  ]
+  for size, rows in results["train"].items():
+    lines += [f"## Training {size}", ""]
+    lines += markdown_table(
+      ["variant", "tokens/s", "best tokens/s", "CPU s/step", "MFU"],
+      [
+        [n, r["tokens_per_s"], r["best_tokens_per_s"], r["cpu_s_per_step"], r["mfu"]]
+        for n, r in rows.items()
+      ],
+    )
+    lines.append("")
+  checks = [
+    ("JAX / PyTorch, RoPE fp32, wall", "train_ratio_vs_torch", ">= 1.0"),
+    ("JAX / PyTorch, RoPE fp32, CPU s", "train_ratio_vs_torch_cpu", ">= 1.0"),
+    ("JAX / PyTorch, RoPE fp32, best step", "train_ratio_vs_torch_best", ">= 1.0"),
+    ("MFU, RoPE fp32", "mfu", ">= 0.6"),
+    ("bf16 / fp32 speed", "bf16_speedup", ">= 1.5"),
+    ("bf16 - fp32 max loss gap", "bf16_max_loss_gap", "noise"),
+    ("blockwise / dense speed", "blockwise_speedup_vs_dense", "> 1"),
+  ]
+  rows = [[m, size, v, t] for m, key, t in checks for size, v in results[key].items()]
+  for pe, by_size in results["pe_overhead_vs_nope"].items():
+    rows += [[f"{pe} step overhead vs NoPE", size, v, "<= 0.05"] for size, v in by_size.items()]
+  rows.append(["compiles per eval length", "", results["compiles_per_eval_length"], "<= 1"])
+  lines += ["## Targets", ""] + markdown_table(["metric", "size", "value", "target"], rows)
+  lines += ["", "## Evaluation (batch 1, RoPE; fresh process each)", ""]
+  lengths = sorted({n for v in results["eval_peak_rss_gib"].values() for n in v})
+  attentions = list(results["eval_peak_rss_gib"])
+  keys = {"peak GiB": "eval_peak_rss_gib", "base GiB": "eval_base_rss_gib", "s": "eval_seconds"}
+  table = [[n] + [results[k][a].get(n) for a in attentions for k in keys.values()] for n in lengths]
+  header = ["length"] + [f"{a} {column}" for a in attentions for column in keys]
+  return lines + markdown_table(header, table)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="Small size only: under 5 minutes.")
+  parser.add_argument("--smoke", action="store_true", help="Tiny shapes: seconds (tests).")
+  parser.add_argument("--out", default="runs/bench", help="Output folder.")
+  parser.add_argument("--eval_child", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.eval_child:
+    print(json.dumps(eval_child(*json.loads(args.eval_child))))
+    return {}
+  mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+  start = time.perf_counter()
+  results = {
+    "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, jax "
+    f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  }
+  peaks = {
+    dt: matmul_peak_gflops(getattr(jnp, dt), 256 if mode == "smoke" else 1024)
+    for dt in ("float32", "bfloat16")
+  }
+  results["matmul_peak_gflops"] = {k: round(float(v), 1) for k, v in peaks.items()}
+  results |= train_section(mode, peaks)
+  results |= compiles_per_eval_length()
+  results |= eval_section(mode)
+  results["seconds"] = time.perf_counter() - start
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1, default=float)
+  text = "\n".join(report_lines(results)) + "\n"
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(text)
+  print(text)
+  return results
+
+
+if __name__ == "__main__":
+  main()
