@@ -161,6 +161,8 @@ def _flash_backward(bias_fn, block, residuals, dout_BxHxLxK):
         "bhqk,bhqd->bhkd", ds_scaled, q_BxHxSxK, preferred_element_type=jnp.float32
       )
       if bias_vjp is not None:
+        if bias.shape[0] == 1:  # One bias row broadcast over the batch: sum its cotangent.
+          ds_BxHxSxS = jnp.sum(ds_BxHxSxS, axis=0, keepdims=True)
         dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(ds_BxHxSxS))
       return dk_BxHxSxK, dv_BxHxSxK, dq_BxHxLxK, dconsts
 

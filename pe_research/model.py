@@ -85,10 +85,14 @@ class Linear(nnx.Module):
   def __call__(self, x_BxLxK: jax.Array, out_dtype=None) -> jax.Array:
     w_KxM = self.kernel[...]
     out_dtype = out_dtype or self.dtype
-    if self.dtype == jnp.float32:
-      return jnp.dot(x_BxLxK.astype(jnp.float32), w_KxM).astype(out_dtype)
+    # A 2-D [B*L, K] operand: XLA:CPU transposes a 3-D one before the weight-gradient matmul
+    # (twice the backward time at d=128, measured).
     x_NxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1]).astype(self.dtype)
-    return mixed_dot(x_NxK, w_KxM, out_dtype).reshape(*x_BxLxK.shape[:-1], -1)
+    if self.dtype == jnp.float32:
+      y_NxM = jnp.dot(x_NxK, w_KxM).astype(out_dtype)
+    else:
+      y_NxM = mixed_dot(x_NxK, w_KxM, out_dtype)
+    return y_NxM.reshape(*x_BxLxK.shape[:-1], -1)
 
 
 def resolved_dims(model_cfg) -> tuple[int, int]:
@@ -251,10 +255,12 @@ class Transformer(nnx.Module):
     if self.unembed is not None:
       return self.unembed(x_BxLxD, out_dtype=jnp.float32)
     table_VxD = self.embed.embedding[...]
+    x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])  # 2-D: see Linear.
     if self.dtype == jnp.float32:
-      return jnp.einsum("bld,vd->blv", x_BxLxD, table_VxD)
-    x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-    return mixed_dot(x_NxD, table_VxD.T, jnp.float32).reshape(*x_BxLxD.shape[:-1], -1)
+      logits_NxV = jnp.dot(x_NxD, table_VxD.T)
+    else:
+      logits_NxV = mixed_dot(x_NxD, table_VxD.T, jnp.float32)
+    return logits_NxV.reshape(*x_BxLxD.shape[:-1], -1)
 
   def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
     """Transformer layers and output head on embedded inputs: float32 logits ``[B, L, V]``."""

@@ -17,8 +17,9 @@ def _qkv(length, seed=0, dtype=jnp.float32):
   return [jax.random.normal(k, (B, length, H, K), dtype) for k in keys]
 
 
-def _positions(length):
-  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (B, length))
+def _positions(length, rows=B):
+  """``[rows, length]`` positions: ``rows=1`` is the shared row encodings return by default."""
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
 
 
 def _bias_fn(params):
@@ -38,16 +39,16 @@ def _bias_params():
   return (jnp.array([0.5, 0.25, 0.125]), jax.random.normal(jax.random.key(7), (5, H)))
 
 
-def _attend(impl, qkv, bias_params=None, block_size=4):
+def _attend(impl, qkv, bias_params=None, block_size=4, pos_rows=B):
   length = qkv[0].shape[1]
-  pos = _positions(length)
+  pos = _positions(length, pos_rows)
   bias_fn = None if bias_params is None else _bias_fn(bias_params)
   return attend(
     *qkv, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=bias_fn, impl=impl, block_size=block_size
   )
 
 
-_run = jax.jit(_attend, static_argnames=("impl", "block_size"))
+_run = jax.jit(_attend, static_argnames=("impl", "block_size", "pos_rows"))
 
 
 @pytest.mark.parametrize("impl", ["blockwise", "xla"])
@@ -159,9 +160,10 @@ def test_unknown_implementation_is_a_value_error():
     _run("flash", _qkv(4))
 
 
-def _grads(impl, qkv, params, cotangent, block_size):
+def _grads(impl, qkv, params, cotangent, block_size, pos_rows=B):
   def loss(qkv, params):
-    return jnp.sum(_attend(impl, qkv, params, block_size=block_size) * cotangent)
+    out = _attend(impl, qkv, params, block_size=block_size, pos_rows=pos_rows)
+    return jnp.sum(out * cotangent)
 
   return jax.jit(jax.grad(loss, argnums=(0, 1)))(qkv, params)
 
@@ -179,6 +181,23 @@ def test_blockwise_custom_vjp_gradients_equal_dense(length):
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
   for got, expected in zip(dparams_block, dparams_dense, strict=True):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "xla"])
+def test_one_shared_position_row_equals_per_row_positions(impl):
+  """Positions ``[1, L]`` (the default: the bias is computed once and broadcast over B) give
+  the outputs and gradients of ``[B, L]``, bias parameters included (their cotangent is
+  summed over the batch)."""
+  length = 10
+  qkv, params = _qkv(length, seed=2), _bias_params()
+  cotangent = jax.random.normal(jax.random.key(4), (B, length, H, K))
+  np.testing.assert_allclose(
+    _run(impl, qkv, params, pos_rows=1), _run(impl, qkv, params), atol=1e-6
+  )
+  shared = _grads(impl, qkv, params, cotangent, 4, pos_rows=1)
+  per_row = _grads(impl, qkv, params, cotangent, 4)
+  for got, expected in zip(jax.tree.leaves(shared), jax.tree.leaves(per_row), strict=True):
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_blockwise_skips_masked_blocks_in_both_passes():

@@ -127,7 +127,8 @@ def test_randomized_train_draws_eval_is_sequential():
   train_BxL = np.asarray(enc.positions(4, 16, train=True))
   assert not (train_BxL == np.arange(16)).all()
   assert (np.diff(train_BxL, axis=1) > 0).all() and train_BxL.max() < 64
-  np.testing.assert_array_equal(enc.positions(4, 16, train=False), sequential_positions(4, 16))
+  # Evaluation: the sequential positions, one row shared by (broadcast over) the batch.
+  np.testing.assert_array_equal(enc.positions(4, 16, train=False), sequential_positions(1, 16))
 
 
 def test_randomized_eval_switch_randomizes_eval():

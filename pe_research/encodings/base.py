@@ -3,11 +3,14 @@
 Attention never names an encoding. It asks the encoding three questions, each with a
 do-nothing default, so a new encoding is one new file plus one registry line:
 
-  * ``positions(batch, length, train=...)`` -> int32 ``[B, L]`` positions to use
-    (randomized encodings draw from an ``nnx.Rngs`` they own, so the draw is model state);
+  * ``positions(batch, length, train=...)`` -> int32 ``[B, L]`` positions to use, or
+    ``[1, L]`` when every row has the same positions (the default ``0 .. L-1``): the hooks
+    broadcast over B, so a bias or rotation table is then computed once, not once per row
+    (randomized encodings draw ``[B, L]`` from an ``nnx.Rngs`` they own, so the draw is
+    model state);
   * ``embed(x_BxLxD, pos_BxL)``        -> embeddings with the encoding added (absolute PEs);
   * ``rotate(x_BxLxHxK, pos_BxL, is_query=...)`` -> q or k transformed (RoPE, xPos);
-  * ``bias(q_pos_BxQ, k_pos_BxK)``     -> float32 ``[B, H, Q, K]`` added to the logits
+  * ``bias(q_pos_BxQ, k_pos_BxK)``     -> float32 ``[B or 1, H, Q, K]`` added to the logits
     (ALiBi, T5, KERPLE, FIRE), or ``None``. Blockwise attention calls it once per
     (query block, key block), so it must depend on positions only, never on L.
 
@@ -35,8 +38,9 @@ class PositionalEncoding(nnx.Module):
   max_length: int | None = None
 
   def positions(self, batch: int, length: int, *, train: bool) -> jax.Array:
-    del train
-    return sequential_positions(batch, length)
+    """``0 .. length-1`` as one int32 ``[1, length]`` row, shared by all ``batch`` rows."""
+    del batch, train
+    return sequential_positions(1, length)
 
   def embed(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
     del pos_BxL
