@@ -18,7 +18,7 @@ from pe_research.config_lib import parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = parse_config_arg(arg, pe="rope", steps=600)
+  variant = parse_config_arg(arg, pe="rope", steps=500)
   config = base.get_config()
   config.pe.name = variant.pe
   config.model.num_layers = 4

@@ -1,6 +1,6 @@
 r"""`make demo`: train short, test long — seven encodings and zero-shot RoPE extension.
 
-  python -m experiments.demo --out=runs/demo [--steps=600] [--max_tokens=16384]
+  python -m experiments.demo --out=runs/demo [--steps=500] [--max_tokens=16384]
 
 Trains ``configs/demo.py`` (d=128, 4 layers, byte-level, pystdlib, L=128) with sinusoidal,
 RoPE, ALiBi, T5 bias, NoPE, KERPLE and FIRE; evaluates each, non-overlapping, at 1×…32× the
@@ -111,7 +111,7 @@ def write_outputs(out: str, results: dict[str, list[dict]], max_factor: int, wal
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="runs/demo", help="Output folder (a workdir per encoding).")
-  parser.add_argument("--steps", type=int, default=600, help="Training steps per encoding.")
+  parser.add_argument("--steps", type=int, default=500, help="Training steps per encoding.")
   parser.add_argument("--max_tokens", type=int, default=16384, help="Bytes scored per length.")
   parser.add_argument("--max_factor", type=int, default=32, help="Longest length / train length.")
   args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """The language models that the LM experiments train, per preset, shared between experiments.
 
   smoke  configs/tiny.py on pystdlib bytes: d=32, 2 layers, L=32, 30 steps (seconds)
-  cpu    configs/demo.py (the `make demo` model): d=128, 4 layers, L=128, 600 steps; its
+  cpu    configs/demo.py (the `make demo` model): d=128, 4 layers, L=128, 500 steps; its
          workdirs default to runs/demo/<pe>, so runs trained by `make demo` are reused
   paper  configs/alibi_paper.py: 16 layers, d=1024, 8 heads, L=512 on pg19 (ALiBi paper scale)
 
@@ -28,7 +28,7 @@ class LMPreset:
 _SMOKE = (("data.name", "pystdlib"), ("train.steps", 30), ("train.checkpoint_every", 30))
 PRESETS = {
   "smoke": LMPreset("configs/tiny.py", "pe={pe}", "runs/experiments_smoke", _SMOKE),
-  "cpu": LMPreset("configs/demo.py", "pe={pe},steps=600", "runs/demo"),
+  "cpu": LMPreset("configs/demo.py", "pe={pe},steps=500", "runs/demo"),
   "paper": LMPreset("configs/alibi_paper.py", "pe={pe},train_len=512", "runs/alibi_paper"),
 }
 
