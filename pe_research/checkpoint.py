@@ -93,6 +93,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int):
+    workdir = absolute(workdir)
     self._workdir, self._keep = workdir, keep
     self._dir = os.path.join(workdir, "checkpoints")
     _on_primary(lambda: integrity.quarantine(workdir))
@@ -168,12 +169,17 @@ class Checkpointer:
     self._manager.close()
 
 
+def absolute(path: str) -> str:
+  """A local ``path`` made absolute (Orbax rejects relative ones); URLs (``gs://...``) as is."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def load_params(workdir: str, like: Any, step: int | None = None) -> Any:
   """Parameters of the checkpoint at ``step`` (default: the newest intact one) of ``workdir``."""
   step = latest_intact_step(workdir) if step is None else step
   if step is None:
     raise ValueError(f"init_from={workdir!r} has no checkpoint; allowed: a run's workdir")
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+  with ocp.CheckpointManager(os.path.join(absolute(workdir), "checkpoints")) as manager:
     restored = manager.restore(
       step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like)))
     )

@@ -100,6 +100,14 @@ def test_init_from_loads_the_latest_parameters_of_another_run(uninterrupted):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), reference_params)
 
 
+def test_load_params_accepts_a_relative_workdir(uninterrupted, monkeypatch):
+  """Orbax rejects relative paths; ``--checkpoints=runs/demo/alibi`` must still load."""
+  workdir, reference_params = uninterrupted
+  monkeypatch.chdir(os.path.dirname(workdir))
+  params = checkpoint.load_params(os.path.basename(workdir), reference_params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), reference_params)
+
+
 def test_init_from_without_checkpoint_is_a_value_error(tmp_path):
   with pytest.raises(ValueError, match="init_from"):
     checkpoint.load_params(str(tmp_path), {})
