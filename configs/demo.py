@@ -4,11 +4,11 @@ d=128, 4 layers, 4 heads (~0.8M parameters), batch 16×128 bytes. Variants: ``pe
 
   python -m pe_research.main --config=configs/demo.py:pe=alibi --workdir=runs/demo/alibi
 
-Runtime here (2 CPU cores): 2–6 min per encoding for 600 steps (2–10k tokens/s, measured
-while the machine was shared). Measured (600 steps): training loss 1.43 (RoPE) to 2.05 (NoPE)
-nats/byte; validation ppl at L=128 from 11.9 (RoPE) to 18.5 (NoPE); at 32× L, ALiBi and
-KERPLE stay flat (13.5 → 13.1, 13.0 → 13.1), RoPE degrades 11.9 → 33.0, sinusoidal grows
-steadily 15.6 → 35.1. ``experiments.demo`` drives all seven encodings.
+Runtime here (2 CPU cores, unloaded): 80–90 s per encoding for 500 steps (5.5–6.2 steps/s,
+~11k tokens/s). Measured (500 steps): training loss 1.55 (RoPE) to 2.08 (NoPE) nats/byte;
+validation ppl at L=128 from 12.7 (RoPE) to 19.2 (NoPE); at 32× L, ALiBi and KERPLE stay flat
+(14.0 → 13.6, 13.8 → 14.0), RoPE degrades 12.7 → 33.0, sinusoidal grows steadily 17.3 → 34.8.
+``experiments.demo`` drives all seven encodings.
 """
 
 import ml_collections

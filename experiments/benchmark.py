@@ -3,6 +3,7 @@ memory against length and compiles per evaluated length, measured in one run on 
 
   make bench                  # full: both sizes, evaluation 4k..128k (about an hour on 2 cores)
   make bench ARGS=--quick     # small size, evaluation 4k and 16k: under 5 minutes
+  python -m experiments.benchmark --sections=train --sizes=d512x8_T1024   # one part only
   python -m experiments.benchmark --smoke --out=/tmp/bench   # tiny shapes, seconds (tests)
 
 Training: the project's train step (``pe_research.train``, blockwise attention) against the
@@ -227,10 +228,11 @@ def train_size(spec: tuple, encodings: tuple[str, ...], peaks: dict[str, float])
   }
 
 
-def train_section(mode: str, peaks: dict[str, float]) -> dict:
+def train_section(mode: str, peaks: dict[str, float], sizes: list[str]) -> dict:
   """``{metric: {size: value}}``, except ``pe_overhead_vs_nope``: ``{encoding: {size: value}}``."""
   results = {}
-  for size, spec in SIZES[mode].items():
+  for size in sizes:
+    spec = SIZES[mode][size]
     for metric, value in train_size(spec, ENCODINGS[mode], peaks).items():
       results.setdefault(metric, {})[size] = value
   by_size = results.pop("pe_overhead_vs_nope")
@@ -298,7 +300,7 @@ def report_lines(results: dict) -> list[str]:
     f"Matmul peak: {results['matmul_peak_gflops']} GFLOP/s",
     "",
   ]
-  for size, rows in results["train"].items():
+  for size, rows in results.get("train", {}).items():
     lines += [f"## Training {size}", ""]
     lines += markdown_table(
       ["variant", "tokens/s", "best tokens/s", "CPU s/step", "MFU"],
@@ -317,11 +319,14 @@ def report_lines(results: dict) -> list[str]:
     ("bf16 - fp32 max loss gap", "bf16_max_loss_gap", "noise"),
     ("blockwise / dense speed", "blockwise_speedup_vs_dense", "> 1"),
   ]
-  rows = [[m, size, v, t] for m, key, t in checks for size, v in results[key].items()]
-  for pe, by_size in results["pe_overhead_vs_nope"].items():
+  rows = [[m, size, v, t] for m, key, t in checks for size, v in results.get(key, {}).items()]
+  for pe, by_size in results.get("pe_overhead_vs_nope", {}).items():
     rows += [[f"{pe} step overhead vs NoPE", size, v, "<= 0.05"] for size, v in by_size.items()]
-  rows.append(["compiles per eval length", "", results["compiles_per_eval_length"], "<= 1"])
+  if "compiles_per_eval_length" in results:
+    rows.append(["compiles per eval length", "", results["compiles_per_eval_length"], "<= 1"])
   lines += ["## Targets", ""] + markdown_table(["metric", "size", "value", "target"], rows)
+  if "eval_peak_rss_gib" not in results:
+    return lines
   lines += ["", "## Evaluation (batch 1, RoPE; fresh process each)", ""]
   lengths = sorted({n for v in results["eval_peak_rss_gib"].values() for n in v})
   attentions = list(results["eval_peak_rss_gib"])
@@ -336,12 +341,24 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--quick", action="store_true", help="Small size only: under 5 minutes.")
   parser.add_argument("--smoke", action="store_true", help="Tiny shapes: seconds (tests).")
   parser.add_argument("--out", default="runs/bench", help="Output folder.")
+  parser.add_argument(
+    "--sections", default="train,eval", help="Comma-separated subset of: train, eval."
+  )
+  parser.add_argument(
+    "--sizes", default="", help="Comma-separated training sizes (default: all of the mode's)."
+  )
   parser.add_argument("--eval_child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.eval_child:
     print(json.dumps(eval_child(*json.loads(args.eval_child))))
     return {}
   mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+  sections = args.sections.split(",")
+  sizes = args.sizes.split(",") if args.sizes else list(SIZES[mode])
+  if unknown := sorted(set(sections) - {"train", "eval"}):
+    parser.error(f"--sections: unknown {', '.join(unknown)}; allowed: train, eval")
+  if unknown := [s for s in sizes if s not in SIZES[mode]]:
+    parser.error(f"--sizes: unknown {', '.join(unknown)}; allowed: {', '.join(SIZES[mode])}")
   start = time.perf_counter()
   results = {
     "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, jax "
@@ -352,9 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
     for dt in ("float32", "bfloat16")
   }
   results["matmul_peak_gflops"] = {k: round(float(v), 1) for k, v in peaks.items()}
-  results |= train_section(mode, peaks)
-  results |= compiles_per_eval_length()
-  results |= eval_section(mode)
+  if "train" in sections:
+    results |= train_section(mode, peaks, sizes)
+  if "eval" in sections:
+    results |= compiles_per_eval_length()
+    results |= eval_section(mode)
   results["seconds"] = time.perf_counter() - start
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -163,10 +163,19 @@ def learned_lines(distance_R, learned) -> list[str]:
   for label, (pe_name, bias_RxH) in learned.items():
     mean_R = bias_RxH.mean(axis=1)
     falling = int(np.sum(np.all(np.diff(bias_RxH, axis=0) <= 1e-6, axis=0)))
+    heads = bias_RxH.shape[1]
+    near_far = mean_R[0] > mean_R[-1]
+    verdict = (
+      "a recency bias in every head, as ALiBi imposes"
+      if falling == heads
+      else "nearer keys favoured on average, but not monotonically"
+      if near_far
+      else "no recency bias on average"
+    )
     lines.append(
       f"- {label}, {pe_name}: head-mean bias {mean_R[0]:.3g} at r=0, {mean_R[min(64, r_max)]:.3g} "
-      f"at r={min(64, r_max)}, {mean_R[-1]:.3g} at r={r_max}; {falling} of {bias_RxH.shape[1]} "
-      "heads never increase with distance (a recency bias, as ALiBi imposes)."
+      f"at r={min(64, r_max)}, {mean_R[-1]:.3g} at r={r_max}; {falling} of {heads} "
+      f"heads never increase with distance ({verdict})."
     )
   return lines
 

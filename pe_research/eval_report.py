@@ -37,7 +37,10 @@ def _finish(fig: Figure, ax, path: str, train_len: int | None, title: str) -> No
     ax.axvline(train_len, color="gray", linestyle="--", linewidth=1, label=f"train_len={train_len}")
   ax.set_title(title)
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
+  if len(ax.get_legend_handles_labels()[1]) > 4:  # Many curves: legend beside the axes.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+  else:
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -52,7 +55,7 @@ def plot_curves(
   logy: bool = True,
 ) -> None:
   """One line per curve against evaluation length (log₂ x axis); non-finite y is dropped."""
-  fig = Figure(figsize=(7, 4.5))
+  fig = Figure(figsize=(8.5 if len(curves) > 3 else 7, 4.5))
   ax = fig.subplots()
   colors = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors
   for i, (label, (xs, ys)) in enumerate(curves.items()):

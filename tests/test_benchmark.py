@@ -45,3 +45,21 @@ def test_smoke_benchmark_writes_every_required_key(tmp_path):
     assert results["eval_peak_rss_gib"][attention]["256"] > 0
   assert results["compiles_per_eval_length"] <= 1  # each length compiles once, rescoring never
   assert "## Targets" in (tmp_path / "results.md").read_text()
+
+
+def test_sections_select_what_runs(tmp_path):
+  benchmark.main(["--smoke", "--sections=eval", "--out", str(tmp_path)])
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert "train" not in results and "mfu" not in results
+  assert results["eval_peak_rss_gib"]["blockwise"]["256"] > 0
+  assert "## Evaluation" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+  "flag,message",
+  [("--sections=train,speed", "--sections: unknown speed"), ("--sizes=huge", "--sizes: unknown")],
+)
+def test_unknown_section_or_size_is_one_line(tmp_path, capsys, flag, message):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.main(["--smoke", flag, "--out", str(tmp_path)])
+  assert exit_info.value.code == 2 and message in capsys.readouterr().err
