@@ -72,10 +72,21 @@ def _mixed_dot_bwd(out_dtype, residuals, g_NxM):
 mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 
 
+def matmul(x_NxK: jax.Array, w_KxM: jax.Array, out_dtype) -> jax.Array:
+  """``x W`` for float32 ``W``: one float32 matmul if ``x`` is float32, else :func:`mixed_dot`.
+
+  Callers pass a 2-D ``[B*L, K]`` ``x``: XLA:CPU transposes a 3-D one before the
+  weight-gradient matmul (twice the backward time at d=128, measured).
+  """
+  if x_NxK.dtype == jnp.float32:
+    return jnp.dot(x_NxK, w_KxM).astype(out_dtype)
+  return mixed_dot(x_NxK, w_KxM, out_dtype)
+
+
 class Linear(nnx.Module):
   """Bias-free ``x W``, ``W ~ N(0, std^2)`` float32 ``[d_in, d_out]``; output in ``dtype``.
 
-  float32: one float32 matmul. bfloat16: :func:`mixed_dot` on ``x`` cast to bf16.
+  float32: one float32 matmul. bfloat16: :func:`mixed_dot` on ``x`` cast to bf16 (:func:`matmul`).
   """
 
   def __init__(self, d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs):
@@ -85,14 +96,8 @@ class Linear(nnx.Module):
   def __call__(self, x_BxLxK: jax.Array, out_dtype=None) -> jax.Array:
     w_KxM = self.kernel[...]
     out_dtype = out_dtype or self.dtype
-    # A 2-D [B*L, K] operand: XLA:CPU transposes a 3-D one before the weight-gradient matmul
-    # (twice the backward time at d=128, measured).
     x_NxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1]).astype(self.dtype)
-    if self.dtype == jnp.float32:
-      y_NxM = jnp.dot(x_NxK, w_KxM).astype(out_dtype)
-    else:
-      y_NxM = mixed_dot(x_NxK, w_KxM, out_dtype)
-    return y_NxM.reshape(*x_BxLxK.shape[:-1], -1)
+    return matmul(x_NxK, w_KxM, out_dtype).reshape(*x_BxLxK.shape[:-1], -1)
 
 
 def resolved_dims(model_cfg) -> tuple[int, int]:
@@ -255,12 +260,8 @@ class Transformer(nnx.Module):
     if self.unembed is not None:
       return self.unembed(x_BxLxD, out_dtype=jnp.float32)
     table_VxD = self.embed.embedding[...]
-    x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])  # 2-D: see Linear.
-    if self.dtype == jnp.float32:
-      logits_NxV = jnp.dot(x_NxD, table_VxD.T)
-    else:
-      logits_NxV = mixed_dot(x_NxD, table_VxD.T, jnp.float32)
-    return logits_NxV.reshape(*x_BxLxD.shape[:-1], -1)
+    x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+    return matmul(x_NxD, table_VxD.T, jnp.float32).reshape(*x_BxLxD.shape[:-1], -1)
 
   def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
     """Transformer layers and output head on embedded inputs: float32 logits ``[B, L, V]``."""
