@@ -130,12 +130,11 @@ def write_outputs(out, preset, res, sliding, wall: float, args) -> None:
   for file, table, kind in (("ppl_vs_length", res, "non-overlapping"), ("sliding", sliding, "")):
     eval_report.plot_curves(
       os.path.join(out, f"{file}.png"),
-      {pe: ([r["length"] for r in t], [r["ppl"] for r in t]) for pe, t in table.items()},
+      report.ppl_curves(table),
       ylabel="validation perplexity (bytes)",
       title=f"Train at L={L}, test long ({kind or f'sliding, stride {preset.stride}'})",
       train_len=L,
     )
-  lengths, slide_lengths = list(preset.lengths), list(preset.sliding_lengths)
   published = [[pe, *PUBLISHED[pe].values()] for pe in PAPER_ORDER[::-1]]
   text = [
     f"# Train short, test long — ALiBi paper Fig. 1 (preset `{args.preset}`)",
@@ -147,14 +146,10 @@ def write_outputs(out, preset, res, sliding, wall: float, args) -> None:
     "![non-overlapping](ppl_vs_length.png) ![sliding](sliding.png)",
     "",
     "## Non-overlapping perplexity",
-    *report.markdown_table(
-      ["encoding", *lengths], [[pe, *(r["ppl"] for r in t)] for pe, t in res.items()]
-    ),
+    *report.ppl_table("encoding", res),
     "",
     f"## Sliding window, stride {preset.stride} ({preset.sliding_tokens} bytes per length)",
-    *report.markdown_table(
-      ["encoding", *slide_lengths], [[pe, *(r["ppl"] for r in t)] for pe, t in sliding.items()]
-    ),
+    *report.ppl_table("encoding", sliding),
     "",
     "## Published (WikiText-103, word-level, L=512, non-overlapping)",
     *report.markdown_table(["encoding", *PUBLISHED["alibi"]], published),

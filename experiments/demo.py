@@ -77,21 +77,14 @@ def write_outputs(out: str, results: dict[str, list[dict]], max_factor: int, wal
     for label, rows in results.items():
       for r in rows:
         writer.writerow([label, r["length"], r["tokens"], r["loss"], r["ppl"], r["bits_per_byte"]])
-  curves = {
-    label: ([r["length"] for r in rows], [r["ppl"] for r in rows])
-    for label, rows in results.items()
-  }
   eval_report.plot_curves(
     os.path.join(out, "ppl_vs_length.png"),
-    curves,
+    report.ppl_curves(results),
     ylabel="validation perplexity (bytes)",
     title="Train short (L=128), test long: pystdlib bytes, non-overlapping",
     train_len=lengths[0],
   )
-  header = "| model | " + " | ".join(str(n) for n in lengths) + " |"
-  table = [header, "|---" * (len(lengths) + 1) + "|"]
-  for label, rows in results.items():
-    table.append(f"| {label} | " + " | ".join(f"{r['ppl']:.2f}" for r in rows) + " |")
+  table = report.ppl_table("model", results)
   text = [
     "# Train short, test long (make demo)",
     "",

@@ -53,6 +53,19 @@ def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list
   return lines
 
 
+def ppl_curves(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
+  """``{label: (lengths, ppls)}`` from evaluation rows, for ``eval_report.plot_curves``."""
+  return {k: ([r["length"] for r in rows], [r["ppl"] for r in rows]) for k, rows in results.items()}
+
+
+def ppl_table(first: str, results: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+  """A markdown table of perplexity: one row per label, one column per evaluated length."""
+  lengths = [r["length"] for r in next(iter(results.values()))]
+  return markdown_table(
+    [first, *lengths], [[k, *(r["ppl"] for r in rows)] for k, rows in results.items()]
+  )
+
+
 def write_report(out: str, lines: Sequence[str], checks: Sequence[str]) -> None:
   """``OUT/REPORT.md``: ``lines``, then the section of shape ``checks`` (one bullet each)."""
   section = ["", "## Does the published shape appear?", "", *checks]

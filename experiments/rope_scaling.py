@@ -195,11 +195,11 @@ def write_outputs(out, zs, ft, summaries, args, preset, base: Run, train_len: in
   report.write_csv(os.path.join(out, "results.csv"), rows)
   pk_rows, pk_lengths = passkey_table(summaries)
   report.write_csv(os.path.join(out, "passkey.csv"), pk_rows)
-  top, lengths = train_len * preset.factor, preset.lengths
+  top = train_len * preset.factor
   for file, table in (("zero_shot", zs), ("fine_tuned", ft)):
     eval_report.plot_curves(
       os.path.join(out, f"{file}.png"),
-      {label: ([r["length"] for r in t], [r["ppl"] for r in t]) for label, t in table.items()},
+      report.ppl_curves(table),
       ylabel="validation perplexity (bytes)",
       title=f"RoPE L={train_len} extended ×{preset.factor} ({file.replace('_', '-')})",
       train_len=top if file == "fine_tuned" else train_len,
@@ -216,14 +216,10 @@ def write_outputs(out, zs, ft, summaries, args, preset, base: Run, train_len: in
     "![zero-shot](zero_shot.png) ![fine-tuned](fine_tuned.png)",
     "",
     "## Zero-shot (base parameters, new frequencies)",
-    *report.markdown_table(
-      ["method", *lengths], [[k, *(r["ppl"] for r in t)] for k, t in zs.items()]
-    ),
+    *report.ppl_table("method", zs),
     "",
     f"## After fine-tuning at {top}",
-    *report.markdown_table(
-      ["method", *lengths], [[k, *(r["ppl"] for r in t)] for k, t in ft.items()]
-    ),
+    *report.ppl_table("method", ft),
     "",
     f"## Passkey retrieval (greedy exact match, mean over needle depths, {preset.passkey_trials} "
     "prompt(s) per cell)",
