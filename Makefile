@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 RUNTIME_STAMP := $(VENV)/.stamp-runtime-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 DEV_STAMP := $(VENV)/.stamp-dev-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test lint format bench install install-dev clean
+.PHONY: demo test lint format bench bench-gpu install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: lint
 
 bench: $(DEV_STAMP)
 	$(PY) -m experiments.benchmark $(ARGS)
+
+# 125M-parameter bf16 training MFU on a GPU (needs jax with CUDA in the venv; docs/gpu_benchmark.md).
+bench-gpu: $(DEV_STAMP)
+	$(PY) -m experiments.gpu_benchmark $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -39,7 +39,7 @@ from flax import nnx
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
 from configs.base import get_config
 from experiments.report import markdown_table
-from pe_research import eval_lib, train
+from pe_research import train
 from pe_research.model import Transformer, flops_per_token
 
 ENCODINGS = {"full": ("nope", "rope", "alibi", "t5"), "quick": ("nope", "rope", "alibi", "t5")}
@@ -75,8 +75,11 @@ def model_config(d: int, layers: int, seq_len: int, batch: int, pe: str, **model
 
 
 def matmul_peak_gflops(dtype, n: int = 1024, reps: int = 5) -> float:
-  """Median GFLOP/s of a ``[4n, n] x [n, n]`` matmul (fp32 accumulation)."""
-  a, b = jnp.ones((4 * n, n), dtype), jnp.ones((n, n), dtype)
+  """Median GFLOP/s of a ``[4n, n] x [n, n]`` matmul (fp32 accumulation) on random data
+  (constant operands can run faster than real ones)."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (4 * n, n), dtype)
+  b = jax.random.normal(key_b, (n, n), dtype)
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   f(a, b).block_until_ready()
   seconds = []
@@ -87,9 +90,9 @@ def matmul_peak_gflops(dtype, n: int = 1024, reps: int = 5) -> float:
   return 8 * n**3 / np.median(seconds) / 1e9
 
 
-def _batch(seq_len: int, batch: int) -> dict[str, np.ndarray]:
+def _batch(seq_len: int, batch: int, vocab_size: int = 256) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 256, (batch, seq_len + 1)).astype(np.int32)
+  tokens = rng.integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
   weights = np.ones((batch, seq_len), np.float32)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
 
@@ -244,6 +247,8 @@ def train_section(mode: str, peaks: dict[str, float], sizes: list[str]) -> dict:
 
 def eval_child(length: int, attention: str, pe: str, mode: str) -> dict:
   """Scores one random batch of ``length`` tokens (small-size model); runs in a subprocess."""
+  from pe_research import eval_lib  # Here: it imports the data stack (TFDS, grain).
+
   d, layers = SIZES[mode][next(iter(SIZES[mode]))][:2]
   model = Transformer(model_config(d, layers, length, 1, pe, attention=attention), rngs=nnx.Rngs(0))
   evaluator = eval_lib.Evaluator(model, attention=attention)
@@ -279,6 +284,8 @@ def eval_section(mode: str, pe: str = "rope") -> dict:
 
 def compiles_per_eval_length(lengths=(64, 128, 256, 512)) -> dict:
   """Backend compiles while a fresh evaluator scores each length twice, per length."""
+  from pe_research import eval_lib  # Here: it imports the data stack (TFDS, grain).
+
   model = Transformer(model_config(64, 2, 64, 1, "rope", attention="blockwise"), rngs=nnx.Rngs(0))
   evaluator = eval_lib.Evaluator(model)
   before = _BACKEND_COMPILES[0]

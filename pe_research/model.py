@@ -16,7 +16,9 @@ Choices: no biases in linear layers; weights ~ N(0, init_std), residual output p
 means ``model_dim // num_heads``; ``mlp_dim=0`` means ``4 model_dim`` (gelu) or ``8/3 model_dim``
 rounded up to a multiple of 64 (swiglu, LLaMA-style, keeps the parameter count near gelu's).
 ``compute_dtype="bfloat16"``: bf16 matmuls with fp32 accumulation (forward and both backward
-products, :func:`mixed_dot`), fp32 parameters, fp32 residual stream, softmax and logits.
+products, :func:`mixed_dot`), fp32 parameters, fp32 residual stream and softmax; training
+takes bf16 logits and computes its loss in fp32 (:func:`pe_research.train.softmax_nll`);
+evaluation scores fp32 logits.
 Sequences longer than ``SEQUENCE_CHUNK`` run the MLP and the output head chunk by chunk, and
 :meth:`Transformer.nll_and_hits` scores tokens without materialising ``[B, L, V]`` logits.
 """
@@ -46,6 +48,16 @@ def _choice(field: str, value: str, allowed) -> None:
     raise ValueError(f"model.{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
 
 
+def _bf16_dot(a_NxK: jax.Array, b_KxM: jax.Array, out_dtype) -> jax.Array:
+  """bf16 ``a b`` accumulated in float32, result in ``out_dtype``. On GPU the matmul writes
+  ``out_dtype`` itself (cuBLAS accumulates bf16 products in fp32; a separate fp32 -> bf16 pass
+  cost 3% of a 125M-parameter step on an H200); XLA:CPU writes bf16 results slower than fp32
+  plus a convert (55 vs 33 ms for [4096, 512] x [512, 2048], measured), so there it converts."""
+  if out_dtype == jnp.float32 or jax.default_backend() == "cpu":
+    return jnp.dot(a_NxK, b_KxM, preferred_element_type=jnp.float32).astype(out_dtype)
+  return jnp.dot(a_NxK, b_KxM, preferred_element_type=out_dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def mixed_dot(x_NxK: jax.Array, w_KxM: jax.Array, out_dtype) -> jax.Array:
   """``x W`` with bf16 operands and float32 accumulation, in the forward and both backward
@@ -53,8 +65,7 @@ def mixed_dot(x_NxK: jax.Array, w_KxM: jax.Array, out_dtype) -> jax.Array:
 
   Plain autodiff of a bf16 matmul gives backward matmuls that XLA:CPU runs in float32.
   """
-  w_KxM = w_KxM.astype(jnp.bfloat16)
-  return jnp.dot(x_NxK, w_KxM, preferred_element_type=jnp.float32).astype(out_dtype)
+  return _bf16_dot(x_NxK, w_KxM.astype(jnp.bfloat16), out_dtype)
 
 
 def _mixed_dot_fwd(x_NxK, w_KxM, out_dtype):
@@ -65,7 +76,7 @@ def _mixed_dot_bwd(out_dtype, residuals, g_NxM):
   del out_dtype
   x_NxK, w_KxM = residuals
   g_NxM = g_NxM.astype(jnp.bfloat16)
-  dx_NxK = jnp.dot(g_NxM, w_KxM.T, preferred_element_type=jnp.float32).astype(x_NxK.dtype)
+  dx_NxK = _bf16_dot(g_NxM, w_KxM.T, x_NxK.dtype)
   return dx_NxK, jnp.dot(x_NxK.T, g_NxM, preferred_element_type=jnp.float32)
 
 
@@ -201,7 +212,8 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """``Transformer(config, rngs=...)(inputs_BxL int32) -> logits float32 [B, L, V]``.
+  """``Transformer(config, rngs=...)(inputs_BxL int32) -> logits float32 [B, L, V]``
+  (``logits_dtype=model.dtype``: in the compute dtype, as training uses them).
 
   ``attention`` / ``attention_block`` are plain attributes (from ``config.model``); use
   :func:`with_attention` to evaluate the same parameters with another implementation.
@@ -254,22 +266,24 @@ class Transformer(nnx.Module):
       x_BxLxD = block(x_BxLxD, pos_BxL, enc, impl=self.attention, block_size=self.attention_block)
     return x_BxLxD
 
-  def head(self, x_BxLxD: jax.Array) -> jax.Array:
-    """Final norm and output projection of the residual stream: float32 logits ``[B, L, V]``."""
+  def head(self, x_BxLxD: jax.Array, logits_dtype=jnp.float32) -> jax.Array:
+    """Final norm and output projection of the residual stream: logits ``[B, L, V]``
+    (float32, or ``logits_dtype``: training takes them in the compute dtype, see
+    :func:`pe_research.train.softmax_nll`)."""
     x_BxLxD = self.final_norm(x_BxLxD).astype(self.dtype)
     if self.unembed is not None:
-      return self.unembed(x_BxLxD, out_dtype=jnp.float32)
+      return self.unembed(x_BxLxD, out_dtype=logits_dtype)
     table_VxD = self.embed.embedding[...]
     x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-    return matmul(x_NxD, table_VxD.T, jnp.float32).reshape(*x_BxLxD.shape[:-1], -1)
+    return matmul(x_NxD, table_VxD.T, logits_dtype).reshape(*x_BxLxD.shape[:-1], -1)
 
-  def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
-    """Transformer layers and output head on embedded inputs: float32 logits ``[B, L, V]``."""
-    return self.head(self.layers(x_BxLxD, pos_BxL))
+  def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, logits_dtype=jnp.float32):
+    """Transformer layers and output head on embedded inputs: logits ``[B, L, V]``."""
+    return self.head(self.layers(x_BxLxD, pos_BxL), logits_dtype)
 
-  def __call__(self, inputs_BxL: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, inputs_BxL: jax.Array, *, train: bool = False, logits_dtype=jnp.float32):
     x_BxLxD, pos_BxL = self.embed_tokens(inputs_BxL, train=train)
-    return self.decode(x_BxLxD, pos_BxL)
+    return self.decode(x_BxLxD, pos_BxL, logits_dtype)
 
   def nll_and_hits(self, inputs_BxL: jax.Array, targets_BxL: jax.Array, *, train: bool = False):
     """``(nll_BxL, hit_BxL)``: ``-log softmax(logits)[target]`` (float32) and

@@ -29,7 +29,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pe_research import checkpoint
-from pe_research.data import make_train_iterator
 from pe_research.metrics import MetricsLogger
 from pe_research.model import Transformer
 
@@ -130,10 +129,42 @@ def create_train_state(config: ml_collections.ConfigDict, mesh, tx) -> tuple[Any
   return graphdef, jax.jit(lambda: init_train_state(config, tx)[1], out_shardings=shardings)()
 
 
+@jax.custom_vjp
+def softmax_nll(logits_NxV: jax.Array, targets_N: jax.Array) -> jax.Array:
+  """``logsumexp(logits) - logits[target]`` per row, float32 whatever the logits' dtype.
+
+  Same values and gradient as ``optax.softmax_cross_entropy_with_integer_labels`` on the
+  float32 logits; the gradient ``(softmax - onehot) g`` is computed in float32 and written once,
+  in the logits' dtype (bf16 training: one pass over ``[N, V]`` instead of an fp32 gradient
+  and a separate conversion, 2.3 ms of a 125M-parameter step on an H200).
+  """
+  return _softmax_nll_fwd(logits_NxV, targets_N)[0]
+
+
+def _softmax_nll_fwd(logits_NxV, targets_N):
+  logits_NxV32 = logits_NxV.astype(jnp.float32)
+  lse_N = jax.nn.logsumexp(logits_NxV32, axis=-1)
+  target_N = jnp.take_along_axis(logits_NxV32, targets_N[:, None], axis=-1)[:, 0]
+  return lse_N - target_N, (logits_NxV, targets_N, lse_N)
+
+
+def _softmax_nll_bwd(residuals, g_N):
+  logits_NxV, targets_N, lse_N = residuals
+  probs_NxV = jnp.exp(logits_NxV.astype(jnp.float32) - lse_N[:, None])
+  onehot_NxV = jnp.arange(logits_NxV.shape[-1]) == targets_N[:, None]
+  grad_NxV = (probs_NxV - onehot_NxV) * g_N[:, None]
+  return grad_NxV.astype(logits_NxV.dtype), None
+
+
+softmax_nll.defvjp(_softmax_nll_fwd, _softmax_nll_bwd)
+
+
 def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL) -> jax.Array:
   """``sum(weights * NLL) / sum(weights)`` in float32 (0 if every weight is 0)."""
-  nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
-  return jnp.sum(weights_BxL * nll_BxL) / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+  v = logits_BxLxV.shape[-1]
+  nll_N = softmax_nll(logits_BxLxV.reshape(-1, v), targets_BxL.reshape(-1))
+  weights_N = weights_BxL.reshape(-1)
+  return jnp.sum(weights_N * nll_N) / jnp.maximum(jnp.sum(weights_N), 1.0)
 
 
 def make_train_step(graphdef, tx, schedule, compute_sharding: NamedSharding | None = None):
@@ -147,7 +178,7 @@ def make_train_step(graphdef, tx, schedule, compute_sharding: NamedSharding | No
       if compute_sharding is not None:
         params = jax.lax.with_sharding_constraint(params, compute_sharding)
       model = nnx.merge(graphdef, params, state.model_state)
-      logits_BxLxV = model(batch["inputs"], train=True)
+      logits_BxLxV = model(batch["inputs"], train=True, logits_dtype=model.dtype)
       loss = weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
       return loss, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -224,6 +255,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   mesh = make_mesh(config.mesh)
   tx, schedule = make_optimizer(config.train)
   graphdef, state = create_train_state(config, mesh, tx)
+  # Imported here: the step and state above need no data stack (TFDS, grain), so benchmarks
+  # run on machines that have only JAX (experiments/gpu_benchmark.py).
+  from pe_research.data import make_train_iterator
+
   data_iter = make_train_iterator(
     config, process_index=jax.process_index(), process_count=jax.process_count()
   )

@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every family)
-from experiments import benchmark
+from experiments import benchmark, gpu_benchmark
 from experiments.torch_reference import TorchTransformer
 from pe_research.model import Transformer
 
@@ -63,3 +63,51 @@ def test_unknown_section_or_size_is_one_line(tmp_path, capsys, flag, message):
   with pytest.raises(SystemExit) as exit_info:
     benchmark.main(["--smoke", flag, "--out", str(tmp_path)])
   assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_benchmark_smoke_runs_on_cpu_and_records_a_failing_variant(tmp_path, monkeypatch):
+  """Every variant gets a row; one that raises (a kernel the backend lacks) is recorded with
+  its one-line error and the next still runs."""
+  real_time_variant = gpu_benchmark.time_variant
+
+  def time_variant(config, steps, reps):
+    if config.pe.name == "alibi":
+      raise RuntimeError("cuDNN does not support this bias\nlong traceback")
+    return real_time_variant(config, steps, reps)
+
+  monkeypatch.setattr(gpu_benchmark, "time_variant", time_variant)
+  variants = "rope/bfloat16/xla,alibi/bfloat16/xla,t5/float32/blockwise"
+  args = ["--smoke", f"--variants={variants}", "--steps=2", "--reps=1", f"--out={tmp_path}"]
+  gpu_benchmark.main(args)
+  results = json.loads((tmp_path / "results.json").read_text())
+  rows = results["train"]
+  assert rows["alibi/bfloat16/xla"] == {"error": "RuntimeError: cuDNN does not support this bias"}
+  for variant in ("rope/bfloat16/xla", "t5/float32/blockwise"):
+    assert rows[variant]["tokens_per_s"] > 0 and rows[variant]["mfu_vs_matmul"] > 0
+    assert rows[variant]["mfu_vs_datasheet"] is None  # no datasheet peak for a CPU
+    assert np.isfinite(rows[variant]["loss"]).all()
+    assert rows[variant]["tflops_palm"] > rows[variant]["tflops"]  # counts the masked half
+  assert results["params"] > 0
+  assert "cuDNN does not support this bias" in (tmp_path / "results.md").read_text()
+
+
+def test_gpu_benchmark_budget_skips_later_variants(tmp_path):
+  args = ["--smoke", "--variants=nope/float32/dense,rope/float32/dense", "--budget_s=0"]
+  gpu_benchmark.main([*args, "--steps=1", "--reps=1", f"--out={tmp_path}"])
+  rows = json.loads((tmp_path / "results.json").read_text())["train"]
+  assert "tokens_per_s" in rows["nope/float32/dense"]  # the first always runs
+  assert rows["rope/float32/dense"]["error"].startswith("skipped")
+
+
+def test_gpu_benchmark_peaks_and_one_line_errors(tmp_path, capsys):
+  assert gpu_benchmark.datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+  assert gpu_benchmark.datasheet_peak_tflops("NVIDIA H200") == 989.4
+  assert gpu_benchmark.datasheet_peak_tflops("NVIDIA H100 PCIe") is None
+  for argv, message in [
+    (["--smoke", "--variants=rope/fp16/xla"], "--variants: 'rope/fp16/xla' is not"),
+    (["--smoke", "--variants=ropex/bfloat16/xla"], "encoding in alibi"),
+    ([], "the 125m size needs a GPU"),
+  ]:
+    with pytest.raises(SystemExit) as exit_info:
+      gpu_benchmark.main([*argv, f"--out={tmp_path}"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -10,6 +10,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import tiny
@@ -51,6 +52,28 @@ def test_schedule_warms_up_then_decays_to_min_lr():
   np.testing.assert_allclose(schedule(t.warmup_steps), t.lr, rtol=1e-6)
   np.testing.assert_allclose(schedule(t.steps), t.lr * t.min_lr_ratio, rtol=1e-6)
   assert schedule(t.warmup_steps + 1) < t.lr
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_softmax_nll_matches_optax_in_value_and_gradient(dtype):
+  """The fused loss equals optax's on the float32 logits; its gradient is optax's, rounded
+  once to the logits' dtype."""
+  logits_NxV = (3.0 * jax.random.normal(jax.random.key(0), (37, 61))).astype(dtype)
+  targets_N = jax.random.randint(jax.random.key(1), (37,), 0, 61)
+  g_N = jax.random.uniform(jax.random.key(2), (37,))
+  reference = lambda x: optax.softmax_cross_entropy_with_integer_labels(
+    x.astype(jnp.float32), targets_N
+  )
+  got, got_vjp = jax.vjp(lambda x: train.softmax_nll(x, targets_N), logits_NxV)
+  want, want_vjp = jax.vjp(reference, logits_NxV)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  (got_grad,), (want_grad,) = got_vjp(g_N), want_vjp(g_N)
+  assert got_grad.dtype == dtype
+  tolerance = 1e-6 if dtype == jnp.float32 else 4e-3  # one bf16 rounding of values <= 1
+  np.testing.assert_allclose(
+    np.asarray(got_grad, np.float32), np.asarray(want_grad, np.float32), atol=tolerance
+  )
 
 
 def test_weighted_cross_entropy_ignores_zero_weight_tokens():
