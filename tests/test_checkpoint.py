@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from pe_research import checkpoint, config_lib, train
+from pe_research import checkpoint, config_lib, data, train
 from pe_research.metrics import read_metrics
 
 STEPS = 12
@@ -44,9 +44,9 @@ class _FaultyIterator:
 
 
 def _inject(monkeypatch, at: int, fault: str):
-  make_iterator = train.make_train_iterator
+  make_iterator = data.make_train_iterator  # train.train imports it from here at call time.
   monkeypatch.setattr(
-    train, "make_train_iterator", lambda *a, **k: _FaultyIterator(make_iterator(*a, **k), at, fault)
+    data, "make_train_iterator", lambda *a, **k: _FaultyIterator(make_iterator(*a, **k), at, fault)
   )
   return make_iterator
 
@@ -81,7 +81,7 @@ def test_resume_after_crash_equals_uninterrupted_run_bit_for_bit(
   with pytest.raises(_Crash):
     train.train(_config(), workdir)
   assert [r["step"] for r in read_metrics(workdir)] == list(range(1, 11))
-  monkeypatch.setattr(train, "make_train_iterator", make_iterator)
+  monkeypatch.setattr(data, "make_train_iterator", make_iterator)
   params = jax.device_get(train.train(_config(), workdir).params)  # Resumes from step 8.
   records = read_metrics(workdir)
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
