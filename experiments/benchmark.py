@@ -343,6 +343,17 @@ def report_lines(results: dict) -> list[str]:
   return lines + markdown_table(header, table)
 
 
+def write_results(out: str, results: dict, lines: list[str]) -> None:
+  """``out/results.json`` and ``out/results.md`` (the report ``lines``, also printed)."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1, default=float)
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(text)
+  print(text)
+
+
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="Small size only: under 5 minutes.")
@@ -382,13 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
     results |= compiles_per_eval_length()
     results |= eval_section(mode)
   results["seconds"] = time.perf_counter() - start
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, default=float)
-  text = "\n".join(report_lines(results)) + "\n"
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(text)
-  print(text)
+  write_results(args.out, results, report_lines(results))
   return results
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import time
 
@@ -37,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
-from experiments.benchmark import _batch, matmul_peak_gflops, model_config
+from experiments.benchmark import _batch, matmul_peak_gflops, model_config, write_results
 from experiments.report import markdown_table
 from pe_research import train
 from pe_research.encodings.registry import encoding_names
@@ -245,13 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak_tflops=peak_tflops,
   )
   results["seconds"] = time.perf_counter() - start
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, default=float)
-  text = "\n".join(report_lines(results)) + "\n"
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(text)
-  print(text)
+  write_results(args.out, results, report_lines(results))
   return results
 
 
