@@ -122,6 +122,7 @@ def time_variant(config, steps: int, reps: int) -> dict:
 
 
 def memory_peak_gib() -> float | None:
+  """The device's peak bytes in use since the process started (not per variant), in GiB."""
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
   return None if peak is None else peak / 2**30
