@@ -90,7 +90,8 @@ def matmul_peak_gflops(dtype, n: int = 1024, reps: int = 5) -> float:
   return 8 * n**3 / np.median(seconds) / 1e9
 
 
-def _batch(seq_len: int, batch: int, vocab_size: int = 256) -> dict[str, np.ndarray]:
+def random_batch(seq_len: int, batch: int, vocab_size: int = 256) -> dict[str, np.ndarray]:
+  """One fixed training batch of uniform random tokens (seed 0), every weight 1."""
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
   weights = np.ones((batch, seq_len), np.float32)
@@ -110,7 +111,7 @@ def jax_trainer(config):
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
   step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
-  batch = train.global_batch(_batch(config.train.seq_len, config.train.batch_size), mesh)
+  batch = train.global_batch(random_batch(config.train.seq_len, config.train.batch_size), mesh)
   box = [state]
 
   def step() -> float:
@@ -137,7 +138,7 @@ def torch_trainer(config):
     pe=config.pe.name,
   )
   train_step = make_train_step(model, lr=config.train.lr, grad_clip=config.train.grad_clip)
-  b = _batch(config.train.seq_len, config.train.batch_size)
+  b = random_batch(config.train.seq_len, config.train.batch_size)
   inputs, targets = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
   weights = torch.from_numpy(b["weights"])
   step = lambda: train_step(inputs, targets, weights)
@@ -254,7 +255,7 @@ def eval_child(length: int, attention: str, pe: str, mode: str) -> dict:
   evaluator = eval_lib.Evaluator(model, attention=attention)
   base_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   start = time.perf_counter()
-  _, compile_seconds = evaluator.score(_batch(length, 1))
+  _, compile_seconds = evaluator.score(random_batch(length, 1))
   seconds = time.perf_counter() - start - compile_seconds
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   return {"peak_rss_gib": peak_gib, "base_rss_gib": base_gib, "seconds": seconds}
@@ -290,7 +291,7 @@ def compiles_per_eval_length(lengths=(64, 128, 256, 512)) -> dict:
   evaluator = eval_lib.Evaluator(model)
   before = _BACKEND_COMPILES[0]
   for length in [*lengths, *lengths]:
-    evaluator.score(_batch(length, 2))
+    evaluator.score(random_batch(length, 2))
   return {
     "compiles_per_eval_length": (_BACKEND_COMPILES[0] - before) / len(lengths),
     "evaluator_programs": evaluator.num_compiles,

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
-from experiments.benchmark import _batch, matmul_peak_gflops, model_config, write_results
+from experiments.benchmark import matmul_peak_gflops, model_config, random_batch, write_results
 from experiments.report import markdown_table
 from pe_research import train
 from pe_research.encodings.registry import encoding_names
@@ -103,7 +103,7 @@ def time_variant(config, steps: int, reps: int) -> dict:
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
   step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
-  batch = train.global_batch(_batch(seq_len, batch_size, config.model.vocab_size), mesh)
+  batch = train.global_batch(random_batch(seq_len, batch_size, config.model.vocab_size), mesh)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
