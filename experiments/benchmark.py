@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
-from configs.base import get_config
+from experiments.bench_lib import matmul_peak_gflops, model_config, random_batch, write_results
 from experiments.report import markdown_table
 from pe_research import train
 from pe_research.model import Transformer, flops_per_token
@@ -64,38 +64,6 @@ def _count_compile(event: str, *_, **__) -> None:
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
-
-
-def model_config(d: int, layers: int, seq_len: int, batch: int, pe: str, **model):
-  config = get_config()
-  config.model.update(model_dim=d, num_layers=layers, num_heads=max(1, d // 64), **model)
-  config.train.update(seq_len=seq_len, batch_size=batch)
-  config.pe.name = pe
-  return config
-
-
-def matmul_peak_gflops(dtype, n: int = 1024, reps: int = 5) -> float:
-  """Median GFLOP/s of a ``[4n, n] x [n, n]`` matmul (fp32 accumulation) on random data
-  (constant operands can run faster than real ones)."""
-  key_a, key_b = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(key_a, (4 * n, n), dtype)
-  b = jax.random.normal(key_b, (n, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  f(a, b).block_until_ready()
-  seconds = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    f(a, b).block_until_ready()
-    seconds.append(time.perf_counter() - start)
-  return 8 * n**3 / np.median(seconds) / 1e9
-
-
-def random_batch(seq_len: int, batch: int, vocab_size: int = 256) -> dict[str, np.ndarray]:
-  """One fixed training batch of uniform random tokens (seed 0), every weight 1."""
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
-  weights = np.ones((batch, seq_len), np.float32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
 
 
 def _timed(step) -> tuple[float, float, float]:
@@ -342,17 +310,6 @@ def report_lines(results: dict) -> list[str]:
   table = [[n] + [results[k][a].get(n) for a in attentions for k in keys.values()] for n in lengths]
   header = ["length"] + [f"{a} {column}" for a in attentions for column in keys]
   return lines + markdown_table(header, table)
-
-
-def write_results(out: str, results: dict, lines: list[str]) -> None:
-  """``out/results.json`` and ``out/results.md`` (the report ``lines``, also printed)."""
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, default=float)
-  text = "\n".join(lines) + "\n"
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(text)
-  print(text)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
-from experiments.benchmark import matmul_peak_gflops, model_config, random_batch, write_results
+from experiments.bench_lib import matmul_peak_gflops, model_config, random_batch, write_results
 from experiments.report import markdown_table
 from pe_research import train
 from pe_research.encodings.registry import encoding_names
@@ -139,8 +139,8 @@ def run_variants(size, variants, *, steps, reps, budget_s, peak_tflops) -> dict:
     try:
       timing = time_variant(config, steps, reps)
     except Exception as e:  # A kernel the backend lacks must not lose the other variants.
-      message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-      rows[variant] = {"error": f"{type(e).__name__}: {message}"}
+      first_line = (str(e).strip().splitlines() or [""])[0][:300]
+      rows[variant] = {"error": f"{type(e).__name__}: {first_line}"}
       print(f"{variant}: FAILED {rows[variant]['error']}", flush=True)
       continue
     finally:

@@ -9,14 +9,14 @@ import torch
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every family)
-from experiments import benchmark, gpu_benchmark
+from experiments import bench_lib, benchmark, gpu_benchmark
 from experiments.torch_reference import TorchTransformer
 from pe_research.model import Transformer
 
 
 @pytest.mark.parametrize("pe", ["nope", "rope", "alibi", "t5"])
 def test_torch_reference_computes_the_jax_models_logits(pe):
-  config = benchmark.model_config(64, 2, 32, 2, pe)
+  config = bench_lib.model_config(64, 2, 32, 2, pe)
   model = Transformer(config, rngs=nnx.Rngs(0))
   reference = TorchTransformer(vocab_size=260, model_dim=64, num_layers=2, num_heads=1, pe=pe)
   reference.load_jax_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
