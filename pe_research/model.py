@@ -16,7 +16,7 @@ Choices: no biases in linear layers; weights ~ N(0, init_std), residual output p
 means ``model_dim // num_heads``; ``mlp_dim=0`` means ``4 model_dim`` (gelu) or ``8/3 model_dim``
 rounded up to a multiple of 64 (swiglu, LLaMA-style, keeps the parameter count near gelu's).
 ``compute_dtype="bfloat16"``: bf16 matmuls with fp32 accumulation (forward and both backward
-products, :func:`mixed_dot`), fp32 parameters, fp32 residual stream and softmax; training
+products, :func:`matmul`), fp32 parameters, fp32 residual stream and softmax; training
 takes bf16 logits and computes its loss in fp32 (:func:`pe_research.train.softmax_nll`);
 evaluation scores fp32 logits.
 Sequences longer than ``SEQUENCE_CHUNK`` run the MLP and the output head chunk by chunk, and
@@ -48,56 +48,75 @@ def _choice(field: str, value: str, allowed) -> None:
     raise ValueError(f"model.{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
 
 
-def _bf16_dot(a_NxK: jax.Array, b_KxM: jax.Array, out_dtype) -> jax.Array:
-  """bf16 ``a b`` accumulated in float32, result in ``out_dtype``. On GPU the matmul writes
-  ``out_dtype`` itself (cuBLAS accumulates bf16 products in fp32; a separate fp32 -> bf16 pass
-  cost 3% of a 125M-parameter step on an H200); XLA:CPU writes bf16 results slower than fp32
-  plus a convert (55 vs 33 ms for [4096, 512] x [512, 2048], measured), so there it converts."""
+def _materialised_t(x_NxK: jax.Array) -> jax.Array:
+  """``x^T`` as a row-major ``[K, N]`` array. XLA:CPU's fast matmuls (YNNPACK) take a left
+  operand contracted on its last, contiguous axis only: for ``x^T g`` with ``x`` contracted on
+  axis 0, or on a lazily transposed view, it falls back to a slower kernel, in bf16 after
+  converting both operands to float32 (bf16 [4096, 256]^T x [4096, 768]: 100 -> 290-330 GFLOP/s
+  with the copy, fp32: 125 -> 170, measured). The barrier keeps XLA from folding the copy
+  back into the matmul. On GPU, cuBLAS reads transposed operands at full speed: plain ``.T``."""
+  if jax.default_backend() != "cpu":
+    return x_NxK.T
+  n, k = x_NxK.shape
+  split = 8 if n % 8 == 0 else 1  # Any reshape the barrier sees forces the physical copy.
+  return jax.lax.optimization_barrier(x_NxK.T.reshape(k, n // split, split)).reshape(k, n)
+
+
+def _dot(a_NxK: jax.Array, b: jax.Array, b_axis: int, out_dtype) -> jax.Array:
+  """``a b`` (``b_axis=0``, ``b`` is ``[K, M]``) or ``a b^T`` (``b_axis=1``, ``[M, K]``),
+  accumulated in float32, result in ``out_dtype``. On GPU the matmul writes ``out_dtype``
+  itself (cuBLAS accumulates bf16 products in fp32; a separate fp32 -> bf16 pass cost 3% of a
+  125M-parameter step on an H200); XLA:CPU writes bf16 results slower than fp32 plus a convert
+  (55 vs 33 ms for [4096, 512] x [512, 2048], measured), so there it converts."""
+  dims = (((1,), (b_axis,)), ((), ()))
   if out_dtype == jnp.float32 or jax.default_backend() == "cpu":
-    return jnp.dot(a_NxK, b_KxM, preferred_element_type=jnp.float32).astype(out_dtype)
-  return jnp.dot(a_NxK, b_KxM, preferred_element_type=out_dtype)
+    out = jax.lax.dot_general(a_NxK, b, dims, preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
+  return jax.lax.dot_general(a_NxK, b, dims, preferred_element_type=out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def mixed_dot(x_NxK: jax.Array, w_KxM: jax.Array, out_dtype) -> jax.Array:
-  """``x W`` with bf16 operands and float32 accumulation, in the forward and both backward
-  matmuls (``dx = g W^T``, ``dW = x^T g``, ``g`` rounded to bf16); ``dW`` stays float32.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(x_NxK: jax.Array, w: jax.Array, out_dtype, w_transposed: bool = False) -> jax.Array:
+  """``x W`` (``W`` float32 ``[K, M]``) or, with ``w_transposed``, ``x W^T`` (``W`` is
+  ``[M, K]``, a tied embedding table), in ``x``'s dtype with float32 accumulation: one float32
+  matmul, or bf16 operands (``W`` rounded) in the forward and both backward matmuls
+  (``dx = g W^T``, ``dW = x^T g``, ``g`` rounded to ``x``'s dtype); ``dW`` is float32.
 
-  Plain autodiff of a bf16 matmul gives backward matmuls that XLA:CPU runs in float32.
+  Every matmul is written as a contraction XLA:CPU's fast kernel takes (see
+  :func:`_materialised_t`); plain autodiff gives ``dW`` contracted on axis 0, which XLA:CPU
+  runs slower in float32 and converts to float32 in bf16. Callers pass a 2-D ``[B*L, K]``
+  ``x``: XLA:CPU transposes a 3-D one before the weight-gradient matmul.
   """
-  return _bf16_dot(x_NxK, w_KxM.astype(jnp.bfloat16), out_dtype)
+  return _dot(x_NxK, w.astype(x_NxK.dtype), int(w_transposed), out_dtype)
 
 
-def _mixed_dot_fwd(x_NxK, w_KxM, out_dtype):
-  return mixed_dot(x_NxK, w_KxM, out_dtype), (x_NxK, w_KxM.astype(jnp.bfloat16))
+def _matmul_fwd(x_NxK, w, out_dtype, w_transposed):
+  w = w.astype(x_NxK.dtype)
+  return _dot(x_NxK, w, int(w_transposed), out_dtype), (x_NxK, w)
 
 
-def _mixed_dot_bwd(out_dtype, residuals, g_NxM):
+def _matmul_bwd(out_dtype, w_transposed, residuals, g_NxM):
   del out_dtype
-  x_NxK, w_KxM = residuals
-  g_NxM = g_NxM.astype(jnp.bfloat16)
-  dx_NxK = _bf16_dot(g_NxM, w_KxM.T, x_NxK.dtype)
-  return dx_NxK, jnp.dot(x_NxK.T, g_NxM, preferred_element_type=jnp.float32)
+  x_NxK, w = residuals
+  g_NxM = g_NxM.astype(x_NxK.dtype)
+  dx_NxK = _dot(g_NxM, w, 1 - int(w_transposed), x_NxK.dtype)
+  # dW = x^T g: transpose the narrower of x and g (the [N, *] copy is the cost), and the small
+  # [K, M] result if it comes out the other way round. The barrier keeps XLA from folding that
+  # transpose into the matmul (it would contract axis 0 again).
+  if x_NxK.shape[1] <= g_NxM.shape[1]:
+    dw_KxM = _dot(_materialised_t(x_NxK), g_NxM, 0, jnp.float32)
+    return dx_NxK, jax.lax.optimization_barrier(dw_KxM).T if w_transposed else dw_KxM
+  dw_MxK = _dot(_materialised_t(g_NxM), x_NxK, 0, jnp.float32)
+  return dx_NxK, dw_MxK if w_transposed else jax.lax.optimization_barrier(dw_MxK).T
 
 
-mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
-
-
-def matmul(x_NxK: jax.Array, w_KxM: jax.Array, out_dtype) -> jax.Array:
-  """``x W`` for float32 ``W``: one float32 matmul if ``x`` is float32, else :func:`mixed_dot`.
-
-  Callers pass a 2-D ``[B*L, K]`` ``x``: XLA:CPU transposes a 3-D one before the
-  weight-gradient matmul (twice the backward time at d=128, measured).
-  """
-  if x_NxK.dtype == jnp.float32:
-    return jnp.dot(x_NxK, w_KxM).astype(out_dtype)
-  return mixed_dot(x_NxK, w_KxM, out_dtype)
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nnx.Module):
   """Bias-free ``x W``, ``W ~ N(0, std^2)`` float32 ``[d_in, d_out]``; output in ``dtype``.
 
-  float32: one float32 matmul. bfloat16: :func:`mixed_dot` on ``x`` cast to bf16 (:func:`matmul`).
+  float32: one float32 matmul; bfloat16: bf16 operands, fp32 accumulation (:func:`matmul`).
   """
 
   def __init__(self, d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs):
@@ -275,7 +294,7 @@ class Transformer(nnx.Module):
       return self.unembed(x_BxLxD, out_dtype=logits_dtype)
     table_VxD = self.embed.embedding[...]
     x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-    return matmul(x_NxD, table_VxD.T, logits_dtype).reshape(*x_BxLxD.shape[:-1], -1)
+    return matmul(x_NxD, table_VxD, logits_dtype, True).reshape(*x_BxLxD.shape[:-1], -1)
 
   def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, logits_dtype=jnp.float32):
     """Transformer layers and output head on embedded inputs: logits ``[B, L, V]``."""

@@ -155,6 +155,23 @@ def test_bfloat16_close_to_float32(impl):
   np.testing.assert_allclose(got.astype(jnp.float32), _run("dense", qkv, params), atol=5e-2)
 
 
+@pytest.mark.parametrize("length", [10, 37])  # 3 blocks (Python loops), 10 blocks (lax loops)
+def test_blockwise_bfloat16_gradients_close_to_float32(length):
+  """bf16 q, k, v (on the CPU ``dk``/``dv`` are then accumulated transposed): gradients of q, k,
+  v and of the bias parameters within 3% of the largest fp32 entry, in fp32 dense attention's
+  layout."""
+  qkv, params = _qkv(length, seed=1), _bias_params()
+  cotangent = jax.random.normal(jax.random.key(3), (B, length, H, K))
+  dqkv_bf16, dparams_bf16 = _grads(
+    "blockwise", [x.astype(jnp.bfloat16) for x in qkv], params, cotangent, 4
+  )
+  dqkv, dparams = _grads("dense", qkv, params, cotangent, 4)
+  for got, expected in zip([*dqkv_bf16, *dparams_bf16], [*dqkv, *dparams], strict=True):
+    assert got.shape == expected.shape
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=0.03 * scale)
+
+
 def test_unknown_implementation_is_a_value_error():
   with pytest.raises(ValueError, match="model.attention='flash'.*dense, blockwise, xla"):
     _run("flash", _qkv(4))
