@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from configs.base import get_config
+from pe_research.encodings import t5 as t5_lib
 from pe_research.encodings.alibi import ALiBi, alibi_bias, alibi_slopes
 from pe_research.encodings.fire import Fire, fire_normalized_distance
 from pe_research.encodings.kerple import Kerple, kerple_bias
@@ -137,6 +138,28 @@ def test_t5_bias_gathers_one_scalar_per_bucket_and_head():
   np.testing.assert_array_equal(
     got[0], np.asarray(enc.table[...])[np.asarray(buckets)].transpose(2, 0, 1)
   )
+
+
+def test_t5_bias_matmul_and_gather_lookups_agree(monkeypatch):
+  """Small calls look the table up by a one-hot matmul, large ones gather: same values and
+  same table gradient (per-row positions, batch 2)."""
+  table_NxH = jax.random.normal(jax.random.key(0), (8, NUM_HEADS))
+  q_pos_BxQ = jnp.array([[0, 3, 7, 40], [5, 6, 9, 90]])
+  k_pos_BxK = jnp.array([[0, 1, 2, 3, 30], [4, 5, 70, 80, 90]])
+  kw = dict(bidirectional=False, num_buckets=8, max_distance=20)
+  cotangent = jax.random.normal(jax.random.key(1), (2, NUM_HEADS, 4, 5))
+
+  def value_and_grad():
+    f = lambda t: jnp.sum(t5_lib.t5_bias(q_pos_BxQ, k_pos_BxK, t, **kw) * cotangent)
+    return t5_lib.t5_bias(q_pos_BxQ, k_pos_BxK, table_NxH, **kw), jax.grad(f)(table_NxH)
+
+  by_matmul = value_and_grad()
+  monkeypatch.setattr(t5_lib, "_ONE_HOT_MAX", 0)
+  t5_lib.t5_bias.clear_cache()
+  by_gather = value_and_grad()
+  t5_lib.t5_bias.clear_cache()
+  np.testing.assert_array_equal(by_matmul[0], by_gather[0])
+  np.testing.assert_allclose(by_matmul[1], by_gather[1], rtol=1e-6, atol=1e-6)
 
 
 # KERPLE ---------------------------------------------------------------------------------------
