@@ -47,7 +47,7 @@ ENCODINGS["smoke"] = ("nope", "rope")
 # name: (model_dim, num_layers, seq_len, batch, timed rounds)
 SIZES = {
   "full": {"d256x4_T256": (256, 4, 256, 16, 5), "d512x8_T1024": (512, 8, 1024, 8, 3)},
-  "quick": {"d256x4_T256": (256, 4, 256, 8, 3)},
+  "quick": {"d256x4_T256": (256, 4, 256, 8, 5)},
   "smoke": {"d64x2_T64": (64, 2, 64, 2, 1)},
 }
 EVAL_LENGTHS = {  # attention -> lengths; dense beyond 8k needs > 4 GiB of scores per layer
@@ -145,11 +145,14 @@ class TorchProcess:
 
 
 def time_rounds(steps: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
-  """Interleaved rounds: each variant runs one step per round; wall/CPU seconds and losses."""
+  """Interleaved rounds: each variant runs one step per round; wall/CPU seconds and losses.
+  Round ``r`` starts at variant ``r`` (rotated order), so whatever a step leaves behind for the
+  next one does not always land on the same variant."""
   out = {name: {"wall": [], "cpu": [], "loss": []} for name in steps}
-  for _ in range(rounds):
-    for name, step in steps.items():
-      for key, value in zip(("wall", "cpu", "loss"), step(), strict=True):
+  names = list(steps)
+  for r in range(rounds):
+    for name in names[r % len(names) :] + names[: r % len(names)]:
+      for key, value in zip(("wall", "cpu", "loss"), steps[name](), strict=True):
         out[name][key].append(value)
   return out
 
@@ -338,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
   start = time.perf_counter()
   results = {
     "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, jax "
-    f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+    f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
   }
   peaks = {
     dt: matmul_peak_gflops(getattr(jnp, dt), 256 if mode == "smoke" else 1024)

@@ -65,6 +65,23 @@ def test_unknown_section_or_size_is_one_line(tmp_path, capsys, flag, message):
   assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_time_rounds_rotates_which_variant_goes_first():
+  """Round r starts at variant r, every variant steps once per round, results keep their
+  variant."""
+  order = []
+
+  def step(name):
+    def run():
+      order.append(name)
+      return 0.1, 0.2, float(len(order))
+
+    return run
+
+  times = benchmark.time_rounds({n: step(n) for n in "abc"}, rounds=4)
+  assert order == list("abc" "bca" "cab" "abc")
+  assert times["b"]["loss"] == [2.0, 4.0, 9.0, 11.0] and times["a"]["wall"] == [0.1] * 4
+
+
 def test_gpu_benchmark_smoke_runs_on_cpu_and_records_a_failing_variant(tmp_path, monkeypatch):
   """Every variant gets a row; one that raises (a kernel the backend lacks) is recorded with
   its one-line error and the next still runs."""
