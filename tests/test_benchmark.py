@@ -78,7 +78,7 @@ def test_time_rounds_rotates_which_variant_goes_first():
     return run
 
   times = benchmark.time_rounds({n: step(n) for n in "abc"}, rounds=4)
-  assert order == list("abc" "bca" "cab" "abc")
+  assert "".join(order) == "abc" + "bca" + "cab" + "abc"
   assert times["b"]["loss"] == [2.0, 4.0, 9.0, 11.0] and times["a"]["wall"] == [0.1] * 4
 
 
