@@ -84,7 +84,8 @@ def matmul(x_NxK: jax.Array, w: jax.Array, out_dtype, w_transposed: bool = False
 
   Every matmul is written as a contraction XLA:CPU's fast kernel takes (see
   :func:`_materialised_t`); plain autodiff gives ``dW`` contracted on axis 0, which XLA:CPU
-  runs slower in float32 and converts to float32 in bf16. Callers pass a 2-D ``[B*L, K]``
+  converts to float32 in bf16 (in float32 the train step takes the same time either way,
+  0.996x, measured). Callers pass a 2-D ``[B*L, K]``
   ``x``: XLA:CPU transposes a 3-D one before the weight-gradient matmul.
   """
   return _dot(x_NxK, w.astype(x_NxK.dtype), int(w_transposed), out_dtype)
