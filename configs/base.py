@@ -49,6 +49,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 200  # Steps between checkpoints (one is also saved at the end).
   config.train.keep_checkpoints = 3  # Checkpoints kept in the workdir (oldest deleted).
   config.train.nan_policy = "stop"  # Non-finite loss/grads: "stop" the run or "skip" the step.
+  # Steps per compiled call (a lax.scan over that many batches) where no log or checkpoint step
+  # falls inside; best a divisor of log_every and checkpoint_every. On the CPU 4-8 is 15-20%
+  # faster per step than 1: temporaries are allocated (page-faulted) once per call.
+  config.train.steps_per_call = 1
 
   config.pe = ml_collections.ConfigDict()
   config.pe.name = "rope"  # Registry name: sinusoidal learned nope rope alibi t5 xpos kerple fire.

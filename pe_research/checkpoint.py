@@ -214,7 +214,8 @@ def record_config(workdir: str, config: ml_collections.ConfigDict, *, write: boo
   """Checks ``config`` against ``DIR/config.json`` (see ``check_resumable``), then writes it.
 
   Raises:
-    ValueError: the workdir holds a run with another config (only train.steps may change).
+    ValueError: the workdir holds a run with another config (only train.steps and
+      train.steps_per_call may change).
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):

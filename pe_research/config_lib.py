@@ -34,6 +34,7 @@ _POSITIVE = (
   *("data.eval_tokens", "data.train_min_len", "data.train_max_len", "data.test_min_len"),
   *("data.test_max_len", "train.seq_len", "train.batch_size", "train.steps", "train.lr"),
   *("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "mesh.fsdp"),
+  "train.steps_per_call",
 )
 _NON_NEGATIVE = (
   *("seed", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay"),
@@ -47,7 +48,7 @@ _RANGES = {
   "train.b2": (0.0, 1.0, True, False),
 }
 # A run may be extended by raising these; any other difference refuses to resume.
-_RESUMABLE_CHANGES = ("train.steps",)
+_RESUMABLE_CHANGES = ("train.steps", "train.steps_per_call")
 
 
 def parse_config_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -285,7 +286,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str):
   """Raises ValueError naming the fields where ``config`` differs from a workdir's config.
 
-  Only ``train.steps`` may differ: raising it extends a run. A field added to configs/base.py
+  Only ``train.steps`` (raising it extends a run) and ``train.steps_per_call`` (how steps are
+  grouped into calls) may differ. A field added to configs/base.py
   after the run started is no difference while it keeps its default.
   """
   from configs import base
@@ -301,6 +303,6 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, wo
   if changed:
     raise ValueError(
       f"workdir {workdir} holds a run with a different config ({'; '.join(changed)}); "
-      "allowed: the same config (only train.steps may change), a new --workdir, or "
-      "--overwrite (renames the old run to DIR.old-<time>)"
+      "allowed: the same config (only train.steps and train.steps_per_call may change), a new "
+      "--workdir, or --overwrite (renames the old run to DIR.old-<time>)"
     )

@@ -119,6 +119,7 @@ def test_workdir_accepts_more_steps_but_refuses_another_config(tmp_path):
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["train"]["steps"] == STEPS and saved["pe"]["train_len"] == 32
   config.train.steps = 2 * STEPS
+  config.train.steps_per_call = 4  # How steps are grouped into calls: no other result.
   checkpoint.record_config(str(tmp_path), config, write=True)
   config.pe.name = "alibi"
   config.train.lr = 0.5

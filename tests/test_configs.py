@@ -132,7 +132,12 @@ def test_command_line_error_exits_2_with_one_line(flags, field, tmp_path):
 _POSITIVE_FLOATS = ("model.init_std", "pe.rope_base", "pe.fire_c_init", "train.lr")
 _POSITIVE_INTS = ("model.num_layers", "model.attention_block", "pe.t5_num_buckets", "train.steps")
 _POSITIVE_INTS += ("train.batch_size", "train.log_every", "train.keep_checkpoints", "mesh.fsdp")
-_POSITIVE_INTS += ("data.eval_tokens", "data.train_max_len", "pe.max_random_len")
+_POSITIVE_INTS += (
+  "data.eval_tokens",
+  "data.train_max_len",
+  "pe.max_random_len",
+  "train.steps_per_call",
+)
 
 
 def _put(config: dict, field: str, value) -> None:

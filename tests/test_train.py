@@ -113,14 +113,19 @@ _EIGHT_DEVICES = textwrap.dedent(
   from pe_research import train
   from pe_research.data import make_train_iterator
 
-  def run(devices, fsdp):
+  def run(devices, fsdp, steps_per_call=1):
     config = tiny.get_config("pe=alibi")
     config.mesh.fsdp = fsdp
     mesh = train.make_mesh(config.mesh, devices)
     tx, schedule = train.make_optimizer(config.train)
     graphdef, state = train.create_train_state(config, mesh, tx)
-    step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
+    step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh, steps_per_call)
     data, losses = make_train_iterator(config), []
+    if steps_per_call == 3:  # One call of three steps, batches stacked on a leading axis.
+      local = [next(data) for _ in range(3)]
+      stacked = {k: np.stack([b[k] for b in local]) for k in local[0]}
+      state, metrics = step_fn(state, train.global_batch(stacked, mesh, stacked=True))
+      return np.array(metrics["loss"]), jax.device_get(state.params)
     for _ in range(3):
       state, metrics = step_fn(state, train.global_batch(next(data), mesh))
       losses.append(metrics["loss"])
@@ -128,8 +133,8 @@ _EIGHT_DEVICES = textwrap.dedent(
 
   assert jax.device_count() == 8
   loss_1, params_1 = run(jax.devices()[:1], 1)
-  for fsdp in (1, 2):
-    loss_8, params_8 = run(jax.devices(), fsdp)
+  for fsdp, steps_per_call in ((1, 1), (2, 1), (2, 3)):
+    loss_8, params_8 = run(jax.devices(), fsdp, steps_per_call)
     np.testing.assert_allclose(loss_8, loss_1, atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                  params_8, params_1)
@@ -139,6 +144,7 @@ _EIGHT_DEVICES = textwrap.dedent(
 
 
 def test_eight_device_steps_equal_one_device_steps():
+  """Data parallel, FSDP, and FSDP with three steps per call: the single-device steps."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
   result = subprocess.run(
     [sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env, capture_output=True, text=True
@@ -167,3 +173,42 @@ def test_main_writes_config_metrics_and_tensorboard(tmp_path):
     assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second"} <= record.keys()
     assert record["tokens_per_second"] > 0
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
+
+
+def test_steps_per_call_runs_the_same_steps(tmp_path):
+  """Three steps per call (a lax.scan) are three single steps: the same records and parameters;
+  calls end at log and checkpoint steps and at the end (K=3, logs at 4 and 8, save at 8, end at
+  11: calls 1-3, 4, 5-7, 8, 9-11)."""
+
+  def run(steps_per_call: int):
+    config = tiny.get_config("pe=rope")
+    config.pe.randomized = True  # Positions drawn from RNG state carried through the scan.
+    config.train.update(steps=11, log_every=4, checkpoint_every=8, steps_per_call=steps_per_call)
+    workdir = str(tmp_path / str(steps_per_call))
+    state = train.train(config, workdir)
+    return workdir, read_metrics(workdir), jax.device_get(state)
+
+  _, records_1, state_1 = run(1)
+  workdir, records_3, state_3 = run(3)
+  assert [r["step"] for r in records_3] == [r["step"] for r in records_1] == [4, 8, 11]
+  for one, three in zip(records_1, records_3, strict=True):
+    for key in ("loss", "grad_norm", "learning_rate"):
+      np.testing.assert_allclose(three[key], one[key], rtol=1e-5, err_msg=key)
+  assert int(state_3.step) == 11
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, state_3.params, state_1.params)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["11", "8"]
+
+
+def test_fetch_splits_stacked_metrics_and_names_the_non_finite_step():
+  stacked = {
+    "loss": np.array([1.0, np.nan, 2.0]),
+    "finite": np.array([True, False, True]),
+    "grad_norm": np.ones(3),
+  }
+  single = {"loss": np.float32(3.0), "finite": np.bool_(True), "grad_norm": np.float32(1.0)}
+  records = train._fetch([single, stacked], 4, "skip", None)  # Steps 4 and 5-7.
+  np.testing.assert_array_equal([r["loss"] for r in records], [3.0, 1.0, np.nan, 2.0])
+  assert [bool(r["finite"]) for r in records] == [True, True, False, True]
+  with pytest.raises(train.DivergenceError, match="step 6:"):
+    train._fetch([single, stacked], 4, "stop", None)
