@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -38,6 +39,21 @@ def matmul_peak_gflops(dtype, n: int = 1024, reps: int = 5) -> float:
     f(a, b).block_until_ready()
     seconds.append(time.perf_counter() - start)
   return 8 * n**3 / np.median(seconds) / 1e9
+
+
+def rss_gib(peak: bool = True) -> float:
+  """This process's peak (or current) resident memory in GiB. On Linux from /proc (VmHWM,
+  VmRSS): ``ru_maxrss`` there keeps, across exec, the peak of the process that forked it, so a
+  fresh subprocess reports at least its parent's size. Elsewhere ``ru_maxrss`` (peak only)."""
+  try:
+    with open("/proc/self/status") as f:
+      key = "VmHWM:" if peak else "VmRSS:"
+      return next(int(line.split()[1]) for line in f if line.startswith(key)) / 2**20
+  except (OSError, StopIteration):
+    import resource
+
+    scale = 2**30 if sys.platform == "darwin" else 2**20  # macOS reports bytes, Linux KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def random_batch(seq_len: int, batch: int, vocab_size: int = 256) -> dict[str, np.ndarray]:

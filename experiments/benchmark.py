@@ -8,9 +8,10 @@ memory against length and compiles per evaluated length, measured in one run on 
 
 Training: the project's train step (``pe_research.train``, blockwise attention) against the
 same model in PyTorch eager (``experiments/torch_reference.py``), both float32, on one fixed
-batch. Every variant of a size is compiled first and then timed in interleaved rounds, one step
-each per round, so all of them see the same machine load; a ratio is the median over rounds of
-the per-round ratios. Tokens/s are wall-clock medians; the best step and CPU seconds per step
+batch. Each variant (framework, encoding, precision) is built in its own process, as a training
+run has it; once all are compiled they are timed in interleaved rounds, one step each per round,
+so all of them see the same machine load; a ratio is the median over rounds of the per-round
+ratios. Tokens/s are wall-clock medians; the best step and CPU seconds per step
 (all threads) are kept too: on a shared machine PyTorch's OpenMP threads lose whole time slices
 at each barrier when another process holds a core, so the best step is the fairer comparison.
 MFU = tokens/s * ``flops_per_token`` / the matmul peak measured in the same run (fp32, or bf16
@@ -22,11 +23,11 @@ Writes OUT/results.json and OUT/results.md (also printed); OUT defaults to runs/
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -37,18 +38,24 @@ import numpy as np
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
-from experiments.bench_lib import matmul_peak_gflops, model_config, random_batch, write_results
+from experiments.bench_lib import (
+  matmul_peak_gflops,
+  model_config,
+  random_batch,
+  rss_gib,
+  write_results,
+)
 from experiments.report import markdown_table
 from pe_research import train
 from pe_research.model import Transformer, flops_per_token
 
 ENCODINGS = {"full": ("nope", "rope", "alibi", "t5"), "quick": ("nope", "rope", "alibi", "t5")}
 ENCODINGS["smoke"] = ("nope", "rope")
-# name: (model_dim, num_layers, seq_len, batch, timed rounds)
+# name: (model_dim, num_layers, seq_len, batch, timed rounds, steps per call and per turn)
 SIZES = {
-  "full": {"d256x4_T256": (256, 4, 256, 16, 5), "d512x8_T1024": (512, 8, 1024, 8, 3)},
-  "quick": {"d256x4_T256": (256, 4, 256, 8, 5)},
-  "smoke": {"d64x2_T64": (64, 2, 64, 2, 1)},
+  "full": {"d256x4_T256": (256, 4, 256, 16, 5, 8), "d512x8_T1024": (512, 8, 1024, 8, 3, 4)},
+  "quick": {"d256x4_T256": (256, 4, 256, 8, 5, 4)},
+  "smoke": {"d64x2_T64": (64, 2, 64, 2, 1, 2)},
 }
 EVAL_LENGTHS = {  # attention -> lengths; dense beyond 8k needs > 4 GiB of scores per layer
   "full": {"dense": [4096, 8192], "blockwise": [4096, 8192, 16384, 32768, 65536, 131072]},
@@ -66,33 +73,41 @@ def _count_compile(event: str, *_, **__) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
-def _timed(step) -> tuple[float, float, float]:
-  """``(wall seconds, CPU seconds of this process, loss)`` of one ``step()``."""
+def _timed(step, steps: int = 1) -> tuple[float, float, float]:
+  """``(wall seconds, CPU seconds of this process, loss)`` per step of ``step()``, a call that
+  runs ``steps`` training steps."""
   wall, cpu = time.perf_counter(), time.process_time()
   loss = step()
-  return time.perf_counter() - wall, time.process_time() - cpu, loss
+  return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps, loss
 
 
 def jax_trainer(config):
-  """A timed step closure over the project's compiled train step (two warm-up steps)."""
+  """A timed closure over the project's compiled train step as ``pe_research.train`` runs it:
+  ``train.steps_per_call`` steps per call (two warm-up calls)."""
+  k = config.train.steps_per_call
   mesh = train.make_mesh(config.mesh)
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
-  step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
-  batch = train.global_batch(random_batch(config.train.seq_len, config.train.batch_size), mesh)
+  step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh, steps_per_call=k)
+  batch = random_batch(config.train.seq_len, config.train.batch_size)
+  if k > 1:
+    batch = train.global_batch({n: np.stack([v] * k) for n, v in batch.items()}, mesh, True)
+  else:
+    batch = train.global_batch(batch, mesh)
   box = [state]
 
-  def step() -> float:
+  def call() -> float:
     box[0], metrics = step_fn(box[0], batch)
-    return float(metrics["loss"])
+    return float(np.asarray(metrics["loss"]).reshape(-1)[-1])
 
-  step()
-  step()
-  return lambda: _timed(step)
+  call()
+  call()
+  return lambda: _timed(call, k)
 
 
 def torch_trainer(config):
-  """The same model and step in PyTorch eager, float32 (three warm-up steps)."""
+  """The same model and step in PyTorch eager, float32 (three warm-up steps); a call runs
+  ``train.steps_per_call`` steps, as the JAX one does."""
   import torch  # Here, not at the top: evaluation subprocesses must not pay torch's memory.
 
   from experiments.torch_reference import TorchTransformer, make_train_step
@@ -112,36 +127,75 @@ def torch_trainer(config):
   step = lambda: train_step(inputs, targets, weights)
   for _ in range(3):  # PyTorch's first steps on new shapes are slow.
     step()
-  return lambda: _timed(step)
+  k = config.train.steps_per_call
+  return lambda: _timed(lambda: [step() for _ in range(k)][-1], k)
 
 
-def _torch_worker(conn, configs: dict) -> None:
-  """Child process: builds the PyTorch trainers, then runs the steps named on ``conn``."""
-  steps = {name: torch_trainer(config) for name, config in configs.items()}
+def _release_free_memory() -> None:
+  """Hands the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+  nothing), so that a waiting variant process holds only its live memory."""
+  with contextlib.suppress(AttributeError, OSError):
+    ctypes.CDLL(None).malloc_trim(0)
+
+
+def _variant_worker(conn, framework: str, config) -> None:
+  """Child process: builds one trainer, then runs one timed call per request on ``conn``; at
+  the end sends its peak RSS in GiB. Free memory is released after the build and after each
+  call (untimed): eleven processes that each kept what compiling or a step left free needed
+  more than the 24 GB here at d512x8."""
+  try:
+    step = {"jax": jax_trainer, "torch": torch_trainer}[framework](config)
+  except Exception as e:  # The parent names the variant; a traceback here would be lost.
+    conn.send(f"{type(e).__name__}: {e}")
+    return
+  _release_free_memory()
   conn.send("ready")
-  while (name := conn.recv()) is not None:
-    conn.send(steps[name]())
+  while conn.recv():
+    result = step()
+    _release_free_memory()
+    conn.send(result)
+  conn.send(rss_gib())
 
 
-class TorchProcess:
-  """PyTorch runs in its own process: in one process, the idle thread pool of one runtime
-  slows the other down (on 2 cores a small PyTorch step took 100x longer after a JAX step)."""
+class VariantProcess:
+  """One variant's train step in its own process, as a training run has it.
 
-  def __init__(self, configs: dict):
-    self.conn, child = multiprocessing.get_context("spawn").Pipe()
-    args = (child, configs)
-    self.process = multiprocessing.get_context("spawn").Process(target=_torch_worker, args=args)
+  In one process holding every variant, the JAX steps ran 15-25% slower than in a process of
+  their own (d512x8: 13.6 vs 11.0 s per step): each step maps its temporaries afresh, and the
+  page faults cost more in the larger process. Two runtimes in one process also slow each other
+  down (on 2 cores a small PyTorch step took 100x longer after a JAX step: the other's idle
+  thread pool). Calling the object runs one step and returns ``(wall s, CPU s, loss)``."""
+
+  def __init__(self, name: str, framework: str, config):
+    context = multiprocessing.get_context("spawn")
+    self.name, (self.conn, child) = name, context.Pipe()
+    self.process = context.Process(target=_variant_worker, args=(child, framework, config))
     self.process.start()
-    self.conn.recv()
-    self.steps = {name: functools.partial(self._step, name) for name in configs}
+    if (reply := self._receive()) != "ready":
+      self.process.join()
+      raise RuntimeError(f"benchmark variant {name} failed to build: {reply}")
 
-  def _step(self, name: str) -> tuple[float, float, float]:
-    self.conn.send(name)
-    return self.conn.recv()
+  def _receive(self):
+    try:
+      return self.conn.recv()
+    except EOFError:  # The child died: killed for memory, or crashed in native code.
+      self.process.join()
+      raise RuntimeError(
+        f"benchmark variant {self.name}: its process exited (code {self.process.exitcode})"
+      ) from None
 
-  def close(self) -> None:
-    self.conn.send(None)
+  def __call__(self) -> tuple[float, float, float]:
+    self.conn.send(True)
+    return self._receive()
+
+  def close(self) -> float:
+    """Stops the process; its peak RSS in GiB (NaN if it had already exited)."""
+    if not self.process.is_alive():
+      return float("nan")
+    self.conn.send(False)
+    peak = self._receive()
     self.process.join()
+    return peak
 
 
 def time_rounds(steps: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -162,20 +216,28 @@ def _median_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 
 def train_size(spec: tuple, encodings: tuple[str, ...], peaks: dict[str, float]) -> dict:
-  """JAX (each encoding fp32, RoPE bf16, RoPE dense) and PyTorch (each encoding) at one size."""
-  d, layers, seq_len, batch, rounds = spec
+  """JAX (each encoding fp32, RoPE bf16, RoPE dense, RoPE one step per call) and PyTorch (each
+  encoding) at one size. A variant's turn in a round is one call of ``steps_per_call`` steps
+  (PyTorch: as many steps), timed per step."""
+  d, layers, seq_len, batch, rounds, steps_per_call = spec
 
-  def config(pe, **model):
-    return model_config(d, layers, seq_len, batch, pe, **{"attention": "blockwise", **model})
+  def config(pe, steps_per_call=steps_per_call, **model):
+    c = model_config(d, layers, seq_len, batch, pe, **{"attention": "blockwise", **model})
+    c.train.steps_per_call = steps_per_call
+    return c
 
-  steps = {f"jax/{pe}": jax_trainer(config(pe)) for pe in encodings}
-  steps["jax/rope/bf16"] = jax_trainer(config("rope", compute_dtype="bfloat16"))
-  steps["jax/rope/dense"] = jax_trainer(config("rope", attention="dense"))
-  torch_process = TorchProcess({f"torch/{pe}": config(pe) for pe in encodings})
+  variants = {f"jax/{pe}": ("jax", config(pe)) for pe in encodings}
+  variants["jax/rope/bf16"] = ("jax", config("rope", compute_dtype="bfloat16"))
+  variants["jax/rope/dense"] = ("jax", config("rope", attention="dense"))
+  variants["jax/rope/1_step_per_call"] = ("jax", config("rope", steps_per_call=1))
+  variants |= {f"torch/{pe}": ("torch", config(pe)) for pe in encodings}
+  steps = {}
   try:
-    times = time_rounds(steps | torch_process.steps, rounds)
+    for name, (framework, cfg) in variants.items():  # One at a time: compiles need the cores.
+      steps[name] = VariantProcess(name, framework, cfg)
+    times = time_rounds(steps, rounds)
   finally:
-    torch_process.close()
+    peak_rss = {name: process.close() for name, process in steps.items()}
   flops = flops_per_token(config("rope"), seq_len)
   rows = {}
   for name, t in times.items():
@@ -185,6 +247,7 @@ def train_size(spec: tuple, encodings: tuple[str, ...], peaks: dict[str, float])
     mfu = tokens_per_s * flops / (peak * 1e9)
     rows[name] = {"tokens_per_s": tokens_per_s, "best_tokens_per_s": best_tokens_per_s}
     rows[name]["cpu_s_per_step"] = float(np.median(t["cpu"]))
+    rows[name]["peak_rss_gib"] = peak_rss[name]
     rows[name] |= {"mfu": mfu, "wall_s": t["wall"], "loss": t["loss"]}
   speed = lambda slow, fast, key="wall": _median_ratio(times[slow][key], times[fast][key])
   by_pe = {pe: speed(f"torch/{pe}", f"jax/{pe}") for pe in encodings}
@@ -199,6 +262,8 @@ def train_size(spec: tuple, encodings: tuple[str, ...], peaks: dict[str, float])
     "bf16_speedup": speed("jax/rope", "jax/rope/bf16"),
     "bf16_max_loss_gap": float(loss_gap.max()),
     "blockwise_speedup_vs_dense": speed("jax/rope/dense", "jax/rope"),
+    "steps_per_call": steps_per_call,
+    "steps_per_call_speedup": speed("jax/rope/1_step_per_call", "jax/rope"),
     "pe_overhead_vs_nope": {pe: speed(f"jax/{pe}", "jax/nope") - 1 for pe in encodings[1:]},
   }
 
@@ -224,11 +289,11 @@ def eval_child(length: int, attention: str, pe: str, mode: str) -> dict:
   d, layers = SIZES[mode][next(iter(SIZES[mode]))][:2]
   model = Transformer(model_config(d, layers, length, 1, pe, attention=attention), rngs=nnx.Rngs(0))
   evaluator = eval_lib.Evaluator(model, attention=attention)
-  base_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  base_gib = rss_gib(peak=False)
   start = time.perf_counter()
   _, compile_seconds = evaluator.score(random_batch(length, 1))
   seconds = time.perf_counter() - start - compile_seconds
-  peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  peak_gib = rss_gib()
   return {"peak_rss_gib": peak_gib, "base_rss_gib": base_gib, "seconds": seconds}
 
 
@@ -280,11 +345,13 @@ def report_lines(results: dict) -> list[str]:
     "",
   ]
   for size, rows in results.get("train", {}).items():
-    lines += [f"## Training {size}", ""]
+    k = results.get("steps_per_call", {}).get(size, 1)
+    lines += [f"## Training {size} ({k} steps per call and per turn)", ""]
     lines += markdown_table(
-      ["variant", "tokens/s", "best tokens/s", "CPU s/step", "MFU"],
+      ["variant", "tokens/s", "best tokens/s", "CPU s/step", "MFU", "peak RSS GiB"],
       [
         [n, r["tokens_per_s"], r["best_tokens_per_s"], r["cpu_s_per_step"], r["mfu"]]
+        + [r.get("peak_rss_gib")]
         for n, r in rows.items()
       ],
     )
@@ -297,6 +364,7 @@ def report_lines(results: dict) -> list[str]:
     ("bf16 / fp32 speed", "bf16_speedup", ">= 1.5"),
     ("bf16 - fp32 max loss gap", "bf16_max_loss_gap", "noise"),
     ("blockwise / dense speed", "blockwise_speedup_vs_dense", "> 1"),
+    ("steps_per_call K / 1 speed", "steps_per_call_speedup", "> 1"),
   ]
   rows = [[m, size, v, t] for m, key, t in checks for size, v in results.get(key, {}).items()]
   for pe, by_size in results.get("pe_overhead_vs_nope", {}).items():

@@ -32,15 +32,21 @@ def test_smoke_benchmark_writes_every_required_key(tmp_path):
   (size,) = benchmark.SIZES["smoke"]
   for key in ("train_ratio_vs_torch", "mfu", "bf16_speedup", "blockwise_speedup_vs_dense"):
     assert results[key][size] > 0
+  assert results["steps_per_call"][size] == benchmark.SIZES["smoke"][size][-1] > 1
+  assert results["steps_per_call_speedup"][size] > 0
   assert set(results["pe_overhead_vs_nope"]) == {"rope"}
-  assert set(results["train"][size]) == {
+  rows = results["train"][size]
+  assert set(rows) == {
     "jax/nope",
     "jax/rope",
     "jax/rope/bf16",
     "jax/rope/dense",
+    "jax/rope/1_step_per_call",
     "torch/nope",
     "torch/rope",
   }
+  assert all(row["peak_rss_gib"] > 0 for row in rows.values())  # Each variant's own process.
+  assert len({row["peak_rss_gib"] for row in rows.values()}) > 1
   for attention in ("dense", "blockwise"):
     assert results["eval_peak_rss_gib"][attention]["256"] > 0
   assert results["compiles_per_eval_length"] <= 1  # each length compiles once, rescoring never
@@ -128,3 +134,9 @@ def test_gpu_benchmark_peaks_and_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
       gpu_benchmark.main([*argv, f"--out={tmp_path}"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_variant_that_fails_to_build_is_named_in_one_line():
+  config = bench_lib.model_config(64, 2, 32, 2, "no_such_encoding")
+  with pytest.raises(RuntimeError, match="variant jax/bad failed to build: .*no_such_encoding"):
+    benchmark.VariantProcess("jax/bad", "jax", config)
