@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.warmup_steps = min(50, variant.steps // 10)
   config.train.log_every = 25
   config.train.checkpoint_every = 300
+  config.train.steps_per_call = 5  # Divides log_every and checkpoint_every.
   config.train.keep_checkpoints = 1
   config.data.name = "pystdlib"
   config.data.eval_tokens = 16384

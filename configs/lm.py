@@ -31,5 +31,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.warmup_steps = 100
   config.train.log_every = 20
   config.train.checkpoint_every = 250
+  config.train.steps_per_call = 10  # Divides log_every and checkpoint_every: faster on the CPU.
   config.data.name = "pystdlib"
   return config
