@@ -1,7 +1,7 @@
 """`make bench`: training speed against PyTorch eager, MFU, encoding overhead, bf16, evaluation
 memory against length and compiles per evaluated length, measured in one run on this machine.
 
-  make bench                  # full: both sizes, evaluation 4k..128k (about an hour on 2 cores)
+  make bench                  # full: both sizes, evaluation 4k..128k (over an hour on 2 cores)
   make bench ARGS=--quick     # small size, evaluation 4k and 16k: under 5 minutes
   python -m experiments.benchmark --sections=train --sizes=d512x8_T1024   # one part only
   python -m experiments.benchmark --smoke --out=/tmp/bench   # tiny shapes, seconds (tests)
@@ -9,11 +9,14 @@ memory against length and compiles per evaluated length, measured in one run on 
 Training: the project's train step (``pe_research.train``, blockwise attention) against the
 same model in PyTorch eager (``experiments/torch_reference.py``), both float32, on one fixed
 batch. Each variant (framework, encoding, precision) is built in its own process, as a training
-run has it; once all are compiled they are timed in interleaved rounds, one step each per round,
-so all of them see the same machine load; a ratio is the median over rounds of the per-round
-ratios. Tokens/s are wall-clock medians; the best step and CPU seconds per step
-(all threads) are kept too: on a shared machine PyTorch's OpenMP threads lose whole time slices
-at each barrier when another process holds a core, so the best step is the fairer comparison.
+run has it; once all are compiled they are timed in interleaved rounds, one turn each per
+round, so all of them see the same machine load; a ratio is the median over rounds of the
+per-round ratios. A JAX turn is one call of the size's ``train.steps_per_call`` steps, as the
+trainer runs them (one more JAX variant makes one step per call); a PyTorch turn is as many
+steps; times are per step. Tokens/s are wall-clock medians; the best step and CPU seconds per
+step (all threads) are kept too: on a shared machine PyTorch's OpenMP threads lose whole time
+slices at each barrier when another process holds a core, so the best step is the fairer
+comparison.
 MFU = tokens/s * ``flops_per_token`` / the matmul peak measured in the same run (fp32, or bf16
 inputs with fp32 accumulation for bf16).
 Evaluation: each (attention, length) is scored in a fresh subprocess that reports its peak RSS.
