@@ -7,9 +7,8 @@ RoPE, ALiBi, T5 bias, NoPE, KERPLE and FIRE; evaluates each, non-overlapping, at
 training length on the same validation bytes; evaluates the RoPE run zero-shot with PI, NTK,
 dynamic NTK and YaRN (factor 8). Writes ``OUT/ppl_vs_length.png``, ``OUT/results.csv`` and
 ``OUT/REPORT.md`` (plus the analytic ``OUT/rope_decay/``). A rerun reuses finished training
-runs and evaluations. Runtime here (2 CPU cores, unloaded, venv present): 12.5 min from a
-fresh clone, data preparation included (7 trainings of 80–90 s, 11 evaluations of ~10 s);
-600 steps took 15.1 min.
+runs and evaluations. Runtime here (2 CPU cores, unloaded): 9.8 min from a fresh clone, venv
+creation and data preparation included (7 trainings of 55–66 s, 11 evaluations of ~10 s).
 """
 
 from __future__ import annotations
