@@ -5,9 +5,10 @@ d=128, 4 layers, 4 heads (~0.8M parameters), batch 16×128 bytes. Variants: ``pe
   python -m pe_research.main --config=configs/demo.py:pe=alibi --workdir=runs/demo/alibi
 
 Runtime here (2 CPU cores, unloaded): 55–66 s per encoding for 500 steps (7.6–9.1 steps/s,
-16–19k tokens/s, five steps per compiled call; 80–90 s with one). Measured (500 steps): training loss 1.55 (RoPE) to 2.08 (NoPE) nats/byte;
-validation ppl at L=128 from 12.7 (RoPE) to 19.2 (NoPE); at 32× L, ALiBi and KERPLE stay flat
-(14.0 → 13.6, 13.8 → 14.0), RoPE degrades 12.7 → 33.0, sinusoidal grows steadily 17.3 → 34.8.
+16–19k tokens/s, five steps per compiled call; 80–90 s with one). Measured (500 steps):
+training loss 1.55 (RoPE) to 2.08 (NoPE) nats/byte; validation ppl at L=128 from 12.7 (RoPE)
+to 19.2 (NoPE); at 32× L, ALiBi and KERPLE stay flat (14.0 → 13.6, 13.8 → 14.0), RoPE degrades
+12.7 → 33.0, sinusoidal grows steadily 17.3 → 34.8.
 ``experiments.demo`` drives all seven encodings.
 """
 
