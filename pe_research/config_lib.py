@@ -47,7 +47,7 @@ _RANGES = {
   "train.b1": (0.0, 1.0, True, False),
   "train.b2": (0.0, 1.0, True, False),
 }
-# A run may be extended by raising these; any other difference refuses to resume.
+# A run resumes with these changed (raising train.steps extends it); any other difference refuses.
 _RESUMABLE_CHANGES = ("train.steps", "train.steps_per_call")
 
 

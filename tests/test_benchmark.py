@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every family)
-from experiments import bench_lib, benchmark, gpu_benchmark
+from experiments import bench_lib, bench_variants, benchmark, gpu_benchmark
 from experiments.torch_reference import TorchTransformer
 from pe_research.model import Transformer
 
@@ -83,7 +83,7 @@ def test_time_rounds_rotates_which_variant_goes_first():
 
     return run
 
-  times = benchmark.time_rounds({n: step(n) for n in "abc"}, rounds=4)
+  times = bench_variants.time_rounds({n: step(n) for n in "abc"}, rounds=4)
   assert "".join(order) == "abc" + "bca" + "cab" + "abc"
   assert times["b"]["loss"] == [2.0, 4.0, 9.0, 11.0] and times["a"]["wall"] == [0.1] * 4
 
@@ -139,4 +139,4 @@ def test_gpu_benchmark_peaks_and_one_line_errors(tmp_path, capsys):
 def test_a_variant_that_fails_to_build_is_named_in_one_line():
   config = bench_lib.model_config(64, 2, 32, 2, "no_such_encoding")
   with pytest.raises(RuntimeError, match="variant jax/bad failed to build: .*no_such_encoding"):
-    benchmark.VariantProcess("jax/bad", "jax", config)
+    bench_variants.VariantProcess("jax/bad", "jax", config)

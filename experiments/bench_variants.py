@@ -1,0 +1,158 @@
+"""One benchmark variant's training steps, timed in a process of its own, and the interleaved
+rounds that compare variants (``experiments/benchmark.py``).
+
+A variant is the project's compiled train step as ``pe_research.train`` runs it
+(``train.steps_per_call`` steps per call) or the same model in PyTorch eager
+(``experiments/torch_reference.py``) running as many steps per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import time
+
+import numpy as np
+
+import pe_research.encodings  # noqa: F401  (registers every encoding family: workers import this)
+from experiments.bench_lib import random_batch, rss_gib
+from pe_research import train
+
+
+def _timed(step, steps: int = 1) -> tuple[float, float, float]:
+  """``(wall seconds, CPU seconds of this process, loss)`` per step of ``step()``, a call that
+  runs ``steps`` training steps."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  loss = step()
+  return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps, loss
+
+
+def jax_trainer(config):
+  """A timed closure over the project's compiled train step as ``pe_research.train`` runs it:
+  ``train.steps_per_call`` steps per call (two warm-up calls)."""
+  k = config.train.steps_per_call
+  mesh = train.make_mesh(config.mesh)
+  tx, schedule = train.make_optimizer(config.train)
+  graphdef, state = train.create_train_state(config, mesh, tx)
+  step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh, steps_per_call=k)
+  batch = random_batch(config.train.seq_len, config.train.batch_size)
+  if k > 1:
+    batch = train.global_batch({n: np.stack([v] * k) for n, v in batch.items()}, mesh, stacked=True)
+  else:
+    batch = train.global_batch(batch, mesh)
+  box = [state]
+
+  def call() -> float:
+    box[0], metrics = step_fn(box[0], batch)
+    return float(np.asarray(metrics["loss"]).reshape(-1)[-1])
+
+  call()
+  call()
+  return lambda: _timed(call, k)
+
+
+def torch_trainer(config):
+  """The same model and step in PyTorch eager, float32 (three warm-up steps); a call runs
+  ``train.steps_per_call`` steps, as the JAX one does."""
+  import torch  # Here, not at the top: evaluation subprocesses must not pay torch's memory.
+
+  from experiments.torch_reference import TorchTransformer, make_train_step
+
+  m = config.model
+  model = TorchTransformer(
+    vocab_size=m.vocab_size,
+    model_dim=m.model_dim,
+    num_layers=m.num_layers,
+    num_heads=m.num_heads,
+    pe=config.pe.name,
+  )
+  train_step = make_train_step(model, lr=config.train.lr, grad_clip=config.train.grad_clip)
+  b = random_batch(config.train.seq_len, config.train.batch_size)
+  inputs, targets = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
+  weights = torch.from_numpy(b["weights"])
+  step = lambda: train_step(inputs, targets, weights)
+  for _ in range(3):  # PyTorch's first steps on new shapes are slow.
+    step()
+  k = config.train.steps_per_call
+  return lambda: _timed(lambda: [step() for _ in range(k)][-1], k)
+
+
+def _release_free_memory() -> None:
+  """Hands the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+  nothing), so that a waiting variant process holds only its live memory."""
+  with contextlib.suppress(AttributeError, OSError):
+    ctypes.CDLL(None).malloc_trim(0)
+
+
+def _variant_worker(conn, framework: str, config) -> None:
+  """Child process: builds one trainer, then runs one timed call per request on ``conn``; at
+  the end sends its peak RSS in GiB. Free memory is released after the build and after each
+  call (untimed): eleven processes that each kept what compiling or a step left free needed
+  more than the 24 GB here at d512x8."""
+  try:
+    step = {"jax": jax_trainer, "torch": torch_trainer}[framework](config)
+  except Exception as e:  # The parent names the variant; a traceback here would be lost.
+    conn.send(f"{type(e).__name__}: {e}")
+    return
+  _release_free_memory()
+  conn.send("ready")
+  while conn.recv():
+    result = step()
+    _release_free_memory()
+    conn.send(result)
+  conn.send(rss_gib())
+
+
+class VariantProcess:
+  """One variant's train step in its own process, as a training run has it.
+
+  In one process holding every variant, the JAX steps ran 15-25% slower than in a process of
+  their own (d512x8: 13.6 vs 11.0 s per step; not isolated further, the kernel's share of the
+  CPU time was twice as large). Two runtimes in one process also slow each other down (on 2
+  cores a small PyTorch step took 100x longer after a JAX step: the other's idle thread pool).
+  Calling the object runs one call (a turn) and returns ``(wall s, CPU s, loss)`` per step."""
+
+  def __init__(self, name: str, framework: str, config):
+    context = multiprocessing.get_context("spawn")
+    self.name, (self.conn, child) = name, context.Pipe()
+    self.process = context.Process(target=_variant_worker, args=(child, framework, config))
+    self.process.start()
+    if (reply := self._receive()) != "ready":
+      self.process.join()
+      raise RuntimeError(f"benchmark variant {name} failed to build: {reply}")
+
+  def _receive(self):
+    try:
+      return self.conn.recv()
+    except EOFError:  # The child died: killed for memory, or crashed in native code.
+      self.process.join()
+      raise RuntimeError(
+        f"benchmark variant {self.name}: its process exited (code {self.process.exitcode})"
+      ) from None
+
+  def __call__(self) -> tuple[float, float, float]:
+    self.conn.send(True)
+    return self._receive()
+
+  def close(self) -> float:
+    """Stops the process; its peak RSS in GiB (NaN if it had already exited)."""
+    if not self.process.is_alive():
+      return float("nan")
+    self.conn.send(False)
+    peak = self._receive()
+    self.process.join()
+    return peak
+
+
+def time_rounds(steps: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
+  """Interleaved rounds: each variant runs one step per round; wall/CPU seconds and losses.
+  Round ``r`` starts at variant ``r`` (rotated order), so whatever a step leaves behind for the
+  next one does not always land on the same variant."""
+  out = {name: {"wall": [], "cpu": [], "loss": []} for name in steps}
+  names = list(steps)
+  for r in range(rounds):
+    for name in names[r % len(names) :] + names[: r % len(names)]:
+      for key, value in zip(("wall", "cpu", "loss"), steps[name](), strict=True):
+        out[name][key].append(value)
+  return out
