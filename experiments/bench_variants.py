@@ -36,11 +36,9 @@ def jax_trainer(config):
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
   step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh, steps_per_call=k)
-  batch = random_batch(config.train.seq_len, config.train.batch_size)
-  if k > 1:
-    batch = train.global_batch({n: np.stack([v] * k) for n, v in batch.items()}, mesh, stacked=True)
-  else:
-    batch = train.global_batch(batch, mesh)
+  batch = train.global_batches(
+    [random_batch(config.train.seq_len, config.train.batch_size)] * k, mesh
+  )
   box = [state]
 
   def call() -> float:

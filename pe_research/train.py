@@ -236,6 +236,15 @@ def global_batch(local: dict[str, np.ndarray], mesh, stacked: bool = False) -> d
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def global_batches(local: list[dict[str, np.ndarray]], mesh) -> dict[str, jax.Array]:
+  """This process's batches of consecutive steps -> the global input of one call: one batch as
+  is, several stacked on a leading axis (``jit_train_step(..., steps_per_call=len(local))``)."""
+  if len(local) == 1:
+    return global_batch(local[0], mesh)
+  stacked = {key: np.stack([batch[key] for batch in local]) for key in local[0]}
+  return global_batch(stacked, mesh, stacked=True)
+
+
 def global_data_state(local_state: dict, process_count: int) -> dict:
   """Process ``p`` of ``P`` reads global elements ``p, p+P, ...``, so its grain ``next_index``
   ``n`` means ``n * P`` global elements read; checkpoints keep that global count so a run
@@ -324,12 +333,8 @@ def _loop(config, state, step_fns, data_iter, mesh, checkpointer, logger, should
       train_cfg.steps,
     )
     n = k if step + k <= boundary else 1
-    local = [next(data_iter) for _ in range(n)]
-    if n == 1:
-      state, metrics = step_fns[1](state, global_batch(local[0], mesh))
-    else:
-      stacked = {key: np.stack([b[key] for b in local]) for key in local[0]}
-      state, metrics = step_fns[n](state, global_batch(stacked, mesh, stacked=True))
+    batches = global_batches([next(data_iter) for _ in range(n)], mesh)
+    state, metrics = step_fns[n](state, batches)
     first_call = step == start
     step += n
     pending.append(metrics)
