@@ -32,7 +32,8 @@ def test_smoke_benchmark_writes_every_required_key(tmp_path):
   (size,) = benchmark.SIZES["smoke"]
   for key in ("train_ratio_vs_torch", "mfu", "bf16_speedup", "blockwise_speedup_vs_dense"):
     assert results[key][size] > 0
-  assert results["steps_per_call"][size] == benchmark.SIZES["smoke"][size][-1] > 1
+  assert results["steps_per_call"][size] == benchmark.SIZES["smoke"][size][5] > 1
+  assert results["attention_block"][size] == benchmark.SIZES["smoke"][size][6]
   assert results["steps_per_call_speedup"][size] > 0
   assert set(results["pe_overhead_vs_nope"]) == {"rope"}
   rows = results["train"][size]
