@@ -62,18 +62,22 @@ def attend(
   bias_fn: BiasFn | None = None,
   impl: str = "dense",
   block_size: int = 256,
+  operand_dtype=None,
 ) -> jax.Array:
   """Causal attention ``[B, L, H, K] -> [B, L, H, K]`` with the implementation ``impl``, over
   :func:`batch_pieces` pieces of the batch (positions with a batch axis of 1 serve every
-  piece)."""
+  piece). ``operand_dtype`` (default: ``q``'s dtype): q, k and v are rounded to it, piece by
+  piece, and the output is in it; their gradients come back in their own dtype."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
   pieces = batch_pieces(q_BxLxHxK.shape[0])
   size = q_BxLxHxK.shape[0] // pieces
   cut = lambda x, i: x if x.shape[0] == 1 else x[i * size : (i + 1) * size]
+  operand = lambda x, i: cut(x, i).astype(operand_dtype or q_BxLxHxK.dtype)
   outs = [
     _attend(
-      *(cut(x, i) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL)),
+      *(operand(x, i) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)),
+      *(cut(x, i) for x in (q_pos_BxL, k_pos_BxL)),
       bias_fn,
       impl,
       block_size,

@@ -16,9 +16,11 @@ Choices: no biases in linear layers; weights ~ N(0, init_std), residual output p
 means ``model_dim // num_heads``; ``mlp_dim=0`` means ``4 model_dim`` (gelu) or ``8/3 model_dim``
 rounded up to a multiple of 64 (swiglu, LLaMA-style, keeps the parameter count near gelu's).
 ``compute_dtype="bfloat16"``: bf16 matmuls with fp32 accumulation (forward and both backward
-products, :func:`matmul`), fp32 parameters, fp32 residual stream and softmax; training
-takes bf16 logits and computes its loss in fp32 (:func:`pe_research.train.softmax_nll`);
-evaluation scores fp32 logits.
+products, :func:`matmul`, and attention's), fp32 parameters, fp32 residual stream and softmax.
+The activations between matmuls are in :func:`activation_dtype`: bf16 on accelerators, fp32 on
+the CPU (operands are rounded to bf16 inside the matmuls). Training takes logits in that
+dtype and computes its loss in fp32 (:func:`pe_research.train.softmax_nll`); evaluation scores
+fp32 logits.
 Sequences longer than ``SEQUENCE_CHUNK`` run the MLP and the output head chunk by chunk, and
 :meth:`Transformer.nll_and_hits` scores tokens without materialising ``[B, L, V]`` logits.
 """
@@ -41,6 +43,17 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SEQUENCE_CHUNK = 4096
 _NORMS = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx.RMSNorm}
 _MLPS = ("gelu", "swiglu")
+
+
+def activation_dtype(compute_dtype):
+  """The dtype of activations between matmuls (linear outputs, norms, q/k/v, the MLP's hidden
+  layer) for ``compute_dtype``: itself, except on the CPU, where activations stay float32 and
+  bf16 is only a matmul operand (rounded inside :func:`matmul` and
+  :func:`~pe_research.attention.attend`). XLA:CPU has no bf16 arithmetic: it widens every bf16
+  elementwise op to float32 and rounds the result back, so bf16 activations spent more time
+  converting than bf16 matmuls saved (d=256 4-layer T=256 B=16 train step: bf16 with bf16
+  activations 1.21x the fp32 step, with fp32 activations 1.55x, measured)."""
+  return jnp.float32 if jax.default_backend() == "cpu" else compute_dtype
 
 
 def _choice(field: str, value: str, allowed) -> None:
@@ -75,12 +88,16 @@ def _dot(a_NxK: jax.Array, b: jax.Array, b_axis: int, out_dtype) -> jax.Array:
   return jax.lax.dot_general(a_NxK, b, dims, preferred_element_type=out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def matmul(x_NxK: jax.Array, w: jax.Array, out_dtype, w_transposed: bool = False) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def matmul(
+  x_NxK: jax.Array, w: jax.Array, out_dtype, w_transposed: bool = False, operand_dtype=None
+) -> jax.Array:
   """``x W`` (``W`` float32 ``[K, M]``) or, with ``w_transposed``, ``x W^T`` (``W`` is
-  ``[M, K]``, a tied embedding table), in ``x``'s dtype with float32 accumulation: one float32
-  matmul, or bf16 operands (``W`` rounded) in the forward and both backward matmuls
-  (``dx = g W^T``, ``dW = x^T g``, ``g`` rounded to ``x``'s dtype); ``dW`` is float32.
+  ``[M, K]``, a tied embedding table) in ``out_dtype``, with operands in ``operand_dtype``
+  (default: ``x``'s dtype) and float32 accumulation: one float32 matmul, or bf16 operands
+  (``x`` and ``W`` rounded) in the forward and both backward matmuls (``dx = g W^T``,
+  ``dW = x^T g``, ``g`` rounded to the operand dtype); ``dx`` is in ``x``'s dtype (a float32
+  ``x`` gets a float32 ``dx``, never rounded to bf16), ``dW`` is float32.
 
   Every matmul is written as a contraction XLA:CPU's fast kernel takes (see
   :func:`_materialised_t`); plain autodiff gives ``dW`` contracted on axis 0, which XLA:CPU
@@ -88,19 +105,21 @@ def matmul(x_NxK: jax.Array, w: jax.Array, out_dtype, w_transposed: bool = False
   0.996x, measured). Callers pass a 2-D ``[B*L, K]``
   ``x``: XLA:CPU transposes a 3-D one before the weight-gradient matmul.
   """
-  return _dot(x_NxK, w.astype(x_NxK.dtype), int(w_transposed), out_dtype)
+  return _matmul_fwd(x_NxK, w, out_dtype, w_transposed, operand_dtype)[0]
 
 
-def _matmul_fwd(x_NxK, w, out_dtype, w_transposed):
-  w = w.astype(x_NxK.dtype)
-  return _dot(x_NxK, w, int(w_transposed), out_dtype), (x_NxK, w)
+def _matmul_fwd(x_NxK, w, out_dtype, w_transposed, operand_dtype):
+  dtype = operand_dtype or x_NxK.dtype
+  x_dtype = jnp.zeros((0,), x_NxK.dtype)  # Residuals are arrays: x's dtype, carried by 0 bytes.
+  x_NxK, w = x_NxK.astype(dtype), w.astype(dtype)
+  return _dot(x_NxK, w, int(w_transposed), out_dtype), (x_NxK, w, x_dtype)
 
 
-def _matmul_bwd(out_dtype, w_transposed, residuals, g_NxM):
-  del out_dtype
-  x_NxK, w = residuals
+def _matmul_bwd(out_dtype, w_transposed, operand_dtype, residuals, g_NxM):
+  del out_dtype, operand_dtype
+  x_NxK, w, x_dtype = residuals
   g_NxM = g_NxM.astype(x_NxK.dtype)
-  dx_NxK = _dot(g_NxM, w, 1 - int(w_transposed), x_NxK.dtype)
+  dx_NxK = _dot(g_NxM, w, 1 - int(w_transposed), x_dtype.dtype)
   # dW = x^T g: transpose the narrower of x and g (the [N, *] copy is the cost), and the small
   # [K, M] result if it comes out the other way round. The barrier keeps XLA from folding that
   # transpose into the matmul (it would contract axis 0 again).
@@ -115,9 +134,9 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nnx.Module):
-  """Bias-free ``x W``, ``W ~ N(0, std^2)`` float32 ``[d_in, d_out]``; output in ``dtype``.
-
-  float32: one float32 matmul; bfloat16: bf16 operands, fp32 accumulation (:func:`matmul`).
+  """Bias-free ``x W``, ``W ~ N(0, std^2)`` float32 ``[d_in, d_out]``, with operands in
+  ``dtype`` (float32: one float32 matmul; bfloat16: bf16 operands, fp32 accumulation,
+  :func:`matmul`); output in ``activation_dtype(dtype)``.
   """
 
   def __init__(self, d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs):
@@ -126,9 +145,9 @@ class Linear(nnx.Module):
 
   def __call__(self, x_BxLxK: jax.Array, out_dtype=None) -> jax.Array:
     w_KxM = self.kernel[...]
-    out_dtype = out_dtype or self.dtype
-    x_NxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1]).astype(self.dtype)
-    return matmul(x_NxK, w_KxM, out_dtype).reshape(*x_BxLxK.shape[:-1], -1)
+    out_dtype = out_dtype or activation_dtype(self.dtype)
+    x_NxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
+    return matmul(x_NxK, w_KxM, out_dtype, False, self.dtype).reshape(*x_BxLxK.shape[:-1], -1)
 
 
 def resolved_dims(model_cfg) -> tuple[int, int]:
@@ -175,7 +194,7 @@ class Attention(nnx.Module):
     b, length, _ = x_BxLxD.shape
     qkv_BxLx3xHxK = self.qkv(x_BxLxD).reshape(b, length, 3, self.num_heads, self.head_dim)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
-    dtype = v_BxLxHxK.dtype
+    dtype = v_BxLxHxK.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
     q_BxLxHxK = enc.rotate(q_BxLxHxK, pos_BxL, is_query=True).astype(dtype)
     k_BxLxHxK = enc.rotate(k_BxLxHxK, pos_BxL, is_query=False).astype(dtype)
     y_BxLxHxK = attend(
@@ -187,6 +206,7 @@ class Attention(nnx.Module):
       bias_fn=enc.bias if enc.has_bias else None,
       impl=impl,
       block_size=block_size,
+      operand_dtype=self.qkv.dtype,
     )
     return self.out(y_BxLxHxK.reshape(b, length, -1))
 
@@ -219,9 +239,9 @@ class Block(nnx.Module):
     norm = _NORMS[model_cfg.norm]
     d = model_cfg.model_dim
     out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
-    self.attn_norm = norm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    self.attn_norm = norm(d, epsilon=1e-5, dtype=activation_dtype(dtype), rngs=rngs)
     self.attn = Attention(model_cfg, dtype=dtype, out_std=out_std, rngs=rngs)
-    self.mlp_norm = norm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    self.mlp_norm = norm(d, epsilon=1e-5, dtype=activation_dtype(dtype), rngs=rngs)
     self.mlp = Mlp(model_cfg, dtype=dtype, out_std=out_std, rngs=rngs)
 
   def __call__(self, x_BxLxD, pos_BxL, enc, *, impl: str, block_size: int):
@@ -233,7 +253,8 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
   """``Transformer(config, rngs=...)(inputs_BxL int32) -> logits float32 [B, L, V]``
-  (``logits_dtype=model.dtype``: in the compute dtype, as training uses them).
+  (``logits_dtype=model.activation_dtype``: as training uses them, see
+  :func:`activation_dtype`).
 
   ``attention`` / ``attention_block`` are plain attributes (from ``config.model``); use
   :func:`with_attention` to evaluate the same parameters with another implementation.
@@ -248,6 +269,7 @@ class Transformer(nnx.Module):
     if m.model_dim % m.num_heads and not m.head_dim:
       raise ValueError(f"model.model_dim={m.model_dim} must divide by model.num_heads")
     self.dtype = _DTYPES[m.compute_dtype]
+    self.activation_dtype = activation_dtype(self.dtype)
     self.pe_name = config.pe.name
     self.attention = m.attention
     self.attention_block = m.attention_block
@@ -261,7 +283,9 @@ class Transformer(nnx.Module):
     build = dict(num_heads=m.num_heads, head_dim=head_dim, model_dim=m.model_dim, rngs=rngs)
     self.encodings = nnx.List(build_encoding(config.pe, **build) for _ in range(num_encodings))
     self.blocks = nnx.List(Block(m, dtype=self.dtype, rngs=rngs) for _ in range(m.num_layers))
-    self.final_norm = _NORMS[m.norm](m.model_dim, epsilon=1e-5, dtype=self.dtype, rngs=rngs)
+    self.final_norm = _NORMS[m.norm](
+      m.model_dim, epsilon=1e-5, dtype=self.activation_dtype, rngs=rngs
+    )
     d, v = m.model_dim, m.vocab_size
     self.unembed = (
       None if m.tie_embeddings else Linear(d, v, std=m.init_std, dtype=self.dtype, rngs=rngs)
@@ -290,12 +314,12 @@ class Transformer(nnx.Module):
     """Final norm and output projection of the residual stream: logits ``[B, L, V]``
     (float32, or ``logits_dtype``: training takes them in the compute dtype, see
     :func:`pe_research.train.softmax_nll`)."""
-    x_BxLxD = self.final_norm(x_BxLxD).astype(self.dtype)
+    x_BxLxD = self.final_norm(x_BxLxD)
     if self.unembed is not None:
       return self.unembed(x_BxLxD, out_dtype=logits_dtype)
     table_VxD = self.embed.embedding[...]
     x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-    return matmul(x_NxD, table_VxD, logits_dtype, True).reshape(*x_BxLxD.shape[:-1], -1)
+    return matmul(x_NxD, table_VxD, logits_dtype, True, self.dtype).reshape(*x_BxLxD.shape[:-1], -1)
 
   def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, logits_dtype=jnp.float32):
     """Transformer layers and output head on embedded inputs: logits ``[B, L, V]``."""

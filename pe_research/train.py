@@ -180,7 +180,7 @@ def make_train_step(graphdef, tx, schedule, compute_sharding: NamedSharding | No
       if compute_sharding is not None:
         params = jax.lax.with_sharding_constraint(params, compute_sharding)
       model = nnx.merge(graphdef, params, state.model_state)
-      logits_BxLxV = model(batch["inputs"], train=True, logits_dtype=model.dtype)
+      logits_BxLxV = model(batch["inputs"], train=True, logits_dtype=model.activation_dtype)
       loss = weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
       return loss, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 

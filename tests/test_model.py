@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jex_core
 
 import pe_research.encodings  # noqa: F401  (registers every family)
 from configs import base
@@ -202,6 +203,60 @@ def test_matmul_values_and_gradients(w_transposed, k, m):
     for got, want in ((y, expected_y), (dx, expected_dx), (dw, expected_dw)):
       scale = float(np.abs(want).max())
       np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=tol * scale)
+  # float32 x, bf16 operands: the forward is the product of the rounded operands, and dx comes
+  # back in float32 (the product g W^T of rounded operands, not rounded again).
+  f = jax.jit(lambda x, w: model_lib.matmul(x, w, jnp.float32, w_transposed, jnp.bfloat16))
+  y, vjp = jax.vjp(f, x_NxK, w)
+  dx, dw = vjp(g_NxM)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+  round_ = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float32)
+  np.testing.assert_allclose(y, reference(round_(x_NxK), round_(w)), rtol=1e-5, atol=1e-5)
+  w_KxM = round_(w).T if w_transposed else round_(w)
+  np.testing.assert_allclose(dx, round_(g_NxM) @ w_KxM.T, rtol=1e-5, atol=1e-5)
+
+
+# Operations that only move, cast or multiply values: XLA:CPU runs them on bf16 without
+# widening each one to float32 and rounding it back.
+_BF16_SAFE = {
+  "convert_element_type", "dot_general", "reshape", "transpose", "slice", "dynamic_slice",
+  "dynamic_update_slice", "concatenate", "split", "stack", "pad", "squeeze", "broadcast_in_dim",
+  "optimization_barrier", "jit", "pjit", "custom_vjp_call", "custom_jvp_call", "scan", "while",
+}  # fmt: skip
+
+
+def _bf16_arithmetic(jaxpr, found: set) -> set:
+  """Names of the primitives in ``jaxpr`` (and every jaxpr nested in it) that take or give
+  bf16 values and are not in ``_BF16_SAFE``."""
+  for eqn in jaxpr.eqns:
+    avals = (v.aval for v in (*eqn.invars, *eqn.outvars))
+    if eqn.primitive.name not in _BF16_SAFE and any(
+      getattr(a, "dtype", None) == jnp.bfloat16 for a in avals
+    ):
+      found.add(eqn.primitive.name)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        if isinstance(sub, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+          _bf16_arithmetic(getattr(sub, "jaxpr", sub), found)
+  return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="activations are bf16 elsewhere")
+@pytest.mark.parametrize("pe,attention", [("rope", "dense"), ("t5", "blockwise"), ("xpos", "xla")])
+def test_bfloat16_on_the_cpu_is_only_a_matmul_operand(pe, attention):
+  """On the CPU a bf16 model's training gradient does no arithmetic on bf16 values (norms,
+  GELU, softmax, the encodings and their backward passes stay float32): XLA:CPU would widen
+  each such op to float32 and round it back."""
+  model = _model(_config(pe, compute_dtype="bfloat16", attention=attention))
+  assert model.activation_dtype == jnp.float32
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  inputs_BxL = _inputs(TRAIN_LEN)
+
+  def loss(params):
+    m = nnx.merge(graphdef, params, rest)
+    logits_BxLxV = m(inputs_BxL, train=True, logits_dtype=m.activation_dtype)
+    return jnp.mean(jax.nn.log_softmax(logits_BxLxV)[..., 0])
+
+  assert _bf16_arithmetic(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, set()) == set()
 
 
 def test_bfloat16_gradients_are_close_to_float32():
