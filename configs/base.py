@@ -32,7 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Query/key block size of blockwise attention. Training on the CPU at L <= 1024, 128 is faster
   # (it skips more of the masked half: 1.02-1.05x a step, docs/cpu_performance.md).
   config.model.attention_block = 256
-  config.model.compute_dtype = "float32"  # Activations: "float32" or "bfloat16" (fp32 params).
+  # Matmul operands: "float32" or "bfloat16" (fp32 accumulation, fp32 params). bf16 activations
+  # on accelerators; on the CPU activations stay fp32 (model.activation_dtype).
+  config.model.compute_dtype = "float32"
   config.model.init_std = 0.02  # Std of the normal init of embeddings and projections.
   config.model.scale_embeddings = False  # Multiply token embeddings by sqrt(model_dim).
 

@@ -18,11 +18,12 @@ Implementations (``impl``), equal to 1e-5 in fp32:
   * ``xla``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16).
 
 Logits, softmax and accumulation are float32 whatever the input dtype (bf16 matmuls accumulate
-in fp32); the output has the dtype of ``q``.
+in fp32); the output has the operand dtype (:func:`attend`'s ``operand_dtype``, default ``q``'s).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -52,6 +53,27 @@ def batch_pieces(batch: int) -> int:
   return max(n for n in range(1, min(batch, cores or 1) + 1) if batch % n == 0)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def split(x: jax.Array, pieces: int, axis: int) -> tuple[jax.Array, ...]:
+  """``jnp.split(x, pieces, axis)`` whose gradient is one ``concatenate`` of the pieces'
+  cotangents. Autodiff's is a zero-padded copy of each piece's, summed, which XLA:CPU fuses
+  into one loop that evaluates every piece's branch per element. For the batch pieces and the
+  q/k/v split, train steps: d256x4 fp32 0.98x and 1.02x (two runs), bf16 1.10x and 1.05x;
+  d512x8 fp32 1.02x, bf16 1.03x (measured)."""
+  return tuple(jnp.split(x, pieces, axis))
+
+
+def _split_fwd(x, pieces, axis):
+  return split(x, pieces, axis), None
+
+
+def _split_bwd(pieces, axis, _, gs):
+  return (jnp.concatenate(gs, axis),)
+
+
+split.defvjp(_split_fwd, _split_bwd)
+
+
 def attend(
   q_BxLxHxK: jax.Array,
   k_BxLxHxK: jax.Array,
@@ -71,17 +93,19 @@ def attend(
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
   pieces = batch_pieces(q_BxLxHxK.shape[0])
-  size = q_BxLxHxK.shape[0] // pieces
-  cut = lambda x, i: x if x.shape[0] == 1 else x[i * size : (i + 1) * size]
-  operand = lambda x, i: cut(x, i).astype(operand_dtype or q_BxLxHxK.dtype)
+  dtype = operand_dtype or q_BxLxHxK.dtype
+
+  def cut(x):  # Positions with a batch axis of 1 serve every piece.
+    if x.shape[0] == 1 or pieces == 1:
+      return (x,) * pieces
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      return split(x, pieces, 0)
+    return tuple(jnp.split(x, pieces, 0))
+
+  qs, ks, vs = (tuple(p.astype(dtype) for p in cut(x)) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+  q_poss, k_poss = cut(q_pos_BxL), cut(k_pos_BxL)
   outs = [
-    _attend(
-      *(operand(x, i) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)),
-      *(cut(x, i) for x in (q_pos_BxL, k_pos_BxL)),
-      bias_fn,
-      impl,
-      block_size,
-    )
+    _attend(qs[i], ks[i], vs[i], q_poss[i], k_poss[i], bias_fn, impl, block_size)
     for i in range(pieces)
   ]
   return outs[0] if pieces == 1 else jnp.concatenate(outs, axis=0)

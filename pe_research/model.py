@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pe_research.attention import IMPLEMENTATIONS, attend
+from pe_research.attention import IMPLEMENTATIONS, attend, split
 from pe_research.encodings.base import PositionalEncoding
 from pe_research.encodings.registry import build_encoding
 
@@ -193,7 +193,7 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD, pos_BxL, enc: PositionalEncoding, *, impl: str, block_size: int):
     b, length, _ = x_BxLxD.shape
     qkv_BxLx3xHxK = self.qkv(x_BxLxD).reshape(b, length, 3, self.num_heads, self.head_dim)
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (x[:, :, 0] for x in split(qkv_BxLx3xHxK, 3, 2))
     dtype = v_BxLxHxK.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
     q_BxLxHxK = enc.rotate(q_BxLxHxK, pos_BxL, is_query=True).astype(dtype)
     k_BxLxHxK = enc.rotate(k_BxLxHxK, pos_BxL, is_query=False).astype(dtype)

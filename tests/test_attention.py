@@ -240,6 +240,20 @@ def test_blockwise_skips_masked_blocks_in_both_passes(monkeypatch):
   assert forward.count("= abs ") == 10 and both.count("= abs ") == 20
 
 
+@pytest.mark.parametrize("axis", [0, 2])
+def test_split_has_jnp_split_values_and_gradient(axis):
+  """``attention.split``: the pieces of ``jnp.split``, and its VJP puts each piece's cotangent
+  back where the piece came from."""
+  x = jax.random.normal(jax.random.key(0), (4, 3, 6, 2))
+  weights = [jax.random.normal(jax.random.key(i + 1), p.shape) for i, p in enumerate(
+    jnp.split(x, 2, axis))]  # fmt: skip
+  loss = lambda f: lambda x: sum(jnp.sum(w * p**2) for w, p in zip(weights, f(x), strict=True))
+  for got, want in zip(attention.split(x, 2, axis), jnp.split(x, 2, axis), strict=True):
+    np.testing.assert_array_equal(got, want)
+  got = jax.jit(jax.grad(loss(lambda x: attention.split(x, 2, axis))))(x)
+  np.testing.assert_allclose(got, jax.grad(loss(lambda x: jnp.split(x, 2, axis)))(x), rtol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["dense", "blockwise"])
 @pytest.mark.parametrize("pos_rows", [1, 4])
 def test_batch_pieces_change_nothing(impl, pos_rows, monkeypatch):
