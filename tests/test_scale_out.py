@@ -5,6 +5,7 @@ training, with a memory estimate close to XLA's."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -117,7 +118,10 @@ def test_two_processes_equal_eight_devices_across_a_resume(tmp_path, eight_devic
 def test_launcher_forwards_a_failing_exit_code(tmp_path):
   result = _launch(["experiments/launch_local.py"], *RUN_FLAGS, f"--workdir={tmp_path}", "--bad")
   assert result.returncode == 2, result.stderr[-3000:]
-  assert "[p0] error: " in result.stderr and "[p1] error: " in result.stderr
+  # The first process to fail relays its error with its prefix; the launcher may stop the other
+  # before it gets as far (it can still be importing JAX on a loaded machine).
+  error = re.search(r"\[p[01]\] error: Unknown command line flag 'bad'", result.stderr)
+  assert error, result.stderr
 
 
 def test_data_state_resumes_on_another_process_count():
