@@ -8,6 +8,8 @@ The ``1/sqrt(K)`` scaling is applied for every encoding (T5 omits it; we keep it
 The causal mask is on sequence *index* (``j <= i``), not on position values, so randomized
 positions cannot leak the future. ``bias_fn(q_pos_BxQ, k_pos_BxK) -> [B, H, Q, K]`` is the
 encoding's logit bias (or ``None``); attention never knows which encoding it came from.
+Grouped-query attention: k and v may have ``G`` heads, ``G`` dividing ``H``; query head ``h``
+reads KV head ``h // (H / G)`` (HF ``repeat_kv``); ``G = 1`` is multi-query attention.
 
 Implementations (``impl``), equal to 1e-5 in fp32:
   * ``dense``: einsum reference; materialises ``[B, H, L, L]`` logits.
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pe_research.flash_attention import MASK_VALUE, blockwise_attention
+from pe_research.flash_attention import MASK_VALUE, blockwise_attention, pack_heads
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array | None]
 IMPLEMENTATIONS = ("dense", "blockwise", "xla")
@@ -76,8 +78,8 @@ split.defvjp(_split_fwd, _split_bwd)
 
 def attend(
   q_BxLxHxK: jax.Array,
-  k_BxLxHxK: jax.Array,
-  v_BxLxHxK: jax.Array,
+  k_BxLxGxK: jax.Array,
+  v_BxLxGxK: jax.Array,
   *,
   q_pos_BxL: jax.Array,
   k_pos_BxL: jax.Array,
@@ -86,12 +88,20 @@ def attend(
   block_size: int = 256,
   operand_dtype=None,
 ) -> jax.Array:
-  """Causal attention ``[B, L, H, K] -> [B, L, H, K]`` with the implementation ``impl``, over
-  :func:`batch_pieces` pieces of the batch (positions with a batch axis of 1 serve every
-  piece). ``operand_dtype`` (default: ``q``'s dtype): q, k and v are rounded to it, piece by
-  piece, and the output is in it; their gradients come back in their own dtype."""
+  """Causal attention of q ``[B, L, H, K]`` over k, v ``[B, L, G, K]`` (``G`` dividing ``H``)
+  -> ``[B, L, H, K]`` with the implementation ``impl``, over :func:`batch_pieces` pieces of the
+  batch (positions with a batch axis of 1 serve every piece). ``operand_dtype`` (default:
+  ``q``'s dtype): q, k and v are rounded to it, piece by piece, and the output is in it; their
+  gradients come back in their own dtype."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
+  b, length, h, d = q_BxLxHxK.shape
+  g = k_BxLxGxK.shape[2]
+  if k_BxLxGxK.shape != (b, length, g, d) or v_BxLxGxK.shape != k_BxLxGxK.shape or h % g:
+    raise ValueError(
+      f"attention needs q [B, L, H, K] and k, v [B, L, G, K] with G dividing H; got q "
+      f"{q_BxLxHxK.shape}, k {k_BxLxGxK.shape}, v {v_BxLxGxK.shape}"
+    )
   pieces = batch_pieces(q_BxLxHxK.shape[0])
   dtype = operand_dtype or q_BxLxHxK.dtype
 
@@ -102,7 +112,7 @@ def attend(
       return split(x, pieces, 0)
     return tuple(jnp.split(x, pieces, 0))
 
-  qs, ks, vs = (tuple(p.astype(dtype) for p in cut(x)) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+  qs, ks, vs = (tuple(p.astype(dtype) for p in cut(x)) for x in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK))
   q_poss, k_poss = cut(q_pos_BxL), cut(k_pos_BxL)
   outs = [
     _attend(qs[i], ks[i], vs[i], q_poss[i], k_poss[i], bias_fn, impl, block_size)
@@ -111,47 +121,59 @@ def attend(
   return outs[0] if pieces == 1 else jnp.concatenate(outs, axis=0)
 
 
-def _attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn, impl, block_size):
+def _attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, impl, block_size):
   if impl == "dense":
-    return dense_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn)
+    return dense_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn)
   if impl == "blockwise":
     return blockwise_attention(
-      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn, block_size
+      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, block_size
     )
-  return xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn)
+  return xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn)
 
 
-def _logits(q_BxQxHxK: jax.Array, k_BxKxHxK: jax.Array) -> jax.Array:
-  """``q . k / sqrt(K)`` as float32 ``[B, H, Q, K]``."""
-  scale = 1.0 / np.sqrt(q_BxQxHxK.shape[-1])
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q_BxQxHxK, k_BxKxHxK, preferred_element_type=jnp.float32)
+def _logits(q_BxQxGxK: jax.Array, k_BxKxGxK: jax.Array) -> jax.Array:
+  """``q . k / sqrt(K)`` as float32 ``[B, G, Q, K]``."""
+  scale = 1.0 / np.sqrt(q_BxQxGxK.shape[-1])
+  logits = jnp.einsum("bqgd,bkgd->bgqk", q_BxQxGxK, k_BxKxGxK, preferred_element_type=jnp.float32)
   return logits * scale
 
 
-def _weighted_values(p_BxHxQxK: jax.Array, v_BxKxHxD: jax.Array) -> jax.Array:
-  """``sum_j p_ij v_j`` as float32 ``[B, Q, H, D]`` (p cast to v's dtype, fp32 accumulate)."""
+def _weighted_values(p_BxGxQxK: jax.Array, v_BxKxGxD: jax.Array) -> jax.Array:
+  """``sum_j p_ij v_j`` as float32 ``[B, Q, G, D]`` (p cast to v's dtype, fp32 accumulate)."""
   return jnp.einsum(
-    "bhqk,bkhd->bqhd",
-    p_BxHxQxK.astype(v_BxKxHxD.dtype),
-    v_BxKxHxD,
+    "bgqk,bkgd->bqgd",
+    p_BxGxQxK.astype(v_BxKxGxD.dtype),
+    v_BxKxGxD,
     preferred_element_type=jnp.float32,
   )
 
 
-def dense_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn):
-  """Reference: full ``[B, H, L, L]`` logits, causal mask, softmax, weighted sum."""
-  length = q_BxLxHxK.shape[1]
-  logits_BxHxLxL = _logits(q_BxLxHxK, k_BxLxHxK)
+def dense_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn):
+  """Reference: full ``[B, H, L, L]`` logits, causal mask, softmax, weighted sum.
+
+  Grouped as in ``flash_attention.py``: the ``R = H / G`` query heads of KV head ``g`` are
+  folded into the query axis, ``M = L R`` rows ordered position-major (row ``l R + r`` is head
+  ``g R + r`` at position ``l``), so the einsums are those of ``G`` heads over ``M`` queries, K/V
+  are not repeated, and ``G = H`` is plain multi-head attention (the transposes move axes of
+  size 1)."""
+  b, length, h, d = q_BxLxHxK.shape
+  g = k_BxLxGxK.shape[2]
+  r = h // g
+  q_BxMxGxK = q_BxLxHxK.reshape(b, length, g, r, d).swapaxes(2, 3).reshape(b, length * r, g, d)
+  logits_BxGxMxL = _logits(q_BxMxGxK, k_BxLxGxK)
   if bias_fn is not None:
-    logits_BxHxLxL = logits_BxHxLxL + bias_fn(q_pos_BxL, k_pos_BxL)
-  causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-  logits_BxHxLxL = jnp.where(causal_LxL, logits_BxHxLxL, MASK_VALUE)
-  probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
-  return _weighted_values(probs_BxHxLxL, v_BxLxHxK).astype(q_BxLxHxK.dtype)
+    logits_BxGxMxL = logits_BxGxMxL + pack_heads(bias_fn(q_pos_BxL, k_pos_BxL), g)
+  causal_MxL = (jnp.arange(length * r) // r)[:, None] >= jnp.arange(length)
+  logits_BxGxMxL = jnp.where(causal_MxL, logits_BxGxMxL, MASK_VALUE)
+  probs_BxGxMxL = jax.nn.softmax(logits_BxGxMxL, axis=-1)
+  out_BxMxGxK = _weighted_values(probs_BxGxMxL, v_BxLxGxK)
+  out_BxLxHxK = out_BxMxGxK.reshape(b, length, r, g, d).swapaxes(2, 3).reshape(b, length, h, d)
+  return out_BxLxHxK.astype(q_BxLxHxK.dtype)
 
 
-def xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn):
-  """``jax.nn.dot_product_attention``; cuDNN on GPU for half-precision inputs, else XLA."""
+def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn):
+  """``jax.nn.dot_product_attention`` (takes ``G`` KV heads natively, same head grouping);
+  cuDNN on GPU for half-precision inputs, else XLA."""
   half = q_BxLxHxK.dtype in (jnp.bfloat16, jnp.float16)
   implementation = "cudnn" if jax.default_backend() == "gpu" and half else None
   bias_BxHxLxL = None if bias_fn is None else bias_fn(q_pos_BxL, k_pos_BxL)
@@ -159,8 +181,8 @@ def xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn
     bias_BxHxLxL = bias_BxHxLxL.astype(q_BxLxHxK.dtype)
   return jax.nn.dot_product_attention(
     q_BxLxHxK,
-    k_BxLxHxK,
-    v_BxLxHxK,
+    k_BxLxGxK,
+    v_BxLxGxK,
     bias=bias_BxHxLxL,
     is_causal=True,
     implementation=implementation,

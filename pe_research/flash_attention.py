@@ -12,6 +12,12 @@ The backward pass (FlashAttention-2) recomputes each visible block from ``lse`` 
 storing probabilities. The bias is evaluated per block pair, never as an ``[H, L, L]`` table,
 and is closure-converted so the parameters it reads (T5's table, KERPLE's r, FIRE's MLP) are
 explicit inputs: their gradients are pulled back block by block with ``jax.vjp``.
+
+Grouped-query attention (k, v with ``G`` heads, query head ``h = g R + r``, ``R = H / G``) is
+packed as in FlashAttention-3: q ``[B, H, L, K]`` is viewed as ``[B, G, M, K]`` with ``M = L R``
+rows ordered position-major (row ``l R + r``), so a query block of ``T = S R`` rows (S positions
+times R heads) meets key blocks of S positions of the G KV heads and K/V are never repeated;
+``dk``, ``dv`` sum over the R heads in their matmuls. ``G = H`` is ``R = 1``, ``M = L``.
 """
 
 from __future__ import annotations
@@ -57,12 +63,12 @@ def _block(x: jax.Array, i, size: int, axis: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
 
 
-def _blocks_transposed(x_BxHxLxK: jax.Array, block: int) -> jax.Array:
-  """``[n, B, H, K, S]``: block ``i`` of ``x`` transposed, as a row-major copy (the barrier
-  keeps XLA from folding the copy back into the matmuls that read it)."""
-  b, h, length, d = x_BxHxLxK.shape
-  x_NxBxHxSxK = jnp.moveaxis(x_BxHxLxK.reshape(b, h, length // block, block, d), 2, 0)
-  return jax.lax.optimization_barrier(jnp.swapaxes(x_NxBxHxSxK, -1, -2))
+def _blocks_transposed(x_BxGxMxK: jax.Array, rows: int) -> jax.Array:
+  """``[n, B, G, K, T]``: block ``i`` (``T = rows``) of ``x`` transposed, as a row-major copy
+  (the barrier keeps XLA from folding the copy back into the matmuls that read it)."""
+  b, g, m, d = x_BxGxMxK.shape
+  x_NxBxGxTxK = jnp.moveaxis(x_BxGxMxK.reshape(b, g, m // rows, rows, d), 2, 0)
+  return jax.lax.optimization_barrier(jnp.swapaxes(x_NxBxGxTxK, -1, -2))
 
 
 def _sum_leading(x_BxN: jax.Array) -> jax.Array:
@@ -79,160 +85,187 @@ def _sum_leading(x_BxN: jax.Array) -> jax.Array:
   return x_BxN
 
 
-def _block_scores(q_BxHxSxK, k_BxHxSxK, bias_BxHxSxS, a, c, static: bool) -> jax.Array:
-  """Float32 scores of query block ``a`` against key block ``c``, masked where key > query."""
-  s_BxHxSxS = (
-    jnp.einsum("bhqd,bhkd->bhqk", q_BxHxSxK, k_BxHxSxK, preferred_element_type=jnp.float32)
-    * float(q_BxHxSxK.shape[-1]) ** -0.5
+def pack_heads(x_BxHxLxX: jax.Array, groups: int) -> jax.Array:
+  """``[B, H, L, X] -> [B, G, L R, X]``: head ``g R + r`` at position ``l`` becomes row
+  ``l R + r`` of group ``g`` (a reshape when ``R = 1``)."""
+  b, h, length, x = x_BxHxLxX.shape
+  x_BxGxRxLxX = x_BxHxLxX.reshape(b, groups, h // groups, length, x)
+  return x_BxGxRxLxX.swapaxes(2, 3).reshape(b, groups, length * (h // groups), x)
+
+
+def _unpack_heads(x_BxGxMxX: jax.Array, heads: int) -> jax.Array:
+  """``[B, G, L R, X] -> [B, H, L, X]``, the inverse of :func:`pack_heads`."""
+  b, g, m, x = x_BxGxMxX.shape
+  r = heads // g
+  return x_BxGxMxX.reshape(b, g, m // r, r, x).swapaxes(2, 3).reshape(b, heads, m // r, x)
+
+
+def _grouped_bias(bias_fn, groups: int, q_pos_BxS, k_pos_BxS, *consts) -> jax.Array:
+  """``bias_fn``'s block ``[B, H, S, S]`` packed to ``[B, G, T, S]`` (:func:`pack_heads`)."""
+  return pack_heads(bias_fn(q_pos_BxS, k_pos_BxS, *consts), groups)
+
+
+def _block_scores(q_BxGxTxK, k_BxGxSxK, bias_BxGxTxS, a, c, static: bool) -> jax.Array:
+  """Float32 scores of query block ``a`` against key block ``c``, masked where the key's
+  position is after the query row's (row ``i`` is position ``a S + i // R``)."""
+  s_BxGxTxS = (
+    jnp.einsum("bgqd,bgkd->bgqk", q_BxGxTxK, k_BxGxSxK, preferred_element_type=jnp.float32)
+    * float(q_BxGxTxK.shape[-1]) ** -0.5
   )
-  if bias_BxHxSxS is not None:
-    s_BxHxSxS = s_BxHxSxS + bias_BxHxSxS
+  if bias_BxGxTxS is not None:
+    s_BxGxTxS = s_BxGxTxS + bias_BxGxTxS
   if static and a != c:  # Below the diagonal every key is visible.
-    return s_BxHxSxS
-  offsets_S = jnp.arange(q_BxHxSxK.shape[2])
-  causal_SxS = (a * q_BxHxSxK.shape[2] + offsets_S)[:, None] >= (c * q_BxHxSxK.shape[2] + offsets_S)
-  return jnp.where(causal_SxS, s_BxHxSxS, MASK_VALUE)
+    return s_BxGxTxS
+  rows, block = q_BxGxTxK.shape[2], k_BxGxSxK.shape[2]
+  # lax.div (truncating; rows >= 0) is dropped by XLA when R = 1; jnp's // keeps a sign fix-up.
+  query_T = a * block + jax.lax.div(jnp.arange(rows), rows // block)
+  causal_TxS = query_T[:, None] >= (c * block + jnp.arange(block))
+  return jnp.where(causal_TxS, s_BxGxTxS, MASK_VALUE)
 
 
-def _flash_forward(bias_fn, block, q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, q_pos_BxL, k_pos_BxL, consts):
-  """Online softmax per query block over key blocks ``0..a``: ``(out_BxHxLxK, lse_BxHxL)``."""
-  b, h, length, d = q_BxHxLxK.shape
+def _flash_forward(bias_fn, block, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts):
+  """Online softmax per query block over key blocks ``0..a``: ``(out_BxGxMxK, lse_BxGxM)``."""
+  b, g, length, d = k_BxGxLxK.shape
   n = length // block
+  rows = q_BxGxMxK.shape[2] // n
   static = n <= _UNROLL_BLOCKS
 
   def query_block(a, carry):
-    q_BxHxSxK = _block(q_BxHxLxK, a, block, 2)
+    q_BxGxTxK = _block(q_BxGxMxK, a, rows, 2)
     q_pos_BxS = _block(q_pos_BxL, a, block, 1)
 
     def key_block(c, state):
-      m_BxHxS, l_BxHxS, o_BxHxSxK = state
-      bias = (
-        None if bias_fn is None else bias_fn(q_pos_BxS, _block(k_pos_BxL, c, block, 1), *consts)
-      )
-      s_BxHxSxS = _block_scores(q_BxHxSxK, _block(k_BxHxLxK, c, block, 2), bias, a, c, static)
-      m_new = jnp.maximum(m_BxHxS, s_BxHxSxS.max(axis=-1))
-      correction_BxHxS = jnp.exp(m_BxHxS - m_new)
-      p_BxHxSxS = jnp.exp(s_BxHxSxS - m_new[..., None])
-      l_new = l_BxHxS * correction_BxHxS + p_BxHxSxS.sum(axis=-1)
-      pv_BxHxSxK = jnp.einsum(
-        "bhqk,bhkd->bhqd",
-        p_BxHxSxS.astype(v_BxHxLxK.dtype),
-        _block(v_BxHxLxK, c, block, 2),
+      m_BxGxT, l_BxGxT, o_BxGxTxK = state
+      k_pos_BxS = _block(k_pos_BxL, c, block, 1)
+      bias = None if bias_fn is None else _grouped_bias(bias_fn, g, q_pos_BxS, k_pos_BxS, *consts)
+      s_BxGxTxS = _block_scores(q_BxGxTxK, _block(k_BxGxLxK, c, block, 2), bias, a, c, static)
+      m_new = jnp.maximum(m_BxGxT, s_BxGxTxS.max(axis=-1))
+      correction_BxGxT = jnp.exp(m_BxGxT - m_new)
+      p_BxGxTxS = jnp.exp(s_BxGxTxS - m_new[..., None])
+      l_new = l_BxGxT * correction_BxGxT + p_BxGxTxS.sum(axis=-1)
+      pv_BxGxTxK = jnp.einsum(
+        "bgqk,bgkd->bgqd",
+        p_BxGxTxS.astype(v_BxGxLxK.dtype),
+        _block(v_BxGxLxK, c, block, 2),
         preferred_element_type=jnp.float32,
       )
-      return m_new, l_new, o_BxHxSxK * correction_BxHxS[..., None] + pv_BxHxSxK
+      return m_new, l_new, o_BxGxTxK * correction_BxGxT[..., None] + pv_BxGxTxK
 
     init = (
-      jnp.full((b, h, block), MASK_VALUE, jnp.float32),
-      jnp.zeros((b, h, block), jnp.float32),
-      jnp.zeros((b, h, block, d), jnp.float32),
+      jnp.full((b, g, rows), MASK_VALUE, jnp.float32),
+      jnp.zeros((b, g, rows), jnp.float32),
+      jnp.zeros((b, g, rows, d), jnp.float32),
     )
-    m_BxHxS, l_BxHxS, o_BxHxSxK = _loop(0, a + 1, key_block, init, static)
-    out_BxHxSxK = (o_BxHxSxK / l_BxHxS[..., None]).astype(q_BxHxLxK.dtype)
-    return (out_BxHxSxK, m_BxHxS + jnp.log(l_BxHxS)), carry
+    m_BxGxT, l_BxGxT, o_BxGxTxK = _loop(0, a + 1, key_block, init, static)
+    out_BxGxTxK = (o_BxGxTxK / l_BxGxT[..., None]).astype(q_BxGxMxK.dtype)
+    return (out_BxGxTxK, m_BxGxT + jnp.log(l_BxGxT)), carry
 
-  (out_NxBxHxSxK, lse_NxBxHxS), _ = _map(n, query_block, (), static)
-  out_BxHxLxK = jnp.moveaxis(out_NxBxHxSxK, 0, 2).reshape(b, h, length, d)
-  return out_BxHxLxK, jnp.moveaxis(lse_NxBxHxS, 0, 2).reshape(b, h, length)
+  (out_NxBxGxTxK, lse_NxBxGxT), _ = _map(n, query_block, (), static)
+  out_BxGxMxK = jnp.moveaxis(out_NxBxGxTxK, 0, 2).reshape(b, g, n * rows, d)
+  return out_BxGxMxK, jnp.moveaxis(lse_NxBxGxT, 0, 2).reshape(b, g, n * rows)
 
 
-def _flash_backward(bias_fn, block, residuals, dout_BxHxLxK):
+def _flash_backward(bias_fn, block, residuals, dout_BxGxMxK):
   """FlashAttention-2 backward: per key block ``c``, query blocks ``a >= c``.
 
   With ``p = exp(s - lse)``, ``D_i = sum_d dout_i out_i``:  ``dv_c += p^T dout_a``,
-  ``ds = p (dout_a v_c^T - D_a)``, ``dq_a += ds k_c / sqrt(K)``, ``dk_c += ds^T q_a / sqrt(K)``,
-  and ``ds`` is the cotangent of the bias block, pulled back to the bias parameters. In bf16 on
-  the CPU ``dk`` and ``dv`` are accumulated transposed (see ``transposed`` below).
+  ``ds = p (dout_a v_c^T - D_a)``, ``dq_a += ds k_c / sqrt(K)``, ``dk_c += ds^T q_a / sqrt(K)``
+  (``p^T``, ``ds^T`` contract the T rows: positions and the R heads of a group), and ``ds`` is
+  the cotangent of the bias block, pulled back to the bias parameters. In bf16 on the CPU
+  ``dk`` and ``dv`` are accumulated transposed (see ``transposed`` below).
   """
-  q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, q_pos_BxL, k_pos_BxL, consts, out_BxHxLxK, lse_BxHxL = residuals
-  b, h, length, d = q_BxHxLxK.shape
+  q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, out_BxGxMxK, lse_BxGxM = residuals
+  b, g, length, d = k_BxGxLxK.shape
   n = length // block
+  rows = q_BxGxMxK.shape[2] // n
   static = n <= _UNROLL_BLOCKS
   scale = float(d) ** -0.5
-  delta_BxHxL = jnp.sum(dout_BxHxLxK.astype(jnp.float32) * out_BxHxLxK.astype(jnp.float32), -1)
-  dout_BxHxLxK = dout_BxHxLxK.astype(v_BxHxLxK.dtype)
+  delta_BxGxM = jnp.sum(dout_BxGxMxK.astype(jnp.float32) * out_BxGxMxK.astype(jnp.float32), -1)
+  dout_BxGxMxK = dout_BxGxMxK.astype(v_BxGxLxK.dtype)
 
   # dk += ds^T q and dv += p^T dout contract the query axis. In bf16 on the CPU they are
   # computed transposed, dk^T += q^T ds with q^T copied: XLA:CPU's fast matmul (YNNPACK) takes
   # a left operand contracted on its last axis only, and its fallback first converts bf16 to
   # float32 (bf16 [16, 4, 256, 256] x [.., 256, 64]: 50 -> 180 GFLOP/s; a d=512 8-layer train
   # step 1.43x faster, measured). In float32 the copies cost more than they save (1-2%).
-  transposed = q_BxHxLxK.dtype != jnp.float32 and jax.default_backend() == "cpu"
-  q_t_NxBxHxKxS = dout_t_NxBxHxKxS = None
+  transposed = q_BxGxMxK.dtype != jnp.float32 and jax.default_backend() == "cpu"
+  q_t_NxBxGxKxT = dout_t_NxBxGxKxT = None
   if transposed:
-    q_t_NxBxHxKxS = _blocks_transposed(q_BxHxLxK, block)
-    dout_t_NxBxHxKxS = _blocks_transposed(dout_BxHxLxK, block)
+    q_t_NxBxGxKxT = _blocks_transposed(q_BxGxMxK, rows)
+    dout_t_NxBxGxKxT = _blocks_transposed(dout_BxGxMxK, rows)
 
-  def pull_to_keys(x_BxHxSxS, y_BxHxLxK, y_t_NxBxHxKxS, a):
-    """``x^T y_a`` (``[B, H, S, K]``), or its transpose when ``transposed``."""
+  def pull_to_keys(x_BxGxTxS, y_BxGxMxK, y_t_NxBxGxKxT, a):
+    """``x^T y_a`` (``[B, G, S, K]``), or its transpose when ``transposed``."""
     if transposed:
       return jnp.einsum(
-        "bhdq,bhqk->bhdk", y_t_NxBxHxKxS[a], x_BxHxSxS, preferred_element_type=jnp.float32
+        "bgdq,bgqk->bgdk", y_t_NxBxGxKxT[a], x_BxGxTxS, preferred_element_type=jnp.float32
       )
-    y_BxHxSxK = _block(y_BxHxLxK, a, block, 2)
-    return jnp.einsum("bhqk,bhqd->bhkd", x_BxHxSxS, y_BxHxSxK, preferred_element_type=jnp.float32)
+    y_BxGxTxK = _block(y_BxGxMxK, a, rows, 2)
+    return jnp.einsum("bgqk,bgqd->bgkd", x_BxGxTxS, y_BxGxTxK, preferred_element_type=jnp.float32)
 
   def key_block(c, carry):
-    k_BxHxSxK, v_BxHxSxK = _block(k_BxHxLxK, c, block, 2), _block(v_BxHxLxK, c, block, 2)
+    k_BxGxSxK, v_BxGxSxK = _block(k_BxGxLxK, c, block, 2), _block(v_BxGxLxK, c, block, 2)
     k_pos_BxS = _block(k_pos_BxL, c, block, 1)
 
     def query_block(a, state):
-      dk_BxHxSxK, dv_BxHxSxK, dq_BxHxLxK, dconsts = state  # dk, dv: [B, H, K, S] if transposed
-      q_BxHxSxK, dout_BxHxSxK = _block(q_BxHxLxK, a, block, 2), _block(dout_BxHxLxK, a, block, 2)
+      dk_BxGxSxK, dv_BxGxSxK, dq_BxGxMxK, dconsts = state  # dk, dv: [B, G, K, S] if transposed
+      q_BxGxTxK, dout_BxGxTxK = _block(q_BxGxMxK, a, rows, 2), _block(dout_BxGxMxK, a, rows, 2)
       bias, bias_vjp = None, None
       if bias_fn is not None:
-        block_bias = lambda *cs: bias_fn(_block(q_pos_BxL, a, block, 1), k_pos_BxS, *cs)
+        q_pos_BxS = _block(q_pos_BxL, a, block, 1)
+        block_bias = lambda *cs: _grouped_bias(bias_fn, g, q_pos_BxS, k_pos_BxS, *cs)
         bias, bias_vjp = jax.vjp(block_bias, *consts)
-      s_BxHxSxS = _block_scores(q_BxHxSxK, k_BxHxSxK, bias, a, c, static)
-      p_BxHxSxS = jnp.exp(s_BxHxSxS - _block(lse_BxHxL, a, block, 2)[..., None])
-      p_cast = p_BxHxSxS.astype(v_BxHxLxK.dtype)
-      dv_BxHxSxK = dv_BxHxSxK + pull_to_keys(p_cast, dout_BxHxLxK, dout_t_NxBxHxKxS, a)
-      dp_BxHxSxS = jnp.einsum(
-        "bhqd,bhkd->bhqk", dout_BxHxSxK, v_BxHxSxK, preferred_element_type=jnp.float32
+      s_BxGxTxS = _block_scores(q_BxGxTxK, k_BxGxSxK, bias, a, c, static)
+      p_BxGxTxS = jnp.exp(s_BxGxTxS - _block(lse_BxGxM, a, rows, 2)[..., None])
+      p_cast = p_BxGxTxS.astype(v_BxGxLxK.dtype)
+      dv_BxGxSxK = dv_BxGxSxK + pull_to_keys(p_cast, dout_BxGxMxK, dout_t_NxBxGxKxT, a)
+      dp_BxGxTxS = jnp.einsum(
+        "bgqd,bgkd->bgqk", dout_BxGxTxK, v_BxGxSxK, preferred_element_type=jnp.float32
       )
-      ds_BxHxSxS = p_BxHxSxS * (dp_BxHxSxS - _block(delta_BxHxL, a, block, 2)[..., None])
-      ds_scaled = (ds_BxHxSxS * scale).astype(q_BxHxLxK.dtype)
-      dq_BxHxSxK = _block(dq_BxHxLxK, a, block, 2) + jnp.einsum(
-        "bhqk,bhkd->bhqd", ds_scaled, k_BxHxSxK, preferred_element_type=jnp.float32
+      ds_BxGxTxS = p_BxGxTxS * (dp_BxGxTxS - _block(delta_BxGxM, a, rows, 2)[..., None])
+      ds_scaled = (ds_BxGxTxS * scale).astype(q_BxGxMxK.dtype)
+      dq_BxGxTxK = _block(dq_BxGxMxK, a, rows, 2) + jnp.einsum(
+        "bgqk,bgkd->bgqd", ds_scaled, k_BxGxSxK, preferred_element_type=jnp.float32
       )
-      dq_BxHxLxK = jax.lax.dynamic_update_slice_in_dim(dq_BxHxLxK, dq_BxHxSxK, a * block, 2)
-      dk_BxHxSxK = dk_BxHxSxK + pull_to_keys(ds_scaled, q_BxHxLxK, q_t_NxBxHxKxS, a)
+      dq_BxGxMxK = jax.lax.dynamic_update_slice_in_dim(dq_BxGxMxK, dq_BxGxTxK, a * rows, 2)
+      dk_BxGxSxK = dk_BxGxSxK + pull_to_keys(ds_scaled, q_BxGxMxK, q_t_NxBxGxKxT, a)
       if bias_vjp is not None:
         if bias.shape[0] == 1:  # One bias row broadcast over the batch: sum its cotangent.
-          ds_BxHxSxS = _sum_leading(ds_BxHxSxS)
-        dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(ds_BxHxSxS))
-      return dk_BxHxSxK, dv_BxHxSxK, dq_BxHxLxK, dconsts
+          ds_BxGxTxS = _sum_leading(ds_BxGxTxS)
+        dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(ds_BxGxTxS))
+      return dk_BxGxSxK, dv_BxGxSxK, dq_BxGxMxK, dconsts
 
-    zeros = jnp.zeros((b, h, d, block) if transposed else (b, h, block, d), jnp.float32)
+    zeros = jnp.zeros((b, g, d, block) if transposed else (b, g, block, d), jnp.float32)
     dk, dv, dq, dconsts = _loop(c, n, query_block, (zeros, zeros, *carry), static)
     return (dk, dv), (dq, dconsts)
 
-  init = (jnp.zeros((b, h, length, d), jnp.float32), tuple(jnp.zeros_like(x) for x in consts))
-  (dk_NxBxHxSxK, dv_NxBxHxSxK), (dq_BxHxLxK, dconsts) = _map(n, key_block, init, static)
+  init = (jnp.zeros(q_BxGxMxK.shape, jnp.float32), tuple(jnp.zeros_like(x) for x in consts))
+  (dk_NxBxGxSxK, dv_NxBxGxSxK), (dq_BxGxMxK, dconsts) = _map(n, key_block, init, static)
   if transposed:
-    dk_NxBxHxSxK, dv_NxBxHxSxK = (jnp.swapaxes(x, -1, -2) for x in (dk_NxBxHxSxK, dv_NxBxHxSxK))
-  to_full = lambda x_N: jnp.moveaxis(x_N, 0, 2).reshape(b, h, length, d)
-  grads = (dq_BxHxLxK, to_full(dk_NxBxHxSxK), to_full(dv_NxBxHxSxK))
-  grads = tuple(g.astype(x.dtype) for g, x in zip(grads, residuals[:3], strict=True))
+    dk_NxBxGxSxK, dv_NxBxGxSxK = (jnp.swapaxes(x, -1, -2) for x in (dk_NxBxGxSxK, dv_NxBxGxSxK))
+  to_full = lambda x_N: jnp.moveaxis(x_N, 0, 2).reshape(b, g, length, d)
+  grads = (dq_BxGxMxK, to_full(dk_NxBxGxSxK), to_full(dv_NxBxGxSxK))
+  grads = tuple(grad.astype(x.dtype) for grad, x in zip(grads, residuals[:3], strict=True))
   return (*grads, None, None, dconsts)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(bias_fn, block, q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, q_pos_BxL, k_pos_BxL, consts):
-  args = (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, q_pos_BxL, k_pos_BxL, consts)
+def _flash(bias_fn, block, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts):
+  args = (q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts)
   return _flash_forward(bias_fn, block, *args)[0]
 
 
 def _flash_fwd(bias_fn, block, *args):
-  out_BxHxLxK, lse_BxHxL = _flash_forward(bias_fn, block, *args)
-  return out_BxHxLxK, (*args, out_BxHxLxK, lse_BxHxL)
+  out_BxGxMxK, lse_BxGxM = _flash_forward(bias_fn, block, *args)
+  return out_BxGxMxK, (*args, out_BxGxMxK, lse_BxGxM)
 
 
 _flash.defvjp(_flash_fwd, _flash_backward)
 
 
-def blockwise_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, bias_fn, block_size):
-  """Causal attention ``[B, L, H, K] -> [B, L, H, K]`` by blocks (module docstring).
+def blockwise_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, block_size):
+  """Causal attention of q ``[B, L, H, K]`` over k, v ``[B, L, G, K]`` -> ``[B, L, H, K]`` by
+  blocks, q packed to ``[B, G, L R, K]`` (module docstring).
 
   L is padded to ``n * S`` (``S = min(block_size, L)``); padded keys sit after every real
   query so the causal mask hides them, padded query rows are dropped. Positions are padded by
@@ -241,6 +274,7 @@ def blockwise_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, b
   bound method seen before would get the parameters of its earlier trace.
   """
   b, length, h, d = q_BxLxHxK.shape
+  g = k_BxLxGxK.shape[2]
   if block_size < 1:
     raise ValueError(f"model.attention_block={block_size} must be a positive integer")
   block = min(block_size, length)
@@ -254,14 +288,14 @@ def blockwise_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, q_pos_BxL, k_pos_BxL, b
     example = q_pos_BxL[:, :block]
     converted, consts = jax.closure_convert(lambda qp, kp: bias_fn(qp, kp), example, example)
     consts = tuple(consts)
-  out_BxHxLxK = _flash(
+  out_BxGxMxK = _flash(
     converted,
     block,
-    heads_first(q_BxLxHxK),
-    heads_first(k_BxLxHxK),
-    heads_first(v_BxLxHxK),
+    pack_heads(heads_first(q_BxLxHxK), g),
+    heads_first(k_BxLxGxK),
+    heads_first(v_BxLxGxK),
     q_pos_BxL,
     k_pos_BxL,
     consts,
   )
-  return jnp.moveaxis(out_BxHxLxK, 1, 2)[:, :length]
+  return jnp.moveaxis(_unpack_heads(out_BxGxMxK, h), 1, 2)[:, :length]

@@ -14,9 +14,11 @@ from pe_research.attention import attend
 B, H, K = 2, 3, 8
 
 
-def _qkv(length, seed=0, dtype=jnp.float32):
+def _qkv(length, seed=0, dtype=jnp.float32, heads=H, kv_heads=None):
+  """q ``[B, L, heads, K]``, k and v ``[B, L, kv_heads, K]`` (default: ``heads``)."""
   keys = jax.random.split(jax.random.key(seed), 3)
-  return [jax.random.normal(k, (B, length, H, K), dtype) for k in keys]
+  shapes = [(B, length, heads, K)] + [(B, length, kv_heads or heads, K)] * 2
+  return [jax.random.normal(k, shape, dtype) for k, shape in zip(keys, shapes, strict=True)]
 
 
 def _positions(length, rows=B):
@@ -37,8 +39,8 @@ def _bias_fn(params):
   return bias
 
 
-def _bias_params():
-  return (jnp.array([0.5, 0.25, 0.125]), jax.random.normal(jax.random.key(7), (5, H)))
+def _bias_params(heads=H):
+  return (0.5 ** jnp.arange(1, heads + 1), jax.random.normal(jax.random.key(7), (5, heads)))
 
 
 def _attend(impl, qkv, bias_params=None, block_size=4, pos_rows=B):
@@ -290,3 +292,80 @@ def test_batch_pieces_divide_the_batch_up_to_the_cores():
     pieces = attention.batch_pieces(batch)
     assert batch % pieces == 0 and 1 <= pieces <= min(batch, cores)
   assert attention.batch_pieces(8) == max(n for n in range(1, min(8, cores) + 1) if 8 % n == 0)
+
+
+GQA_HEADS = 4  # H in the grouped-query tests: G = 1 (multi-query), 2 and 4 (= H) divide it
+
+
+def _repeat_kv(qkv):
+  """The reference for G KV heads: k, v repeated to q's H heads, KV head ``g`` serving query
+  heads ``g R .. g R + R - 1`` (HF ``repeat_kv``)."""
+  q, k, v = qkv
+  return [q, *(jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))]
+
+
+def _gqa_out_and_grads(impl, qkv, params, block_size=4, repeat_kv=False):
+  """Output and gradients of q, k, v and the bias parameters of ``sum(out * cotangent)``; with
+  ``repeat_kv`` through :func:`_repeat_kv` (so k, v gradients sum over the repeats)."""
+  cotangent = jax.random.normal(jax.random.key(3), qkv[0].shape)
+
+  def loss(qkv, params):
+    out = _attend(impl, _repeat_kv(qkv) if repeat_kv else qkv, params, block_size=block_size)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+  (dqkv, dparams), out = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(qkv, params)
+  return out, [*dqkv, *jax.tree.leaves(dparams)]
+
+
+@pytest.mark.parametrize("impl", ["dense", "blockwise", "xla"])
+@pytest.mark.parametrize("kv_heads,with_bias", [(1, True), (2, True), (4, True), (2, False)])
+def test_grouped_query_attention_equals_repeated_kv(impl, kv_heads, with_bias):
+  """G of H = 4 KV heads (3 blocks of 4, the last one padded): the output and the gradients of
+  q, k, v equal dense attention over k, v repeated to H heads to 1e-5, the bias parameters'
+  gradients to 1e-4 (sums in different orders)."""
+  qkv = _qkv(10, seed=1, heads=GQA_HEADS, kv_heads=kv_heads)
+  params = _bias_params(GQA_HEADS) if with_bias else None
+  out, grads = _gqa_out_and_grads(impl, qkv, params)
+  out_ref, grads_ref = _gqa_out_and_grads("dense", qkv, params, repeat_kv=True)
+  np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
+  for i, (got, expected) in enumerate(zip(grads, grads_ref, strict=True)):
+    assert got.shape == expected.shape
+    tol = 1e-5 if i < 3 else 1e-4
+    np.testing.assert_allclose(got, expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_blockwise_grouped_query_lax_loops_equal_repeated_kv(kv_heads):
+  """10 blocks (``lax`` loops, above ``_UNROLL_BLOCKS``): output and gradients as above."""
+  qkv = _qkv(37, seed=2, heads=GQA_HEADS, kv_heads=kv_heads)
+  params = _bias_params(GQA_HEADS)
+  out, grads = _gqa_out_and_grads("blockwise", qkv, params)
+  out_ref, grads_ref = _gqa_out_and_grads("dense", qkv, params, repeat_kv=True)
+  np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
+  for got, expected in zip(grads, grads_ref, strict=True):
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("length", [10, 37])  # 3 blocks (Python loops), 10 blocks (lax loops)
+def test_blockwise_grouped_query_bfloat16_close_to_float32(length):
+  """bf16 q, k, v with G = 2 of H = 4 (on the CPU ``dk``/``dv`` accumulated transposed):
+  output within 5e-2, gradients within 3% of the largest fp32 entry of the repeated-KV
+  reference."""
+  qkv, params = _qkv(length, seed=1, heads=GQA_HEADS, kv_heads=2), _bias_params(GQA_HEADS)
+  out, grads = _gqa_out_and_grads("blockwise", [x.astype(jnp.bfloat16) for x in qkv], params)
+  out_ref, grads_ref = _gqa_out_and_grads("dense", qkv, params, repeat_kv=True)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), out_ref, atol=5e-2)
+  for got, expected in zip(grads, grads_ref, strict=True):
+    assert got.shape == expected.shape
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=0.03 * scale)
+
+
+@pytest.mark.parametrize("kv_heads", [(3, 3), (2, 1)])  # 3 does not divide 4; k, v differ
+def test_kv_heads_not_dividing_h_or_k_v_disagreeing_is_a_value_error(kv_heads):
+  """One ValueError naming the shapes, before any implementation runs."""
+  q = _qkv(4, heads=GQA_HEADS)[0]
+  k, v = (jnp.zeros((B, 4, g, K)) for g in kv_heads)
+  with pytest.raises(ValueError, match=r"G dividing H; got q \(2, 4, 4, 8\), k \(2, 4, "):
+    _run("dense", (q, k, v))
