@@ -23,10 +23,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.num_layers = 4  # Transformer blocks.
   config.model.model_dim = 256  # Residual width D.
   config.model.num_heads = 4  # Attention heads H.
+  config.model.num_kv_heads = 0  # Key/value heads G (grouped-query attention); 0 = num_heads.
   config.model.head_dim = 0  # Per-head width K; 0 = model_dim // num_heads.
   config.model.mlp_dim = 0  # MLP hidden width; 0 = 4*model_dim (gelu), ~8/3*model_dim (swiglu).
   config.model.mlp = "gelu"  # "gelu" or "swiglu".
   config.model.norm = "layernorm"  # Pre-norm type: "layernorm" or "rmsnorm".
+  config.model.norm_eps = 1e-5  # Epsilon of every norm (LayerNorm/RMSNorm denominator).
+  config.model.qkv_bias = False  # Biases on the q/k/v projections (Qwen2); others have none.
   config.model.tie_embeddings = True  # Output projection = transposed input embedding.
   config.model.attention = "dense"  # "dense" (einsum), "blockwise" (online softmax), "xla".
   # Query/key block size of blockwise attention. Training on the CPU at L <= 1024, 128 is faster
@@ -85,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.name = "pystdlib"  # Dataset name (see pe_research.data).
   config.data.data_dir = "data/tfds"  # TFDS data_dir for prepared datasets.
   config.data.local_dir = ""  # Folder of text files for the local_text dataset.
+  config.data.tokenizer = "bytes"  # "bytes" or the path of a HF tokenizers tokenizer.json.
   config.data.eval_tokens = 65536  # Tokens per evaluation length.
   config.data.task = "copy"  # Algorithmic task for the synthetic dataset.
   config.data.train_min_len = 1  # Synthetic task: shortest training instance.

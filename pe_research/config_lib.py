@@ -29,6 +29,7 @@ _CHOICES = {
 _POSITIVE = (
   *("model.vocab_size", "model.num_layers", "model.model_dim", "model.num_heads"),
   *("model.attention_block", "model.init_std", "pe.rope_base", "pe.sinusoidal_base"),
+  "model.norm_eps",
   *("pe.max_len", "pe.t5_num_buckets", "pe.t5_max_distance", "pe.fire_hidden"),
   *("pe.fire_c_init", "pe.fire_l_thr_init", "pe.xpos_gamma", "pe.max_random_len"),
   *("data.eval_tokens", "data.train_min_len", "data.train_max_len", "data.test_min_len"),
@@ -38,6 +39,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
   *("seed", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay"),
+  "model.num_kv_heads",
   "train.grad_clip",
 )
 # field: (low, high, low_inclusive, high_inclusive)
@@ -163,6 +165,12 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
       model.num_heads,
       f"a divisor of model.model_dim={model.model_dim} (or set model.head_dim)",
     )
+  _require(
+    model.num_heads % (model.num_kv_heads or model.num_heads) == 0,
+    "model.num_kv_heads",
+    model.num_kv_heads,
+    f"0 or a divisor of model.num_heads={model.num_heads}",
+  )
   head_dim = model.head_dim or model.model_dim // model.num_heads
   if pe.name in ROTARY_ENCODINGS:
     rotary_dim = int(head_dim * pe.rotary_pct)
@@ -190,12 +198,46 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """``data.tokenizer`` loads, is bytes for synthetic tasks, and fits ``model.vocab_size``."""
+  from pe_research.data import make_tokenizer
+
+  spec = config.data.tokenizer
+  _require(
+    spec == "bytes" or config.data.name != "synthetic",
+    "data.tokenizer",
+    spec,
+    "'bytes' when data.name='synthetic' (synthetic tasks are byte tasks)",
+  )
+  _require(
+    spec == "bytes" or os.path.isfile(spec),
+    "data.tokenizer",
+    spec,
+    "'bytes' or the path of an existing tokenizer.json",
+  )
+  try:
+    vocab_size = make_tokenizer(spec).vocab_size
+  except ValueError as e:
+    reason = " ".join(str(e).split())
+    raise ValueError(
+      f"data.tokenizer={spec!r} is invalid; allowed: 'bytes' or a tokenizer.json that loads "
+      f"({reason})"
+    ) from None
+  _require(
+    vocab_size <= config.model.vocab_size,
+    "model.vocab_size",
+    config.model.vocab_size,
+    f"a size >= {vocab_size}, the vocabulary of data.tokenizer={spec!r}",
+  )
+
+
 def _validate_data(config: ml_collections.ConfigDict) -> None:
   from pe_research.data import dataset_names, task_names
 
   data = config.data
   _require(data.name in dataset_names(), "data.name", data.name, ", ".join(dataset_names()))
   _require(data.task in task_names(), "data.task", data.task, ", ".join(task_names()))
+  _validate_tokenizer(config)
   _require(
     data.train_min_len <= data.train_max_len,
     "data.train_min_len",

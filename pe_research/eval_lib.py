@@ -8,9 +8,15 @@ batches ``{"inputs", "targets", "weights"}`` of shape ``[B, L]`` with one step t
   exact_B[b]      = ∀l: w[b,l] = 0 or argmax(logits[b,l]) = targets[b,l]
   scored_B[b]     = Σ_l w[b,l]
 
-from which loss = Σ nll_sum / Σ weight_sum, ppl = exp(loss), bits_per_byte = loss / ln 2,
-and exact-match accuracy = mean of exact_B over rows with scored_B > 0 (greedy decoding of
-the targets, see ``passkey.py``). Host-side sums are float64.
+from which loss = Σ nll_sum / Σ weight_sum (nats per token), ppl = exp(loss), and exact-match
+accuracy = mean of exact_B over rows with scored_B > 0 (greedy decoding of the targets, see
+``passkey.py``). Language-model sweeps also count the UTF-8 bytes of the scored text on the
+host, ``bytes = Σ_b,l w[b,l] · bytes_per_token[targets[b,l]]`` (from the tokenizer's
+``utf8_bytes_per_token``; EOS and other specials are 0 bytes), and report
+
+  bits_per_byte = Σ nll_sum / ln 2 / bytes
+
+so byte-level and BPE models are compared on one axis. Host-side sums are float64.
 
 Long lengths: dense attention materialises ``B·H·L²`` float32 scores per layer; when that
 exceeds ``dense_budget_bytes`` a dense run is evaluated with blockwise attention instead
@@ -33,7 +39,7 @@ import tqdm
 from flax import nnx
 
 from pe_research import passkey
-from pe_research.data import make_eval_batches
+from pe_research.data import make_eval_batches, tokenizer_of
 from pe_research.model import Transformer, with_attention
 
 Batch = dict[str, np.ndarray]
@@ -75,6 +81,7 @@ class Totals:
 
   nll_sum_L: np.ndarray
   weight_sum_L: np.ndarray
+  scored_bytes: float = 0.0
   correct: int = 0
   examples: int = 0
   seconds: float = 0.0
@@ -93,13 +100,21 @@ class Totals:
   def accuracy(self) -> float:
     return self.correct / self.examples
 
+  @property
+  def bits_per_byte(self) -> float:
+    """``Σ nll / ln 2 / bytes``; NaN when no bytes were counted."""
+    if not self.scored_bytes:
+      return math.nan
+    return float(self.nll_sum_L.sum() / math.log(2) / self.scored_bytes)
+
   def lm_row(self) -> dict[str, float]:
     loss = self.loss
     return {
       "tokens": self.tokens,
       "loss": loss,
       "ppl": math.exp(loss) if loss < 700 else math.inf,
-      "bits_per_byte": loss / math.log(2),
+      "bytes": int(round(self.scored_bytes)),
+      "bits_per_byte": self.bits_per_byte,
       "seconds": self.seconds,
       "compile_seconds": self.compile_seconds,
     }
@@ -155,18 +170,33 @@ class Evaluator:
     self._graphs[attention] = (graphdef, rest)  # RNG state advances (randomized positions)
     return jax.tree.map(np.asarray, stats), compile_seconds
 
-  def score_all(self, batches: Iterable[Batch], *, batch_size: int, desc: str) -> Totals:
-    """Scores every batch (short ones padded with zero-weight rows) with a progress bar."""
+  def score_all(
+    self,
+    batches: Iterable[Batch],
+    *,
+    batch_size: int,
+    desc: str,
+    bytes_per_token_V: np.ndarray | None = None,
+  ) -> Totals:
+    """Scores every batch (short ones padded with zero-weight rows) with a progress bar.
+
+    With ``bytes_per_token_V`` (int ``[V]``) also counts the scored UTF-8 bytes on the host,
+    ``Σ w · bytes_per_token_V[targets]`` per batch (the compiled step is unchanged).
+    """
     totals = None
     start = time.perf_counter()
     total = len(batches) if hasattr(batches, "__len__") else None
     for batch in tqdm.tqdm(batches, desc=desc, total=total, unit="batch", leave=False):
-      stats, compile_seconds = self.score(pad_batch(batch, batch_size))
+      batch = pad_batch(batch, batch_size)
+      stats, compile_seconds = self.score(batch)
       if totals is None:
         length = stats["nll_sum_L"].shape[0]
         totals = Totals(np.zeros(length, np.float64), np.zeros(length, np.float64))
       totals.nll_sum_L += stats["nll_sum_L"]
       totals.weight_sum_L += stats["weight_sum_L"]
+      if bytes_per_token_V is not None:
+        bytes_BxL = bytes_per_token_V[batch["targets"]]
+        totals.scored_bytes += float(np.sum(batch["weights"] * bytes_BxL, dtype=np.float64))
       scored_B = stats["scored_B"] > 0
       totals.correct += int(np.sum(stats["exact_B"] & scored_B))
       totals.examples += int(np.sum(scored_B))
@@ -200,14 +230,16 @@ def lm_sweep(
   max_tokens: int | None = None,
   batch_size: int = 1,
 ) -> tuple[list[dict], dict[int, tuple[np.ndarray, np.ndarray]]]:
-  """Loss/ppl at each length over the same token budget (``data.make_eval_batches``).
+  """Loss/ppl/bits per byte at each length over one token budget (``data.make_eval_batches``).
 
+  Bytes are those of ``data.tokenizer``'s ``utf8_bytes_per_token`` (see the module docstring).
   Returns one row per length and, per length, ``(nll_sum_L, weight_sum_L)`` for the
   per-position diagnostic. Sliding mode uses ``stride`` (default ``length // 2``);
   non-overlapping rows report ``stride = length``. Synthetic data (``length`` = task length)
   adds ``seq_len``, ``examples`` and exact-match ``accuracy``.
   """
   synthetic = config.data.name == "synthetic"
+  bytes_per_token_V = tokenizer_of(config.data).utf8_bytes_per_token()
   rows, per_position = [], {}
   for length in lengths:
     step = length if mode == "nonoverlapping" else stride or max(1, length // 2)
@@ -219,7 +251,9 @@ def lm_sweep(
       max_tokens=max_tokens,
       batch_size=batch_size,
     )
-    totals = evaluator.score_all(batches, batch_size=batch_size, desc=f"length {length}")
+    totals = evaluator.score_all(
+      batches, batch_size=batch_size, desc=f"length {length}", bytes_per_token_V=bytes_per_token_V
+    )
     row = {"length": length, "mode": mode, "stride": step, "attention": totals.attention}
     row |= totals.lm_row()
     if synthetic:
@@ -232,6 +266,7 @@ def lm_sweep(
     per_position[length] = (totals.nll_sum_L, totals.weight_sum_L)
     tqdm.tqdm.write(
       f"length {length:>7}: loss {row['loss']:.4f}  ppl {row['ppl']:.3f}  "
+      f"bits/byte {row['bits_per_byte']:.4f}  "
       f"({row['tokens']} tokens, {row['seconds']:.1f}s + {row['compile_seconds']:.1f}s compile)"
     )
   return rows, per_position

@@ -7,7 +7,11 @@ A prompt of exactly ``length + 1`` tokens hides one needle sentence in repeated 
 
 with ``k = round(depth · F)``, F the filler budget in tokens, so depth 0 puts the needle
 right after the header and depth 1 right before the question. The filler has no digits, so
-the key appears only in the needle and the answer. As a language-model batch,
+the key appears only in the needle and the answer. The question and the key are encoded as
+one text and split where its tokens first differ from those of the question alone, so the
+answer is exactly the tokens the tokenizer gives the key in context: bytes ``"71432"``; a
+byte-level BPE ``" 71432"`` when it merges the space into the number (``Ġ714 32``), else the
+digits after a lone ``Ġ``. As a language-model batch,
 ``inputs = tokens[:-1]`` and ``targets = tokens[1:]`` (both ``length`` long) and the weights
 are 1 exactly on the answer's targets.
 
@@ -57,13 +61,22 @@ class PasskeyExample:
 
 
 def _parts(key: int, encode: Encode) -> tuple[np.ndarray, ...]:
-  """(header, needle, question, answer) token arrays."""
-  texts = (HEADER, needle(key), QUESTION, str(key))
-  return tuple(np.asarray(encode(text), np.int32) for text in texts)
+  """(header, needle, question, answer) token arrays; question + answer = encode(Q + key)."""
+  header, mark, alone, asked = (
+    np.asarray(encode(text), np.int32)
+    for text in (HEADER, needle(key), QUESTION, QUESTION + str(key))
+  )
+  shared = min(len(alone), len(asked))
+  split = int(np.argmin(np.append(alone[:shared] == asked[:shared], False)))  # First difference.
+  return header, mark, asked[:split], asked[split:]
 
 
 def min_length(encode: Encode, key: int = 99_999) -> int:
-  """The shortest model input (no filler) that holds a prompt with this many key digits."""
+  """The shortest model input (no filler) that holds a prompt for ``key``.
+
+  Bytes: the same for every 5-digit key. A BPE tokenizer may split other keys into a few more
+  or fewer tokens.
+  """
   return sum(len(part) for part in _parts(key, encode)) - 1
 
 

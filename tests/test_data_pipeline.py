@@ -8,9 +8,10 @@ import pytest
 from configs.base import get_config
 from pe_research.data import EOS_ID, PAD_ID, make_eval_batches, make_train_iterator
 from pe_research.data.documents import PackedStream, open_documents
-from pe_research.data.pipeline import TOKENIZER
+from pe_research.data.tokenizer import make_tokenizer
 
 SEQ_LEN = 15
+TOKENIZER = make_tokenizer("bytes")
 
 
 @pytest.fixture(scope="module")

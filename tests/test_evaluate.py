@@ -82,6 +82,8 @@ def test_every_mode_scores_exactly_the_budgeted_tokens(rope, mode, stride):
   assert [r["tokens"] for r in rows] == [BUDGET, BUDGET]
   assert [per_position[n][1].sum() for n in (32, 64)] == [BUDGET, BUDGET]
   assert all(np.isfinite(r["loss"]) and r["ppl"] == pytest.approx(np.exp(r["loss"])) for r in rows)
+  # Bits per byte of the scored UTF-8 bytes; the budget holds no EOS, so bytes = tokens here.
+  assert [r["bytes"] for r in rows] == [BUDGET, BUDGET]
   assert rows[0]["bits_per_byte"] == pytest.approx(rows[0]["loss"] / np.log(2))
 
 

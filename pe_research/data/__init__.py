@@ -1,9 +1,10 @@
-"""Data: byte tokenizer, TFDS corpora, synthetic tasks and the grain pipelines.
+"""Data: tokenizers, TFDS corpora, synthetic tasks and the grain pipelines.
 
   make_train_iterator(config, process_index=, process_count=)  checkpointable training batches
   make_eval_batches(config, length=, mode=, stride=, max_tokens=, batch_size=)
   prepare(config.data)                     prepares pystdlib / local_text (CLI: python -m ...)
   dataset_names(), task_names()            the values data.name / data.task accept
+  make_tokenizer(data.tokenizer)           "bytes" or a HF tokenizer.json (cached per spec)
 
 Every batch is ``{"inputs": int32[B, L], "targets": int32[B, L], "weights": float32[B, L]}``.
 """
@@ -18,7 +19,10 @@ from pe_research.data.tokenizer import (
   SEP_ID,
   VOCAB_SIZE,
   ByteTokenizer,
+  HFTokenizer,
   Tokenizer,
+  make_tokenizer,
+  tokenizer_of,
 )
 
 __all__ = [
@@ -28,10 +32,13 @@ __all__ = [
   "SEP_ID",
   "VOCAB_SIZE",
   "ByteTokenizer",
+  "HFTokenizer",
   "Tokenizer",
   "dataset_names",
   "make_eval_batches",
+  "make_tokenizer",
   "make_train_iterator",
   "prepare",
   "task_names",
+  "tokenizer_of",
 ]

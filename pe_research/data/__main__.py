@@ -3,6 +3,7 @@
 python -m pe_research.data prepare --dataset=pystdlib --data_dir=data/tfds
 python -m pe_research.data prepare --dataset=local_text --local_dir=my_texts
 python -m pe_research.data show --dataset=pystdlib --split=validation --n=2
+python -m pe_research.data show --dataset=pystdlib --tokenizer=smollm2/tokenizer.json
 python -m pe_research.data show --dataset=synthetic --task=addition --split=validation
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from pe_research.data import synthetic
 from pe_research.data.documents import PackedStream, dataset_names, open_documents, prepare
-from pe_research.data.tokenizer import ByteTokenizer
+from pe_research.data.tokenizer import ByteTokenizer, make_tokenizer
 
 
 def _parse(argv) -> argparse.Namespace:
@@ -27,6 +28,7 @@ def _parse(argv) -> argparse.Namespace:
   parser.add_argument("--data_dir", default="data/tfds")
   parser.add_argument("--local_dir", default="", help="text folder of local_text")
   parser.add_argument("--split", default="validation", choices=("train", "validation"))
+  parser.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json path")
   parser.add_argument("--n", type=int, default=2, help="examples to show")
   parser.add_argument("--chars", type=int, default=400, help="characters shown per document")
   parser.add_argument("--task", default="copy", help=", ".join(synthetic.task_names()))
@@ -71,10 +73,10 @@ def main(argv=None) -> int:
         f"({time.perf_counter() - start:.1f}s)"
       )
       return 0
-    tokenizer = ByteTokenizer()
     if args.dataset == "synthetic":
-      _show_synthetic(args, tokenizer)
+      _show_synthetic(args, ByteTokenizer())
       return 0
+    tokenizer = make_tokenizer(args.tokenizer)
     docs = open_documents(data_cfg, args.split, tokenizer)
     for k in range(min(args.n, len(docs))):
       text = tokenizer.decode(docs[k])

@@ -5,7 +5,8 @@ is cut into ``⌊N / W⌋`` windows of ``W = seq_len + 1`` tokens, ``window_i = 
 inputs ``window[:-1]``, targets ``window[1:]``, weights 1. Windows are shuffled by
 ``config.seed`` with a different permutation each epoch, repeated forever; process ``p`` of
 ``P`` takes global elements ``p, p+P, p+2P, ...`` and batches them ``batch_size // P`` at a
-time, so the P processes together see global batches independent of ``P``.
+time, so the P processes together see global batches independent of ``P``. Tokens are those of
+``data.tokenizer`` (bytes or a HF ``tokenizer.json``, ``tokenizer.make_tokenizer``).
 
 Evaluation on a corpus scores the budget of ``N`` targets ``s[1..N]`` of the packed
 validation stream ``s`` at length ``L``; window ``k`` has inputs ``s[a_k, a_k + L)`` and
@@ -28,9 +29,8 @@ import numpy as np
 
 from pe_research.data import batching, synthetic
 from pe_research.data.documents import PackedStream, check_dataset, open_documents
-from pe_research.data.tokenizer import PAD_ID, ByteTokenizer
+from pe_research.data.tokenizer import PAD_ID, tokenizer_of
 
-TOKENIZER = ByteTokenizer()
 # In-process reading with a few threads beats worker processes on a 2-core machine.
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
 MODES = ("nonoverlapping", "sliding")
@@ -51,7 +51,7 @@ class _Windows(Sequence):
 
 def _lm_train_dataset(config) -> grain.MapDataset:
   seq_len = config.train.seq_len
-  stream = PackedStream(open_documents(config.data, "train", TOKENIZER))
+  stream = PackedStream(open_documents(config.data, "train", tokenizer_of(config.data)))
   windows = _Windows(stream, seq_len + 1)
   if not len(windows):
     raise ValueError(
@@ -158,7 +158,7 @@ def make_eval_batches(
       config.data, length=length, max_tokens=budget, batch_size=batch_size
     )
   starts_K, score_from_K = eval_windows(budget, length, mode, stride)
-  stream = PackedStream(open_documents(config.data, "validation", TOKENIZER))
+  stream = PackedStream(open_documents(config.data, "validation", tokenizer_of(config.data)))
   if stream.num_tokens < budget + 1:
     raise ValueError(
       f"data.eval_tokens={budget} exceeds the validation split of {config.data.name} "
