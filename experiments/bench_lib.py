@@ -56,6 +56,28 @@ def rss_gib(peak: bool = True) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def machine() -> dict:
+  """The CPU model, its SIMD/matrix ISA flags and the usable cores (timings depend on all
+  three; the machine here changes from day to day), from /proc/cpuinfo."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  flags = info.get("flags", "").split()
+  isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {
+    "cpu": info.get("model name", "unknown"),
+    "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+    "isa": isa,
+    "cores": cores,
+  }
+
+
 def random_batch(seq_len: int, batch: int, vocab_size: int = 256) -> dict[str, np.ndarray]:
   """One fixed training batch of uniform random tokens (seed 0), every weight 1."""
   rng = np.random.default_rng(0)

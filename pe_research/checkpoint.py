@@ -47,6 +47,8 @@ from pe_research import config_lib, integrity
 from pe_research.integrity import WorkdirError
 
 CONFIG_FILE = "config.json"
+# Written by ``python -m pe_research.pretrained import``: its checkpoint has no optimizer state.
+IMPORTED_FILE = "imported.json"
 
 
 def _abstract(tree: Any) -> Any:

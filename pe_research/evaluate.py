@@ -10,9 +10,11 @@ Loads the newest intact checkpoint of ``DIR`` into the model of ``DIR/config.jso
 ``--rope_scaling`` replacing ``pe.rope_scaling``: same parameters, new frequencies) and writes
 into ``DIR/eval/``:
 
-  <name>.csv/.json/.png            per length: tokens, loss, ppl = exp(loss),
-                                   bits_per_byte = loss / ln 2, seconds (+ accuracy for
-                                   synthetic tasks); the figure is ppl against length
+  <name>.csv/.json/.png            per length: tokens, loss (nats per token), ppl =
+                                   exp(loss), bytes (UTF-8 bytes of the scored targets; EOS
+                                   and specials 0), bits_per_byte = Σ NLL / ln 2 / bytes,
+                                   seconds (+ accuracy for synthetic tasks); the figure is
+                                   ppl against length
   <name>_per_position.csv/.png     mean NLL against position within the window
   <name>_passkey.csv/.json/.png    passkey accuracy, length × depth (``--passkey_trials > 0``)
 
@@ -31,15 +33,13 @@ import json
 import os
 import sys
 
-import ml_collections
 from absl import app, flags
-from flax import nnx
 
-from pe_research import checkpoint, config_lib, eval_lib, eval_report, passkey
-from pe_research.data import ByteTokenizer
+from pe_research import eval_lib, eval_report, passkey
+from pe_research.data import tokenizer_of
 from pe_research.data.pipeline import MODES
 from pe_research.metrics import quiet_library_logging
-from pe_research.model import Transformer
+from pe_research.runs import load_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _LENGTHS = flags.DEFINE_list("lengths", [], "Evaluation lengths; default train_len·2^k, k=0..4.")
@@ -58,35 +58,6 @@ _PASSKEY_DEPTHS = flags.DEFINE_string("passkey_depths", "0,0.25,0.5,0.75,1", "Ne
 flags.mark_flags_as_required(["workdir"])
 
 ATTENTION_CHOICES = ("auto", "dense", "blockwise", "xla")
-
-
-def load_model(workdir: str, *, rope_scaling: str | None = None):
-  """``(model, config, step)``: the newest intact checkpoint's parameters in the run's model.
-
-  ``rope_scaling`` (JSON text, "" = none) replaces ``pe.rope_scaling`` before the model is
-  built; only ``nnx.Param`` values are restored, so the new frequencies take effect.
-  """
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise ValueError(f"--workdir={workdir!r} has no {checkpoint.CONFIG_FILE}; allowed: a run's dir")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if rope_scaling is not None:
-    if rope_scaling and config.pe.name not in config_lib.ROTARY_ENCODINGS:
-      raise ValueError(
-        f"--rope_scaling applies to pe.name in {', '.join(config_lib.ROTARY_ENCODINGS)}; "
-        f"this run has pe.name={config.pe.name!r}"
-      )
-    config.pe.rope_scaling = rope_scaling
-    config_lib.check_rope_scaling(config.pe, field="--rope_scaling")
-  step = checkpoint.latest_intact_step(workdir)
-  if step is None:
-    raise ValueError(f"--workdir={workdir!r} has no checkpoint; allowed: a trained run's workdir")
-  model = Transformer(config, rngs=nnx.Rngs(config.seed))
-  params = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(params, checkpoint.load_params(workdir, nnx.to_pure_dict(params), step))
-  nnx.update(model, params)
-  return model, config, step
 
 
 def default_lengths(config) -> list[int]:
@@ -164,7 +135,7 @@ def evaluate_run(
   lengths = lengths or default_lengths(config)
   check_request(model, lengths, mode=mode, stride=stride, attention=attention, synthetic=synthetic)
   name = name or default_name(mode, stride, rope_scaling)
-  encode = ByteTokenizer().encode
+  encode = tokenizer_of(config.data).encode
   passkey_lengths = [n for n in lengths if n >= passkey.min_length(encode)]
   if passkey_trials and not synthetic and not passkey_lengths:
     raise ValueError(f"--passkey_trials needs a --lengths entry >= {passkey.min_length(encode)}")

@@ -6,12 +6,14 @@
   logits = norm(x) E^T   (tied)  or  norm(x) W_out   (untied)
 
 The encoding (``config.pe``) is built by the registry (which wraps it in randomized positions
-when ``pe.randomized``) and used only through the
-:class:`~pe_research.encodings.base.PositionalEncoding` hooks. With
+when ``pe.randomized``, in PoSE positions when ``pe.pose_target_len``) and used only through
+the :class:`~pe_research.encodings.base.PositionalEncoding` hooks. With
 ``pe.share_across_layers`` (default True) one encoding serves every layer; otherwise each layer
 owns one and the first also supplies positions and the input embedding.
 
-Choices: no biases in linear layers; weights ~ N(0, init_std), residual output projections
+Choices: no biases in linear layers except the optional q/k/v bias (``model.qkv_bias``, Qwen2);
+``model.num_kv_heads`` < ``num_heads`` is grouped-query attention (Llama-2/3, Mistral, SmolLM2);
+weights ~ N(0, init_std), residual output projections
 ~ N(0, init_std / sqrt(2 num_layers)) (GPT-2); GELU is the tanh approximation; ``head_dim=0``
 means ``model_dim // num_heads``; ``mlp_dim=0`` means ``4 model_dim`` (gelu) or ``8/3 model_dim``
 rounded up to a multiple of 64 (swiglu, LLaMA-style, keeps the parameter count near gelu's).
@@ -134,20 +136,27 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Linear(nnx.Module):
-  """Bias-free ``x W``, ``W ~ N(0, std^2)`` float32 ``[d_in, d_out]``, with operands in
-  ``dtype`` (float32: one float32 matmul; bfloat16: bf16 operands, fp32 accumulation,
-  :func:`matmul`); output in ``activation_dtype(dtype)``.
+  """``x W`` (+ ``b`` with ``use_bias``), ``W ~ N(0, std^2)`` float32 ``[d_in, d_out]``, ``b``
+  float32 ``[d_out]`` (zeros), with operands in ``dtype`` (float32: one float32 matmul;
+  bfloat16: bf16 operands, fp32 accumulation, :func:`matmul`); output in
+  ``activation_dtype(dtype)``.
   """
 
-  def __init__(self, d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self, d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs, use_bias: bool = False
+  ):
     self.kernel = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (d_in, d_out)))
+    self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
     self.dtype = dtype
 
   def __call__(self, x_BxLxK: jax.Array, out_dtype=None) -> jax.Array:
     w_KxM = self.kernel[...]
     out_dtype = out_dtype or activation_dtype(self.dtype)
     x_NxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
-    return matmul(x_NxK, w_KxM, out_dtype, False, self.dtype).reshape(*x_BxLxK.shape[:-1], -1)
+    y_NxM = matmul(x_NxK, w_KxM, out_dtype, False, self.dtype)
+    if self.bias is not None:
+      y_NxM = y_NxM + self.bias[...].astype(y_NxM.dtype)
+    return y_NxM.reshape(*x_BxLxK.shape[:-1], -1)
 
 
 def resolved_dims(model_cfg) -> tuple[int, int]:
@@ -180,27 +189,41 @@ def over_sequence_chunks(fn, *xs_BxLx):
   return jax.tree.map(from_chunks, ys_NxBxCx)
 
 
+def kv_heads(model_cfg) -> int:
+  """The number of key/value heads G: ``model.num_kv_heads``, 0 (or absent) = ``num_heads``."""
+  return model_cfg.get("num_kv_heads", 0) or model_cfg.num_heads
+
+
 class Attention(nnx.Module):
-  """Multi-head causal self-attention; the encoding rotates q/k and supplies the bias."""
+  """Causal self-attention with H query heads and G key/value heads (G = H: multi-head;
+  G < H: grouped-query, query head h reads KV head ``h // (H / G)``; G = 1: multi-query);
+  the encoding rotates q/k and supplies the bias. ``[q | k | v] = x W_qkv (+ b_qkv)``."""
 
   def __init__(self, model_cfg, *, dtype, out_std: float, rngs: nnx.Rngs):
     self.num_heads = model_cfg.num_heads
+    self.num_kv_heads = kv_heads(model_cfg)
     self.head_dim, _ = resolved_dims(model_cfg)
     d, hk = model_cfg.model_dim, self.num_heads * self.head_dim
-    self.qkv = Linear(d, 3 * hk, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
+    width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    use_bias = model_cfg.get("qkv_bias", False)
+    self.qkv = Linear(d, width, std=model_cfg.init_std, dtype=dtype, rngs=rngs, use_bias=use_bias)
     self.out = Linear(hk, d, std=out_std, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxLxD, pos_BxL, enc: PositionalEncoding, *, impl: str, block_size: int):
     b, length, _ = x_BxLxD.shape
-    qkv_BxLx3xHxK = self.qkv(x_BxLxD).reshape(b, length, 3, self.num_heads, self.head_dim)
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (x[:, :, 0] for x in split(qkv_BxLx3xHxK, 3, 2))
-    dtype = v_BxLxHxK.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
+    h, g = self.num_heads, self.num_kv_heads
+    qkv_BxLxCxK = self.qkv(x_BxLxD).reshape(b, length, h + 2 * g, self.head_dim)
+    if g == h:
+      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = split(qkv_BxLxCxK, 3, 2)
+    else:
+      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = jnp.split(qkv_BxLxCxK, (h, h + g), axis=2)
+    dtype = v_BxLxGxK.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
     q_BxLxHxK = enc.rotate(q_BxLxHxK, pos_BxL, is_query=True).astype(dtype)
-    k_BxLxHxK = enc.rotate(k_BxLxHxK, pos_BxL, is_query=False).astype(dtype)
+    k_BxLxGxK = enc.rotate(k_BxLxGxK, pos_BxL, is_query=False).astype(dtype)
     y_BxLxHxK = attend(
       q_BxLxHxK,
-      k_BxLxHxK,
-      v_BxLxHxK,
+      k_BxLxGxK,
+      v_BxLxGxK,
       q_pos_BxL=pos_BxL,
       k_pos_BxL=pos_BxL,
       bias_fn=enc.bias if enc.has_bias else None,
@@ -239,9 +262,10 @@ class Block(nnx.Module):
     norm = _NORMS[model_cfg.norm]
     d = model_cfg.model_dim
     out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
-    self.attn_norm = norm(d, epsilon=1e-5, dtype=activation_dtype(dtype), rngs=rngs)
+    eps = model_cfg.get("norm_eps", 1e-5)
+    self.attn_norm = norm(d, epsilon=eps, dtype=activation_dtype(dtype), rngs=rngs)
     self.attn = Attention(model_cfg, dtype=dtype, out_std=out_std, rngs=rngs)
-    self.mlp_norm = norm(d, epsilon=1e-5, dtype=activation_dtype(dtype), rngs=rngs)
+    self.mlp_norm = norm(d, epsilon=eps, dtype=activation_dtype(dtype), rngs=rngs)
     self.mlp = Mlp(model_cfg, dtype=dtype, out_std=out_std, rngs=rngs)
 
   def __call__(self, x_BxLxD, pos_BxL, enc, *, impl: str, block_size: int):
@@ -268,6 +292,8 @@ class Transformer(nnx.Module):
     _choice("compute_dtype", m.compute_dtype, tuple(_DTYPES))
     if m.model_dim % m.num_heads and not m.head_dim:
       raise ValueError(f"model.model_dim={m.model_dim} must divide by model.num_heads")
+    if m.num_heads % kv_heads(m):
+      raise ValueError(f"model.num_kv_heads={kv_heads(m)} must divide model.num_heads")
     self.dtype = _DTYPES[m.compute_dtype]
     self.activation_dtype = activation_dtype(self.dtype)
     self.pe_name = config.pe.name
@@ -284,7 +310,7 @@ class Transformer(nnx.Module):
     self.encodings = nnx.List(build_encoding(config.pe, **build) for _ in range(num_encodings))
     self.blocks = nnx.List(Block(m, dtype=self.dtype, rngs=rngs) for _ in range(m.num_layers))
     self.final_norm = _NORMS[m.norm](
-      m.model_dim, epsilon=1e-5, dtype=self.activation_dtype, rngs=rngs
+      m.model_dim, epsilon=m.get("norm_eps", 1e-5), dtype=self.activation_dtype, rngs=rngs
     )
     d, v = m.model_dim, m.vocab_size
     self.unembed = (
@@ -362,7 +388,8 @@ def count_params(model: nnx.Module) -> int:
 def flops_per_token(config, seq_len: int) -> float:
   """Training FLOPs per token: ``6 N + 6 n_layers H K (T + 1)``.
 
-  ``N`` counts matmul weights: per layer ``4 D H K`` (q, k, v, o) plus ``2 D F`` (gelu) or
+  ``N`` counts matmul weights: per layer ``2 D (H + G) K`` (q and o: H heads, k and v: G KV
+  heads) plus ``2 D F`` (gelu) or
   ``3 D F`` (swiglu), plus ``D V`` for the output head (tied or not; the embedding lookup
   is free). Attention: ``q.k`` and ``p.v`` cost ``4 H K`` FLOPs per (query, visible key)
   forward, a query sees ``(T + 1) / 2`` keys on average under the causal mask, and backward
@@ -371,6 +398,7 @@ def flops_per_token(config, seq_len: int) -> float:
   m = config.model
   head_dim, mlp_dim = resolved_dims(m)
   hk = m.num_heads * head_dim
-  per_layer = 4 * m.model_dim * hk + (3 if m.mlp == "swiglu" else 2) * m.model_dim * mlp_dim
+  qkvo = 2 * m.model_dim * (m.num_heads + kv_heads(m)) * head_dim
+  per_layer = qkvo + (3 if m.mlp == "swiglu" else 2) * m.model_dim * mlp_dim
   n = m.num_layers * per_layer + m.model_dim * m.vocab_size
   return 6.0 * n + 6.0 * m.num_layers * hk * (seq_len + 1)

@@ -15,6 +15,7 @@ linear ``lr * t / warmup`` then cosine from ``lr`` to ``lr * min_lr_ratio`` at `
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any
 
@@ -293,6 +294,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   checkpointer.check_disk_space(state)
   start = checkpointer.latest_step()
+  if start is not None and os.path.exists(os.path.join(workdir, checkpoint.IMPORTED_FILE)):
+    raise checkpoint.WorkdirError(
+      f"--workdir={workdir!r} holds an imported model (parameters only); allowed: fine-tune it "
+      f"from a new --workdir with --config.init_from={workdir}"
+    )
   if start is not None:
     state, data_state = checkpointer.restore(start, state)
     data_iter.set_state(local_data_state(data_state, jax.process_count()))

@@ -1,0 +1,8 @@
+"""Pretrained Llama-family checkpoints (HF folders, GGUF files) as runs of this codebase.
+
+hf_folder.py   HF folders <-> (config dict, float32 tensors, tokenizer.json)
+gguf_file.py   .gguf files -> the same triple (dequantized, llama.cpp's Q/K permutation undone)
+convert.py     HF config/tensors <-> our config and parameters
+importer.py    import into a run workdir; export a run to an HF folder
+__main__.py    python -m pe_research.pretrained import|export
+"""

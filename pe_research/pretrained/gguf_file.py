@@ -1,0 +1,246 @@
+"""Read a llama-architecture GGUF file (llama.cpp's format) into HF-transformers form.
+
+`read_gguf(path)` returns what a HF checkpoint folder holds for the same model: the `config.json`
+dict of a `LlamaForCausalLM` (or `Qwen2ForCausalLM`), its state dict as float32 numpy arrays, and
+the `tokenizer.json` text. Dense models with a byte-level BPE ("gpt2") vocabulary only; anything
+else raises a one-line `ValueError` naming the field and what is allowed.
+"""
+
+import os
+import re
+
+import gguf
+import numpy as np
+
+from pe_research.pretrained.gguf_tokenizer import tokenizer_json
+
+_MODEL_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_T = gguf.GGMLQuantizationType
+_DEQUANTIZABLE = (
+  *(_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1),
+  *(_T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K),
+)
+# HF rope_scaling keys of the GGUF `{arch}.rope.scaling.*` keys; "finetuned" changes nothing.
+_ROPE_SCALING_KEYS = {
+  "factor": "factor",
+  "original_context_length": "original_max_position_embeddings",
+  "yarn_beta_fast": "beta_fast",
+  "yarn_beta_slow": "beta_slow",
+}
+_ROPE_SCALING_TYPES = ("none", "linear", "yarn")
+_GLOBAL_TENSORS = {
+  "token_embd": "model.embed_tokens",
+  "output_norm": "model.norm",
+  "output": "lm_head",
+}
+_LAYER_TENSORS = {
+  "attn_norm": "input_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_norm": "post_attention_layernorm",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+}
+# Projections with a bias when the config says attention_bias (HF Llama biases o_proj too).
+_BIASED = {
+  "llama": ("attn_q", "attn_k", "attn_v", "attn_output"),
+  "qwen2": ("attn_q", "attn_k", "attn_v"),
+}
+_MISSING = object()
+
+
+def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray], str]:
+  """(hf_config, tensors, tokenizer_json) of a llama-architecture GGUF file.
+
+  `tensors` maps HF parameter names to float32 arrays in HF shapes (Linear weights [out, in]):
+  dequantized, and for llama files with llama.cpp's Q/K row interleave undone.
+  """
+  reader = _open(path)
+  metadata = {key: field.contents() for key, field in reader.fields.items()}
+  config = _hf_config(metadata, {t.name: t for t in reader.tensors})
+  tensors = _read_tensors(reader.tensors, config)
+  return config, tensors, tokenizer_json(metadata)
+
+
+def _open(path: str) -> gguf.GGUFReader:
+  if not os.path.isfile(path):
+    raise ValueError(f"GGUF path {path!r}: no such file")
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # the reader fails in many ways on a damaged file; all mean "unreadable"
+    reason = (str(e).splitlines() or [""])[0]
+    raise ValueError(
+      f"GGUF path {path!r}: not a complete GGUF file ({type(e).__name__}: {reason})"
+    ) from e
+
+
+def _field(metadata: dict, key: str, default=_MISSING):
+  """metadata[key], or `default`; a required key that is absent is a ValueError naming it."""
+  if key in metadata:
+    return metadata[key]
+  if default is _MISSING:
+    raise ValueError(f"GGUF field {key} is missing")
+  return default
+
+
+def _float32(value: float) -> float:
+  """Shortest decimal of a float32 field: 1e-05, not 9.999999747378752e-06."""
+  return float(str(np.float32(value)))
+
+
+def _hf_config(metadata: dict, tensors: dict) -> dict:
+  """The `config.json` of the HF model equivalent to the file's metadata and tensor list."""
+  arch = _field(metadata, "general.architecture")
+  if arch not in _MODEL_CLASSES:
+    raise ValueError(f"general.architecture={arch!r} is not supported; allowed: llama, qwen2")
+  _check_dense(metadata, arch)
+  if "token_embd.weight" not in tensors:
+    raise ValueError("tensor token_embd.weight is missing")
+  hidden = _field(metadata, f"{arch}.embedding_length")
+  heads = _field(metadata, f"{arch}.attention.head_count")
+  head_dim = _field(metadata, f"{arch}.attention.key_length", hidden // heads)
+  for key in (f"{arch}.attention.value_length", f"{arch}.rope.dimension_count"):
+    if _field(metadata, key, head_dim) != head_dim:
+      raise ValueError(
+        f"{key}={_field(metadata, key)} is not supported; allowed: head_dim={head_dim}"
+      )
+  config = {
+    "model_type": arch,
+    "architectures": [_MODEL_CLASSES[arch]],
+    "vocab_size": int(tensors["token_embd.weight"].shape[1]),  # GGML order: [D, V]
+    "hidden_size": hidden,
+    "intermediate_size": _field(metadata, f"{arch}.feed_forward_length"),
+    "num_hidden_layers": _field(metadata, f"{arch}.block_count"),
+    "num_attention_heads": heads,
+    "num_key_value_heads": _field(metadata, f"{arch}.attention.head_count_kv", heads),
+    "head_dim": head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": _float32(_field(metadata, f"{arch}.attention.layer_norm_rms_epsilon")),
+    "rope_theta": _float32(_field(metadata, f"{arch}.rope.freq_base", 10000.0)),
+    "max_position_embeddings": _field(metadata, f"{arch}.context_length"),
+    "tie_word_embeddings": "output.weight" not in tensors,
+    "attention_bias": arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
+  }
+  for name in ("bos", "eos"):
+    token_id = _field(metadata, f"tokenizer.ggml.{name}_token_id", None)
+    if token_id is not None:
+      config[f"{name}_token_id"] = token_id
+  rope_scaling = _rope_scaling(metadata, arch)
+  if rope_scaling is not None:
+    config["rope_scaling"] = rope_scaling
+  return config
+
+
+def _check_dense(metadata: dict, arch: str) -> None:
+  """Reject mixture-of-experts and sliding-window files, which a dense HF Llama cannot hold."""
+  experts = _field(metadata, f"{arch}.expert_count", 0)
+  if experts > 0:
+    raise ValueError(f"{arch}.expert_count={experts}: mixture of experts; allowed: 0 or absent")
+  for key in metadata:
+    if key.startswith(f"{arch}.attention.sliding_window"):
+      raise ValueError(f"{key} is set: sliding-window attention is not supported; allowed: absent")
+
+
+def _rope_scaling(metadata: dict, arch: str) -> dict | None:
+  """HF `rope_scaling` ({"rope_type": "linear" | "yarn", "factor": ...}) or None when unscaled."""
+  prefix = f"{arch}.rope.scaling."
+  rope_type = _field(metadata, prefix + "type", "none")
+  if rope_type not in _ROPE_SCALING_TYPES:
+    allowed = ", ".join(_ROPE_SCALING_TYPES)
+    raise ValueError(f"{prefix}type={rope_type!r} is not supported; allowed: {allowed}")
+  if rope_type == "none":
+    return None
+  scaling = {"rope_type": rope_type}
+  for key in metadata:
+    suffix = key.removeprefix(prefix)
+    if not key.startswith(prefix) or suffix in ("type", "finetuned"):
+      continue
+    if suffix not in _ROPE_SCALING_KEYS:
+      allowed = ", ".join(prefix + k for k in _ROPE_SCALING_KEYS)
+      raise ValueError(f"{key} is not supported; allowed: {allowed}")
+    value = _field(metadata, key)
+    scaling[_ROPE_SCALING_KEYS[suffix]] = value if isinstance(value, int) else _float32(value)
+  if "factor" not in scaling:
+    raise ValueError(f"GGUF field {prefix}factor is missing (needed by {prefix}type={rope_type})")
+  return scaling
+
+
+def _layout(config: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """GGUF tensor name -> (HF parameter name, HF shape) of every tensor the model needs."""
+  v, d, f, e = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "head_dim"))
+  he, ge = config["num_attention_heads"] * e, config["num_key_value_heads"] * e
+  layout = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
+  if not config["tie_word_embeddings"]:
+    layout["output.weight"] = (v, d)
+  layer = {
+    "attn_norm": (d,),
+    "attn_q": (he, d),
+    "attn_k": (ge, d),
+    "attn_v": (ge, d),
+    "attn_output": (d, he),
+    "ffn_norm": (d,),
+    "ffn_gate": (f, d),
+    "ffn_up": (f, d),
+    "ffn_down": (d, f),
+  }
+  biased = _BIASED[config["model_type"]] if config["attention_bias"] else ()
+  for i in range(config["num_hidden_layers"]):
+    layout |= {f"blk.{i}.{stem}.weight": shape for stem, shape in layer.items()}
+    layout |= {f"blk.{i}.{stem}.bias": layer[stem][:1] for stem in biased}
+  return {name: (_hf_name(name), shape) for name, shape in layout.items()}
+
+
+def _hf_name(name: str) -> str:
+  """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+  stem, suffix = name.rsplit(".", 1)
+  if stem in _GLOBAL_TENSORS:
+    return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
+  layer, stem = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem).groups()
+  return f"model.layers.{layer}.{_LAYER_TENSORS[stem]}.{suffix}"
+
+
+def _read_tensors(reader_tensors: list, config: dict) -> dict[str, np.ndarray]:
+  """Every tensor of `_layout(config)`, dequantized to float32 and un-permuted, by HF name."""
+  layout = _layout(config)
+  tensors = {}
+  for tensor in reader_tensors:
+    if tensor.name not in layout:
+      raise ValueError(
+        f"tensor {tensor.name} is not part of this {config['model_type']} model; allowed: "
+        f"{', '.join(_GLOBAL_TENSORS)}, blk.N.{{{', '.join(_LAYER_TENSORS)}}}"
+      )
+    hf_name, shape = layout[tensor.name]
+    w = _dequantize(tensor)
+    if w.shape != shape:
+      raise ValueError(f"tensor {tensor.name} has HF shape {w.shape}; allowed: {shape}")
+    if config["model_type"] == "llama" and ".attn_q." in tensor.name:
+      w = _unpermute_rows(w, config["num_attention_heads"])
+    elif config["model_type"] == "llama" and ".attn_k." in tensor.name:
+      w = _unpermute_rows(w, config["num_key_value_heads"])
+    tensors[hf_name] = w
+  for name, (hf_name, _) in layout.items():
+    if hf_name not in tensors:
+      raise ValueError(f"tensor {name} is missing")
+  return tensors
+
+
+def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
+  """float32 copy of a tensor in HF order (the reader reverses GGML's [in, out] to [out, in])."""
+  if tensor.tensor_type not in _DEQUANTIZABLE:
+    allowed = ", ".join(t.name for t in _DEQUANTIZABLE)
+    raise ValueError(f"tensor {tensor.name} has type {tensor.tensor_type.name}; allowed: {allowed}")
+  return np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+
+
+def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+  """Undo llama.cpp's Q/K row interleave (`permute` in its convert_hf_to_gguf.py).
+
+  HF rotates the halves of each head (x_i, x_{i+E/2}); llama.cpp rotates adjacent pairs
+  (x_{2i}, x_{2i+1}). The converter stores HF row h·E + j·E/2 + i at row h·E + 2i + j
+  (h < heads, i < E/2, j ∈ {0, 1}); viewing rows as [heads, E/2, 2] and swapping the last two
+  axes restores HF order. For weights [heads·E, D] and biases [heads·E].
+  """
+  return w.reshape(heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,112 @@
+"""HF model folders: ``config.json``, safetensors weights (one file or a sharded index) and
+``tokenizer.json``, read into and written from plain numpy (no torch).
+
+  read_hf_folder(path)  -> (hf_config, tensors, tokenizer_json)
+  write_hf_folder(out, hf_config, tensors, tokenizer_json, tokenizer_config)
+
+``tensors`` maps HF parameter names (``model.layers.0.self_attn.q_proj.weight``) to float32
+arrays in HF's layouts (linear weights ``[out, in]``). Every bad input is a ``ValueError`` of
+one line naming the file and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is unreadable ({' '.join(str(e).split())}); allowed: JSON") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} holds {type(value).__name__}; allowed: a JSON object")
+  return value
+
+
+def _weight_files(path: str) -> list[str]:
+  """The safetensors files of the folder: the index's shards, or the single file."""
+  index = os.path.join(path, WEIGHTS_INDEX)
+  if os.path.isfile(index):
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f"{index} has no weight_map; allowed: an HF sharded-checkpoint index")
+    return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+  single = os.path.join(path, WEIGHTS)
+  if os.path.isfile(single):
+    return [single]
+  raise ValueError(
+    f"--source={path!r} has neither {WEIGHTS} nor {WEIGHTS_INDEX}; allowed: an HF model folder "
+    "saved with safetensors (save_pretrained(..., safe_serialization=True))"
+  )
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of one file as float32 numpy (bf16/f16 widened exactly; numpy reads bf16
+  through ml_dtypes)."""
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return {name: np.asarray(f.get_tensor(name), np.float32) for name in f.keys()}  # noqa: SIM118
+  except (SafetensorError, OSError, ValueError) as e:
+    msg = " ".join(str(e).split())
+    raise ValueError(
+      f"{path} is not a readable safetensors file ({msg}); allowed: an intact file"
+    ) from None
+
+
+def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray], str | None]:
+  """``(hf_config, tensors, tokenizer_json)`` of an HF model folder (tokenizer_json is None when
+  the folder has no ``tokenizer.json``)."""
+  if not os.path.isdir(path):
+    raise ValueError(f"--source={path!r} is not a folder or a .gguf file; allowed: either")
+  config_path = os.path.join(path, CONFIG)
+  if not os.path.isfile(config_path):
+    raise ValueError(f"--source={path!r} has no {CONFIG}; allowed: an HF model folder")
+  hf_config = _read_json(config_path)
+  tensors: dict[str, np.ndarray] = {}
+  for file in _weight_files(path):
+    if not os.path.isfile(file):
+      raise ValueError(f"{file} is missing (listed in {WEIGHTS_INDEX}); allowed: every shard")
+    tensors |= _read_safetensors(file)
+  tokenizer_path = os.path.join(path, TOKENIZER)
+  tokenizer_json = None
+  if os.path.isfile(tokenizer_path):
+    with open(tokenizer_path) as f:
+      tokenizer_json = f.read()
+  return hf_config, tensors, tokenizer_json
+
+
+def write_hf_folder(
+  out: str,
+  hf_config: dict,
+  tensors: dict[str, np.ndarray],
+  tokenizer_json: str | None,
+  tokenizer_config: dict | None = None,
+) -> None:
+  """Writes ``config.json``, ``model.safetensors`` (float32) and the tokenizer files to ``out``
+  (created; existing files of these names are replaced)."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, CONFIG), "w") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  arrays = {name: np.ascontiguousarray(x, np.float32) for name, x in tensors.items()}
+  save_file(arrays, os.path.join(out, WEIGHTS), metadata={"format": "pt"})
+  if tokenizer_json is not None:
+    with open(os.path.join(out, TOKENIZER), "w") as f:
+      f.write(tokenizer_json)
+  if tokenizer_config is not None:
+    with open(os.path.join(out, TOKENIZER_CONFIG), "w") as f:
+      json.dump(tokenizer_config, f, indent=2, sort_keys=True)

