@@ -67,6 +67,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pe.rope_base = 10000.0  # RoPE frequency base b: theta_i = b^(-2i/d).
   config.pe.rope_layout = "half"  # Rotated pairs: "half" (NeoX/Llama) or "interleaved" (GPT-J).
   config.pe.rotary_pct = 1.0  # Fraction of head_dim that is rotated (partial rotary).
+  # Training-free context extension of pe.name="rope" (encodings/rope_extension.py), combinable
+  # with pe.rope_scaling; Self-Extend and ReRoPE are exclusive (each is a far logit set).
+  # Self-Extend window W: pairs i - j >= W use positions (p_i//G + W - W//G, p_j//G); 0 = off.
+  config.pe.self_extend_window = 0
+  config.pe.self_extend_group = 1  # Self-Extend group size G >= 1.
+  config.pe.rerope_window = 0  # ReRoPE window W: distances >= W are clipped to W; 0 = off.
+  config.pe.logn_len = 0  # log-n scaling: query p's logits times max(1, ln(p+1)/ln(this)); 0 = off.
   config.pe.sinusoidal_layout = "concat"  # "concat" [sin..., cos...] or "interleaved".
   config.pe.sinusoidal_base = 10000.0  # Sinusoidal wavelength base.
   config.pe.max_len = 2048  # Table size of learned absolute positions.
@@ -80,6 +87,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pe.randomized = False  # Randomized positions (Ruoss et al. 2023) around pe.name.
   config.pe.max_random_len = 2048  # Randomized positions are sorted samples from [0, this).
   config.pe.randomize_eval = False  # Also randomize positions at evaluation.
+  # PoSE (Zhu et al. 2024) target length L_t: training positions are chunks of the train.seq_len
+  # window skipped over [0, L_t) around pe.name; evaluation stays sequential. 0 = off.
+  config.pe.pose_target_len = 0
+  config.pe.pose_chunks = 2  # PoSE chunks N per training window (2 in the paper).
   config.pe.share_across_layers = True  # One encoding module shared by every layer.
   # The training length, for encodings that use it; follows train.seq_len.
   config.pe.train_len = config.train.get_ref("seq_len")

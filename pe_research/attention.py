@@ -10,6 +10,11 @@ positions cannot leak the future. ``bias_fn(q_pos_BxQ, k_pos_BxK) -> [B, H, Q, K
 encoding's logit bias (or ``None``); attention never knows which encoding it came from.
 Grouped-query attention: k and v may have ``G`` heads, ``G`` dividing ``H``; query head ``h``
 reads KV head ``h // (H / G)`` (HF ``repeat_kv``); ``G = 1`` is multi-query attention.
+A far logit set (the encoding's ``window`` W and ``rotate_far``: Self-Extend, ReRoPE) replaces
+``q_i . k_j`` by ``q_far_i . k_far_j`` where ``i − j >= W`` (sequence indices), before the bias,
+the mask and the one softmax: ``dense`` and ``blockwise`` take it, ``xla`` raises (one
+``jax.nn.dot_product_attention`` call has one logit set; a silent dense fallback would
+materialise ``[B, H, L, L]`` at the long lengths these methods are for).
 
 Implementations (``impl``), equal to 1e-5 in fp32:
   * ``dense``: einsum reference; materialises ``[B, H, L, L]`` logits.
@@ -87,14 +92,21 @@ def attend(
   impl: str = "dense",
   block_size: int = 256,
   operand_dtype=None,
+  q_far_BxLxHxK: jax.Array | None = None,
+  k_far_BxLxGxK: jax.Array | None = None,
+  window: int | None = None,
 ) -> jax.Array:
   """Causal attention of q ``[B, L, H, K]`` over k, v ``[B, L, G, K]`` (``G`` dividing ``H``)
   -> ``[B, L, H, K]`` with the implementation ``impl``, over :func:`batch_pieces` pieces of the
   batch (positions with a batch axis of 1 serve every piece). ``operand_dtype`` (default:
   ``q``'s dtype): q, k and v are rounded to it, piece by piece, and the output is in it; their
-  gradients come back in their own dtype."""
+  gradients come back in their own dtype. ``window`` W with ``q_far``, ``k_far`` (shaped as q,
+  k): the far logit set of pairs with ``i − j >= W`` (module docstring)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
+  far = None
+  if window is not None or q_far_BxLxHxK is not None or k_far_BxLxGxK is not None:
+    far = _check_far(q_BxLxHxK, k_BxLxGxK, q_far_BxLxHxK, k_far_BxLxGxK, window, impl)
   b, length, h, d = q_BxLxHxK.shape
   g = k_BxLxGxK.shape[2]
   if k_BxLxGxK.shape != (b, length, g, d) or v_BxLxGxK.shape != k_BxLxGxK.shape or h % g:
@@ -114,21 +126,44 @@ def attend(
 
   qs, ks, vs = (tuple(p.astype(dtype) for p in cut(x)) for x in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK))
   q_poss, k_poss = cut(q_pos_BxL), cut(k_pos_BxL)
+  fars = [None] * pieces
+  if far is not None:
+    fars = list(zip(*(tuple(p.astype(dtype) for p in cut(x)) for x in far), strict=True))
   outs = [
-    _attend(qs[i], ks[i], vs[i], q_poss[i], k_poss[i], bias_fn, impl, block_size)
+    _attend(qs[i], ks[i], vs[i], q_poss[i], k_poss[i], bias_fn, impl, block_size, fars[i], window)
     for i in range(pieces)
   ]
   return outs[0] if pieces == 1 else jnp.concatenate(outs, axis=0)
 
 
-def _attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, impl, block_size):
-  if impl == "dense":
-    return dense_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn)
-  if impl == "blockwise":
-    return blockwise_attention(
-      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, block_size
+def _check_far(q_BxLxHxK, k_BxLxGxK, q_far_BxLxHxK, k_far_BxLxGxK, window, impl):
+  """``(q_far, k_far)`` after checking them and ``window`` (one-line ValueErrors)."""
+  if q_far_BxLxHxK is None or k_far_BxLxGxK is None or window is None:
+    raise ValueError("attend: window, q_far and k_far go together; allowed: all three or none")
+  if not (isinstance(window, int) and window > 0):
+    raise ValueError(f"attend: window={window!r} is invalid; allowed: an int W > 0")
+  if q_far_BxLxHxK.shape != q_BxLxHxK.shape or k_far_BxLxGxK.shape != k_BxLxGxK.shape:
+    raise ValueError(
+      f"attend: q_far {q_far_BxLxHxK.shape} and k_far {k_far_BxLxGxK.shape} must be shaped as "
+      f"q {q_BxLxHxK.shape} and k {k_BxLxGxK.shape}"
     )
-  return xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn)
+  if impl == "xla":
+    raise ValueError(
+      "model.attention='xla' cannot merge two logit sets (pe.self_extend_window, "
+      "pe.rerope_window); allowed: 'dense' or 'blockwise'"
+    )
+  return q_far_BxLxHxK, k_far_BxLxGxK
+
+
+def _attend(
+  q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, impl, block_size, far, window
+):
+  args = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn)
+  if impl == "dense":
+    return dense_attention(*args, far=far, window=window)
+  if impl == "blockwise":
+    return blockwise_attention(*args, block_size, far=far, window=window)
+  return xla_attention(*args)
 
 
 def _logits(q_BxQxGxK: jax.Array, k_BxKxGxK: jax.Array) -> jax.Array:
@@ -148,8 +183,18 @@ def _weighted_values(p_BxGxQxK: jax.Array, v_BxKxGxD: jax.Array) -> jax.Array:
   )
 
 
-def dense_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn):
-  """Reference: full ``[B, H, L, L]`` logits, causal mask, softmax, weighted sum.
+def _fold_heads(q_BxLxHxK: jax.Array, groups: int) -> jax.Array:
+  """``[B, L, H, K] -> [B, L R, G, K]``: head ``g R + r`` at position ``l`` is row ``l R + r``."""
+  b, length, h, d = q_BxLxHxK.shape
+  r = h // groups
+  return q_BxLxHxK.reshape(b, length, groups, r, d).swapaxes(2, 3).reshape(b, length * r, groups, d)
+
+
+def dense_attention(
+  q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, far=None, window=None
+):
+  """Reference: full ``[B, H, L, L]`` logits, causal mask, softmax, weighted sum; with ``far``
+  ``(q_far, k_far)``, logits ``q_far_i . k_far_j / sqrt(K)`` where ``i − j >= window``.
 
   Grouped as in ``flash_attention.py``: the ``R = H / G`` query heads of KV head ``g`` are
   folded into the query axis, ``M = L R`` rows ordered position-major (row ``l R + r`` is head
@@ -159,11 +204,15 @@ def dense_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_
   b, length, h, d = q_BxLxHxK.shape
   g = k_BxLxGxK.shape[2]
   r = h // g
-  q_BxMxGxK = q_BxLxHxK.reshape(b, length, g, r, d).swapaxes(2, 3).reshape(b, length * r, g, d)
-  logits_BxGxMxL = _logits(q_BxMxGxK, k_BxLxGxK)
+  logits_BxGxMxL = _logits(_fold_heads(q_BxLxHxK, g), k_BxLxGxK)
+  query_M = jnp.arange(length * r) // r
+  if far is not None:
+    far_BxGxMxL = _logits(_fold_heads(far[0], g), far[1])
+    near_MxL = query_M[:, None] - jnp.arange(length) < window
+    logits_BxGxMxL = jnp.where(near_MxL, logits_BxGxMxL, far_BxGxMxL)
   if bias_fn is not None:
     logits_BxGxMxL = logits_BxGxMxL + pack_heads(bias_fn(q_pos_BxL, k_pos_BxL), g)
-  causal_MxL = (jnp.arange(length * r) // r)[:, None] >= jnp.arange(length)
+  causal_MxL = query_M[:, None] >= jnp.arange(length)
   logits_BxGxMxL = jnp.where(causal_MxL, logits_BxGxMxL, MASK_VALUE)
   probs_BxGxMxL = jax.nn.softmax(logits_BxGxMxL, axis=-1)
   out_BxMxGxK = _weighted_values(probs_BxGxMxL, v_BxLxGxK)

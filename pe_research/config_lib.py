@@ -36,10 +36,12 @@ _POSITIVE = (
   *("data.test_max_len", "train.seq_len", "train.batch_size", "train.steps", "train.lr"),
   *("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "mesh.fsdp"),
   "train.steps_per_call",
+  "pe.pose_chunks",
 )
 _NON_NEGATIVE = (
   *("seed", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay"),
   "model.num_kv_heads",
+  "pe.pose_target_len",
   "train.grad_clip",
 )
 # field: (low, high, low_inclusive, high_inclusive)
@@ -154,6 +156,7 @@ def check_rope_scaling(pe: ml_collections.ConfigDict, field: str = "pe.rope_scal
 def _validate_model(config: ml_collections.ConfigDict) -> None:
   from pe_research import encodings  # noqa: F401  (registers every encoding family)
   from pe_research.encodings.registry import encoding_names
+  from pe_research.encodings.rope_extension import check_extension, extension_kwargs
 
   model, pe = config.model, config.pe
   names = encoding_names()
@@ -181,13 +184,40 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
       f"head_dim with an even rotated part int(head_dim * pe.rotary_pct) for pe.name={pe.name!r}",
     )
   check_rope_scaling(pe)
-  max_position = pe.max_random_len if pe.randomized else config.train.seq_len
+  check_extension(pe.name, **extension_kwargs(pe))
+  _require(
+    not (pe.self_extend_window or pe.rerope_window) or model.attention != "xla",
+    "model.attention",
+    model.attention,
+    "'dense' or 'blockwise' with pe.self_extend_window or pe.rerope_window (two logit sets)",
+  )
+  seq_len = config.train.seq_len
+  max_position = pe.max_random_len if pe.randomized else pe.pose_target_len or seq_len
   if pe.randomized:
     _require(
       pe.max_random_len >= config.train.seq_len,
       "pe.max_random_len",
       pe.max_random_len,
       f"a length >= train.seq_len={config.train.seq_len} when pe.randomized",
+    )
+  if pe.pose_target_len:
+    _require(
+      pe.pose_target_len >= seq_len,
+      "pe.pose_target_len",
+      pe.pose_target_len,
+      f"0 (off) or a target length >= train.seq_len={seq_len}",
+    )
+    _require(
+      not pe.randomized,
+      "pe.pose_target_len",
+      pe.pose_target_len,
+      "0 when pe.randomized=True (both choose the training positions)",
+    )
+    _require(
+      pe.pose_chunks <= seq_len,
+      "pe.pose_chunks",
+      pe.pose_chunks,
+      f"a chunk count in [1, train.seq_len={seq_len}] when pe.pose_target_len > 0",
     )
   if pe.name == "learned":
     _require(
@@ -308,6 +338,51 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
   _validate_model(config)
   _validate_data(config)
   _validate_train(config, device_count)
+
+
+def config_from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A run's saved ``config.json`` over ``configs/base.py``: fields added since the run was
+  written take their defaults, unknown saved fields are dropped, and ``pe.train_len`` stays a
+  reference to ``train.seq_len``."""
+  from configs import base
+
+  def copy(values: dict[str, Any], into: ml_collections.ConfigDict) -> None:
+    for key, value in values.items():
+      if key not in into or key == "train_len":
+        continue
+      if isinstance(into[key], ml_collections.ConfigDict):
+        copy(value, into[key])
+      else:
+        into[key] = value
+
+  config = base.get_config()
+  copy(saved, config)
+  return config
+
+
+# Sections an evaluation may change without touching the parameters: how positions are encoded
+# and which text is scored.
+EVAL_SECTIONS = ("pe", "data")
+
+
+def override_for_eval(config: ml_collections.ConfigDict, overrides: dict[str, Any], flag: str):
+  """Sets ``config.<section>.<field> = value`` for each dotted key of ``overrides`` (sections in
+  ``EVAL_SECTIONS``; each value of its default's type), then re-validates the model and data
+  fields; errors name ``flag``."""
+  from configs import base
+
+  defaults = base.get_config()
+  for key, value in overrides.items():
+    section, _, field = key.partition(".")
+    if section not in EVAL_SECTIONS or field not in defaults[section] or field == "train_len":
+      raise ValueError(
+        f"{flag}: {key!r} cannot change at evaluation; allowed: pe.<field> or data.<field> of "
+        "configs/base.py"
+      )
+    _require(_same_type(value, defaults[section][field]), f"{flag} {key}", value, "its type")
+    config[section][field] = value
+  _validate_model(config)
+  _validate_data(config)
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

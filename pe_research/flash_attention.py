@@ -18,6 +18,16 @@ packed as in FlashAttention-3: q ``[B, H, L, K]`` is viewed as ``[B, G, M, K]`` 
 rows ordered position-major (row ``l R + r``), so a query block of ``T = S R`` rows (S positions
 times R heads) meets key blocks of S positions of the G KV heads and K/V are never repeated;
 ``dk``, ``dv`` sum over the R heads in their matmuls. ``G = H`` is ``R = 1``, ``M = L``.
+
+A far logit set (Self-Extend, ReRoPE; ``window`` W and q_far, k_far) replaces ``q_i . k_j`` by
+``q_far_i . k_far_j`` where ``i − j >= W``. A block pair ``(a, c)`` holds distances
+``(a − c) S ± (S − 1)``, so its kind depends on ``δ = a − c`` only: near (every pair < W,
+``δ < ⌈(W − S + 1) / S⌉``), far (every visible pair >= W, ``δ >= ⌈(W + S − 1) / S⌉``) or mixed
+(at most 2 values of δ). Each block loop is cut into the three ranges of δ, each with its own
+body: near and far blocks cost what a block costs without a far set, mixed ones compute both
+score matmuls and select (and split ``ds`` between the sets in the backward pass). The ranges
+are static in the unrolled path and traced loop bounds in the ``lax`` path, so neither pays a
+``cond`` or a discarded matmul. ``dq_far`` is a second ``[B, G, M, K]`` float32 accumulator.
 """
 
 from __future__ import annotations
@@ -105,40 +115,93 @@ def _grouped_bias(bias_fn, groups: int, q_pos_BxS, k_pos_BxS, *consts) -> jax.Ar
   return pack_heads(bias_fn(q_pos_BxS, k_pos_BxS, *consts), groups)
 
 
-def _block_scores(q_BxGxTxK, k_BxGxSxK, bias_BxGxTxS, a, c, static: bool) -> jax.Array:
-  """Float32 scores of query block ``a`` against key block ``c``, masked where the key's
-  position is after the query row's (row ``i`` is position ``a S + i // R``)."""
-  s_BxGxTxS = (
-    jnp.einsum("bgqd,bgkd->bgqk", q_BxGxTxK, k_BxGxSxK, preferred_element_type=jnp.float32)
-    * float(q_BxGxTxK.shape[-1]) ** -0.5
+# Kinds of block pairs with a far logit set; near and far also index the sets (q, q_far).
+_NEAR, _FAR, _MIXED = 0, 1, 2
+_SETS = {_NEAR: (0,), _FAR: (1,), _MIXED: (0, 1)}
+
+
+def _clamp(x, lo, hi, static: bool):
+  return min(max(x, lo), hi) if static else jnp.clip(x, lo, hi)
+
+
+def _pair_ranges(x, n: int, block: int, window: int | None, static: bool, *, query_major: bool):
+  """``[(kind, lo, hi)]``: the other block index's ranges per kind (module docstring) for query
+  block ``x`` over key blocks ``0..x`` (``query_major``), or key block ``x`` over query blocks
+  ``x..n-1``. Without a far set: one near range."""
+  if window is None:
+    return [(_NEAR, 0, x + 1)] if query_major else [(_NEAR, x, n)]
+  near_deltas = max(0, -(-(window - block + 1) // block))  # δ below it: every pair near
+  far_delta = (window + 2 * block - 2) // block  # δ from it on: every visible pair far (>= 1)
+  if query_major:  # c = a − δ
+    lo, hi = 0, x + 1
+    cuts = [_clamp(x - d + 1, lo, hi, static) for d in (far_delta, near_deltas)]
+    return [(_FAR, lo, cuts[0]), (_MIXED, cuts[0], cuts[1]), (_NEAR, cuts[1], hi)]
+  lo, hi = x, n  # a = c + δ
+  cuts = [_clamp(x + d, lo, hi, static) for d in (near_deltas, far_delta)]
+  return [(_NEAR, lo, cuts[0]), (_MIXED, cuts[0], cuts[1]), (_FAR, cuts[1], hi)]
+
+
+def _indices(a, c, rows: int, block: int) -> tuple[jax.Array, jax.Array]:
+  """Sequence indices of query block ``a``'s rows (row ``i`` is ``a S + i // R``), ``[T]``, and
+  of key block ``c``'s keys, ``[S]``."""
+  # lax.div (truncating; rows >= 0) is dropped by XLA when R = 1; jnp's // keeps a sign fix-up.
+  query_T = a * block + jax.lax.div(jnp.arange(rows), rows // block)
+  return query_T, c * block + jnp.arange(block)
+
+
+def _near_mask(a, c, rows: int, block: int, window: int) -> jax.Array:
+  """``[T, S]``: ``i − j < W``, the pairs of block ``(a, c)`` in the near logit set."""
+  query_T, key_S = _indices(a, c, rows, block)
+  return query_T[:, None] - key_S < window
+
+
+def _qk(q_BxGxTxK: jax.Array, k_BxGxSxK: jax.Array) -> jax.Array:
+  """``q . k / sqrt(K)``, float32 ``[B, G, T, S]``."""
+  s_BxGxTxS = jnp.einsum(
+    "bgqd,bgkd->bgqk", q_BxGxTxK, k_BxGxSxK, preferred_element_type=jnp.float32
   )
+  return s_BxGxTxS * float(q_BxGxTxK.shape[-1]) ** -0.5
+
+
+def _block_scores(pairs, bias_BxGxTxS, a, c, static: bool, window: int | None) -> jax.Array:
+  """Float32 scores of query block ``a`` against key block ``c``, masked where the key's
+  position is after the query row's. ``pairs``: ``[(q_a, k_c)]`` of the near or the far set,
+  or of both (near first) on a mixed block, merged by :func:`_near_mask`."""
+  (q_BxGxTxK, k_BxGxSxK), *far = pairs
+  rows, block = q_BxGxTxK.shape[2], k_BxGxSxK.shape[2]
+  s_BxGxTxS = _qk(q_BxGxTxK, k_BxGxSxK)
+  if far:
+    near_TxS = _near_mask(a, c, rows, block, window)
+    s_BxGxTxS = jnp.where(near_TxS, s_BxGxTxS, _qk(*far[0]))
   if bias_BxGxTxS is not None:
     s_BxGxTxS = s_BxGxTxS + bias_BxGxTxS
   if static and a != c:  # Below the diagonal every key is visible.
     return s_BxGxTxS
-  rows, block = q_BxGxTxK.shape[2], k_BxGxSxK.shape[2]
-  # lax.div (truncating; rows >= 0) is dropped by XLA when R = 1; jnp's // keeps a sign fix-up.
-  query_T = a * block + jax.lax.div(jnp.arange(rows), rows // block)
-  causal_TxS = query_T[:, None] >= (c * block + jnp.arange(block))
-  return jnp.where(causal_TxS, s_BxGxTxS, MASK_VALUE)
+  query_T, key_S = _indices(a, c, rows, block)
+  return jnp.where(query_T[:, None] >= key_S, s_BxGxTxS, MASK_VALUE)
 
 
-def _flash_forward(bias_fn, block, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts):
-  """Online softmax per query block over key blocks ``0..a``: ``(out_BxGxMxK, lse_BxGxM)``."""
+def _flash_forward(
+  bias_fn, block, window, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, far
+):
+  """Online softmax per query block over key blocks ``0..a``: ``(out_BxGxMxK, lse_BxGxM)``.
+  ``far``: ``()`` or ``(q_far_BxGxMxK, k_far_BxGxLxK)``, used where ``i − j >= window``."""
   b, g, length, d = k_BxGxLxK.shape
   n = length // block
   rows = q_BxGxMxK.shape[2] // n
   static = n <= _UNROLL_BLOCKS
+  q_sets, k_sets = (q_BxGxMxK, *far[:1]), (k_BxGxLxK, *far[1:])
 
   def query_block(a, carry):
-    q_BxGxTxK = _block(q_BxGxMxK, a, rows, 2)
+    q_blocks = tuple(_block(x, a, rows, 2) for x in q_sets)
     q_pos_BxS = _block(q_pos_BxL, a, block, 1)
 
-    def key_block(c, state):
+    def key_block(kind, c, state):
       m_BxGxT, l_BxGxT, o_BxGxTxK = state
       k_pos_BxS = _block(k_pos_BxL, c, block, 1)
       bias = None if bias_fn is None else _grouped_bias(bias_fn, g, q_pos_BxS, k_pos_BxS, *consts)
-      s_BxGxTxS = _block_scores(q_BxGxTxK, _block(k_BxGxLxK, c, block, 2), bias, a, c, static)
+      pairs = [(q_blocks[i], _block(k_sets[i], c, block, 2)) for i in _SETS[kind]]
+      s_BxGxTxS = _block_scores(pairs, bias, a, c, static, window)
       m_new = jnp.maximum(m_BxGxT, s_BxGxTxS.max(axis=-1))
       correction_BxGxT = jnp.exp(m_BxGxT - m_new)
       p_BxGxTxS = jnp.exp(s_BxGxTxS - m_new[..., None])
@@ -156,7 +219,10 @@ def _flash_forward(bias_fn, block, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k
       jnp.zeros((b, g, rows), jnp.float32),
       jnp.zeros((b, g, rows, d), jnp.float32),
     )
-    m_BxGxT, l_BxGxT, o_BxGxTxK = _loop(0, a + 1, key_block, init, static)
+    state = init
+    for kind, lo, hi in _pair_ranges(a, n, block, window, static, query_major=True):
+      state = _loop(lo, hi, functools.partial(key_block, kind), state, static)
+    m_BxGxT, l_BxGxT, o_BxGxTxK = state
     out_BxGxTxK = (o_BxGxTxK / l_BxGxT[..., None]).astype(q_BxGxMxK.dtype)
     return (out_BxGxTxK, m_BxGxT + jnp.log(l_BxGxT)), carry
 
@@ -165,16 +231,20 @@ def _flash_forward(bias_fn, block, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k
   return out_BxGxMxK, jnp.moveaxis(lse_NxBxGxT, 0, 2).reshape(b, g, n * rows)
 
 
-def _flash_backward(bias_fn, block, residuals, dout_BxGxMxK):
+def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxK):
   """FlashAttention-2 backward: per key block ``c``, query blocks ``a >= c``.
 
   With ``p = exp(s - lse)``, ``D_i = sum_d dout_i out_i``:  ``dv_c += p^T dout_a``,
   ``ds = p (dout_a v_c^T - D_a)``, ``dq_a += ds k_c / sqrt(K)``, ``dk_c += ds^T q_a / sqrt(K)``
   (``p^T``, ``ds^T`` contract the T rows: positions and the R heads of a group), and ``ds`` is
-  the cotangent of the bias block, pulled back to the bias parameters. In bf16 on the CPU
-  ``dk`` and ``dv`` are accumulated transposed (see ``transposed`` below).
+  the cotangent of the bias block, pulled back to the bias parameters. With a far set, ``ds``
+  of the far pairs goes to ``dq_far``, ``dk_far`` instead. In bf16 on the CPU ``dk`` and ``dv``
+  are accumulated transposed (see ``transposed`` below).
   """
-  q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, out_BxGxMxK, lse_BxGxM = residuals
+  q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, far, out_BxGxMxK, lse_BxGxM = (
+    residuals
+  )
+  q_sets, k_sets = (q_BxGxMxK, *far[:1]), (k_BxGxLxK, *far[1:])
   b, g, length, d = k_BxGxLxK.shape
   n = length // block
   rows = q_BxGxMxK.shape[2] // n
@@ -189,9 +259,9 @@ def _flash_backward(bias_fn, block, residuals, dout_BxGxMxK):
   # float32 (bf16 [16, 4, 256, 256] x [.., 256, 64]: 50 -> 180 GFLOP/s; a d=512 8-layer train
   # step 1.43x faster, measured). In float32 the copies cost more than they save (1-2%).
   transposed = q_BxGxMxK.dtype != jnp.float32 and jax.default_backend() == "cpu"
-  q_t_NxBxGxKxT = dout_t_NxBxGxKxT = None
+  q_t_sets, dout_t_NxBxGxKxT = (None,) * len(q_sets), None
   if transposed:
-    q_t_NxBxGxKxT = _blocks_transposed(q_BxGxMxK, rows)
+    q_t_sets = tuple(_blocks_transposed(x, rows) for x in q_sets)
     dout_t_NxBxGxKxT = _blocks_transposed(dout_BxGxMxK, rows)
 
   def pull_to_keys(x_BxGxTxS, y_BxGxMxK, y_t_NxBxGxKxT, a):
@@ -204,18 +274,22 @@ def _flash_backward(bias_fn, block, residuals, dout_BxGxMxK):
     return jnp.einsum("bgqk,bgqd->bgkd", x_BxGxTxS, y_BxGxTxK, preferred_element_type=jnp.float32)
 
   def key_block(c, carry):
-    k_BxGxSxK, v_BxGxSxK = _block(k_BxGxLxK, c, block, 2), _block(v_BxGxLxK, c, block, 2)
+    k_blocks = tuple(_block(x, c, block, 2) for x in k_sets)
+    v_BxGxSxK = _block(v_BxGxLxK, c, block, 2)
     k_pos_BxS = _block(k_pos_BxL, c, block, 1)
 
-    def query_block(a, state):
-      dk_BxGxSxK, dv_BxGxSxK, dq_BxGxMxK, dconsts = state  # dk, dv: [B, G, K, S] if transposed
-      q_BxGxTxK, dout_BxGxTxK = _block(q_BxGxMxK, a, rows, 2), _block(dout_BxGxMxK, a, rows, 2)
+    def query_block(kind, a, state):
+      dks, dv_BxGxSxK, dqs, dconsts = state  # dk per set, dv: [B, G, K, S] if transposed
+      dks, dqs = list(dks), list(dqs)
+      q_blocks = {i: _block(q_sets[i], a, rows, 2) for i in _SETS[kind]}
+      dout_BxGxTxK = _block(dout_BxGxMxK, a, rows, 2)
       bias, bias_vjp = None, None
       if bias_fn is not None:
         q_pos_BxS = _block(q_pos_BxL, a, block, 1)
         block_bias = lambda *cs: _grouped_bias(bias_fn, g, q_pos_BxS, k_pos_BxS, *cs)
         bias, bias_vjp = jax.vjp(block_bias, *consts)
-      s_BxGxTxS = _block_scores(q_BxGxTxK, k_BxGxSxK, bias, a, c, static)
+      pairs = [(q_blocks[i], k_blocks[i]) for i in _SETS[kind]]
+      s_BxGxTxS = _block_scores(pairs, bias, a, c, static, window)
       p_BxGxTxS = jnp.exp(s_BxGxTxS - _block(lse_BxGxM, a, rows, 2)[..., None])
       p_cast = p_BxGxTxS.astype(v_BxGxLxK.dtype)
       dv_BxGxSxK = dv_BxGxSxK + pull_to_keys(p_cast, dout_BxGxMxK, dout_t_NxBxGxKxT, a)
@@ -224,48 +298,82 @@ def _flash_backward(bias_fn, block, residuals, dout_BxGxMxK):
       )
       ds_BxGxTxS = p_BxGxTxS * (dp_BxGxTxS - _block(delta_BxGxM, a, rows, 2)[..., None])
       ds_scaled = (ds_BxGxTxS * scale).astype(q_BxGxMxK.dtype)
-      dq_BxGxTxK = _block(dq_BxGxMxK, a, rows, 2) + jnp.einsum(
-        "bgqk,bgkd->bgqd", ds_scaled, k_BxGxSxK, preferred_element_type=jnp.float32
-      )
-      dq_BxGxMxK = jax.lax.dynamic_update_slice_in_dim(dq_BxGxMxK, dq_BxGxTxK, a * rows, 2)
-      dk_BxGxSxK = dk_BxGxSxK + pull_to_keys(ds_scaled, q_BxGxMxK, q_t_NxBxGxKxT, a)
+      ds_sets = {kind: ds_scaled}
+      if kind == _MIXED:
+        near_TxS, zero = _near_mask(a, c, rows, block, window), jnp.zeros((), ds_scaled.dtype)
+        ds_sets = {
+          _NEAR: jnp.where(near_TxS, ds_scaled, zero),
+          _FAR: jnp.where(near_TxS, zero, ds_scaled),
+        }
+      for i, ds_set in ds_sets.items():
+        dq_BxGxTxK = _block(dqs[i], a, rows, 2) + jnp.einsum(
+          "bgqk,bgkd->bgqd", ds_set, k_blocks[i], preferred_element_type=jnp.float32
+        )
+        dqs[i] = jax.lax.dynamic_update_slice_in_dim(dqs[i], dq_BxGxTxK, a * rows, 2)
+        dks[i] = dks[i] + pull_to_keys(ds_set, q_sets[i], q_t_sets[i], a)
       if bias_vjp is not None:
         if bias.shape[0] == 1:  # One bias row broadcast over the batch: sum its cotangent.
           ds_BxGxTxS = _sum_leading(ds_BxGxTxS)
         dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(ds_BxGxTxS))
-      return dk_BxGxSxK, dv_BxGxSxK, dq_BxGxMxK, dconsts
+      return tuple(dks), dv_BxGxSxK, tuple(dqs), dconsts
 
     zeros = jnp.zeros((b, g, d, block) if transposed else (b, g, block, d), jnp.float32)
-    dk, dv, dq, dconsts = _loop(c, n, query_block, (zeros, zeros, *carry), static)
-    return (dk, dv), (dq, dconsts)
+    state = ((zeros,) * len(k_sets), zeros, *carry)
+    for kind, lo, hi in _pair_ranges(c, n, block, window, static, query_major=False):
+      state = _loop(lo, hi, functools.partial(query_block, kind), state, static)
+    dks, dv, dqs, dconsts = state
+    return (dks, dv), (dqs, dconsts)
 
-  init = (jnp.zeros(q_BxGxMxK.shape, jnp.float32), tuple(jnp.zeros_like(x) for x in consts))
-  (dk_NxBxGxSxK, dv_NxBxGxSxK), (dq_BxGxMxK, dconsts) = _map(n, key_block, init, static)
+  init = (
+    tuple(jnp.zeros(x.shape, jnp.float32) for x in q_sets),
+    tuple(jnp.zeros_like(x) for x in consts),
+  )
+  (dks_NxBxGxSxK, dv_NxBxGxSxK), (dqs_BxGxMxK, dconsts) = _map(n, key_block, init, static)
   if transposed:
-    dk_NxBxGxSxK, dv_NxBxGxSxK = (jnp.swapaxes(x, -1, -2) for x in (dk_NxBxGxSxK, dv_NxBxGxSxK))
+    dks_NxBxGxSxK = tuple(jnp.swapaxes(x, -1, -2) for x in dks_NxBxGxSxK)
+    dv_NxBxGxSxK = jnp.swapaxes(dv_NxBxGxSxK, -1, -2)
   to_full = lambda x_N: jnp.moveaxis(x_N, 0, 2).reshape(b, g, length, d)
-  grads = (dq_BxGxMxK, to_full(dk_NxBxGxSxK), to_full(dv_NxBxGxSxK))
+  grads = (dqs_BxGxMxK[0], to_full(dks_NxBxGxSxK[0]), to_full(dv_NxBxGxSxK))
   grads = tuple(grad.astype(x.dtype) for grad, x in zip(grads, residuals[:3], strict=True))
-  return (*grads, None, None, dconsts)
+  far_grads = ()
+  if far:
+    far_grads = (
+      dqs_BxGxMxK[1].astype(far[0].dtype),
+      to_full(dks_NxBxGxSxK[1]).astype(far[1].dtype),
+    )
+  return (*grads, None, None, dconsts, far_grads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(bias_fn, block, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts):
-  args = (q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts)
-  return _flash_forward(bias_fn, block, *args)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(
+  bias_fn, block, window, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, far
+):
+  args = (q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, far)
+  return _flash_forward(bias_fn, block, window, *args)[0]
 
 
-def _flash_fwd(bias_fn, block, *args):
-  out_BxGxMxK, lse_BxGxM = _flash_forward(bias_fn, block, *args)
+def _flash_fwd(bias_fn, block, window, *args):
+  out_BxGxMxK, lse_BxGxM = _flash_forward(bias_fn, block, window, *args)
   return out_BxGxMxK, (*args, out_BxGxMxK, lse_BxGxM)
 
 
 _flash.defvjp(_flash_fwd, _flash_backward)
 
 
-def blockwise_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, block_size):
+def blockwise_attention(
+  q_BxLxHxK,
+  k_BxLxGxK,
+  v_BxLxGxK,
+  q_pos_BxL,
+  k_pos_BxL,
+  bias_fn,
+  block_size,
+  far=None,
+  window: int | None = None,
+):
   """Causal attention of q ``[B, L, H, K]`` over k, v ``[B, L, G, K]`` -> ``[B, L, H, K]`` by
-  blocks, q packed to ``[B, G, L R, K]`` (module docstring).
+  blocks, q packed to ``[B, G, L R, K]`` (module docstring); ``far``: None or
+  ``(q_far_BxLxHxK, k_far_BxLxGxK)``, the logit set of pairs with ``i − j >= window``.
 
   L is padded to ``n * S`` (``S = min(block_size, L)``); padded keys sit after every real
   query so the causal mask hides them, padded query rows are dropped. Positions are padded by
@@ -288,14 +396,19 @@ def blockwise_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, b
     example = q_pos_BxL[:, :block]
     converted, consts = jax.closure_convert(lambda qp, kp: bias_fn(qp, kp), example, example)
     consts = tuple(consts)
+  far_packed = ()
+  if far is not None:
+    far_packed = (pack_heads(heads_first(far[0]), g), heads_first(far[1]))
   out_BxGxMxK = _flash(
     converted,
     block,
+    window,
     pack_heads(heads_first(q_BxLxHxK), g),
     heads_first(k_BxLxGxK),
     heads_first(v_BxLxGxK),
     q_pos_BxL,
     k_pos_BxL,
     consts,
+    far_packed,
   )
   return jnp.moveaxis(_unpack_heads(out_BxGxMxK, h), 1, 2)[:, :length]

@@ -2,6 +2,8 @@
 
   pos = enc.positions(B, L);  x = enc.embed(E[tokens], pos)
   per layer:  x += W_o attend(enc.rotate(q), enc.rotate(k), v; bias = enc.bias)   (on norm(x))
+              (with enc.window W: q_far, k_far = enc.rotate_far(q), enc.rotate_far(k) give the
+              logits of pairs i − j >= W: Self-Extend, ReRoPE)
               x += MLP(norm(x))
   logits = norm(x) E^T   (tied)  or  norm(x) W_out   (untied)
 
@@ -30,6 +32,7 @@ Sequences longer than ``SEQUENCE_CHUNK`` run the MLP and the output head chunk b
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +46,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Longer sequences run the MLP and the output head over chunks of this many positions, so
 # their [B, L, 4D] and [B, L, V] intermediates exist for one chunk at a time (evaluation memory).
 SEQUENCE_CHUNK = 4096
+# The output head's chunk holds at most this many float32 logits (256 MiB): 4096 positions of a
+# byte vocabulary, 1024 of a 49k BPE one (SmolLM2: [4096, 49152] logits were 805 MB per chunk).
+LOGITS_PER_CHUNK = 2**26
 _NORMS = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx.RMSNorm}
 _MLPS = ("gelu", "swiglu")
 
@@ -169,13 +175,12 @@ def resolved_dims(model_cfg) -> tuple[int, int]:
   return head_dim, mlp_dim
 
 
-def over_sequence_chunks(fn, *xs_BxLx):
-  """``fn(*xs)`` for a position-wise ``fn``, ``SEQUENCE_CHUNK`` positions at a time (lax.map).
+def over_sequence_chunks(fn, *xs_BxLx, chunk: int = SEQUENCE_CHUNK):
+  """``fn(*xs)`` for a position-wise ``fn``, ``chunk`` positions at a time (lax.map).
 
   Same values as ``fn(*xs)``; L is padded to a multiple of the chunk and cut back after.
   """
   b, length = xs_BxLx[0].shape[:2]
-  chunk = SEQUENCE_CHUNK
   if length <= chunk:
     return fn(*xs_BxLx)
   n = -(-length // chunk)
@@ -218,11 +223,16 @@ class Attention(nnx.Module):
     else:
       q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = jnp.split(qkv_BxLxCxK, (h, h + g), axis=2)
     dtype = v_BxLxGxK.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
-    q_BxLxHxK = enc.rotate(q_BxLxHxK, pos_BxL, is_query=True).astype(dtype)
-    k_BxLxGxK = enc.rotate(k_BxLxGxK, pos_BxL, is_query=False).astype(dtype)
+    far = {}
+    if enc.window is not None:  # Self-Extend, ReRoPE: logits of pairs i - j >= W from these.
+      far = dict(
+        q_far_BxLxHxK=enc.rotate_far(q_BxLxHxK, pos_BxL, is_query=True).astype(dtype),
+        k_far_BxLxGxK=enc.rotate_far(k_BxLxGxK, pos_BxL, is_query=False).astype(dtype),
+        window=enc.window,
+      )
     y_BxLxHxK = attend(
-      q_BxLxHxK,
-      k_BxLxGxK,
+      enc.rotate(q_BxLxHxK, pos_BxL, is_query=True).astype(dtype),
+      enc.rotate(k_BxLxGxK, pos_BxL, is_query=False).astype(dtype),
       v_BxLxGxK,
       q_pos_BxL=pos_BxL,
       k_pos_BxL=pos_BxL,
@@ -230,6 +240,7 @@ class Attention(nnx.Module):
       impl=impl,
       block_size=block_size,
       operand_dtype=self.qkv.dtype,
+      **far,
     )
     return self.out(y_BxLxHxK.reshape(b, length, -1))
 
@@ -357,8 +368,9 @@ class Transformer(nnx.Module):
 
   def nll_and_hits(self, inputs_BxL: jax.Array, targets_BxL: jax.Array, *, train: bool = False):
     """``(nll_BxL, hit_BxL)``: ``-log softmax(logits)[target]`` (float32) and
-    ``argmax(logits) == target``, with the logits computed ``SEQUENCE_CHUNK`` positions at a
-    time, so long evaluations never hold float32 ``[B, L, V]`` logits."""
+    ``argmax(logits) == target``, with the logits computed a chunk of positions at a time
+    (``SEQUENCE_CHUNK``, fewer for a large vocabulary: ``LOGITS_PER_CHUNK``), so long
+    evaluations never hold float32 ``[B, L, V]`` logits."""
     x_BxLxD, pos_BxL = self.embed_tokens(inputs_BxL, train=train)
 
     def score(x_BxCxD, targets_BxC):
@@ -367,7 +379,9 @@ class Transformer(nnx.Module):
       nll_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1) - target_BxC
       return nll_BxC, jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
 
-    return over_sequence_chunks(score, self.layers(x_BxLxD, pos_BxL), targets_BxL)
+    vocab = self.embed.embedding.shape[0]
+    chunk = min(SEQUENCE_CHUNK, max(256, 2 ** int(math.log2(LOGITS_PER_CHUNK // vocab))))
+    return over_sequence_chunks(score, self.layers(x_BxLxD, pos_BxL), targets_BxL, chunk=chunk)
 
 
 def with_attention(model: Transformer, impl: str, block_size: int | None = None) -> Transformer:

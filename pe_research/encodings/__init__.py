@@ -10,6 +10,7 @@ from pe_research.encodings.fire import Fire
 from pe_research.encodings.kerple import Kerple, kerple_bias
 from pe_research.encodings.learned import LearnedAbsolute
 from pe_research.encodings.nope import NoPE
+from pe_research.encodings.pose import PoSEPositions, pose_positions
 from pe_research.encodings.randomized import RandomizedPositions, random_sorted_positions
 from pe_research.encodings.registry import build_encoding, encoding_names, register
 from pe_research.encodings.rope import RoPE, apply_rope
@@ -24,6 +25,7 @@ __all__ = [
   "Kerple",
   "LearnedAbsolute",
   "NoPE",
+  "PoSEPositions",
   "PositionalEncoding",
   "RandomizedPositions",
   "RoPE",
@@ -38,6 +40,7 @@ __all__ = [
   "encoding_names",
   "kerple_bias",
   "parse_rope_scaling",
+  "pose_positions",
   "random_sorted_positions",
   "register",
   "rope_frequencies",

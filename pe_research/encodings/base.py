@@ -1,21 +1,26 @@
 """The one interface between attention and a positional encoding.
 
-Attention never names an encoding. It asks the encoding three questions, each with a
+Attention never names an encoding. It asks the encoding these questions, each with a
 do-nothing default, so a new encoding is one new file plus one registry line:
 
   * ``positions(batch, length, train=...)`` -> int32 ``[B, L]`` positions to use, or
     ``[1, L]`` when every row has the same positions (the default ``0 .. L-1``): the hooks
     broadcast over B, so a bias or rotation table is then computed once, not once per row
-    (randomized encodings draw ``[B, L]`` from an ``nnx.Rngs`` they own, so the draw is
-    model state);
+    (the wrappers that change training positions around any encoding, randomized.py and
+    pose.py, draw ``[B, L]`` from an ``nnx.Rngs`` they own, so the draw is model state);
   * ``embed(x_BxLxD, pos_BxL)``        -> embeddings with the encoding added (absolute PEs);
   * ``rotate(x_BxLxHxK, pos_BxL, is_query=...)`` -> q or k transformed (RoPE, xPos);
   * ``bias(q_pos_BxQ, k_pos_BxK)``     -> float32 ``[B or 1, H, Q, K]`` added to the logits
     (ALiBi, T5, KERPLE, FIRE), or ``None``. Blockwise attention calls it once per
-    (query block, key block), so it must depend on positions only, never on L.
+    (query block, key block), so it must depend on positions only, never on L;
+  * ``rotate_far(x_BxLxHxK, pos_BxL, is_query=...)`` -> q or k of the far logit set, asked
+    only when ``window`` is an int W: query i and key j with ``i − j >= W`` (sequence
+    indices) get the logit ``q_far_i . k_far_j`` instead of ``q_i . k_j``, merged before the
+    softmax (Self-Extend, ReRoPE: ``rope_extension.py``).
 
 ``has_bias`` is a static flag so attention can skip the bias path at trace time.
 ``max_length`` is the longest sequence the encoding can represent (None: unbounded).
+``window`` is None for one logit set (every encoding but a windowed RoPE).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class PositionalEncoding(nnx.Module):
 
   has_bias: bool = False
   max_length: int | None = None
+  window: int | None = None
 
   def positions(self, batch: int, length: int, *, train: bool) -> jax.Array:
     """``0 .. length-1`` as one int32 ``[1, length]`` row, shared by all ``batch`` rows."""
@@ -50,6 +56,31 @@ class PositionalEncoding(nnx.Module):
     del pos_BxL, is_query
     return x_BxLxHxK
 
+  def rotate_far(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    return self.rotate(x_BxLxHxK, pos_BxL, is_query=is_query)
+
   def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array | None:
     del q_pos_BxQ, k_pos_BxK
     return None
+
+
+class PositionsWrapper(PositionalEncoding):
+  """An encoding that only chooses the positions (randomized, PoSE): ``embed``, ``rotate``,
+  ``rotate_far``, ``bias``, ``has_bias`` and ``window`` are the wrapped ``base``'s."""
+
+  def __init__(self, base: PositionalEncoding):
+    self.base = base
+    self.has_bias = base.has_bias
+    self.window = base.window
+
+  def embed(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+    return self.base.embed(x_BxLxD, pos_BxL)
+
+  def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    return self.base.rotate(x_BxLxHxK, pos_BxL, is_query=is_query)
+
+  def rotate_far(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    return self.base.rotate_far(x_BxLxHxK, pos_BxL, is_query=is_query)
+
+  def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array | None:
+    return self.base.bias(q_pos_BxQ, k_pos_BxK)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.base import PositionalEncoding, PositionsWrapper
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "length", "max_len"))
@@ -34,8 +34,9 @@ def random_sorted_positions(key: jax.Array, batch: int, length: int, max_len: in
   return jax.vmap(one_row)(jax.random.split(key, batch)).astype(jnp.int32)
 
 
-class RandomizedPositions(PositionalEncoding):
-  """Draws the positions; ``embed``/``rotate``/``bias`` are the base encoding's.
+class RandomizedPositions(PositionsWrapper):
+  """Draws the positions; ``embed``/``rotate``/``rotate_far``/``bias`` (and ``window``) are the
+  base encoding's.
 
   ``max_length`` is ``max_random_len`` when evaluation is randomized, else the base's.
   """
@@ -55,10 +56,9 @@ class RandomizedPositions(PositionalEncoding):
         f"pe.max_random_len={max_random_len} exceeds the base encoding's max_length="
         f"{base.max_length} (e.g. pe.max_len of 'learned'); it must be <= {base.max_length}"
       )
-    self.base = base
+    super().__init__(base)
     self.max_random_len = max_random_len
     self.randomize_eval = randomize_eval
-    self.has_bias = base.has_bias
     self.max_length = max_random_len if randomize_eval else base.max_length
     self.rngs = nnx.Rngs(positions=rngs.params())
 
@@ -66,15 +66,6 @@ class RandomizedPositions(PositionalEncoding):
     if not (train or self.randomize_eval):
       return self.base.positions(batch, length, train=train)
     return random_sorted_positions(self.rngs.positions(), batch, length, self.max_random_len)
-
-  def embed(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
-    return self.base.embed(x_BxLxD, pos_BxL)
-
-  def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
-    return self.base.rotate(x_BxLxHxK, pos_BxL, is_query=is_query)
-
-  def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array | None:
-    return self.base.bias(q_pos_BxQ, k_pos_BxK)
 
 
 def randomize(pe_cfg, base: PositionalEncoding, *, rngs: nnx.Rngs) -> PositionalEncoding:

@@ -11,6 +11,8 @@ Layouts say which dims form pair i of the rotary part of width R2 = 2·len(θ):
 The two give the same q·k when q and k are permuted consistently; :func:`interleaved_to_half`
 is that permutation (apply it to the q/k projection outputs to convert a checkpoint).
 Dims beyond R2 pass through unchanged (partial rotary, GPT-NeoX's ``rotary_pct``).
+Training-free context extension (Self-Extend, ReRoPE: a far logit set; log-n query scaling) is
+in ``rope_extension.py``; it combines with any ``rope_scaling`` (frequencies).
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ import numpy as np
 
 from pe_research.encodings.base import PositionalEncoding
 from pe_research.encodings.registry import register
+from pe_research.encodings.rope_extension import (
+  check_extension,
+  extension_kwargs,
+  logn_scale,
+  rerope_positions,
+  self_extend_positions,
+)
 from pe_research.encodings.rope_scaling import parse_rope_scaling, rope_frequencies_numpy
 
 LAYOUTS = ("half", "interleaved")
@@ -120,11 +129,14 @@ def rotary_dim_for(head_dim: int, rotary_pct: float) -> int:
 
 
 class RoPE(PositionalEncoding):
-  """RoPE on q and k with optional ``rope_scaling``.
+  """RoPE on q and k with optional ``rope_scaling`` and context extension.
 
   Frequencies are numpy constants computed when ``rotate`` is traced; ``dynamic`` and
   ``longrope`` use ``seq_len = x.shape[-3]`` (the static length of the call), since
   max(positions) + 1 is not static. Decoding token by token would need the cache length.
+  ``self_extend_window`` or ``rerope_window`` W > 0 sets ``window = W`` and ``rotate_far``
+  rotates to the method's far positions; ``logn_len`` L > 0 multiplies rotated queries (near
+  and far) by max(1, ln(p + 1) / ln L) (``rope_extension.py``).
   """
 
   def __init__(
@@ -136,8 +148,23 @@ class RoPE(PositionalEncoding):
     rotary_pct: float = 1.0,
     layout: str = "half",
     train_len: int | None = None,
+    self_extend_window: int = 0,
+    self_extend_group: int = 1,
+    rerope_window: int = 0,
+    logn_len: int = 0,
   ):
     _check_layout(layout)
+    check_extension(
+      "rope",
+      self_extend_window=self_extend_window,
+      self_extend_group=self_extend_group,
+      rerope_window=rerope_window,
+      logn_len=logn_len,
+    )
+    self.window = (self_extend_window or rerope_window) or None
+    self.rerope = bool(rerope_window)
+    self.self_extend_group = self_extend_group
+    self.logn_len = logn_len
     self.rotary_dim = rotary_dim_for(head_dim, rotary_pct)
     self.base = float(base)
     self.layout = layout
@@ -157,11 +184,28 @@ class RoPE(PositionalEncoding):
     )
 
   def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
-    del is_query
+    return self._rotate_to(x_BxLxHxK, pos_BxL, pos_BxL, is_query)
+
+  def rotate_far(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    """q or k rotated to the far positions of Self-Extend or ReRoPE (``window`` set)."""
+    if self.rerope:
+      far_BxL = rerope_positions(pos_BxL, window=self.window, is_query=is_query)
+    else:
+      far_BxL = self_extend_positions(
+        pos_BxL, window=self.window, group=self.self_extend_group, is_query=is_query
+      )
+    return self._rotate_to(x_BxLxHxK, far_BxL, pos_BxL, is_query)
+
+  def _rotate_to(self, x_BxLxHxK, angle_pos_BxL, pos_BxL, is_query: bool) -> jax.Array:
+    """``x`` rotated by the angles of ``angle_pos``; queries log-n scaled by their ``pos``."""
     inv_freq, attention_factor = self.frequencies(x_BxLxHxK.shape[-3])
-    return apply_rope(
-      x_BxLxHxK, pos_BxL, inv_freq, layout=self.layout, attention_factor=attention_factor
+    out_BxLxHxK = apply_rope(
+      x_BxLxHxK, angle_pos_BxL, inv_freq, layout=self.layout, attention_factor=attention_factor
     )
+    if not (is_query and self.logn_len):
+      return out_BxLxHxK
+    scale_BxLx1x1 = logn_scale(pos_BxL, self.logn_len)[..., None, None]
+    return (out_BxLxHxK * scale_BxLx1x1).astype(out_BxLxHxK.dtype)
 
 
 def rope_kwargs(pe_cfg) -> dict:
@@ -178,4 +222,4 @@ def rope_kwargs(pe_cfg) -> dict:
 @register("rope")
 def build_rope(pe_cfg, *, num_heads: int, head_dim: int, model_dim: int, rngs) -> RoPE:
   del num_heads, model_dim, rngs
-  return RoPE(head_dim, **rope_kwargs(pe_cfg))
+  return RoPE(head_dim, **rope_kwargs(pe_cfg), **extension_kwargs(pe_cfg))
