@@ -17,23 +17,7 @@ import os
 
 import ml_collections
 
-from configs import base
-from pe_research.config_lib import parse_config_arg
-
-# Fields of the earlier run that are about how it was trained, not what the model is: reset.
-_FRESH = ("init_from", "seed")
-
-
-def _copy(saved: dict, into: ml_collections.ConfigDict) -> None:
-  """Copies the saved values of every field the schema knows (``pe.train_len`` stays a reference
-  to ``train.seq_len``)."""
-  for key, value in saved.items():
-    if key not in into or key in _FRESH or key == "train_len":
-      continue
-    if isinstance(into[key], ml_collections.ConfigDict):
-      _copy(value, into[key])
-    else:
-      into[key] = value
+from pe_research.config_lib import config_from_saved, parse_config_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,9 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise ValueError(f"configs/finetune.py init_from={variant.init_from!r} has no config.json")
   with open(path) as f:
-    saved = json.load(f)
-  config = base.get_config()
-  _copy(saved, config)
+    config = config_from_saved(json.load(f))
   config.init_from = variant.init_from
   config.train.seq_len = variant.seq_len or config.train.seq_len
   config.train.steps = variant.steps

@@ -14,14 +14,29 @@ experiments share a run only when their configs are identical.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 
 import jax
 import ml_collections
 
+import pe_research
 from pe_research import checkpoint, config_lib
 from pe_research import evaluate as evaluate_lib
+
+
+@functools.cache
+def code_version() -> str:
+  """A hash of the ``pe_research`` package's Python sources."""
+  root = os.path.dirname(os.path.abspath(pe_research.__file__))
+  digest = hashlib.sha256()
+  for folder, _, files in sorted(os.walk(root)):
+    for name in sorted(f for f in files if f.endswith(".py")):
+      with open(os.path.join(folder, name), "rb") as f:
+        digest.update(name.encode() + f.read())
+  return digest.hexdigest()[:16]
 
 
 def is_finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
@@ -52,6 +67,7 @@ def evaluate(
   lengths: list[int],
   max_tokens: int,
   rope_scaling: dict | None = None,
+  overrides: dict | None = None,
   mode: str = "nonoverlapping",
   stride: int | None = None,
   batch_size: int = 1,
@@ -60,16 +76,20 @@ def evaluate(
   """The summary of ``workdir/eval/<name>.json`` (``rows``, and ``passkey`` rows when
   ``passkey_trials > 0``), computed unless one exists for the same request and checkpoint.
 
-  ``rope_scaling`` (a dict in HF vocabulary) replaces the run's at evaluation only (zero-shot).
+  ``rope_scaling`` (a dict in HF vocabulary) and ``overrides`` (``pe.*``/``data.*`` fields)
+  replace the run's at evaluation only (zero-shot). The request includes :func:`code_version`,
+  so an evaluation computed by other code (an encoding fixed since) is not reused.
   """
   request = {
     "step": checkpoint.latest_intact_step(workdir),
     "lengths": list(lengths),
     "max_tokens": max_tokens,
     "rope_scaling": rope_scaling,
+    "overrides": overrides or {},
     "mode": mode,
     "stride": stride,
     "passkey_trials": passkey_trials,
+    "code": code_version(),
   }
   path = os.path.join(workdir, "eval", f"{name}.json")
   if os.path.exists(path):
@@ -81,6 +101,7 @@ def evaluate(
     workdir,
     lengths=list(lengths),
     rope_scaling=json.dumps(rope_scaling) if rope_scaling else None,
+    overrides=overrides,
     mode=mode,
     stride=stride,
     max_tokens=max_tokens,

@@ -7,6 +7,7 @@ batches ``{"inputs", "targets", "weights"}`` of shape ``[B, L]`` with one step t
   weight_sum_L[l] = Σ_b w[b,l]
   exact_B[b]      = ∀l: w[b,l] = 0 or argmax(logits[b,l]) = targets[b,l]
   scored_B[b]     = Σ_l w[b,l]
+  nll_sum_B[b]    = Σ_l w[b,l] · NLL[b,l]
 
 from which loss = Σ nll_sum / Σ weight_sum (nats per token), ppl = exp(loss), and exact-match
 accuracy = mean of exact_B over rows with scored_B > 0 (greedy decoding of the targets, see
@@ -17,6 +18,9 @@ host, ``bytes = Σ_b,l w[b,l] · bytes_per_token[targets[b,l]]`` (from the token
   bits_per_byte = Σ nll_sum / ln 2 / bytes
 
 so byte-level and BPE models are compared on one axis. Host-side sums are float64.
+Every ppl and accuracy comes with a 95% bootstrap interval (``pe_research.stats``): ppl over the
+scored windows (``nll_sum_B``, ``scored_B``; contiguous blocks of positions when there are fewer
+than 16 windows, ``interval_units`` says which), accuracy over examples.
 
 Long lengths: dense attention materialises ``B·H·L²`` float32 scores per layer; when that
 exceeds ``dense_budget_bytes`` a dense run is evaluated with blockwise attention instead
@@ -39,6 +43,7 @@ import tqdm
 from flax import nnx
 
 from pe_research import passkey
+from pe_research import stats as bootstrap
 from pe_research.data import make_eval_batches, tokenizer_of
 from pe_research.model import Transformer, with_attention
 
@@ -64,6 +69,7 @@ def token_stats(nll_BxL: jax.Array, hit_BxL: jax.Array, batch: Batch) -> dict[st
   return {
     "nll_sum_L": jnp.sum(w_BxL * nll_BxL, axis=0),
     "weight_sum_L": jnp.sum(w_BxL, axis=0),
+    "nll_sum_B": jnp.sum(w_BxL * nll_BxL, axis=1),
     "exact_B": jnp.all(hit_BxL | (w_BxL == 0), axis=1),
     "scored_B": jnp.sum(w_BxL, axis=1),
   }
@@ -81,6 +87,9 @@ class Totals:
 
   nll_sum_L: np.ndarray
   weight_sum_L: np.ndarray
+  nll_W: list[float] = dataclasses.field(default_factory=list)  # Per scored window (row).
+  weight_W: list[float] = dataclasses.field(default_factory=list)
+  exact_N: list[bool] = dataclasses.field(default_factory=list)  # Per scored example.
   scored_bytes: float = 0.0
   correct: int = 0
   examples: int = 0
@@ -107,12 +116,29 @@ class Totals:
       return math.nan
     return float(self.nll_sum_L.sum() / math.log(2) / self.scored_bytes)
 
+  def ppl_interval(self) -> tuple[float, float, str]:
+    """``(lo, hi, units)``: the 95% bootstrap interval of ppl (``pe_research.stats``) over the
+    scored windows, or over blocks of positions when there are few windows."""
+    nll_U, weight_U, units = bootstrap.loss_units(
+      np.array(self.nll_W), np.array(self.weight_W), self.nll_sum_L, self.weight_sum_L
+    )
+    return (*bootstrap.ppl_interval(nll_U, weight_U), units)
+
+  def accuracy_interval(self) -> tuple[float, float]:
+    """The 95% bootstrap interval of the exact-match accuracy over examples."""
+    return bootstrap.accuracy_interval(self.exact_N)
+
   def lm_row(self) -> dict[str, float]:
     loss = self.loss
+    ppl_lo, ppl_hi, units = self.ppl_interval()
     return {
       "tokens": self.tokens,
       "loss": loss,
       "ppl": math.exp(loss) if loss < 700 else math.inf,
+      "ppl_lo": ppl_lo,
+      "ppl_hi": ppl_hi,
+      "windows": len(self.weight_W),
+      "interval_units": units,
       "bytes": int(round(self.scored_bytes)),
       "bits_per_byte": self.bits_per_byte,
       "seconds": self.seconds,
@@ -200,6 +226,9 @@ class Evaluator:
       scored_B = stats["scored_B"] > 0
       totals.correct += int(np.sum(stats["exact_B"] & scored_B))
       totals.examples += int(np.sum(scored_B))
+      totals.exact_N += stats["exact_B"][scored_B].tolist()
+      totals.nll_W += stats["nll_sum_B"][scored_B].tolist()
+      totals.weight_W += stats["scored_B"][scored_B].tolist()
       totals.compile_seconds += compile_seconds
       totals.attention = self.attention_for(batch_size, length)
     if totals is None:
@@ -261,6 +290,7 @@ def lm_sweep(
         "seq_len": len(totals.nll_sum_L),
         "examples": totals.examples,
         "accuracy": totals.accuracy,
+        **dict(zip(("accuracy_lo", "accuracy_hi"), totals.accuracy_interval(), strict=True)),
       }
     rows.append(row)
     per_position[length] = (totals.nll_sum_L, totals.weight_sum_L)
@@ -291,6 +321,10 @@ def passkey_sweep(
       )
       totals = evaluator.score_all(batches, batch_size=batch_size, desc=f"passkey {length}@{depth}")
       grid_LxD[i, j] = totals.accuracy
-      rows.append({"length": length, "depth": depth, "trials": trials, "accuracy": totals.accuracy})
+      lo, hi = totals.accuracy_interval()
+      rows.append(
+        {"length": length, "depth": depth, "trials": trials, "accuracy": totals.accuracy}
+        | {"accuracy_lo": lo, "accuracy_hi": hi}
+      )
     tqdm.tqdm.write(f"passkey {length:>7}: accuracy by depth {np.round(grid_LxD[i], 2).tolist()}")
   return rows, grid_LxD

@@ -17,7 +17,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-Curve = tuple[Sequence[float], Sequence[float]]
+# (xs, ys) or (xs, ys, lo, hi): a curve, optionally with its interval band.
+Curve = tuple[Sequence[float], ...]
 
 
 def write_table(stem: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
@@ -54,14 +55,19 @@ def plot_curves(
   train_len: int | None = None,
   logy: bool = True,
 ) -> None:
-  """One line per curve against evaluation length (log₂ x axis); non-finite y is dropped."""
+  """One line per curve against evaluation length (log₂ x axis); non-finite y is dropped. A
+  curve ``(xs, ys, lo, hi)`` also draws its interval as a band."""
   fig = Figure(figsize=(8.5 if len(curves) > 3 else 7, 4.5))
   ax = fig.subplots()
   colors = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors
-  for i, (label, (xs, ys)) in enumerate(curves.items()):
+  for i, (label, (xs, ys, *band)) in enumerate(curves.items()):
     keep = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
     color = colors[i % len(colors)]  # The default cycle repeats after 10 curves.
     ax.plot([x for x, _ in keep], [y for _, y in keep], marker="o", label=label, color=color)
+    if band:
+      spans = [(x, a, b) for x, a, b in zip(xs, *band, strict=True) if math.isfinite(a + b)]
+      x_s, lo_s, hi_s = zip(*spans, strict=True) if spans else ((), (), ())
+      ax.fill_between(x_s, lo_s, hi_s, color=color, alpha=0.18, linewidth=0)
   ax.set_xscale("log", base=2)
   if logy:
     ax.set_yscale("log")

@@ -4,6 +4,8 @@ r"""Evaluates a trained run at many lengths: "how does this encoding behave beyo
   python -m pe_research.evaluate --workdir=runs/rope --mode=sliding --stride=64
   python -m pe_research.evaluate --workdir=runs/rope \
       --rope_scaling='{"rope_type":"yarn","factor":8}'          # zero-shot extension
+  python -m pe_research.evaluate --workdir=runs/rope \
+      --overrides='{"pe.self_extend_window":64,"pe.self_extend_group":4}'   # pe.* / data.*
   python -m pe_research.evaluate --workdir=runs/rope --passkey_trials=10
 
 Loads the newest intact checkpoint of ``DIR`` into the model of ``DIR/config.json`` (with
@@ -35,7 +37,7 @@ import sys
 
 from absl import app, flags
 
-from pe_research import eval_lib, eval_report, passkey
+from pe_research import backend, eval_lib, eval_report, passkey
 from pe_research.data import tokenizer_of
 from pe_research.data.pipeline import MODES
 from pe_research.metrics import quiet_library_logging
@@ -47,6 +49,9 @@ _MODE = flags.DEFINE_string("mode", "nonoverlapping", f"One of {', '.join(MODES)
 _STRIDE = flags.DEFINE_integer("stride", None, "Sliding stride S (scores the last S tokens).")
 _ROPE_SCALING = flags.DEFINE_string(
   "rope_scaling", None, "HF rope_scaling JSON replacing the run's ('' = none); RoPE/xPos only."
+)
+_OVERRIDES = flags.DEFINE_string(
+  "overrides", None, 'JSON {"pe.<field>" or "data.<field>": value} replacing the run\'s.'
 )
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Token budget; default data.eval_tokens.")
 _NAME = flags.DEFINE_string("name", None, "Output name under DIR/eval; default from the flags.")
@@ -103,12 +108,17 @@ def check_request(model, lengths, *, mode, stride, attention, synthetic: bool) -
     )
 
 
-def default_name(mode: str, stride: int | None, rope_scaling: str | None) -> str:
-  """E.g. ``nonoverlapping``, ``sliding_s64``, ``nonoverlapping_yarn8``."""
+def default_name(
+  mode: str, stride: int | None, rope_scaling: str | None, overrides: dict | None = None
+) -> str:
+  """E.g. ``nonoverlapping``, ``sliding_s64``, ``nonoverlapping_yarn8``,
+  ``nonoverlapping_pe.self_extend_window64``."""
   name = mode + (f"_s{stride}" if stride else "")
   if rope_scaling is not None:
     spec = json.loads(rope_scaling) if rope_scaling else {}
     name += f"_{spec.get('rope_type', 'none')}{spec.get('factor', '')}" if spec else "_noscaling"
+  for key, value in sorted((overrides or {}).items()):
+    name += f"_{key}{value}"
   return name
 
 
@@ -119,6 +129,7 @@ def evaluate_run(
   mode: str = "nonoverlapping",
   stride: int | None = None,
   rope_scaling: str | None = None,
+  overrides: dict | None = None,
   max_tokens: int | None = None,
   name: str | None = None,
   batch_size: int = 1,
@@ -130,11 +141,11 @@ def evaluate_run(
   """Evaluates the run in ``workdir`` (see the module docstring); returns the JSON summary."""
   if batch_size < 1 or (max_tokens is not None and max_tokens < 1) or passkey_trials < 0:
     raise ValueError("--batch_size and --max_tokens must be >= 1 and --passkey_trials >= 0")
-  model, config, step = load_model(workdir, rope_scaling=rope_scaling)
+  model, config, step = load_model(workdir, rope_scaling=rope_scaling, overrides=overrides)
   synthetic = config.data.name == "synthetic"
   lengths = lengths or default_lengths(config)
   check_request(model, lengths, mode=mode, stride=stride, attention=attention, synthetic=synthetic)
-  name = name or default_name(mode, stride, rope_scaling)
+  name = name or default_name(mode, stride, rope_scaling, overrides)
   encode = tokenizer_of(config.data).encode
   passkey_lengths = [n for n in lengths if n >= passkey.min_length(encode)]
   if passkey_trials and not synthetic and not passkey_lengths:
@@ -160,6 +171,7 @@ def evaluate_run(
     "step": step,
     "pe": config.pe.name,
     "rope_scaling": config.pe.rope_scaling,
+    "overrides": overrides or {},
     "train_len": train_len,
     "mode": mode,
   }
@@ -202,6 +214,18 @@ def evaluate_run(
   return {**summary, "rows": rows}
 
 
+def _parse_json_object(text: str | None, flag: str) -> dict | None:
+  if text is None:
+    return None
+  try:
+    value = json.loads(text)
+  except ValueError:
+    value = None
+  if not isinstance(value, dict):
+    raise ValueError(f'{flag}={text!r} is invalid; allowed: a JSON object such as {{"a": 1}}')
+  return value
+
+
 def _exit_with_error(error: Exception) -> None:
   print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
   sys.exit(2)
@@ -218,6 +242,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _exit_with_error(ValueError(f"unexpected arguments {argv[1:]}; allowed: flags only"))
+  backend.use_low_memory_schedule()
   quiet_library_logging()
   try:
     evaluate_run(
@@ -226,6 +251,7 @@ def main(argv: list[str]) -> None:
       mode=_MODE.value,
       stride=_STRIDE.value,
       rope_scaling=_ROPE_SCALING.value,
+      overrides=_parse_json_object(_OVERRIDES.value, "--overrides"),
       max_tokens=_MAX_TOKENS.value,
       name=_NAME.value,
       batch_size=_BATCH_SIZE.value,

@@ -4,7 +4,7 @@
   model, config, step = load_model("runs/rope", rope_scaling='{"rope_type": "yarn", "factor": 4}')
 
 Used by evaluation, export and the figure scripts. Runs written before a config field existed
-load with that field's default (the model reads new fields with ``.get``).
+load with that field's default (``config_lib.config_from_saved``).
 """
 
 from __future__ import annotations
@@ -12,24 +12,25 @@ from __future__ import annotations
 import json
 import os
 
-import ml_collections
 from flax import nnx
 
 from pe_research import checkpoint, config_lib
 from pe_research.model import Transformer
 
 
-def load_model(workdir: str, *, rope_scaling: str | None = None):
+def load_model(workdir: str, *, rope_scaling: str | None = None, overrides=None):
   """``(model, config, step)``: the newest intact checkpoint's parameters in the run's model.
 
-  ``rope_scaling`` (JSON text, "" = none) replaces ``pe.rope_scaling`` before the model is
-  built; only ``nnx.Param`` values are restored, so the new frequencies take effect.
+  ``rope_scaling`` (JSON text, "" = none) replaces ``pe.rope_scaling`` and ``overrides``
+  (``{"pe.<field>" or "data.<field>": value}``, e.g. ``{"pe.self_extend_window": 1024}``) other
+  encoding or data options before the model is built; only ``nnx.Param`` values are restored,
+  so the new positions take effect (zero-shot context extension).
   """
   path = os.path.join(workdir, checkpoint.CONFIG_FILE)
   if not os.path.isfile(path):
     raise ValueError(f"--workdir={workdir!r} has no {checkpoint.CONFIG_FILE}; allowed: a run's dir")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = config_lib.config_from_saved(json.load(f))
   if rope_scaling is not None:
     if rope_scaling and config.pe.name not in config_lib.ROTARY_ENCODINGS:
       raise ValueError(
@@ -38,6 +39,8 @@ def load_model(workdir: str, *, rope_scaling: str | None = None):
       )
     config.pe.rope_scaling = rope_scaling
     config_lib.check_rope_scaling(config.pe, field="--rope_scaling")
+  if overrides:
+    config_lib.override_for_eval(config, overrides, "--overrides")
   step = checkpoint.latest_intact_step(workdir)
   if step is None:
     raise ValueError(f"--workdir={workdir!r} has no checkpoint; allowed: a trained run's workdir")

@@ -2,7 +2,7 @@
 
   make_train_iterator(config, process_index=, process_count=)  checkpointable training batches
   make_eval_batches(config, length=, mode=, stride=, max_tokens=, batch_size=)
-  prepare(config.data)                     prepares pystdlib / local_text (CLI: python -m ...)
+  prepare(config.data)                     prepares pystdlib/sotu/local_text (CLI: python -m ...)
   dataset_names(), task_names()            the values data.name / data.task accept
   make_tokenizer(data.tokenizer)           "bytes" or a HF tokenizer.json (cached per spec)
 

