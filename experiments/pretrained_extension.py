@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 from experiments import report, sweep
@@ -38,6 +39,7 @@ _L = "original_max_position_embeddings"
 @dataclasses.dataclass(frozen=True)
 class Preset:
   factor: int  # s: the target context is s·L.
+  methods: tuple[str, ...]  # Zero-shot methods evaluated (labels of ZERO_SHOT).
   lengths: tuple[int, ...]  # Every zero-shot method, every text kind.
   windows: int  # Windows per length up to L; one window beyond L.
   long_lengths: tuple[int, ...]  # Only long_methods and the fine-tuned models (first text kind).
@@ -70,6 +72,7 @@ ZERO_SHOT = (
 PRESETS = {
   "smoke": Preset(
     4,
+    ZERO_SHOT,
     (32, 64, 128),
     2,
     (256,),
@@ -87,30 +90,35 @@ PRESETS = {
     128,
     {"text": {}},
   ),
+  # Measured costs here (AMD EPYC Zen 4, 2 cores), one SmolLM2 window: 2k 6 s, 8k 53 s, 12k
+  # ~100 s, 32k 11.5 min (attention at ~65 GFLOP/s). All of this preset is about 70 minutes;
+  # it fine-tunes nothing (one 16k training step is ~8 minutes here): the paper preset does.
   "cpu": Preset(
     4,
-    (2048, 8192, 16384),
-    2,
+    ZERO_SHOT,
+    (2048, 8192, 12288),
+    1,
     (32768,),
-    ("YaRN", "Self-Extend"),
+    ("Self-Extend",),
     (2048,),
     256,
     (1024, 8),
     4096,
-    (2048, 8192, 16384),
-    (0.1, 0.5, 0.9),
-    2,
+    (4096, 12288),
+    (0.5,),
+    1,
     ("none", "YaRN", "Self-Extend"),
     (),
     0,
     0,
-    {"python": {"data.name": "pystdlib"}},
+    {"python": {"data.name": "pystdlib"}, "prose": {"data.name": "sotu"}},
   ),
   "paper": Preset(
     4,
+    ZERO_SHOT,
     (1024, 2048, 4096, 8192, 16384, 32768),
     16,
-    (32768,),
+    (65536,),
     ZERO_SHOT,
     (1024, 2048, 4096, 8192),
     256,
@@ -123,7 +131,7 @@ PRESETS = {
     ("PI", "YaRN", "PoSE"),
     400,
     32768,
-    {"python": {"data.name": "pystdlib"}},
+    {"python": {"data.name": "pystdlib"}, "prose": {"data.name": "sotu"}},
   ),
 }
 
@@ -146,6 +154,32 @@ def zero_shot_methods(preset: Preset, train_len: int) -> dict[str, tuple[dict | 
     "log-n": (None, {"pe.logn_len": train_len}),
     "ReRoPE": (None, {"pe.rerope_window": preset.rerope_window}),
   }
+
+
+def subset(preset: Preset, methods: str, lengths: str) -> Preset:
+  """The preset restricted to ``methods`` (zero-shot labels; fine-tunes are "PI (ft)"...) and
+  with ``lengths`` in place of its lengths (a quick look; the report says what ran)."""
+  if methods:
+    chosen = [m.strip() for m in methods.split(",")]
+    known = (*ZERO_SHOT, *(f"{m} (ft)" for m in ("PI", "YaRN", "PoSE")))
+    if unknown := [m for m in chosen if m not in known]:
+      raise ValueError(f"--methods: {', '.join(unknown)} unknown; allowed: {', '.join(known)}")
+    keep = lambda names: tuple(m for m in names if m in chosen)  # noqa: E731
+    ft = tuple(m for m in preset.ft_methods if f"{m} (ft)" in chosen)
+    preset = dataclasses.replace(
+      preset,
+      methods=keep(preset.methods),
+      long_methods=keep(preset.long_methods),
+      niah_methods=keep(preset.niah_methods),
+      ft_methods=ft,
+    )
+  if lengths:
+    try:
+      values = tuple(sorted(int(n) for n in lengths.split(",")))
+    except ValueError:
+      raise ValueError(f"--lengths={lengths!r} must be comma-separated integers") from None
+    preset = dataclasses.replace(preset, lengths=values)
+  return preset
 
 
 def _slug(label: str) -> str:
@@ -297,9 +331,14 @@ def main(argv: list[str] | None = None) -> None:
   report.add_common_flags(parser, NAME)
   parser.add_argument("--workdir", default="runs/pretrained/smollm2-135m")
   parser.add_argument("--data", default="", help="JSON {text kind: data overrides}.")
+  parser.add_argument("--methods", default="", help="Comma-separated subset of the methods.")
+  parser.add_argument(
+    "--lengths", default="", help="Comma-separated lengths replacing the preset's."
+  )
   args = parser.parse_args(argv)
+  args.command = ["python -m experiments.pretrained_extension", *(argv or sys.argv[1:])]
   backend.use_low_memory_schedule()  # Before JAX starts (no effect in a process that has).
-  preset, start = PRESETS[args.preset], time.time()
+  preset, start = subset(PRESETS[args.preset], args.methods, args.lengths), time.time()
   out = report.out_dir(args, NAME)
   if not os.path.isfile(os.path.join(args.workdir, "config.json")):
     raise ValueError(f"--workdir={args.workdir!r} has no run; allowed: make pretrained first")
@@ -316,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
   rows = []
   methods = zero_shot_methods(preset, train_len)
   for label, (scaling, pe) in methods.items():
+    if label not in preset.methods:
+      continue
     for kind, data in texts.items():
       lengths = preset.lengths + (
         preset.long_lengths if kind == first and label in preset.long_methods else ()
@@ -371,7 +412,7 @@ def write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, 
     f"{preset.self_extend}; ReRoPE W = {preset.rerope_window}. Perplexity per token with a 95% "
     "bootstrap interval (over windows, or over 16 blocks of positions when a length has fewer "
     f"than 16 windows), {preset.windows} window(s) per length up to L and one beyond. "
-    f"Wall time of this invocation: {wall / 60:.1f} min.",
+    f"Wall time of this invocation: {wall / 60:.1f} min. Command: `{' '.join(args.command)}`.",
     "",
   ]
   for kind, by_label in table.items():

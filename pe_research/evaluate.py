@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
-from pe_research import backend, eval_lib, eval_report, passkey
+from pe_research import backend, cli, eval_lib, eval_report, passkey
 from pe_research.data import tokenizer_of
 from pe_research.data.pipeline import MODES
 from pe_research.metrics import quiet_library_logging
@@ -226,22 +225,9 @@ def _parse_json_object(text: str | None, flag: str) -> dict | None:
   return value
 
 
-def _exit_with_error(error: Exception) -> None:
-  print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing whose errors are one line and exit code 2 (absl's own exit 1)."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, ValueError, TypeError) as e:
-    _exit_with_error(e)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _exit_with_error(ValueError(f"unexpected arguments {argv[1:]}; allowed: flags only"))
+    cli.exit_with_error(ValueError(f"unexpected arguments {argv[1:]}; allowed: flags only"))
   backend.use_low_memory_schedule()
   quiet_library_logging()
   try:
@@ -261,8 +247,8 @@ def main(argv: list[str]) -> None:
       passkey_depths=passkey.parse_depths(_PASSKEY_DEPTHS.value),
     )
   except ValueError as e:
-    _exit_with_error(e)
+    cli.exit_with_error(e)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

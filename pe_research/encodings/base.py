@@ -68,7 +68,13 @@ class PositionsWrapper(PositionalEncoding):
   """An encoding that only chooses the positions (randomized, PoSE): ``embed``, ``rotate``,
   ``rotate_far``, ``bias``, ``has_bias`` and ``window`` are the wrapped ``base``'s."""
 
-  def __init__(self, base: PositionalEncoding):
+  def __init__(self, base: PositionalEncoding, *, longest: int, field: str):
+    """``longest``: the largest position the wrapper may draw (``field`` names its config)."""
+    if base.max_length is not None and longest > base.max_length:
+      raise ValueError(
+        f"{field}={longest} exceeds the base encoding's max_length={base.max_length} (e.g. "
+        f"pe.max_len of 'learned'); allowed: <= {base.max_length}"
+      )
     self.base = base
     self.has_bias = base.has_bias
     self.window = base.window

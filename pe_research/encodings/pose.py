@@ -69,12 +69,7 @@ class PoSEPositions(PositionsWrapper):
   def __init__(self, base: PositionalEncoding, *, target_len: int, chunks: int, rngs: nnx.Rngs):
     if chunks < 1:
       raise ValueError(f"pe.pose_chunks={chunks} is invalid; allowed: a chunk count >= 1")
-    if base.max_length is not None and target_len > base.max_length:
-      raise ValueError(
-        f"pe.pose_target_len={target_len} exceeds the base encoding's max_length="
-        f"{base.max_length} (e.g. pe.max_len of 'learned'); allowed: <= {base.max_length}"
-      )
-    super().__init__(base)
+    super().__init__(base, longest=target_len, field="pe.pose_target_len")
     self.target_len = target_len
     self.chunks = chunks
     self.max_length = base.max_length

@@ -51,12 +51,7 @@ class RandomizedPositions(PositionsWrapper):
   ):
     if max_random_len < 1:
       raise ValueError(f"pe.max_random_len={max_random_len} must be >= 1")
-    if base.max_length is not None and max_random_len > base.max_length:
-      raise ValueError(
-        f"pe.max_random_len={max_random_len} exceeds the base encoding's max_length="
-        f"{base.max_length} (e.g. pe.max_len of 'learned'); it must be <= {base.max_length}"
-      )
-    super().__init__(base)
+    super().__init__(base, longest=max_random_len, field="pe.max_random_len")
     self.max_random_len = max_random_len
     self.randomize_eval = randomize_eval
     self.max_length = max_random_len if randomize_eval else base.max_length

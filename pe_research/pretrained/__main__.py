@@ -10,28 +10,15 @@ or a .gguf file. DIR then evaluates like any run (``python -m pe_research.evalua
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
+from pe_research import cli
 from pe_research.metrics import quiet_library_logging
 
 _SOURCE = flags.DEFINE_string("source", None, "import: an HF model folder or a .gguf file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory written (import) or read.")
 _OUT = flags.DEFINE_string("out", None, "export: the HF folder to write.")
 COMMANDS = ("import", "export")
-
-
-def _exit_with_error(error: Exception) -> None:
-  print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, ValueError) as e:
-    _exit_with_error(e)
 
 
 def _required(flag, command: str) -> str:
@@ -60,8 +47,8 @@ def main(argv: list[str]) -> None:
       importer.export_run(workdir, out)
       print(f"exported {workdir} -> {out}")
   except ValueError as e:
-    _exit_with_error(e)
+    cli.exit_with_error(e)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
