@@ -116,10 +116,12 @@ def test_local_text_hash_split_needs_validation_files_and_respects_auto_prepare(
 
 
 def test_unknown_dataset_lists_the_known_ones():
-  assert dataset_names() == ("pystdlib", "local_text", "pg19", "wiki40b", "lm1b", "synthetic")
+  assert dataset_names() == (
+    *("pystdlib", "sotu", "local_text", "pg19", "wiki40b", "lm1b", "synthetic"),
+  )
   config = get_config()
   config.data.name = "c4"
-  with pytest.raises(ValueError, match="data.name must be one of pystdlib, local_text, pg19"):
+  with pytest.raises(ValueError, match="data.name must be one of pystdlib, sotu, local_text, pg19"):
     make_train_iterator(config)
 
 

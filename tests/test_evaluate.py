@@ -12,7 +12,7 @@ from absl import flags
 from flax import nnx
 
 from configs import tiny
-from pe_research import checkpoint, eval_lib, evaluate, passkey, train
+from pe_research import checkpoint, cli, eval_lib, evaluate, passkey, train
 from pe_research.data import ByteTokenizer, make_eval_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,7 +210,7 @@ def _cli(argv, capsys):
   flags.FLAGS.unparse_flags()
   code = 0
   try:
-    evaluate.main(evaluate._parse_flags(["evaluate", *argv]))
+    evaluate.main(cli.parse_flags(["evaluate", *argv]))
   except SystemExit as e:
     code = e.code
   return code, capsys.readouterr().err

@@ -123,7 +123,8 @@ class _HalfNatPerToken(eval_lib.Evaluator):
   def score(self, batch):
     w_BxL = batch["weights"].astype(np.float64)
     stats = {"nll_sum_L": 0.5 * w_BxL.sum(0), "weight_sum_L": w_BxL.sum(0)}
-    return stats | {"exact_B": w_BxL.sum(1) > 0, "scored_B": w_BxL.sum(1)}, 0.0
+    per_row = {"nll_sum_B": 0.5 * w_BxL.sum(1), "scored_B": w_BxL.sum(1)}
+    return stats | per_row | {"exact_B": w_BxL.sum(1) > 0}, 0.0
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
