@@ -12,7 +12,7 @@ pytest.importorskip("transformers", reason="builds the tiny HF model (requiremen
 
 from tiny_llama import hf_model, save  # noqa: E402
 
-from experiments import pretrained_extension  # noqa: E402
+from experiments import extension_report, pretrained_extension  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def test_findings_confirm_only_separated_shapes():
     "YaRN": _ppl({32: 10.0, 64: 9.0, 128: 9.5, 256: 9.4}),
     "Self-Extend": _ppl({32: 10.0, 64: 9.0, 128: 9.2, 256: 9.1}),
   }
-  lines = pretrained_extension.findings(published, 64, 4, {})
+  lines = extension_report.findings(published, 64, 4, {})
   assert all("**matches**" in line for line in lines), lines
   contrary = {
     "none": _ppl({32: 10.0, 64: 9.0, 128: 9.5}),  # does not explode
@@ -36,7 +36,7 @@ def test_findings_confirm_only_separated_shapes():
     "YaRN": _ppl({32: 10.0, 64: 9.0, 128: 30.0, 256: 60.0}),  # explodes
     "Self-Extend": _ppl({32: 10.0, 64: 9.0, 128: 9.5, 256: 10.6}, width=0.3),  # overlaps 1.2x
   }
-  lines = pretrained_extension.findings(contrary, 64, 4, {})
+  lines = extension_report.findings(contrary, 64, 4, {})
   assert sum("**does NOT match**" in line for line in lines) == 3, lines
   assert any("Self-Extend" in line and "**not separated**" in line for line in lines), lines
 
@@ -45,8 +45,8 @@ def test_positive_control_decides_whether_the_grid_is_evidence():
   ppl = {"none": _ppl({32: 10.0, 64: 9.0})}
   fail = {"none": [{"length": 32, "depth": 0.0, "accuracy": 0.0}]}
   ok = {"none": [{"length": 32, "depth": 0.0, "accuracy": 1.0}]}
-  assert "grid not evidence" in pretrained_extension.findings(ppl, 64, 4, fail)[-1]
-  assert "the grid is evidence" in pretrained_extension.findings(ppl, 64, 4, ok)[-1]
+  assert "grid not evidence" in extension_report.findings(ppl, 64, 4, fail)[-1]
+  assert "the grid is evidence" in extension_report.findings(ppl, 64, 4, ok)[-1]
 
 
 @pytest.mark.slow
