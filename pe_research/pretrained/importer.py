@@ -130,9 +130,9 @@ def import_checkpoint(source: str, workdir: str):
 def _tokenizer_config(tokenizer_json: str, hf_config: dict) -> dict:
   """A ``tokenizer_config.json`` for transformers' fast tokenizer: the bos/eos tokens named by
   the config's ids."""
-  vocab = {v: k for k, v in json.loads(tokenizer_json)["model"]["vocab"].items()}
-  added = {t["id"]: t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
-  names = vocab | added
+  spec = json.loads(tokenizer_json)
+  names = {i: token for token, i in spec["model"]["vocab"].items()}
+  names |= {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
   result = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
   for field in ("bos", "eos", "pad"):
     token_id = hf_config.get(f"{field}_token_id")
