@@ -40,7 +40,8 @@ _L = "original_max_position_embeddings"
 class Preset:
   factor: int  # s: the target context is s·L.
   methods: tuple[str, ...]  # Zero-shot methods evaluated (labels of ZERO_SHOT).
-  lengths: tuple[int, ...]  # Every zero-shot method, every text kind.
+  lengths: tuple[int, ...]  # Every zero-shot method, first text kind.
+  base_lengths: tuple[int, ...]  # Also for "none" (every text kind): the reference at/below L.
   windows: int  # Windows per length up to L; one window beyond L.
   long_lengths: tuple[int, ...]  # Only long_methods and the fine-tuned models (first text kind).
   long_methods: tuple[str, ...]
@@ -52,9 +53,12 @@ class Preset:
   niah_depths: tuple[float, ...]
   niah_trials: int
   niah_methods: tuple[str, ...]
+  other_methods: tuple[str, ...]  # Text kinds after the first: these methods ...
+  other_lengths: tuple[int, ...]  # ... at these lengths.
   ft_methods: tuple[str, ...]
   ft_steps: int
-  ft_seq_len: int  # PI/YaRN fine-tuning window; PoSE trains at L with positions over s·L.
+  ft_seq_len: int  # PI/YaRN fine-tuning window.
+  pose_seq_len: int  # PoSE's training window (L in the paper), positions over s·L.
   data: dict  # text kind -> data overrides (first kind: the long lengths and fine-tuning)
 
 
@@ -69,71 +73,124 @@ ZERO_SHOT = (
   "log-n",
   "ReRoPE",
 )
+_TEXTS = {"python": {"data.name": "pystdlib"}, "prose": {"data.name": "sotu"}}
 PRESETS = {
   "smoke": Preset(
-    4,
-    ZERO_SHOT,
-    (32, 64, 128),
-    2,
-    (256,),
-    ("YaRN", "Self-Extend"),
-    (64,),
-    16,
-    (16, 4),
-    32,
-    (256,),
-    (0.0, 1.0),
-    1,
-    ("none", "YaRN"),
-    ("PI", "YaRN", "PoSE"),
-    2,
-    128,
-    {"text": {}},
+    factor=4,
+    methods=ZERO_SHOT,
+    lengths=(32, 128),
+    base_lengths=(64,),
+    windows=2,
+    long_lengths=(256,),
+    long_methods=("YaRN", "Self-Extend"),
+    sliding_lengths=(64,),
+    stride=16,
+    self_extend=(16, 4),
+    rerope_window=32,
+    niah_lengths=(256,),
+    niah_depths=(0.0, 1.0),
+    niah_trials=1,
+    niah_methods=("none", "YaRN"),
+    other_methods=(),
+    other_lengths=(),
+    ft_methods=("PI", "YaRN", "PoSE"),
+    ft_steps=2,
+    ft_seq_len=128,
+    pose_seq_len=64,
+    data={"text": {}},
   ),
-  # Measured costs here (AMD EPYC Zen 4, 2 cores), one SmolLM2 window: 2k 6 s, 8k 53 s, 12k
-  # ~100 s, 32k 11.5 min (attention at ~65 GFLOP/s). All of this preset is about 70 minutes;
-  # it fine-tunes nothing (one 16k training step is ~8 minutes here): the paper preset does.
+  # Measured here (AMD EPYC Zen 4, 2 cores), one SmolLM2 window: 2k 6 s, 8k 53 s, 12k ~100 s,
+  # 32k 11.5 min (attention at ~65 GFLOP/s). The budget (60 min) buys every method at 16k
+  # with the base at 8k, the shorter lengths by sliding windows at 2k, Self-Extend at 32k,
+  # the prose at 12k for three methods and a small NIAH grid; fine-tunes are `cpu-ft`.
   "cpu": Preset(
-    4,
-    ZERO_SHOT,
-    (2048, 8192, 12288),
-    1,
-    (32768,),
-    ("Self-Extend",),
-    (2048,),
-    256,
-    (1024, 8),
-    4096,
-    (4096, 12288),
-    (0.5,),
-    1,
-    ("none", "YaRN", "Self-Extend"),
-    (),
-    0,
-    0,
-    {"python": {"data.name": "pystdlib"}, "prose": {"data.name": "sotu"}},
+    factor=4,
+    methods=ZERO_SHOT,
+    lengths=(16384,),
+    base_lengths=(8192,),
+    windows=1,
+    long_lengths=(32768,),
+    long_methods=("Self-Extend",),
+    sliding_lengths=(2048,),
+    stride=256,
+    self_extend=(1024, 8),
+    rerope_window=4096,
+    niah_lengths=(2048, 12288),
+    niah_depths=(0.5,),
+    niah_trials=1,
+    niah_methods=("none", "YaRN", "Self-Extend"),
+    other_methods=("none", "YaRN", "Self-Extend"),
+    other_lengths=(12288,),
+    ft_methods=(),
+    ft_steps=0,
+    ft_seq_len=0,
+    pose_seq_len=0,
+    data=_TEXTS,
+  ),
+  # The fine-tunes that do not fit beside `cpu`: 10 steps of 2,048 tokens each (a step ~22 s
+  # here, the first ~90 s with compilation; peak RSS ~11 GB), PoSE on the same 2,048-token
+  # window with positions over s·L. The zero-shot rows it shows are `cpu`'s cached ones.
+  "cpu-ft": Preset(
+    factor=4,
+    methods=("none", "PI", "YaRN"),
+    lengths=(16384,),
+    base_lengths=(8192,),
+    windows=1,
+    long_lengths=(),
+    long_methods=(),
+    sliding_lengths=(2048,),
+    stride=256,
+    self_extend=(1024, 8),
+    rerope_window=4096,
+    niah_lengths=(),
+    niah_depths=(),
+    niah_trials=0,
+    niah_methods=(),
+    other_methods=(),
+    other_lengths=(),
+    ft_methods=("PI", "YaRN", "PoSE"),
+    ft_steps=10,
+    ft_seq_len=2048,
+    pose_seq_len=2048,
+    data={"python": _TEXTS["python"]},
   ),
   "paper": Preset(
-    4,
-    ZERO_SHOT,
-    (1024, 2048, 4096, 8192, 16384, 32768),
-    16,
-    (65536,),
-    ZERO_SHOT,
-    (1024, 2048, 4096, 8192),
-    256,
-    (1024, 8),
-    4096,
-    (2048, 8192, 16384, 32768),
-    (0.0, 0.25, 0.5, 0.75, 1.0),
-    10,
-    ZERO_SHOT,
-    ("PI", "YaRN", "PoSE"),
-    400,
-    32768,
-    {"python": {"data.name": "pystdlib"}, "prose": {"data.name": "sotu"}},
+    factor=4,
+    methods=ZERO_SHOT,
+    lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+    base_lengths=(),
+    windows=16,
+    long_lengths=(65536,),
+    long_methods=ZERO_SHOT,
+    sliding_lengths=(1024, 2048, 4096, 8192),
+    stride=256,
+    self_extend=(1024, 8),
+    rerope_window=4096,
+    niah_lengths=(2048, 8192, 16384, 32768),
+    niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+    niah_trials=10,
+    niah_methods=ZERO_SHOT,
+    other_methods=ZERO_SHOT,
+    other_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+    ft_methods=("PI", "YaRN", "PoSE"),
+    ft_steps=400,
+    ft_seq_len=32768,
+    pose_seq_len=8192,
+    data=_TEXTS,
   ),
 }
+
+
+def same_as_none(label: str, n: int, preset: Preset, train_len: int) -> bool:
+  """Whether ``label`` on windows of ``n`` tokens is the base model by construction (tested):
+  dynamic NTK and log-n change nothing up to L, Self-Extend and ReRoPE nothing up to their W."""
+  limit = {
+    "dynamic NTK": train_len,
+    "log-n": train_len,
+    "Self-Extend": preset.self_extend[0],
+    "ReRoPE": preset.rerope_window,
+  }.get(label)
+  return label == "none" or (limit is not None and n <= limit)
 
 
 def zero_shot_methods(preset: Preset, train_len: int) -> dict[str, tuple[dict | None, dict]]:
@@ -171,6 +228,7 @@ def subset(preset: Preset, methods: str, lengths: str) -> Preset:
       methods=keep(preset.methods),
       long_methods=keep(preset.long_methods),
       niah_methods=keep(preset.niah_methods),
+      other_methods=keep(preset.other_methods),
       ft_methods=ft,
     )
   if lengths:
@@ -186,7 +244,9 @@ def _slug(label: str) -> str:
   return label.lower().replace(" ", "_").replace("-", "")
 
 
-def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, mode="nonoverlapping"):
+def _evaluate(
+  workdir, name, lengths, budget, rope_scaling, overrides, mode="nonoverlapping", stride=256
+):
   """One cached evaluation per length (each length has its own token budget)."""
   rows = []
   for n in lengths:
@@ -198,9 +258,10 @@ def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, mode="non
       rope_scaling=rope_scaling,
       overrides=overrides,
       mode=mode,
-      stride=None if mode == "nonoverlapping" else 256 if n > 256 else n // 2,
+      stride=None if mode == "nonoverlapping" else min(stride, n // 2),
     )
-    rows += summary["rows"]
+    path = os.path.join(workdir, "eval", f"{name}_{n}")  # Its per-position losses: _per_position.
+    rows += [r | {"eval": path} for r in summary["rows"]]
   return rows
 
 
@@ -245,7 +306,7 @@ def fine_tune_config(workdir: str, label: str, preset: Preset, train_len: int):
   """PI / YaRN at the fine-tuning window, or PoSE (window L, positions over s·L, YaRN)."""
   from configs import finetune
 
-  seq_len = train_len if label == "PoSE" else preset.ft_seq_len
+  seq_len = preset.pose_seq_len if label == "PoSE" else preset.ft_seq_len
   config = finetune.get_config(f"init_from={workdir},seq_len={seq_len},steps={preset.ft_steps}")
   s = float(preset.factor)
   scaling = {"rope_type": "linear", "factor": s}
@@ -254,7 +315,7 @@ def fine_tune_config(workdir: str, label: str, preset: Preset, train_len: int):
   config.pe.rope_scaling = json.dumps(scaling)
   if label == "PoSE":
     config.pe.pose_target_len = preset.factor * train_len
-  # The same tokens per step for every method: PoSE's window is L, the others' ft_seq_len.
+  # The same tokens per step for every method (PoSE's window may be shorter than ft_seq_len).
   config.train.batch_size = max(1, preset.ft_seq_len // seq_len)
   return config
 
@@ -293,25 +354,35 @@ def main(argv: list[str] | None = None) -> None:
   table: dict[str, dict[str, dict]] = {kind: {} for kind in texts}  # kind -> label -> n -> ppl
   rows = []
   methods = zero_shot_methods(preset, train_len)
-  for label, (scaling, pe) in methods.items():
-    if label not in preset.methods:
-      continue
-    for kind, data in texts.items():
-      lengths = preset.lengths + (
-        preset.long_lengths if kind == first and label in preset.long_methods else ()
-      )
-      name = f"px_{_slug(label)}_{kind}"
-      evaluated = _evaluate(args.workdir, name, lengths, budget, scaling, pe | data)
+
+  def run(label, kind, lengths, mode="nonoverlapping"):
+    """Rows of ``label`` at ``lengths``; lengths where it is the base model by construction
+    are the base model's (cached) evaluation, marked ``same_as``."""
+    stride = min(preset.stride, min(lengths) // 2)
+    budget_of = budget if mode == "nonoverlapping" else lambda n: 4 * stride + n
+    suffix = "" if mode == "nonoverlapping" else "_sliding"
+    out_rows = []
+    for who in dict.fromkeys(("none", label)):
+      mine = [n for n in lengths if same_as_none(label, n, preset, train_len) == (who == "none")]
+      if not mine:
+        continue
+      scaling, pe = methods[who]
+      name = f"px_{_slug(who)}_{kind}{suffix}"
+      overrides = pe | texts[kind]
+      for r in _evaluate(args.workdir, name, mine, budget_of, scaling, overrides, mode, stride):
+        out_rows.append(r | ({"same_as": "none"} if who != label else {}))
+    return out_rows
+
+  for label in methods:
+    for kind in texts:
+      if label not in (preset.methods if kind == first else preset.other_methods):
+        continue
+      lengths = preset.lengths if kind == first else preset.other_lengths
+      lengths += preset.base_lengths if label == "none" else ()
+      lengths += preset.long_lengths if kind == first and label in preset.long_methods else ()
+      evaluated = run(label, kind, tuple(sorted(set(lengths))))
       if kind == first and preset.sliding_lengths:
-        evaluated += _evaluate(
-          args.workdir,
-          name + "_sliding",
-          preset.sliding_lengths,
-          lambda n: 4 * 256 + n,
-          scaling,
-          pe | data,
-          mode="sliding",
-        )
+        evaluated += run(label, kind, preset.sliding_lengths, mode="sliding")
       for r in evaluated:
         rows.append({"text": kind, "method": label, "fine_tuned": False} | r)
         if r["mode"] == "nonoverlapping":
@@ -323,15 +394,23 @@ def main(argv: list[str] | None = None) -> None:
     ft_dir = os.path.join(out, "runs", _slug(label))
     sweep.train_run(config, ft_dir)
     losses[label] = final_train_loss(ft_dir)
-    lengths = preset.lengths + preset.long_lengths
-    for r in _evaluate(ft_dir, f"px_ft_{first}", lengths, budget, None, texts[first]):
+    lengths = preset.lengths + preset.base_lengths + preset.long_lengths
+    ft_rows = _evaluate(ft_dir, f"px_ft_{first}", sorted(lengths), budget, None, texts[first])
+    for n in preset.sliding_lengths:
+      stride = min(preset.stride, n // 2)
+      budget_of = lambda n, stride=stride: 4 * stride + n  # noqa: E731
+      ft_rows += _evaluate(
+        ft_dir, f"px_ft_{first}_sliding", [n], budget_of, None, texts[first], "sliding", stride
+      )
+    for r in ft_rows:
       rows.append({"text": first, "method": f"{label} (ft)", "fine_tuned": True} | r)
       rows[-1]["train_loss"] = losses[label]
-      table[first].setdefault(f"{label} (ft)", {})[r["length"]] = (
-        r["ppl"],
-        r["ppl_lo"],
-        r["ppl_hi"],
-      )
+      if r["mode"] == "nonoverlapping":
+        table[first].setdefault(f"{label} (ft)", {})[r["length"]] = (
+          r["ppl"],
+          r["ppl_lo"],
+          r["ppl_hi"],
+        )
   niah_rows = {
     label: niah(args.workdir, _slug(label), preset, *methods[label])
     for label in preset.niah_methods

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers", reason="builds the tiny HF model (requirements-dev)")
@@ -75,3 +76,56 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   report = (out / "REPORT.md").read_text()
   assert "Does the published shape appear?" in report and "Needle in a haystack" in report
   assert (out / "text.png").is_file() and (out / "niah.csv").is_file()
+
+
+def _eval_file(path, losses, tokens=None):
+  tokens = np.ones(len(losses)) if tokens is None else tokens
+  pairs = enumerate(zip(losses, tokens, strict=True))
+  rows = [{"position": i, "tokens": t, "loss": x} for i, (x, t) in pairs]
+  with open(str(path) + "_per_position.json", "w") as f:
+    json.dump({"rows": rows}, f)
+  return str(path)
+
+
+def test_paired_ratio_cancels_the_texts_difficulty(tmp_path):
+  rng = np.random.default_rng(0)
+  base = rng.gamma(2.0, 1.0, 4096)  # a text whose per-token loss varies a lot
+  a = _eval_file(tmp_path / "a", base + 0.05)  # 5% worse in ppl on every token
+  b = _eval_file(tmp_path / "b", base)
+  read = extension_report.per_position
+  ratio, lo, hi = extension_report.paired_ratio(read(a), read(b))
+  assert ratio == pytest.approx(np.exp(0.05)) and 1 < lo <= ratio <= hi
+  # Better on some stretches, worse on others, equal on average: tied (the interval spans 1).
+  mixed = _eval_file(tmp_path / "m", base + 0.1 * rng.choice([-1.0, 1.0], 4096).repeat(1))
+  ratio, lo, hi = extension_report.paired_ratio(read(mixed), read(b))
+  assert lo < 1 < hi, (ratio, lo, hi)
+  # Different scored tokens: no pairing.
+  other = _eval_file(tmp_path / "o", base, tokens=np.full(4096, 2.0))
+  assert extension_report.paired_ratio(read(other), read(b)) is None
+
+
+def test_paired_to_base_skips_copies_and_drives_the_pi_verdict(tmp_path):
+  base = np.linspace(1.0, 2.0, 512)
+  rows = [
+    {"text": "t", "method": "none", "length": 64, "mode": "sliding"},
+    {"text": "t", "method": "PI", "length": 64, "mode": "sliding"},
+    {"text": "t", "method": "log-n", "length": 64, "mode": "sliding", "same_as": "none"},
+  ]
+  rows[0]["eval"] = rows[2]["eval"] = _eval_file(tmp_path / "none", base)
+  for shift, expect in ((0.1, "**matches**"), (-0.1, "**does NOT match**"), (0.0, "**not")):
+    rows[1]["eval"] = _eval_file(tmp_path / f"pi{shift}", base + shift)
+    paired = extension_report.paired_to_base(rows, "t")
+    assert set(paired) == {("PI", 64, "sliding")}
+    line = extension_report.findings({"none": _ppl({64: 9.0})}, 64, 4, {}, paired)[0]
+    assert "PI zero-shot hurts inside L" in line and expect in line, line
+
+
+def test_same_as_none_only_where_the_method_cannot_act():
+  preset = pretrained_extension.PRESETS["cpu"]
+  same = pretrained_extension.same_as_none
+  assert same("none", 8192, preset, 8192)
+  assert same("dynamic NTK", 8192, preset, 8192) and not same("dynamic NTK", 8193, preset, 8192)
+  assert same("log-n", 2048, preset, 8192) and not same("log-n", 16384, preset, 8192)
+  assert same("ReRoPE", 4096, preset, 8192) and not same("ReRoPE", 8192, preset, 8192)
+  assert same("Self-Extend", 1024, preset, 8192) and not same("Self-Extend", 2048, preset, 8192)
+  assert not any(same(m, 2048, preset, 8192) for m in ("PI", "NTK", "YaRN", "Llama-3"))
