@@ -86,7 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pe.xpos_gamma = 512.0  # xPos scale base (gamma in zeta^(n/gamma)).
   config.pe.randomized = False  # Randomized positions (Ruoss et al. 2023) around pe.name.
   config.pe.max_random_len = 2048  # Randomized positions are sorted samples from [0, this).
-  config.pe.randomize_eval = False  # Also randomize positions at evaluation.
+  # Evaluation positions of a randomized run: sorted draws from [0, max_random_len) as in
+  # training (True, Ruoss et al.) or sequential 0..n-1 (False). A run may resume with it changed.
+  config.pe.randomize_eval = True
   # PoSE (Zhu et al. 2024) target length L_t: training positions are chunks of the train.seq_len
   # window skipped over [0, L_t) around pe.name; evaluation stays sequential. 0 = off.
   config.pe.pose_target_len = 0

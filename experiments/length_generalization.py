@@ -6,17 +6,20 @@ r"""Length generalisation on algorithmic tasks: Kazemnejad et al. 2023 and Ruoss
 Trains one small decoder per (task, encoding, seed) with ``configs/synthetic.py`` on task
 lengths 1..n_train and scores greedy exact-match accuracy on fixed test instances of longer
 lengths. Encodings: NoPE, T5 bias, ALiBi, RoPE, learned absolute, sinusoidal, and randomized
-variants (Ruoss et al.: sorted random positions from [0, pe.max_random_len) in training,
-sequential at evaluation). Per (task, seed), encodings are ranked by their mean accuracy on
-the lengths beyond training (ties share the mean rank); the mean reciprocal rank over tasks
-and seeds is Kazemnejad et al.'s summary (NoPE 0.69, T5 0.55, ALiBi 0.50, RoPE 0.33,
-absolute 0.22 over their five methods; computed here over the same five). Writes
+variants (Ruoss et al.: sorted random positions from [0, pe.max_random_len) in training and at
+evaluation, ``pe.randomize_eval``). Per (task, seed), encodings are ranked by their mean
+accuracy on the lengths beyond training, tied accuracies sharing the average of their ranks
+(fractional ranking: two methods tied for first both get rank 1.5); the mean reciprocal rank
+over tasks and seeds is Kazemnejad et al.'s summary (NoPE 0.69, T5 0.55, ALiBi 0.50, RoPE 0.33,
+absolute 0.22 over their five methods; computed here over the same five). The written ranking
+joins methods with equal MRR by "=" and compares that with the paper's strict order. Writes
 ``OUT/results.csv``, ``OUT/mrr.csv``, ``OUT/accuracy_<task>.png`` and ``OUT/REPORT.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -78,7 +81,7 @@ def runs_for(preset_name: str, preset: Preset, root: str, overrides) -> dict[tup
 
 
 def mean_ranks(scores: dict[str, float]) -> dict[str, float]:
-  """Rank 1 = highest score; tied scores share the mean of their ranks."""
+  """Rank 1 = highest score; tied scores share the mean of their ranks (fractional ranking)."""
   ordered = sorted(scores.values(), reverse=True)
   return {
     m: float(np.mean([i + 1 for i, v in enumerate(ordered) if v == s])) for m, s in scores.items()
@@ -96,6 +99,41 @@ def mrr(ood: dict[tuple, float], preset: Preset, methods) -> dict[str, float]:
   return {m: float(np.mean(r)) for m, r in reciprocal.items()}
 
 
+def tie_groups(scores: dict[str, float]) -> list[list[str]]:
+  """Methods from best to worst score, those with equal scores (to 1e-9) in one group."""
+  groups: list[list[str]] = []
+  for m in sorted(scores, key=lambda m: -scores[m]):
+    if groups and math.isclose(scores[m], scores[groups[-1][0]], rel_tol=1e-9, abs_tol=1e-12):
+      groups[-1].append(m)
+    else:
+      groups.append([m])
+  return groups
+
+
+def ranking_line(ours: dict[str, float]) -> str:
+  """The MRR ranking with ties printed as ties ("A = B > C") against the paper's strict order:
+  "same order" only when no two methods tie and the order is the paper's."""
+  groups = tie_groups(ours)
+  paper = sorted(ours, key=lambda m: -PUBLISHED_MRR[m])
+  breaks_ties_as_paper = [m for g in groups for m in sorted(g, key=paper.index)] == paper
+  if breaks_ties_as_paper and len(groups) == len(paper):
+    verdict = report.verdict(True, "same order")
+  elif breaks_ties_as_paper:
+    verdict = "**not separated: tied where the paper's order is strict**"
+  else:
+    verdict = report.verdict(False, no="a different order")
+  ranking = " > ".join(" = ".join(g) for g in groups)
+  line = f"- MRR ranking (best first): {ranking}; paper: {' > '.join(paper)} — {verdict}"
+  for sep, method, end, group in (
+    ("; ", "NoPE", "first", groups[0]),
+    (", ", "absolute", "last", groups[-1]),
+  ):
+    if method in ours:
+      where = "is NOT" if method not in group else "is tied for" if len(group) > 1 else "is"
+      line += f"{sep}{method} {where} {end}"
+  return line + "."
+
+
 def findings(ood, ind, preset: Preset) -> list[str]:
   """Sentences comparing the ranking and the randomized gain with the papers."""
   five = [m for m in _KAZEMNEJAD if m in preset.methods]
@@ -109,19 +147,7 @@ def findings(ood, ind, preset: Preset) -> list[str]:
     + ", ".join(f"{m} {a:.2f}" for m, a in learned.items())
   )
   if len(five) >= 2:
-    ours = mrr(ood, preset, five)
-    order = sorted(five, key=lambda m: -ours[m])
-    paper = sorted(five, key=lambda m: -PUBLISHED_MRR[m])
-    lines.append(
-      f"- MRR ranking (best first): {' > '.join(order)}; paper: {' > '.join(paper)} — "
-      + report.verdict(order == paper, "same order", "a different order")
-      + f"; NoPE {'is' if order[0] == 'NoPE' else 'is NOT'} first"
-      + (
-        f", absolute {'is' if order[-1] == 'absolute' else 'is NOT'} last."
-        if "absolute" in five
-        else "."
-      )
-    )
+    lines.append(ranking_line(mrr(ood, preset, five)))
   for method in preset.methods:
     pe, randomized = METHODS[method]
     base = next((m for m, v in METHODS.items() if v == (pe, False)), None)
@@ -196,6 +222,10 @@ def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
     f"{', '.join(map(str, preset.seeds))}. Wall time of this invocation: {wall / 60:.1f} min.",
     "",
     "## Mean reciprocal rank (by mean accuracy beyond the training lengths)",
+    "",
+    "Tied accuracies share the average of their ranks (fractional ranking); methods with equal",
+    'MRR are printed as ties ("A = B") in the ranking below.',
+    "",
     *report.markdown_table(
       ["method", "MRR (all here)", "MRR (Kazemnejad's 5)", "published"],
       [[r["method"], r["mrr_all"], r["mrr_kazemnejad5"], r["published"]] for r in mrr_rows],
@@ -204,6 +234,8 @@ def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
     "Kazemnejad et al. 2023: 10 tasks, 3 seeds, ~100M-parameter decoders trained on lengths",
     "1–20 and tested to 40. Ruoss et al. 2023: randomized positions raise the mean accuracy on",
     "longer sequences by about 12 points over 15 tasks. Our models and budgets are far smaller.",
+    "Randomized variants draw their positions at evaluation as in training (sorted samples from",
+    "[0, pe.max_random_len), as Ruoss et al. do), over the same test instances as the others.",
     "",
     "## Accuracy against task length",
     "",
@@ -223,11 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     return
   acc = {}
   for key, run in runs.items():
+    _, randomized = METHODS[key[1]]
     rows = sweep.evaluate(
       run.workdir,
       "lengthgen",
       lengths=preset.lengths,
       max_tokens=run.config().data.eval_tokens,
+      # Ruoss et al. draw the test positions too; explicit for runs recorded before that default.
+      overrides={"pe.randomize_eval": True} if randomized else None,
       batch_size=32,
     )["rows"]
     acc[key] = {r["length"]: r["accuracy"] for r in rows}

@@ -19,8 +19,9 @@ Presets (analytic, so cheap at any scale): smoke d=64, r ≤ 128, 4 heads; cpu d
 ``--dim``, ``--r_max`` and ``--num_heads`` override the preset.
 
 Writes OUT/rope_decay.png, OUT/bias_vs_distance.csv (one row per distance) and OUT/REPORT.md.
-With ``--checkpoints`` (trained runs of bias encodings), also the learned biases for a query at
-position r_max against key distance r: OUT/learned_bias.png and OUT/learned_bias_vs_distance.csv.
+With ``--checkpoints`` (trained runs of bias encodings), also the trained runs' biases for a query
+at position r_max against key distance r: OUT/learned_bias.png and OUT/learned_bias_vs_distance.csv
+(learned for T5, KERPLE and FIRE; ALiBi's slopes are fixed, not learned, so its curve is −m_h·r).
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def plot_learned(path: pathlib.Path, distance_R, learned) -> None:
     fig.subplots(1, len(learned), squeeze=False).flat, learned.items(), strict=True
   ):
     ax.plot(distance_R, bias_RxH, lw=1.0)
-    ax.set(title=f"{pe_name}: {label}", xlabel="relative distance r", ylabel="learned bias")
+    ylabel = "bias (fixed slopes)" if pe_name == "alibi" else "learned bias"  # ALiBi: no params.
+    ax.set(title=f"{pe_name}: {label}", xlabel="relative distance r", ylabel=ylabel)
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -172,8 +174,9 @@ def learned_lines(distance_R, learned) -> list[str]:
       if near_far
       else "no recency bias on average"
     )
+    kind = "alibi (fixed slopes, not learned)" if pe_name == "alibi" else pe_name
     lines.append(
-      f"- {label}, {pe_name}: head-mean bias {mean_R[0]:.3g} at r=0, {mean_R[min(64, r_max)]:.3g} "
+      f"- {label}, {kind}: head-mean bias {mean_R[0]:.3g} at r=0, {mean_R[min(64, r_max)]:.3g} "
       f"at r={min(64, r_max)}, {mean_R[-1]:.3g} at r={r_max}; {falling} of {heads} "
       f"heads never increase with distance ({verdict})."
     )

@@ -33,7 +33,7 @@ import numpy as np
 
 from experiments import launch, lm_presets, report, sweep
 from experiments.launch import Run
-from pe_research import eval_report
+from pe_research import eval_report, passkey
 from pe_research.encodings.rope_scaling import yarn_correction_range
 
 NAME = "rope_scaling"
@@ -167,16 +167,29 @@ def findings(zs: dict[str, list[dict]], ft: dict[str, list[dict]], train_len: in
 
 
 def passkey_table(summaries: dict[str, dict]) -> tuple[list[dict], list[int]]:
-  """Rows (model, length, accuracy averaged over depths) and the passkey lengths."""
+  """Rows (model, length, accuracy averaged over depths) and the passkey lengths; the positive
+  control's rows are left out (``passkey_controls``)."""
   rows = []
   for label, summary in summaries.items():
     by_length: dict[int, list[float]] = {}
     for r in summary.get("passkey", []):
-      by_length.setdefault(r["length"], []).append(r["accuracy"])
+      if not r.get("control"):
+        by_length.setdefault(r["length"], []).append(r["accuracy"])
     rows += [
       {"model": label, "length": n, "accuracy": float(np.mean(a))} for n, a in by_length.items()
     ]
   return rows, sorted({r["length"] for r in rows})
+
+
+def passkey_controls(summaries: dict[str, dict]) -> list[str]:
+  """One line per model on its positive control (``passkey.control_verdict``): the prompt at
+  its training length (``train_len`` of the evaluation summary)."""
+  lines = []
+  for label, summary in summaries.items():
+    control = [r for r in summary.get("passkey", []) if r.get("control")]
+    verdict = passkey.control_verdict(control, summary["train_len"])
+    lines.append(f"- Passkey, {label}: {verdict}.")
+  return lines
 
 
 def write_outputs(out, zs, ft, summaries, args, preset, base: Run, train_len: int, wall) -> None:
@@ -226,6 +239,11 @@ def write_outputs(out, zs, ft, summaries, args, preset, base: Run, train_len: in
     *report.markdown_table(
       ["model", *pk_lengths], [[m, *(accuracy.get((m, n)) for n in pk_lengths)] for m in summaries]
     ),
+    "",
+    "Positive control: the prompt at the model's training length (without the header when only",
+    "that fits); a model that fails it cannot show retrieval beyond L, so its row is not evidence.",
+    "",
+    *passkey_controls(summaries),
     "",
     "## Published: YaRN Table 1 (fine-tuned 4k -> 8k, word-piece ppl)",
     *report.markdown_table(["method", *PUBLISHED_LENGTHS], PUBLISHED),

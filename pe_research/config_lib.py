@@ -51,8 +51,9 @@ _RANGES = {
   "train.b1": (0.0, 1.0, True, False),
   "train.b2": (0.0, 1.0, True, False),
 }
-# A run resumes with these changed (raising train.steps extends it); any other difference refuses.
-_RESUMABLE_CHANGES = ("train.steps", "train.steps_per_call")
+# A run resumes with these changed (raising train.steps extends it; pe.randomize_eval acts only at
+# evaluation, and runs recorded before its default became True hold False); any other refuses.
+_RESUMABLE_CHANGES = ("train.steps", "train.steps_per_call", "pe.randomize_eval")
 
 
 def parse_config_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -403,9 +404,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, workdir: str):
   """Raises ValueError naming the fields where ``config`` differs from a workdir's config.
 
-  Only ``train.steps`` (raising it extends a run) and ``train.steps_per_call`` (how steps are
-  grouped into calls) may differ. A field added to configs/base.py
-  after the run started is no difference while it keeps its default.
+  Only ``train.steps`` (raising it extends a run), ``train.steps_per_call`` (how steps are
+  grouped into calls) and ``pe.randomize_eval`` (evaluation only) may differ. A field added to
+  configs/base.py after the run started is no difference while it keeps its default.
   """
   from configs import base
 
@@ -420,6 +421,6 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, wo
   if changed:
     raise ValueError(
       f"workdir {workdir} holds a run with a different config ({'; '.join(changed)}); "
-      "allowed: the same config (only train.steps and train.steps_per_call may change), a new "
+      f"allowed: the same config (only {', '.join(_RESUMABLE_CHANGES)} may change), a new "
       "--workdir, or --overwrite (renames the old run to DIR.old-<time>)"
     )

@@ -311,13 +311,15 @@ def passkey_sweep(
   batch_size: int,
   encode: passkey.Encode,
   seed: int = 0,
+  header: str = passkey.HEADER,
 ) -> tuple[list[dict], np.ndarray]:
-  """Passkey accuracy (greedy exact match) on a ``len(lengths) × len(depths)`` grid."""
+  """Passkey accuracy (greedy exact match) on a ``len(lengths) × len(depths)`` grid of prompts
+  that start with ``header`` (the positive control may drop it: ``passkey.control_header``)."""
   rows, grid_LxD = [], np.zeros((len(lengths), len(depths)))
   for i, length in enumerate(lengths):
     for j, depth in enumerate(depths):
       batches = passkey.make_batches(
-        length, depth, trials=trials, batch_size=batch_size, encode=encode, seed=seed
+        length, depth, trials=trials, batch_size=batch_size, encode=encode, seed=seed, header=header
       )
       totals = evaluator.score_all(batches, batch_size=batch_size, desc=f"passkey {length}@{depth}")
       grid_LxD[i, j] = totals.accuracy

@@ -18,7 +18,10 @@ into ``DIR/eval/``:
                                    seconds (+ accuracy for synthetic tasks); the figure is
                                    ppl against length
   <name>_per_position.csv/.png     mean NLL against position within the window
-  <name>_passkey.csv/.json/.png    passkey accuracy, length × depth (``--passkey_trials > 0``)
+  <name>_passkey.csv/.json/.png    passkey accuracy, length × depth (``--passkey_trials > 0``),
+                                   plus the positive control's rows (``control`` true): the
+                                   prompt at the training length, needle inside it (printed
+                                   verdict: unless it passes, the grid is not evidence)
 
 Defaults: lengths ``train_len · 2^k`` for k = 0..4 (synthetic tasks: the task length doubling
 from ``data.train_max_len // 2`` up to ``data.test_max_len``), non-overlapping windows (sliding:
@@ -188,6 +191,22 @@ def evaluate_run(
       batch_size=batch_size,
       encode=encode,
     )
+    header = passkey.control_header(encode, train_len)
+    control_rows = []
+    if header is not None:
+      control_rows, _ = eval_lib.passkey_sweep(
+        evaluator,
+        [train_len],
+        passkey_depths,
+        trials=passkey_trials,
+        batch_size=batch_size,
+        encode=encode,
+        header=header,
+      )
+    print(f"passkey: {passkey.control_verdict(control_rows, train_len)}", flush=True)
+    pk_rows = [r | {"control": False} for r in pk_rows] + [
+      r | {"control": True} for r in control_rows
+    ]
     eval_report.write_table(f"{stem}_passkey", pk_rows, summary)
     eval_report.plot_grid(
       f"{stem}_passkey.png",

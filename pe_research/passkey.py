@@ -15,6 +15,12 @@ digits after a lone ``Ġ``. As a language-model batch,
 ``inputs = tokens[:-1]`` and ``targets = tokens[1:]`` (both ``length`` long) and the weights
 are 1 exactly on the answer's targets.
 
+Positive control: a model that cannot retrieve the key inside its training length says nothing
+about retrieval beyond it. :func:`control_header` gives the prompt of a control at the training
+length L (the full prompt when it fits, else the same prompt without HEADER: 103 bytes, so a
+byte model trained at L = 128 has one), and :func:`control_verdict` the report line: unless
+the model passes the control (every depth at accuracy >= 0.5), the grid is not evidence.
+
 Scoring is greedy decoding, computed with one teacher-forced pass: greedy decoding
 reproduces the answer iff at every answer position the argmax of the logits equals the
 answer token given the correct prefix (induction over the answer's tokens). So an example
@@ -36,6 +42,7 @@ FILLER = (
   "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
 QUESTION = "\nWhat is the pass key? The pass key is "
+CONTROL_MIN_ACCURACY = 0.5  # The control passes when every depth reaches this accuracy.
 
 Encode = Callable[[str], Sequence[int]]
 
@@ -60,50 +67,84 @@ class PasskeyExample:
     return {"inputs": self.tokens[:-1], "targets": self.tokens[1:], "weights": weights_L}
 
 
-def _parts(key: int, encode: Encode) -> tuple[np.ndarray, ...]:
+def _parts(key: int, encode: Encode, header: str = HEADER) -> tuple[np.ndarray, ...]:
   """(header, needle, question, answer) token arrays; question + answer = encode(Q + key)."""
-  header, mark, alone, asked = (
+  head, mark, alone, asked = (
     np.asarray(encode(text), np.int32)
-    for text in (HEADER, needle(key), QUESTION, QUESTION + str(key))
+    for text in (header, needle(key), QUESTION, QUESTION + str(key))
   )
   shared = min(len(alone), len(asked))
   split = int(np.argmin(np.append(alone[:shared] == asked[:shared], False)))  # First difference.
-  return header, mark, asked[:split], asked[split:]
+  return head, mark, asked[:split], asked[split:]
 
 
-def min_length(encode: Encode, key: int = 99_999) -> int:
-  """The shortest model input (no filler) that holds a prompt for ``key``.
+def min_length(encode: Encode, key: int = 99_999, header: str = HEADER) -> int:
+  """The shortest model input (no filler) that holds a prompt for ``key`` after ``header``.
 
   Bytes: the same for every 5-digit key. A BPE tokenizer may split other keys into a few more
   or fewer tokens.
   """
-  return sum(len(part) for part in _parts(key, encode)) - 1
+  return sum(len(part) for part in _parts(key, encode, header)) - 1
 
 
-def make_example(length: int, depth: float, key: int, encode: Encode) -> PasskeyExample:
+def control_header(encode: Encode, train_len: int) -> str | None:
+  """The header of the positive control, a prompt of exactly ``train_len`` tokens: HEADER when
+  that prompt fits, else "" (needle, filler and question only); None when neither fits."""
+  return next((h for h in (HEADER, "") if min_length(encode, header=h) <= train_len), None)
+
+
+def control_verdict(rows: Sequence[dict], train_len: int) -> str:
+  """The report line on the positive control's rows (``accuracy`` per depth at ``train_len``):
+  the passkey grid is evidence only when every depth reaches ``CONTROL_MIN_ACCURACY``."""
+  if not rows:
+    return (
+      f"no positive control: no passkey prompt fits inside the training length {train_len}, "
+      "so the grid is not evidence"
+    )
+  worst = min(r["accuracy"] for r in rows)
+  if worst >= CONTROL_MIN_ACCURACY:
+    return (
+      f"positive control passed (min accuracy {worst:.2f} at {train_len}): the grid is evidence"
+    )
+  return (
+    f"positive control FAILED (min accuracy {worst:.2f} over depths at the training length "
+    f"{train_len}): the grid is not evidence"
+  )
+
+
+def make_example(
+  length: int, depth: float, key: int, encode: Encode, header: str = HEADER
+) -> PasskeyExample:
   """The passkey prompt whose model input is exactly ``length`` tokens (see module doc)."""
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f"passkey depth={depth} must be in [0, 1]")
   if key < 0:
     raise ValueError(f"passkey key={key} must be a non-negative integer")
-  header, mark, question, answer = _parts(key, encode)
-  budget = length - min_length(encode, key)
+  head, mark, question, answer = _parts(key, encode, header)
+  budget = length - min_length(encode, key, header)
   if budget < 0:
     raise ValueError(f"passkey length={length} is too short: at least {length - budget} needed")
   unit = np.asarray(encode(FILLER), np.int32)
   filler = np.tile(unit, budget // len(unit) + 1)[:budget]
   k = round(depth * budget)
-  tokens = np.concatenate([header, filler[:k], mark, filler[k:], question, answer])
+  tokens = np.concatenate([head, filler[:k], mark, filler[k:], question, answer])
   return PasskeyExample(
     tokens=tokens,
     key=key,
-    needle_start=len(header) + k,
+    needle_start=len(head) + k,
     answer_start=len(tokens) - len(answer),
   )
 
 
 def make_batches(
-  length: int, depth: float, *, trials: int, batch_size: int, encode: Encode, seed: int = 0
+  length: int,
+  depth: float,
+  *,
+  trials: int,
+  batch_size: int,
+  encode: Encode,
+  seed: int = 0,
+  header: str = HEADER,
 ) -> list[dict[str, np.ndarray]]:
   """``trials`` prompts with random 5-digit keys, stacked into batches of ``batch_size``.
 
@@ -112,7 +153,7 @@ def make_batches(
   """
   rng = np.random.default_rng([seed, length, round(depth * 1000)])
   rows = [
-    make_example(length, depth, int(rng.integers(10_000, 100_000)), encode).as_batch_row()
+    make_example(length, depth, int(rng.integers(10_000, 100_000)), encode, header).as_batch_row()
     for _ in range(trials)
   ]
   pad = {name: np.zeros_like(value) for name, value in rows[0].items()}

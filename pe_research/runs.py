@@ -24,7 +24,9 @@ def load_model(workdir: str, *, rope_scaling: str | None = None, overrides=None)
   ``rope_scaling`` (JSON text, "" = none) replaces ``pe.rope_scaling`` and ``overrides``
   (``{"pe.<field>" or "data.<field>": value}``, e.g. ``{"pe.self_extend_window": 1024}``) other
   encoding or data options before the model is built; only ``nnx.Param`` values are restored,
-  so the new positions take effect (zero-shot context extension).
+  so the new positions take effect (zero-shot context extension). The restored parameters are
+  projected as after a training step (``PositionalEncoding.project``), so a checkpoint written
+  when KERPLE clamped inside its forward pass evaluates with the values that forward used.
   """
   path = os.path.join(workdir, checkpoint.CONFIG_FILE)
   if not os.path.isfile(path):
@@ -48,4 +50,6 @@ def load_model(workdir: str, *, rope_scaling: str | None = None, overrides=None)
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, checkpoint.load_params(workdir, nnx.to_pure_dict(params), step))
   nnx.update(model, params)
+  for encoding in model.encodings:  # Identity for runs trained with it (KERPLE's bounds).
+    encoding.project()
   return model, config, step

@@ -8,6 +8,9 @@ stored split over ``fsdp`` along its first dimension divisible by the ``fsdp`` s
 gathered for each step's computation, so ``mesh.fsdp=1`` (default) replicates parameters.
 Checkpoints count the data read globally, so a run resumes on another number of processes.
 
+After each optimizer update every encoding's ``project`` hook puts constrained parameters back
+into their allowed set (KERPLE: r1, r2 >= 1e-2), a projected gradient step as in the reference.
+
 Loss: ``sum(weights * NLL) / sum(weights)``. Learning rate at update ``t`` (0-based):
 linear ``lr * t / warmup`` then cosine from ``lr`` to ``lr * min_lr_ratio`` at ``train.steps``.
 """
@@ -170,6 +173,15 @@ def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL) -> jax.Array:
   return jnp.sum(weights_N * nll_N) / jnp.maximum(jnp.sum(weights_N), 1.0)
 
 
+def project_params(graphdef, params: dict[str, Any], model_state: dict[str, Any]):
+  """``params`` after each encoding's ``project`` hook (in place on a merged copy), as a pure
+  dict. Encodings without constrained parameters leave them unchanged."""
+  model = nnx.merge(graphdef, params, model_state)
+  for encoding in model.encodings:
+    encoding.project()
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
 def make_train_step(graphdef, tx, schedule, compute_sharding: NamedSharding | None = None):
   """The pure step ``(state, batch) -> (state, metrics)``; a non-finite step keeps the old
   parameters and optimizer state (``metrics["finite"]`` is False). ``compute_sharding``
@@ -189,6 +201,7 @@ def make_train_step(graphdef, tx, schedule, compute_sharding: NamedSharding | No
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params = project_params(graphdef, params, state.model_state)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(

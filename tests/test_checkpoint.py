@@ -145,6 +145,15 @@ def test_skip_policy_skips_a_non_finite_step_and_finishes(tmp_path, monkeypatch,
   assert "step 6: loss or gradients are not finite; skipped" in caplog.text
 
 
+def test_workdir_recorded_with_sequential_eval_positions_resumes_under_the_new_default(tmp_path):
+  config = _config()
+  assert config.pe.randomize_eval  # Evaluation draws positions like training by default.
+  saved = config_lib.config_to_dict(config)
+  saved["pe"]["randomize_eval"] = False  # The default recorded by runs before that change.
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  checkpoint.record_config(str(tmp_path), config, write=False)  # Evaluation only: no clash.
+
+
 def test_workdir_from_before_a_new_config_field_resumes_while_it_keeps_its_default(tmp_path):
   config = _config()
   saved = config_lib.config_to_dict(config)

@@ -121,8 +121,10 @@ def test_random_positions_fill_the_range_when_length_equals_max():
   np.testing.assert_array_equal(pos_BxL, sequential_positions(2, 10))
 
 
-def test_randomized_train_draws_eval_is_sequential():
-  enc = _build("alibi", randomized=True, max_random_len=64)
+def test_randomized_train_draws_and_sequential_eval_when_asked():
+  # pe.randomize_eval=False is now the explicit option (it was the default until evaluation
+  # drew positions like training, as Ruoss et al. do).
+  enc = _build("alibi", randomized=True, max_random_len=64, randomize_eval=False)
   assert isinstance(enc, RandomizedPositions) and enc.has_bias
   train_BxL = np.asarray(enc.positions(4, 16, train=True))
   assert not (train_BxL == np.arange(16)).all()
@@ -131,11 +133,12 @@ def test_randomized_train_draws_eval_is_sequential():
   np.testing.assert_array_equal(enc.positions(4, 16, train=False), sequential_positions(1, 16))
 
 
-def test_randomized_eval_switch_randomizes_eval():
-  enc = _build("alibi", randomized=True, max_random_len=64, randomize_eval=True)
+def test_randomized_eval_draws_positions_like_training_by_default():
+  assert get_config().pe.randomize_eval
+  enc = _build("alibi", randomized=True, max_random_len=64)
   eval_BxL = np.asarray(enc.positions(4, 16, train=False))
   assert not (eval_BxL == np.arange(16)).all() and (np.diff(eval_BxL, axis=1) > 0).all()
-  assert enc.max_length == 64
+  assert eval_BxL.min() >= 0 and eval_BxL.max() < 64 and enc.max_length == 64
 
 
 def test_randomized_is_deterministic_given_seed_and_advances():

@@ -12,7 +12,7 @@ from configs.base import get_config
 from pe_research.encodings import t5 as t5_lib
 from pe_research.encodings.alibi import ALiBi, alibi_bias, alibi_slopes
 from pe_research.encodings.fire import Fire, fire_normalized_distance
-from pe_research.encodings.kerple import Kerple, kerple_bias
+from pe_research.encodings.kerple import Kerple, kerple_bias, project_kerple
 from pe_research.encodings.randomized import random_sorted_positions
 from pe_research.encodings.registry import build_encoding
 from pe_research.encodings.t5 import T5RelativeBias, t5_relative_position_bucket
@@ -194,13 +194,37 @@ def test_kerple_decreases_with_distance_at_init(variant):
   assert (row_HxK[:, 0] == 0).all() and (np.diff(row_HxK, axis=1) < 0).all()
 
 
-def test_kerple_clamps_parameters():
-  d_1xK = jnp.array([[0, 1, 4]])
-  q_1x1 = jnp.array([[4]])
-  log = kerple_bias(q_1x1, 4 - d_1xK, jnp.array([-1.0]), jnp.array([-5.0]), variant="log")
-  np.testing.assert_allclose(log[0, 0, 0], -1e-2 * np.log1p(1e-2 * np.array([0, 1, 4])), rtol=1e-5)
-  power = kerple_bias(q_1x1, 4 - d_1xK, jnp.array([0.5]), jnp.array([5.0]), variant="power")
-  np.testing.assert_allclose(power[0, 0, 0], [0.0, -0.5, -8.0], rtol=1e-6)
+def test_kerple_projection_clamps_parameters_into_their_bounds():
+  # Was test_kerple_clamps_parameters: the bounds moved from the forward pass (which froze a
+  # parameter below its bound: zero gradient) to a projection after each step (issue #20).
+  r1, r2 = project_kerple(jnp.array([-1.0, 0.5]), jnp.array([-5.0, 5.0]), "log")
+  np.testing.assert_allclose(r1, [1e-2, 0.5])
+  np.testing.assert_allclose(r2, [1e-2, 5.0])
+  _, r2 = project_kerple(jnp.array([0.5]), jnp.array([5.0]), "power")
+  np.testing.assert_allclose(r2, [2.0])
+  enc = Kerple(2, variant="power", rngs=nnx.Rngs(0))
+  enc.r1[...], enc.r2[...] = jnp.array([-1.0, 0.5]), jnp.array([0.0, 3.0])
+  enc.project()
+  np.testing.assert_allclose(enc.r1[...], [1e-2, 0.5])
+  np.testing.assert_allclose(enc.r2[...], [1e-2, 2.0])
+
+
+def test_kerple_forward_uses_parameters_as_is():
+  d_K = np.array([0, 1, 4])
+  q_1x1, k_1xK = jnp.array([[4]]), jnp.asarray(4 - d_K)[None, :]
+  log = kerple_bias(q_1x1, k_1xK, jnp.array([1e-3]), jnp.array([1e-3]), variant="log")
+  np.testing.assert_allclose(log[0, 0, 0], -1e-3 * np.log1p(1e-3 * d_K), rtol=1e-5)
+  power = kerple_bias(q_1x1, k_1xK, jnp.array([0.5]), jnp.array([3.0]), variant="power")
+  np.testing.assert_allclose(power[0, 0, 0], [0.0, -0.5, -32.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["log", "power"])
+def test_kerple_parameters_below_the_bound_get_a_gradient(variant):
+  def total(r1, r2):
+    return kerple_bias(POS_1xL, POS_1xL, r1, r2, variant=variant).sum()
+
+  grad_r1, grad_r2 = jax.grad(total, argnums=(0, 1))(jnp.full((2,), 1e-3), jnp.full((2,), 1e-3))
+  assert (np.abs(grad_r1) > 0).all() and (np.abs(grad_r2) > 0).all()
 
 
 @pytest.mark.parametrize("variant", ["log", "power"])

@@ -165,6 +165,23 @@ def test_synthetic_runs_report_exact_match_accuracy_per_task_length(tmp):
   assert os.path.getsize(tmp / "copy" / "eval" / "nonoverlapping.png") > 0
 
 
+def test_randomized_run_evaluates_at_reproducible_random_positions_over_the_same_tokens(tmp):
+  """pe.randomize_eval (default True): evaluation draws sorted positions from [0,
+  max_random_len) as training does, the same draws each time the run is evaluated;
+  pe.randomize_eval=False scores the same tokens at positions 0..n-1."""
+  workdir = str(_save_run(tmp / "randomized", _config(tmp, pe="sinusoidal", pe__randomized=True)))
+  batch = next(iter(make_eval_batches(_config(tmp), length=32, max_tokens=64, batch_size=2)))
+
+  def stats(**overrides):
+    model, _, _ = evaluate.load_model(workdir, overrides=overrides)
+    return eval_lib.Evaluator(model).score(batch)[0]
+
+  first, again, sequential = stats(), stats(), stats(**{"pe.randomize_eval": False})
+  np.testing.assert_array_equal(first["nll_sum_L"], again["nll_sum_L"])
+  assert np.abs(first["nll_sum_L"] - sequential["nll_sum_L"]).max() > 1e-3
+  np.testing.assert_array_equal(first["weight_sum_L"], sequential["weight_sum_L"])
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("length", [300, 517])
 def test_passkey_prompt_has_exact_length_needle_depth_and_answer(length, depth):
@@ -191,6 +208,28 @@ def test_passkey_batches_are_padded_deterministic_and_reject_short_lengths():
   with pytest.raises(ValueError, match="too short"):
     passkey.make_example(passkey.min_length(ENCODE) - 1, 0.5, 12345, ENCODE)
   assert len(passkey.make_example(passkey.min_length(ENCODE), 0.5, 12345, ENCODE).tokens) > 0
+
+
+def test_passkey_positive_control_fits_inside_a_byte_models_training_length():
+  # A byte model trained at L=128 had no prompt inside L (the shortest is 250 bytes with
+  # HEADER): its passkey grid had no positive control.
+  assert passkey.min_length(ENCODE) > 128 and passkey.control_header(ENCODE, 512) == passkey.HEADER
+  assert passkey.control_header(ENCODE, 128) == "" and passkey.control_header(ENCODE, 64) is None
+  example = passkey.make_example(128, 0.5, 71432, ENCODE, header="")
+  text = bytes(example.tokens.astype(np.uint8)).decode()
+  assert len(example.tokens) == 129 and text.endswith(passkey.QUESTION + "71432")
+  assert text.count("71432") == 3 and not text.startswith(passkey.HEADER)
+  batches = passkey.make_batches(128, 1.0, trials=2, batch_size=2, encode=ENCODE, header="")
+  assert batches[0]["inputs"].shape == (2, 128) and batches[0]["weights"].sum() == 10
+
+
+def test_passkey_control_verdict_says_when_the_grid_is_not_evidence():
+  passed = [{"depth": 0.0, "accuracy": 1.0}, {"depth": 1.0, "accuracy": 0.5}]
+  failed = [{"depth": 0.0, "accuracy": 1.0}, {"depth": 1.0, "accuracy": 0.25}]
+  assert "the grid is evidence" in passkey.control_verdict(passed, 128)
+  assert "FAILED" in passkey.control_verdict(failed, 128)
+  assert "the grid is not evidence" in passkey.control_verdict(failed, 128)
+  assert "the grid is not evidence" in passkey.control_verdict([], 64)
 
 
 def test_init_from_copies_parameters_but_not_optimizer_state(tmp, rope_run):
@@ -276,6 +315,10 @@ def test_cli_writes_tables_plots_and_compile_count(rope_run):
   summary = json.loads((out / "smoke.json").read_text())
   assert [r["tokens"] for r in summary["rows"]] == [300, 300]
   assert summary["compiles_per_eval_length"] == 1.0 and summary["step"] == 3
+  # Trained at L=32: no passkey prompt (>= 103 bytes) fits inside L, so no positive control.
+  assert "no positive control" in result.stdout and "grid is not evidence" in result.stdout
+  passkey_rows = json.loads((out / "smoke_passkey.json").read_text())["rows"]
+  assert passkey_rows and not any(r["control"] for r in passkey_rows)
   assert (out / "smoke.csv").read_text().startswith("length,mode,stride,attention,tokens,loss,ppl")
   for name in (
     "smoke.png",

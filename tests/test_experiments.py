@@ -22,6 +22,7 @@ from experiments import (
   sweep,
 )
 from pe_research import config_lib
+from pe_research.data.pipeline import eval_windows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -78,6 +79,54 @@ def test_alibi_smoke_writes_csv_png_report(alibi_out):
   assert "Sinusoidal explodes right past L" in text and "ALiBi stays flat" in text
 
 
+def _scored_targets(budget: int, length: int, mode: str, stride) -> np.ndarray:
+  """How often each target s[1..budget] is scored at ``length`` (pipeline.eval_windows)."""
+  starts_K, score_from_K = eval_windows(budget, length, mode, stride)
+  count_N = np.zeros(budget + 2, np.int64)
+  np.add.at(count_N, starts_K + score_from_K + 1, 1)  # Window k scores a_k + i + 1 for
+  np.add.at(count_N, np.minimum(starts_K + length, budget) + 1, -1)  # c_k <= i, a_k + i < N.
+  return np.cumsum(count_N)[1 : budget + 1]
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+def test_alibi_sliding_and_nonoverlapping_score_the_same_target_bytes(name):
+  preset = alibi_train_short_test_long.PRESETS[name]
+  (_, nonoverlapping), (_, sliding) = alibi_train_short_test_long.requests(preset).items()
+  assert sliding["mode"] == "sliding" and nonoverlapping.get("mode") is None
+  assert sliding["max_tokens"] == nonoverlapping["max_tokens"] == preset.max_tokens
+  for request, mode in ((nonoverlapping, "nonoverlapping"), (sliding, "sliding")):
+    for length in request["lengths"]:
+      once_N = _scored_targets(request["max_tokens"], length, mode, request.get("stride"))
+      assert (once_N == 1).all(), (mode, length)  # Every target s[1..N] exactly once.
+
+
+def _ppl_rows(*ppls):
+  return [{"length": 32 * 2**i, "ppl": p} for i, p in enumerate(ppls)]
+
+
+@pytest.mark.parametrize(
+  "nonoverlapping,sliding,verdict",
+  [
+    ((10.0, 30.0), (10.0, 40.0), "matches the paper"),
+    ((10.0, 12.0), (10.0, 11.0), "does NOT explode in either protocol"),
+    ((10.0, 13.3), (10.0, 40.0), "the protocols disagree: no verdict"),
+    ((10.0, 30.0), (10.0, 11.0), "the protocols disagree: no verdict"),
+  ],
+)
+def test_sinusoidal_verdict_needs_both_protocols_to_agree(nonoverlapping, sliding, verdict):
+  line = alibi_train_short_test_long.sinusoidal_line(
+    {"sinusoidal": _ppl_rows(*nonoverlapping)}, {"sinusoidal": _ppl_rows(*sliding)}
+  )
+  assert verdict in line
+  ratios = (nonoverlapping[1] / nonoverlapping[0], sliding[1] / sliding[0])
+  assert f"non-overlapping ppl(64)/ppl(L) = {ratios[0]:.2f}" in line
+  assert f"sliding ppl(64)/ppl(L) = {ratios[1]:.2f}" in line
+  only_one = alibi_train_short_test_long.sinusoidal_line(
+    {"sinusoidal": _ppl_rows(*nonoverlapping)}, {}
+  )
+  assert "no verdict" in only_one and "does NOT explode" not in only_one
+
+
 def test_rerun_reuses_finished_runs_and_cached_evaluations(lm, alibi_out):
   runs, sets = lm
   stamps = {}
@@ -113,6 +162,24 @@ def test_rope_scaling_smoke_reuses_base_and_writes_outputs(lm, alibi_out, tmp_pa
   assert {int(r["length"]) for r in _rows(tmp_path / "passkey.csv")} == {256}
   text = _assert_outputs(tmp_path, "zero_shot.png", "fine_tuned.png")
   assert "YaRN" in text and "PI at s·L" in text
+  # Trained at 32 and 64 bytes: no prompt fits inside L, so the passkey grid is not evidence.
+  assert "- Passkey, zero-shot: none: no positive control" in text
+
+
+def test_rope_scaling_report_says_when_the_passkey_positive_control_fails():
+  grid = [{"length": 512, "depth": 0.5, "accuracy": 0.0, "control": False}]
+  control = lambda accuracy: [{"length": 128, "depth": 0.5, "accuracy": accuracy, "control": True}]
+  summaries = {
+    "zero-shot: none": {"train_len": 128, "passkey": grid + control(0.0)},
+    "zero-shot: PI": {"train_len": 128, "passkey": grid + control(1.0)},
+    "fine-tuned: PI": {"train_len": 32, "passkey": grid},
+  }
+  failed, passed, missing = rope_scaling.passkey_controls(summaries)
+  assert "zero-shot: none" in failed and "FAILED" in failed and "not evidence" in failed
+  assert "the grid is evidence" in passed
+  assert "no positive control" in missing and "not evidence" in missing
+  rows, lengths = rope_scaling.passkey_table(summaries)
+  assert lengths == [512] and len(rows) == 3  # The control rows are not grid cells.
 
 
 def test_longrope_factors_ramp_from_one_to_factor():
@@ -161,6 +228,37 @@ def test_mean_ranks_share_ties_and_mrr():
   preset = length_generalization.Preset(("t",), ("a", "b"), (0, 1), (4, 8))
   ood = {("t", "a", 0): 1.0, ("t", "b", 0): 0.0, ("t", "a", 1): 0.0, ("t", "b", 1): 1.0}
   assert length_generalization.mrr(ood, preset, ("a", "b")) == {"a": 0.75, "b": 0.75}
+
+
+def _mrr_findings(ood_by_method: dict[str, float]) -> str:
+  """The MRR ranking line of length_generalization.findings for one (task, seed) of scores."""
+  methods = tuple(ood_by_method)
+  preset = length_generalization.Preset(("t",), methods, (0,), (4, 8))
+  ood = {("t", m, 0): a for m, a in ood_by_method.items()}
+  lines = length_generalization.findings(ood, ood, preset)
+  return next(line for line in lines if line.startswith("- MRR ranking"))
+
+
+def test_mrr_all_tied_share_one_rank_and_are_written_as_ties():
+  five = ("NoPE", "T5", "ALiBi", "RoPE", "absolute")
+  preset = length_generalization.Preset(("t",), five, (0,), (4, 8))
+  ood = {("t", m, 0): 0.5 for m in five}
+  assert length_generalization.mrr(ood, preset, five) == dict.fromkeys(five, 1 / 3)  # Rank 3.
+  line = _mrr_findings(dict.fromkeys(five, 0.5))
+  assert "NoPE = T5 = ALiBi = RoPE = absolute;" in line
+  assert "same order" not in line and "NoPE is tied for first" in line
+  assert "absolute is tied for last" in line
+
+
+def test_mrr_two_tied_are_written_as_a_tie_not_in_the_papers_order():
+  line = _mrr_findings({"NoPE": 0.9, "T5": 0.5, "ALiBi": 0.5, "RoPE": 0.3, "absolute": 0.1})
+  assert "NoPE > T5 = ALiBi > RoPE > absolute;" in line
+  assert "same order" not in line and "not separated" in line
+  assert "NoPE is first" in line and "absolute is last" in line
+  strict = _mrr_findings({"NoPE": 0.9, "T5": 0.6, "ALiBi": 0.5, "RoPE": 0.3, "absolute": 0.1})
+  assert "NoPE > T5 > ALiBi > RoPE > absolute;" in strict and "same order" in strict
+  swapped = _mrr_findings({"NoPE": 0.9, "T5": 0.5, "ALiBi": 0.6, "RoPE": 0.3, "absolute": 0.1})
+  assert "NoPE > ALiBi > T5 > RoPE > absolute;" in swapped and "a different order" in swapped
 
 
 def test_launch_expands_sweeps_and_prints_commands_for_unfinished_runs(tmp_path, capsys):

@@ -31,3 +31,14 @@ def test_experiment_writes_png_csv_report(tmp_path):
   assert {"t5_bucket", "fire_h4", "kerple_power_h4"} <= set(rows[0])
   text = report.read_text()
   assert "it decays, as in RoFormer" in text and "r=100" in text
+
+
+def test_learned_lines_call_alibi_slopes_fixed_not_learned():
+  distance_R = np.arange(129)
+  falling_RxH = -np.outer(distance_R, [0.5, 0.25])
+  lines = rope_decay.learned_lines(
+    distance_R, {"a@1": ("alibi", falling_RxH), "k@1": ("kerple", falling_RxH)}
+  )
+  (alibi,) = [line for line in lines if line.startswith("- a@1")]
+  (kerple,) = [line for line in lines if line.startswith("- k@1")]
+  assert "alibi (fixed slopes, not learned)" in alibi and "not learned" not in kerple

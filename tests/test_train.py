@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from configs import tiny
 from pe_research import train
@@ -104,6 +105,31 @@ def test_non_finite_step_keeps_parameters_and_optimizer_state():
   assert not bool(metrics["finite"])
   assert int(new_state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, before, (new_state.params, new_state.opt_state))
+
+
+def test_kerple_parameter_below_its_bound_gets_a_gradient_and_is_projected_after_a_step():
+  """KERPLE's bounds are a projection after the optimizer step, not a clamp in the forward pass
+  (which zeroed the gradient below the bound and froze the parameter there)."""
+  config = tiny.get_config("pe=kerple")
+  mesh = train.make_mesh(config.mesh)
+  tx, schedule = train.make_optimizer(config.train)
+  graphdef, state = train.create_train_state(config, mesh, tx)
+  params = jax.device_get(state.params)
+  for name in ("r1", "r2"):  # Below the bound 1e-2, as a step without projection could leave.
+    params["encodings"][0][name] = np.full_like(params["encodings"][0][name], 1e-3)
+  state = state.replace(params=params)
+  batch = train.global_batch(next(make_train_iterator(config)), mesh)
+
+  def loss(params):
+    model = nnx.merge(graphdef, params, state.model_state)
+    logits_BxLxV = model(batch["inputs"], train=True)
+    return train.weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+
+  grads = jax.grad(loss)(state.params)["encodings"][0]
+  assert (np.abs(grads["r1"]) > 0).all() and (np.abs(grads["r2"]) > 0).all()
+  new_state, _ = jax.jit(train.make_train_step(graphdef, tx, schedule))(state, batch)
+  for name in ("r1", "r2"):
+    assert (np.asarray(new_state.params["encodings"][0][name]) >= 1e-2).all(), name
 
 
 _EIGHT_DEVICES = textwrap.dedent(

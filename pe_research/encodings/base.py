@@ -18,6 +18,12 @@ do-nothing default, so a new encoding is one new file plus one registry line:
     indices) get the logit ``q_far_i . k_far_j`` instead of ``q_i . k_j``, merged before the
     softmax (Self-Extend, ReRoPE: ``rope_extension.py``).
 
+Training asks one more question, after each optimizer step:
+
+  * ``project()`` -> None: puts learned parameters back into their allowed set, in place
+    (KERPLE: r1, r2 >= 1e-2), so the forward pass uses them as they are and a parameter at
+    its bound still gets a gradient (a projected gradient step).
+
 ``has_bias`` is a static flag so attention can skip the bias path at trace time.
 ``max_length`` is the longest sequence the encoding can represent (None: unbounded).
 ``window`` is None for one logit set (every encoding but a windowed RoPE).
@@ -63,10 +69,14 @@ class PositionalEncoding(nnx.Module):
     del q_pos_BxQ, k_pos_BxK
     return None
 
+  def project(self) -> None:
+    """Nothing to project: no parameter of this encoding is constrained."""
+
 
 class PositionsWrapper(PositionalEncoding):
   """An encoding that only chooses the positions (randomized, PoSE): ``embed``, ``rotate``,
-  ``rotate_far``, ``bias``, ``has_bias`` and ``window`` are the wrapped ``base``'s."""
+  ``rotate_far``, ``bias``, ``project``, ``has_bias`` and ``window`` are the wrapped
+  ``base``'s."""
 
   def __init__(self, base: PositionalEncoding, *, longest: int, field: str):
     """``longest``: the largest position the wrapper may draw (``field`` names its config)."""
@@ -90,3 +100,6 @@ class PositionsWrapper(PositionalEncoding):
 
   def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array | None:
     return self.base.bias(q_pos_BxQ, k_pos_BxK)
+
+  def project(self) -> None:
+    self.base.project()

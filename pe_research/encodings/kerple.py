@@ -5,10 +5,13 @@ With d = i − j ≥ 0 (query minus key position):
   * log variant:   logit[b, h, i, j] += −r1_h · log(1 + r2_h · d)
   * power variant: logit[b, h, i, j] += −r1_h · d^{r2_h},  r2 ∈ (0, 2]
 
-Positivity is kept by clamping in the forward pass: r1, r2 ≥ 1e-2 and, for power, r2 ≤ 2
-(the reference clamps the stored values in place each step instead; the forward values are
-the same). Keys after the query (j > i) get d = 0, like the reference's ``tril``; the causal
-mask removes them, and the clamp keeps their gradients finite (log(1 + r2·d) with d < 0 is NaN).
+Positivity is kept by projection, as in the reference (it clamps the stored values in place
+before each forward): :meth:`Kerple.project` sets r1, r2 ≥ 1e-2 and, for power, r2 ≤ 2, at
+initialisation and after every optimizer step (``train.make_train_step``), and the forward
+pass uses the parameters as they are. (Clamping inside the forward pass instead would zero the
+gradient of a parameter below its bound and freeze it there.) Keys after the query (j > i) get
+d = 0, like the reference's ``tril``; the causal mask removes them, and the clamp on d keeps
+their gradients finite (log(1 + r2·d) with d < 0 is NaN).
 Initialisation follows the reference: log r1 ~ U(0, 2), r2 ~ U(0, 1); power r1 ~ U(0, 1),
 r2 ~ U(0, 2).
 """
@@ -34,6 +37,13 @@ def _check_variant(variant: str) -> None:
     raise ValueError(f"pe.kerple_variant={variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
 
 
+def project_kerple(r1_H: jax.Array, r2_H: jax.Array, variant: str) -> tuple[jax.Array, jax.Array]:
+  """``(max(r1, 1e-2), max(r2, 1e-2))``, and r2 ≤ 2 for "power": the reference's projection."""
+  _check_variant(variant)
+  r2_H = jnp.clip(r2_H, MIN_PARAM, MAX_POWER if variant == "power" else None)
+  return jnp.maximum(r1_H, MIN_PARAM), r2_H
+
+
 @functools.partial(jax.jit, static_argnames="variant")
 def kerple_bias(
   q_pos_BxQ: jax.Array,
@@ -45,16 +55,15 @@ def kerple_bias(
 ) -> jax.Array:
   """float32 ``[B, H, Q, K]``: −r1·log(1 + r2·d) ("log") or −r1·d^r2 ("power"), d = max(i−j, 0).
 
-  ``r1_H`` and ``r2_H`` are clamped to >= 1e-2 (and r2 <= 2 for "power") before use.
+  ``r1_H`` and ``r2_H`` are used as given (:func:`project_kerple` keeps them in range).
   """
   _check_variant(variant)
   dist_BxQxK = jnp.maximum(q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :], 0)
   d_Bx1xQxK = dist_BxQxK.astype(jnp.float32)[:, None]
-  r1_1xHx1x1 = jnp.maximum(r1_H.astype(jnp.float32), MIN_PARAM)[None, :, None, None]
+  r1_1xHx1x1 = r1_H.astype(jnp.float32)[None, :, None, None]
   r2_1xHx1x1 = r2_H.astype(jnp.float32)[None, :, None, None]
   if variant == "log":
-    return -r1_1xHx1x1 * jnp.log1p(jnp.maximum(r2_1xHx1x1, MIN_PARAM) * d_Bx1xQxK)
-  r2_1xHx1x1 = jnp.clip(r2_1xHx1x1, MIN_PARAM, MAX_POWER)
+    return -r1_1xHx1x1 * jnp.log1p(r2_1xHx1x1 * d_Bx1xQxK)
   # d^r2 as exp(r2·log d) on d >= 1 and 0 at d = 0: the r2-gradient d^r2·log d stays finite.
   log_d = jnp.log(jnp.maximum(d_Bx1xQxK, 1.0))
   d_pow = jnp.where(d_Bx1xQxK > 0, jnp.exp(r2_1xHx1x1 * log_d), 0.0)
@@ -62,7 +71,7 @@ def kerple_bias(
 
 
 class Kerple(PositionalEncoding):
-  """Per-head learned ``r1 [H]`` and ``r2 [H]``; see the module docstring for init and clamps."""
+  """Per-head learned ``r1 [H]`` and ``r2 [H]``; the module docstring gives init and projection."""
 
   has_bias = True
 
@@ -72,6 +81,11 @@ class Kerple(PositionalEncoding):
     self.variant = variant
     self.r1 = nnx.Param(jax.random.uniform(rngs.params(), (num_heads,), maxval=r1_max))
     self.r2 = nnx.Param(jax.random.uniform(rngs.params(), (num_heads,), maxval=r2_max))
+    self.project()
+
+  def project(self) -> None:
+    r1_H, r2_H = project_kerple(self.r1[...], self.r2[...], self.variant)
+    self.r1[...], self.r2[...] = r1_H, r2_H
 
   def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array:
     return kerple_bias(q_pos_BxQ, k_pos_BxK, self.r1[...], self.r2[...], variant=self.variant)

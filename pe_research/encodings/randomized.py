@@ -5,10 +5,15 @@ use them as the positions of that row; each row of the batch gets its own draw. 
 encoding then sees positions spread over the whole range [0, max_random_len) during training,
 so longer test sequences do not bring unseen positions.
 
-Train/eval switch: the reference code also randomizes at evaluation. Here evaluation uses
-sequential positions 0..n−1 unless ``randomize_eval`` is set (``pe.randomize_eval``).
-The draw comes from an ``nnx.Rngs`` stream owned by this module, so its key and counter are
-model state (checkpointed and restored with the parameters).
+Evaluation draws its positions the same way by default (``pe.randomize_eval=True``), as the
+reference code does: the model then never sees positions off the training distribution, at any
+test length up to max_random_len. ``pe.randomize_eval=False`` evaluates at the sequential
+positions 0..n−1 instead. The draw comes from an ``nnx.Rngs`` stream owned by this module, so
+its key and counter are model state (checkpointed and restored with the parameters in
+training). Evaluation (``runs.load_model``) restores only the parameters, so its draws start
+from the stream's initial state: an evaluation repeated with the same ``config.seed`` and the
+same request (lengths and batches in the same order) draws the same positions, and it scores
+the same tokens as a sequential evaluation.
 """
 
 from __future__ import annotations
