@@ -5,6 +5,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# make test runs the suite in this many processes (pytest-xdist; 1 file per worker at a time).
+TEST_WORKERS ?= 2
 PIP := $(PY) -m pip --disable-pip-version-check
 RUNTIME_STAMP := $(VENV)/.stamp-runtime-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 DEV_STAMP := $(VENV)/.stamp-dev-$(shell cat requirements.txt requirements-dev.txt requirements-pretrained.txt pyproject.toml | sha1sum | cut -c1-12)
@@ -51,7 +53,7 @@ format: $(DEV_STAMP)
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(DEV_STAMP)
 	$(PY) -m experiments.benchmark $(ARGS)
