@@ -328,7 +328,7 @@ def final_train_loss(workdir: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  report.add_common_flags(parser, NAME)
+  report.add_common_flags(parser, NAME, tuple(PRESETS))
   parser.add_argument("--workdir", default="runs/pretrained/smollm2-135m")
   parser.add_argument("--data", default="", help="JSON {text kind: data overrides}.")
   parser.add_argument("--methods", default="", help="Comma-separated subset of the methods.")

@@ -16,9 +16,11 @@ from typing import Any
 PRESETS = ("smoke", "cpu", "paper")
 
 
-def add_common_flags(parser: argparse.ArgumentParser, name: str) -> None:
-  """``--preset`` and ``--out`` (default ``runs/<name>/<preset>``)."""
-  parser.add_argument("--preset", choices=PRESETS, default="cpu", help="Scale of the experiment.")
+def add_common_flags(
+  parser: argparse.ArgumentParser, name: str, presets: tuple[str, ...] = PRESETS
+) -> None:
+  """``--preset`` (one of ``presets``) and ``--out`` (default ``runs/<name>/<preset>``)."""
+  parser.add_argument("--preset", choices=presets, default="cpu", help="Scale of the experiment.")
   parser.add_argument("--out", default="", help=f"Output folder; default runs/{name}/<preset>.")
 
 
