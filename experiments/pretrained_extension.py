@@ -22,243 +22,46 @@ evaluation is cached in the run's eval/ (re-running resumes).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 
 from experiments import report, sweep
+from experiments.extension_presets import (  # noqa: F401 (the presets are this script's API)
+  _L,
+  PRESETS,
+  ZERO_SHOT,
+  Preset,
+  same_as_none,
+  subset,
+  zero_shot_methods,
+)
 from experiments.extension_report import write_outputs
 from pe_research import backend, config_lib
 
 NAME = "pretrained_extension"
-_L = "original_max_position_embeddings"
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-  factor: int  # s: the target context is s·L.
-  methods: tuple[str, ...]  # Zero-shot methods evaluated (labels of ZERO_SHOT).
-  lengths: tuple[int, ...]  # Every zero-shot method, first text kind.
-  base_lengths: tuple[int, ...]  # Also for "none" (every text kind): the reference at/below L.
-  windows: int  # Windows per length up to L; one window beyond L.
-  long_lengths: tuple[int, ...]  # Only long_methods and the fine-tuned models (first text kind).
-  long_methods: tuple[str, ...]
-  sliding_lengths: tuple[int, ...]  # Also sliding windows with stride 256 (first text kind).
-  stride: int
-  self_extend: tuple[int, int]  # (W, G)
-  rerope_window: int
-  niah_lengths: tuple[int, ...]
-  niah_depths: tuple[float, ...]
-  niah_trials: int
-  niah_methods: tuple[str, ...]
-  other_methods: tuple[str, ...]  # Text kinds after the first: these methods ...
-  other_lengths: tuple[int, ...]  # ... at these lengths.
-  ft_methods: tuple[str, ...]
-  ft_steps: int
-  ft_seq_len: int  # PI/YaRN fine-tuning window.
-  pose_seq_len: int  # PoSE's training window (L in the paper), positions over s·L.
-  data: dict  # text kind -> data overrides (first kind: the long lengths and fine-tuning)
-
-
-ZERO_SHOT = (
-  "none",
-  "PI",
-  "NTK",
-  "dynamic NTK",
-  "YaRN",
-  "Llama-3",
-  "Self-Extend",
-  "log-n",
-  "ReRoPE",
-)
-_TEXTS = {"python": {"data.name": "pystdlib"}, "prose": {"data.name": "sotu"}}
-PRESETS = {
-  "smoke": Preset(
-    factor=4,
-    methods=ZERO_SHOT,
-    lengths=(32, 128),
-    base_lengths=(64,),
-    windows=2,
-    long_lengths=(256,),
-    long_methods=("YaRN", "Self-Extend"),
-    sliding_lengths=(64,),
-    stride=16,
-    self_extend=(16, 4),
-    rerope_window=32,
-    niah_lengths=(256,),
-    niah_depths=(0.0, 1.0),
-    niah_trials=1,
-    niah_methods=("none", "YaRN"),
-    other_methods=(),
-    other_lengths=(),
-    ft_methods=("PI", "YaRN", "PoSE"),
-    ft_steps=2,
-    ft_seq_len=128,
-    pose_seq_len=64,
-    data={"text": {}},
-  ),
-  # Measured here (AMD EPYC Zen 4, 2 cores), one SmolLM2 window: 2k 6 s, 8k 53 s, 12k ~100 s,
-  # 32k 11.5 min (attention at ~65 GFLOP/s). The budget (60 min) buys every method at 16k
-  # with the base at 8k, the shorter lengths by sliding windows at 2k, Self-Extend at 32k,
-  # the prose at 12k for three methods and a small NIAH grid; fine-tunes are `cpu-ft`.
-  "cpu": Preset(
-    factor=4,
-    methods=ZERO_SHOT,
-    lengths=(16384,),
-    base_lengths=(8192,),
-    windows=1,
-    long_lengths=(32768,),
-    long_methods=("Self-Extend",),
-    sliding_lengths=(2048,),
-    stride=256,
-    self_extend=(1024, 8),
-    rerope_window=4096,
-    niah_lengths=(2048, 12288),
-    niah_depths=(0.5,),
-    niah_trials=1,
-    niah_methods=("none", "YaRN", "Self-Extend"),
-    other_methods=("none", "YaRN", "Self-Extend"),
-    other_lengths=(12288,),
-    ft_methods=(),
-    ft_steps=0,
-    ft_seq_len=0,
-    pose_seq_len=0,
-    data=_TEXTS,
-  ),
-  # The fine-tunes that do not fit beside `cpu`: 10 steps of 2,048 tokens each (a step ~22 s
-  # here, the first ~90 s with compilation; peak RSS ~11 GB), PoSE on the same 2,048-token
-  # window with positions over s·L. The zero-shot rows it shows are `cpu`'s cached ones.
-  "cpu-ft": Preset(
-    factor=4,
-    methods=("none", "PI", "YaRN"),
-    lengths=(16384,),
-    base_lengths=(8192,),
-    windows=1,
-    long_lengths=(),
-    long_methods=(),
-    sliding_lengths=(2048,),
-    stride=256,
-    self_extend=(1024, 8),
-    rerope_window=4096,
-    niah_lengths=(),
-    niah_depths=(),
-    niah_trials=0,
-    niah_methods=(),
-    other_methods=(),
-    other_lengths=(),
-    ft_methods=("PI", "YaRN", "PoSE"),
-    ft_steps=10,
-    ft_seq_len=2048,
-    pose_seq_len=2048,
-    data={"python": _TEXTS["python"]},
-  ),
-  "paper": Preset(
-    factor=4,
-    methods=ZERO_SHOT,
-    lengths=(1024, 2048, 4096, 8192, 16384, 32768),
-    base_lengths=(),
-    windows=16,
-    long_lengths=(65536,),
-    long_methods=ZERO_SHOT,
-    sliding_lengths=(1024, 2048, 4096, 8192),
-    stride=256,
-    self_extend=(1024, 8),
-    rerope_window=4096,
-    niah_lengths=(2048, 8192, 16384, 32768),
-    niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-    niah_trials=10,
-    niah_methods=ZERO_SHOT,
-    other_methods=ZERO_SHOT,
-    other_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
-    ft_methods=("PI", "YaRN", "PoSE"),
-    ft_steps=400,
-    ft_seq_len=32768,
-    pose_seq_len=8192,
-    data=_TEXTS,
-  ),
-}
-
-
-def same_as_none(label: str, n: int, preset: Preset, train_len: int) -> bool:
-  """Whether ``label`` on windows of ``n`` tokens is the base model by construction (tested):
-  dynamic NTK and log-n change nothing up to L, Self-Extend and ReRoPE nothing up to their W."""
-  limit = {
-    "dynamic NTK": train_len,
-    "log-n": train_len,
-    "Self-Extend": preset.self_extend[0],
-    "ReRoPE": preset.rerope_window,
-  }.get(label)
-  return label == "none" or (limit is not None and n <= limit)
-
-
-def zero_shot_methods(preset: Preset, train_len: int) -> dict[str, tuple[dict | None, dict]]:
-  """Label -> (rope_scaling or None, pe overrides) extending ``train_len`` by the factor."""
-  s, (window, group) = float(preset.factor), preset.self_extend
-  return {
-    "none": (None, {}),
-    "PI": ({"rope_type": "linear", "factor": s}, {}),
-    "NTK": ({"rope_type": "ntk", "factor": s}, {}),
-    "dynamic NTK": ({"rope_type": "dynamic", "factor": s, _L: train_len}, {}),
-    "YaRN": ({"rope_type": "yarn", "factor": s, _L: train_len}, {}),
-    "Llama-3": (
-      {"rope_type": "llama3", "factor": s, _L: train_len}
-      | {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
-      {},
-    ),
-    "Self-Extend": (None, {"pe.self_extend_window": window, "pe.self_extend_group": group}),
-    "log-n": (None, {"pe.logn_len": train_len}),
-    "ReRoPE": (None, {"pe.rerope_window": preset.rerope_window}),
-  }
-
-
-def subset(preset: Preset, methods: str, lengths: str) -> Preset:
-  """The preset restricted to ``methods`` (zero-shot labels; fine-tunes are "PI (ft)"...) and
-  with ``lengths`` in place of its lengths (a quick look; the report says what ran)."""
-  if methods:
-    chosen = [m.strip() for m in methods.split(",")]
-    known = (*ZERO_SHOT, *(f"{m} (ft)" for m in ("PI", "YaRN", "PoSE")))
-    if unknown := [m for m in chosen if m not in known]:
-      raise ValueError(f"--methods: {', '.join(unknown)} unknown; allowed: {', '.join(known)}")
-    keep = lambda names: tuple(m for m in names if m in chosen)  # noqa: E731
-    ft = tuple(m for m in preset.ft_methods if f"{m} (ft)" in chosen)
-    preset = dataclasses.replace(
-      preset,
-      methods=keep(preset.methods),
-      long_methods=keep(preset.long_methods),
-      niah_methods=keep(preset.niah_methods),
-      other_methods=keep(preset.other_methods),
-      ft_methods=ft,
-    )
-  if lengths:
-    try:
-      values = tuple(sorted(int(n) for n in lengths.split(",")))
-    except ValueError:
-      raise ValueError(f"--lengths={lengths!r} must be comma-separated integers") from None
-    preset = dataclasses.replace(preset, lengths=values)
-  return preset
 
 
 def _slug(label: str) -> str:
   return label.lower().replace(" ", "_").replace("-", "")
 
 
-def _evaluate(
-  workdir, name, lengths, budget, rope_scaling, overrides, mode="nonoverlapping", stride=256
-):
-  """One cached evaluation per length (each length has its own token budget)."""
+def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, stride=None):
+  """One cached evaluation per length (each length has its own token budget ``budget(n)``);
+  with ``stride``, sliding windows instead, scoring the first window and 4 strides after it."""
   rows = []
   for n in lengths:
+    step = None if stride is None else min(stride, n // 2)
     summary = sweep.evaluate(
       workdir,
       f"{name}_{n}",
       lengths=[n],
-      max_tokens=budget(n),
+      max_tokens=budget(n) if step is None else n + 4 * step,
       rope_scaling=rope_scaling,
       overrides=overrides,
-      mode=mode,
-      stride=None if mode == "nonoverlapping" else min(stride, n // 2),
+      mode="nonoverlapping" if step is None else "sliding",
+      stride=step,
     )
     path = os.path.join(workdir, "eval", f"{name}_{n}")  # Its per-position losses: _per_position.
     rows += [r | {"eval": path} for r in summary["rows"]]
@@ -355,12 +158,10 @@ def main(argv: list[str] | None = None) -> None:
   rows = []
   methods = zero_shot_methods(preset, train_len)
 
-  def run(label, kind, lengths, mode="nonoverlapping"):
-    """Rows of ``label`` at ``lengths``; lengths where it is the base model by construction
-    are the base model's (cached) evaluation, marked ``same_as``."""
-    stride = min(preset.stride, min(lengths) // 2)
-    budget_of = budget if mode == "nonoverlapping" else lambda n: 4 * stride + n
-    suffix = "" if mode == "nonoverlapping" else "_sliding"
+  def run(label, kind, lengths, stride=None):
+    """Rows of ``label`` at ``lengths`` (sliding with ``stride``); lengths where it is the base
+    model by construction are the base model's (cached) evaluation, marked ``same_as``."""
+    suffix = "" if stride is None else "_sliding"
     out_rows = []
     for who in dict.fromkeys(("none", label)):
       mine = [n for n in lengths if same_as_none(label, n, preset, train_len) == (who == "none")]
@@ -369,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
       scaling, pe = methods[who]
       name = f"px_{_slug(who)}_{kind}{suffix}"
       overrides = pe | texts[kind]
-      for r in _evaluate(args.workdir, name, mine, budget_of, scaling, overrides, mode, stride):
+      for r in _evaluate(args.workdir, name, mine, budget, scaling, overrides, stride):
         out_rows.append(r | ({"same_as": "none"} if who != label else {}))
     return out_rows
 
@@ -382,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
       lengths += preset.long_lengths if kind == first and label in preset.long_methods else ()
       evaluated = run(label, kind, tuple(sorted(set(lengths))))
       if kind == first and preset.sliding_lengths:
-        evaluated += run(label, kind, preset.sliding_lengths, mode="sliding")
+        evaluated += run(label, kind, preset.sliding_lengths, stride=preset.stride)
       for r in evaluated:
         rows.append({"text": kind, "method": label, "fine_tuned": False} | r)
         if r["mode"] == "nonoverlapping":
@@ -396,12 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     losses[label] = final_train_loss(ft_dir)
     lengths = preset.lengths + preset.base_lengths + preset.long_lengths
     ft_rows = _evaluate(ft_dir, f"px_ft_{first}", sorted(lengths), budget, None, texts[first])
-    for n in preset.sliding_lengths:
-      stride = min(preset.stride, n // 2)
-      budget_of = lambda n, stride=stride: 4 * stride + n  # noqa: E731
-      ft_rows += _evaluate(
-        ft_dir, f"px_ft_{first}_sliding", [n], budget_of, None, texts[first], "sliding", stride
-      )
+    ft_rows += _evaluate(
+      ft_dir,
+      f"px_ft_{first}_sliding",
+      preset.sliding_lengths,
+      budget,
+      None,
+      texts[first],
+      preset.stride,
+    )
     for r in ft_rows:
       rows.append({"text": first, "method": f"{label} (ft)", "fine_tuned": True} | r)
       rows[-1]["train_loss"] = losses[label]
