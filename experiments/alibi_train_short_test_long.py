@@ -60,7 +60,7 @@ class Preset:
 
 PRESETS = {
   "smoke": Preset(("sinusoidal", "rope", "alibi"), (32, 64, 512), 512, (32, 64), 8, 4),
-  "cpu": Preset(ALL, tuple(128 * 2**k for k in range(6)), 16384, (128, 256, 512), 16, 4),
+  "cpu": Preset(ALL, tuple(128 * 2**k for k in range(6)), 262_144, (128, 256, 512), 64, 4),
   "paper": Preset(
     ALL, (512, 1012, 1512, 2512, 3512, 6512, 12512, 15512), 262_144, (512, 1024, 3072), 1, 16
   ),

@@ -47,6 +47,7 @@ from experiments.bench_lib import (
 )
 from experiments.bench_variants import VariantProcess, time_rounds
 from experiments.report import markdown_table
+from pe_research import backend
 from pe_research.model import Transformer, flops_per_token
 
 ENCODINGS = {"full": ("nope", "rope", "alibi", "t5"), "quick": ("nope", "rope", "alibi", "t5")}
@@ -67,15 +68,6 @@ EVAL_LENGTHS = {  # attention -> lengths; dense beyond 8k needs > 4 GiB of score
   "quick": {"dense": [4096], "blockwise": [4096, 16384]},
   "smoke": {"dense": [256], "blockwise": [256]},
 }
-_BACKEND_COMPILES = [0]  # XLA compilations in this process, counted from jax.monitoring events.
-
-
-def _count_compile(event: str, *_, **__) -> None:
-  if event == "/jax/core/compile/backend_compile_duration":
-    _BACKEND_COMPILES[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def _median_ratio(numerator: list[float], denominator: list[float]) -> float:
@@ -194,11 +186,11 @@ def compiles_per_eval_length(lengths=(64, 128, 256, 512)) -> dict:
 
   model = Transformer(model_config(64, 2, 64, 1, "rope", attention="blockwise"), rngs=nnx.Rngs(0))
   evaluator = eval_lib.Evaluator(model)
-  before = _BACKEND_COMPILES[0]
+  before = backend.CompileCounter.count
   for length in [*lengths, *lengths]:
     evaluator.score(random_batch(length, 2))
   return {
-    "compiles_per_eval_length": (_BACKEND_COMPILES[0] - before) / len(lengths),
+    "compiles_per_eval_length": (backend.CompileCounter.count - before) / len(lengths),
     "evaluator_programs": evaluator.num_compiles,
   }
 

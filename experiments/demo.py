@@ -14,104 +14,154 @@ creation and data preparation included (7 trainings of 55–66 s, 11 evaluations
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 
 from configs import demo as demo_config
 from experiments import report, rope_decay, sweep
-from pe_research import eval_report
+from pe_research import eval_report, stats
 from pe_research.metrics import quiet_library_logging
 
 ENCODINGS = ("sinusoidal", "rope", "alibi", "t5", "nope", "kerple", "fire")
+MAX_TOKENS = 262_144  # Validation bytes per length (256 KB).
+BATCH = 4  # Windows per evaluation call (fastest of 1/4/16 at 512 and 2048 here).
+FACTOR = 16  # Zero-shot RoPE scaling: its window s·L covers the longest length.
 ZERO_SHOT = {  # label -> rope_scaling applied to the RoPE run at evaluation only
-  "rope+PI×8": {"rope_type": "linear", "factor": 8.0},
-  "rope+NTK×8": {"rope_type": "ntk", "factor": 8.0},
-  "rope+dynNTK×8": {"rope_type": "dynamic", "factor": 8.0},
-  "rope+YaRN×8": {"rope_type": "yarn", "factor": 8.0},
+  f"rope+PI×{FACTOR}": {"rope_type": "linear", "factor": float(FACTOR)},
+  f"rope+YaRN×{FACTOR}": {"rope_type": "yarn", "factor": float(FACTOR)},
 }
 
 
-def growth(rows: list[dict], factor: int) -> float:
-  """ppl at ``factor``× the first (training) length over ppl at 1×."""
-  by_length = {r["length"]: r["ppl"] for r in rows}
-  first = rows[0]["length"]
-  return by_length[first * factor] / by_length[first]
+def growth(rows: list[dict], at: int) -> float:
+  """ppl at row ``at`` over ppl at the first (training) length."""
+  return rows[at]["ppl"] / rows[0]["ppl"]
 
 
-def findings(results: dict[str, list[dict]], max_factor: int) -> list[str]:
-  """Sentences that check the published shapes against this run's numbers."""
-  sin2, alibi_max = (
-    growth(results["sinusoidal"], 2),
-    max(growth(results["alibi"], f) for f in (2, max_factor)),
-  )
-  rope_max = growth(results["rope"], max_factor)
+def _checked(claim: str, ok: bool | None, measured: str) -> str:
+  """A bullet: ``ok`` True (matches), False (does NOT match) or None (intervals overlap)."""
+  if ok is None:
+    verdict = "**not separated**: the 95% intervals overlap, no verdict"
+  else:
+    verdict = report.verdict(ok)
+  return f"- {claim}: {measured} — {verdict}."
+
+
+def exceeds(a: dict, b: dict, factor: float) -> bool | None:
+  """Is ppl(a) > factor·ppl(b)? True when a's interval lies above factor × b's, False when it
+  lies below, None when they overlap."""
+  (a_lo, a_hi), (b_lo, b_hi) = report.interval(a), report.interval(b)
+  return True if a_lo > factor * b_hi else (False if a_hi < factor * b_lo else None)
+
+
+def findings(results: dict[str, list[dict]]) -> list[str]:
+  """Sentences that check the published shapes against this run's rows (``ppl`` with its 95%
+  interval ``ppl_lo``/``ppl_hi`` at each length; the first length is L). A shape is claimed or
+  denied only where the intervals separate."""
+  sin, alibi, rope = results["sinusoidal"], results["alibi"], results["rope"]
+  n2, far = sin[1]["length"], rope[-1]["length"]
   lines = [
-    f"- Sinusoidal: ppl at 2× L is {sin2:.2f}× its ppl at L "
-    + (
-      "— it explodes right past L, as published." if sin2 > 1.5 else "— NOT the published blow-up."
-    ),
-    f"- ALiBi: ppl at up to {max_factor}× L is at most {alibi_max:.2f}× its ppl at L "
-    + ("— it stays flat, as published." if alibi_max < 1.15 else "— NOT flat as published."),
-    f"- RoPE: ppl at {max_factor}× L is {rope_max:.2f}× its ppl at L "
-    + ("(degrades beyond L, as published)." if rope_max > 1.15 else "(does not degrade)."),
+    _checked(
+      f"Sinusoidal explodes right past L (ppl({n2}) > 1.5 ppl(L))",
+      exceeds(sin[1], sin[0], 1.5),
+      f"ppl({n2})/ppl(L) = {growth(sin, 1):.2f}",
+    )
   ]
-  best = min(results, key=lambda k: results[k][-1]["ppl"])
-  lines.append(f"- Lowest ppl at {max_factor}× L: {best} ({results[best][-1]['ppl']:.2f}).")
-  yarn, pi = results["rope+YaRN×8"], results["rope+PI×8"]
-  inside = [(y["ppl"], p["ppl"]) for y, p in zip(yarn, pi, strict=True) if y["length"] <= 8 * 128]
-  wins = sum(y <= p for y, p in inside)
+  rises = [exceeds(r, alibi[0], 1.15) for r in alibi[1:]]
+  worst = max(range(1, len(alibi)), key=lambda i: growth(alibi, i))
   lines.append(
-    f"- Zero-shot, within the ×8 window: YaRN ≤ PI at {wins} of {len(inside)} lengths "
-    "(published: YaRN ≤ PI, shown after fine-tuning)."
+    _checked(
+      "ALiBi stays flat past L (no length above 1.15 ppl(L))",
+      False if True in rises else (True if all(r is False for r in rises) else None),
+      f"largest ppl/ppl(L) = {growth(alibi, worst):.2f} at {alibi[worst]['length']}",
+    )
+  )
+  lines.append(
+    _checked(
+      "RoPE degrades past L",
+      exceeds(rope[-1], rope[0], 1.0),
+      f"ppl({far})/ppl(L) = {growth(rope, -1):.2f}",
+    )
+  )
+  encodings = {k: report.interval(rows[-1]) for k, rows in results.items() if k in ENCODINGS}
+  best = stats.best(encodings)
+  ranking = stats.rank(encodings)[0]
+  lines.append(
+    f"- Lowest ppl at {far}: "
+    + (f"{best}, separated from every other encoding." if best else "tied (no single best).")
+    + f" Order by interval (`<` separated, `~` tied): {ranking}."
+  )
+  yarn, pi = (results[f"rope+{m}×{FACTOR}"] for m in ("YaRN", "PI"))
+  inside = [
+    (y, p) for y, p in zip(yarn, pi, strict=True) if y["length"] <= FACTOR * rope[0]["length"]
+  ]
+  wins = sum(report.above(p, y) for y, p in inside)
+  losses = sum(report.above(y, p) for y, p in inside)
+  lines.append(
+    _checked(
+      f"Zero-shot inside the ×{FACTOR} window, YaRN ≤ PI (published after fine-tuning)",
+      None if wins + losses < len(inside) else losses == 0,
+      f"YaRN below PI at {wins}, above at {losses}, tied at "
+      f"{len(inside) - wins - losses} of {len(inside)} lengths",
+    )
   )
   return lines
 
 
-def write_outputs(out: str, results: dict[str, list[dict]], max_factor: int, wall: float) -> None:
+def write_outputs(out: str, results: dict[str, list[dict]], max_tokens: int, wall: float) -> None:
   lengths = [r["length"] for r in results["rope"]]
-  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["model", "length", "tokens", "loss", "ppl", "bits_per_byte"])
-    for label, rows in results.items():
-      for r in rows:
-        writer.writerow([label, r["length"], r["tokens"], r["loss"], r["ppl"], r["bits_per_byte"]])
+  columns = ["length", "tokens", "loss", "ppl", "ppl_lo", "ppl_hi", "windows", "bits_per_byte"]
+  report.write_csv(
+    os.path.join(out, "results.csv"),
+    [
+      {"model": label, **{c: r[c] for c in columns}}
+      for label, rows in results.items()
+      for r in rows
+    ],
+  )
   eval_report.plot_curves(
     os.path.join(out, "ppl_vs_length.png"),
     report.ppl_curves(results),
     ylabel="validation perplexity (bytes)",
-    title="Train short (L=128), test long: pystdlib bytes, non-overlapping",
+    title=f"Train short (L={lengths[0]}), test long: pystdlib bytes, 95% intervals",
     train_len=lengths[0],
   )
-  table = report.ppl_table("model", results)
   text = [
     "# Train short, test long (make demo)",
     "",
     f"Byte-level LM (configs/demo.py: d=128, 4 layers) trained at L={lengths[0]} on Python",
-    "stdlib source; validation perplexity on the same validation bytes at every length",
-    f"(non-overlapping windows). Zero-shot RoPE scaling changes only the evaluation. "
+    f"stdlib source; validation perplexity on the same first {max_tokens:,} validation bytes at",
+    "every length (non-overlapping windows), with a 95% bootstrap interval over the windows in",
+    "brackets. Zero-shot RoPE scaling changes only the evaluation. One seed per encoding.",
     f"Wall time of this invocation: {wall / 60:.1f} min.",
     "",
     "![ppl vs length](ppl_vs_length.png)",
     "",
-    *table,
+    *report.ppl_table("model", results),
     "",
     "Published shapes checked below: ALiBi paper Fig. 1 and YaRN Table 1.",
   ]
-  report.write_report(out, text, findings(results, max_factor))
+  report.write_report(out, text, findings(results))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="runs/demo", help="Output folder (a workdir per encoding).")
   parser.add_argument("--steps", type=int, default=500, help="Training steps per encoding.")
-  parser.add_argument("--max_tokens", type=int, default=16384, help="Bytes scored per length.")
-  parser.add_argument("--max_factor", type=int, default=32, help="Longest length / train length.")
+  parser.add_argument(
+    "--max_tokens", type=int, default=MAX_TOKENS, help="Validation bytes scored per length."
+  )
+  parser.add_argument(
+    "--factors", default="1,4,16", help="Evaluation lengths as multiples of L=128 (first 1)."
+  )
   args = parser.parse_args(argv)
   if args.steps < 1 or args.max_tokens < 1:
     parser.error("--steps and --max_tokens must be >= 1")
-  if args.max_factor < 2 or args.max_factor & (args.max_factor - 1):
-    parser.error(f"--max_factor={args.max_factor} must be a power of two >= 2")
+  factors = args.factors.split(",")
+  if not all(f.strip().isdigit() for f in factors) or len(factors) < 2 or int(factors[0]) != 1:
+    parser.error(f"--factors={args.factors!r}: allowed: integers starting with 1, e.g. 1,4,16")
+  args.lengths = [128 * int(f) for f in factors]
+  if args.lengths != sorted(set(args.lengths)) or args.lengths[-1] > FACTOR * 128:
+    parser.error(f"--factors={args.factors!r}: allowed: increasing, at most {FACTOR}")
   return args
 
 
@@ -121,26 +171,21 @@ def main(argv: list[str] | None = None) -> None:
   start, out = time.time(), os.path.abspath(args.out)  # Orbax wants absolute paths.
   os.makedirs(out, exist_ok=True)
   rope_decay.main(["--out", os.path.join(out, "rope_decay")])  # The analytic figure.
-  lengths = [128 * 2**k for k in range(args.max_factor.bit_length())]
+  lengths, budget = args.lengths, {"max_tokens": args.max_tokens, "batch_size": BATCH}
   results: dict[str, list[dict]] = {}
   for pe in ENCODINGS:
     workdir = os.path.join(out, pe)
     print(f"== {pe}: train {args.steps} steps, evaluate at {lengths}", flush=True)
     sweep.train_run(demo_config.get_config(f"pe={pe},steps={args.steps}"), workdir)
-    results[pe] = sweep.evaluate(workdir, "demo", lengths=lengths, max_tokens=args.max_tokens)[
-      "rows"
-    ]
+    results[pe] = sweep.evaluate(workdir, "demo", lengths=lengths, **budget)["rows"]
   for label, scaling in ZERO_SHOT.items():
     print(f"== {label}: zero-shot evaluation of the RoPE run", flush=True)
     name = "demo_" + scaling["rope_type"]
-    results[label] = sweep.evaluate(
-      os.path.join(out, "rope"),
-      name,
-      lengths=lengths,
-      max_tokens=args.max_tokens,
-      rope_scaling=scaling,
-    )["rows"]
-  write_outputs(out, results, args.max_factor, time.time() - start)
+    workdir = os.path.join(out, "rope")
+    results[label] = sweep.evaluate(workdir, name, lengths=lengths, rope_scaling=scaling, **budget)[
+      "rows"
+    ]
+  write_outputs(out, results, args.max_tokens, time.time() - start)
   print(f"wrote {out}/ppl_vs_length.png, results.csv, REPORT.md", flush=True)
 
 

@@ -60,7 +60,7 @@ PRESETS = {
   "cpu": Preset(
     ("copy", "reverse", "sort"),
     (*_KAZEMNEJAD, "RoPE randomized"),
-    (0, 1),
+    (0, 1, 2),
     (8, 12, 16, 24),
   ),
   "paper": Preset(task_names(), tuple(METHODS), (0, 1, 2), (20, 25, 30, 35, 40)),

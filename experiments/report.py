@@ -56,16 +56,40 @@ def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list
 
 
 def ppl_curves(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
-  """``{label: (lengths, ppls)}`` from evaluation rows, for ``eval_report.plot_curves``."""
-  return {k: ([r["length"] for r in rows], [r["ppl"] for r in rows]) for k, rows in results.items()}
+  """``{label: (lengths, ppls[, lo, hi])}`` from evaluation rows, for
+  ``eval_report.plot_curves`` (the 95% interval as a band when the rows carry one)."""
+  curves = {}
+  for label, rows in results.items():
+    curve = ([r["length"] for r in rows], [r["ppl"] for r in rows])
+    if all("ppl_lo" in r for r in rows):
+      curve += ([r["ppl_lo"] for r in rows], [r["ppl_hi"] for r in rows])
+    curves[label] = curve
+  return curves
+
+
+def ppl_cell(row: Mapping[str, Any]) -> str:
+  """``ppl [lo, hi]`` when the row carries its 95% interval, else ``ppl``."""
+  if "ppl_lo" not in row:
+    return fmt(row["ppl"])
+  return f"{fmt(row['ppl'])} [{fmt(row['ppl_lo'])}, {fmt(row['ppl_hi'])}]"
 
 
 def ppl_table(first: str, results: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
-  """A markdown table of perplexity: one row per label, one column per evaluated length."""
+  """A markdown table of perplexity [95% interval]: one row per label, one column per length."""
   lengths = [r["length"] for r in next(iter(results.values()))]
   return markdown_table(
-    [first, *lengths], [[k, *(r["ppl"] for r in rows)] for k, rows in results.items()]
+    [first, *lengths], [[k, *(ppl_cell(r) for r in rows)] for k, rows in results.items()]
   )
+
+
+def interval(row: Mapping[str, Any]) -> tuple[float, float]:
+  """The row's 95% ppl interval (a point when it has none)."""
+  return row.get("ppl_lo", row["ppl"]), row.get("ppl_hi", row["ppl"])
+
+
+def above(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+  """Row ``a``'s ppl interval lies wholly above row ``b``'s."""
+  return interval(a)[0] > interval(b)[1]
 
 
 def write_report(out: str, lines: Sequence[str], checks: Sequence[str]) -> None:

@@ -76,7 +76,7 @@ PRESETS = {
     1,
   ),
   "cpu": Preset(
-    4, ALL, ALL, (128, 256, 512, 640, 1024, 2048), 100, 8192, "nonoverlapping", None, 4, 4
+    4, ALL, ALL, (128, 256, 512, 640, 2048), 100, 262_144, "nonoverlapping", None, 4, 4
   ),
   "paper": Preset(
     4, ALL, ALL, (512, 1024, 2048, 2560, 4096, 8192), 1000, 65536, "sliding", 256, 8, 20

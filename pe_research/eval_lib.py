@@ -22,11 +22,12 @@ Every ppl and accuracy comes with a 95% bootstrap interval (``pe_research.stats`
 scored windows (``nll_sum_B``, ``scored_B``; contiguous blocks of positions when there are fewer
 than 16 windows, ``interval_units`` says which), accuracy over examples.
 
-Long lengths: dense attention materialises ``B·H·L²`` float32 scores per layer; when that
-exceeds ``dense_budget_bytes`` a dense run is evaluated with blockwise attention instead
-(same parameters, different graph). Programs are compiled ahead of time and cached by
-``(attention, shapes)``; ``num_compiles`` counts them, so re-scoring a length never
-recompiles and a sweep over N lengths compiles N programs.
+Long lengths: dense attention materialises ``B·H·L²`` float32 scores per layer; from
+``backend.EVAL_BLOCKWISE_FROM`` positions on, or when that exceeds ``dense_budget_bytes``, a
+dense run is evaluated with blockwise attention instead (same parameters, different graph).
+Programs are compiled ahead of time and cached by ``(attention, block, shapes)``;
+``num_compiles`` counts them, so re-scoring a length never recompiles and a sweep over N
+lengths compiles N programs (``backend_compiles`` measures it from JAX's events).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from pe_research import passkey
+from pe_research import backend, passkey
 from pe_research import stats as bootstrap
 from pe_research.data import make_eval_batches, tokenizer_of
 from pe_research.model import Transformer, with_attention
@@ -149,9 +150,12 @@ class Totals:
 class Evaluator:
   """Scores batches with ``model`` (a :class:`Transformer` holding the trained parameters).
 
-  ``attention="auto"`` keeps the model's attention unless it is dense and
-  ``dense_score_bytes`` exceeds ``dense_budget_bytes`` (then blockwise); any other value
-  forces that implementation at every length. Views share the parameters (``with_attention``).
+  ``attention="auto"`` follows ``backend.eval_attention``: a dense model is scored blockwise
+  from ``backend.EVAL_BLOCKWISE_FROM`` on, or when ``dense_score_bytes`` exceeds
+  ``dense_budget_bytes``; any other value forces that implementation at every length. Views
+  share the parameters (``with_attention``). ``num_compiles`` counts the compiled programs;
+  ``backend_compiles`` the XLA compilations measured while this evaluator scored (its programs
+  plus any small helper computation).
   """
 
   def __init__(self, model: Transformer, *, attention: str = "auto", dense_budget_bytes=2**30):
@@ -162,39 +166,45 @@ class Evaluator:
     self.params = nnx.state(model, nnx.Param)
     self._graphs: dict[str, tuple[nnx.GraphDef, nnx.State]] = {}
     self._programs: dict[tuple, jax.stages.Compiled] = {}
+    self.backend_compiles = 0
 
   @property
   def num_compiles(self) -> int:
     return len(self._programs)
 
-  def attention_for(self, batch: int, length: int) -> str:
+  def _plan(self, batch: int, length: int) -> tuple[str, int | None]:
     if self.attention != "auto":
-      return self.attention
+      return self.attention, None
     too_big = dense_score_bytes(batch, self.num_heads, length) > self.dense_budget_bytes
-    return "blockwise" if self.model.attention == "dense" and too_big else self.model.attention
+    return backend.eval_attention(self.model.attention, self.model.attention_block, length, too_big)
 
-  def _graph(self, attention: str) -> tuple[nnx.GraphDef, nnx.State]:
-    if attention not in self._graphs:
-      graphdef, _, rest = nnx.split(with_attention(self.model, attention), nnx.Param, ...)
-      self._graphs[attention] = (graphdef, rest)
-    return self._graphs[attention]
+  def attention_for(self, batch: int, length: int) -> str:
+    return self._plan(batch, length)[0]
+
+  def _graph(self, plan: tuple[str, int | None]) -> tuple[nnx.GraphDef, nnx.State]:
+    if plan not in self._graphs:
+      graphdef, _, rest = nnx.split(with_attention(self.model, *plan), nnx.Param, ...)
+      self._graphs[plan] = (graphdef, rest)
+    return self._graphs[plan]
 
   def score(self, batch: Batch) -> tuple[dict[str, np.ndarray], float]:
     """Runs one batch; returns its stats as numpy and the seconds spent compiling."""
     batch = {name: np.asarray(batch[name], dtype) for name, dtype in _DTYPES.items()}
     size, length = batch["inputs"].shape
-    attention = self.attention_for(size, length)
-    graphdef, rest = self._graph(attention)
-    key = (attention, size, length)
-    compile_seconds = 0.0
+    plan = self._plan(size, length)
+    graphdef, rest = self._graph(plan)
+    key = (*plan, size, length)
+    compile_seconds, before = 0.0, backend.CompileCounter.count
     if key not in self._programs:
       start = time.perf_counter()
       step = jax.jit(_eval_step, static_argnums=0)
       self._programs[key] = step.lower(graphdef, self.params, rest, batch).compile()
       compile_seconds = time.perf_counter() - start
     stats, rest = self._programs[key](self.params, rest, batch)
-    self._graphs[attention] = (graphdef, rest)  # RNG state advances (randomized positions)
-    return jax.tree.map(np.asarray, stats), compile_seconds
+    self._graphs[plan] = (graphdef, rest)  # RNG state advances (randomized positions)
+    stats = jax.tree.map(np.asarray, stats)
+    self.backend_compiles += backend.CompileCounter.count - before
+    return stats, compile_seconds
 
   def score_all(
     self,

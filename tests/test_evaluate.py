@@ -12,7 +12,7 @@ from absl import flags
 from flax import nnx
 
 from configs import tiny
-from pe_research import checkpoint, cli, eval_lib, evaluate, passkey, train
+from pe_research import backend, checkpoint, cli, eval_lib, evaluate, passkey, train
 from pe_research.data import ByteTokenizer, make_eval_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,6 +104,7 @@ def test_compiles_one_program_per_length_and_none_on_rerun(rope_run):
     eval_lib.lm_sweep(evaluator, config, [16, 48], max_tokens=BUDGET)
     eval_lib.lm_sweep(evaluator, config, [48], mode="sliding", stride=8, max_tokens=BUDGET)
     assert evaluator.num_compiles == 2
+    assert evaluator.backend_compiles == 2  # measured from JAX's compile events
 
 
 def test_blockwise_and_dense_evaluation_agree(rope):
@@ -123,6 +124,17 @@ def test_dense_switches_to_blockwise_above_the_memory_budget(rope):
     "blockwise"
   ] * 2
   assert eval_lib.dense_score_bytes(2, 4, 1024) == 2 * 4 * 1024 * 1024 * 4
+
+
+def test_long_lengths_are_scored_blockwise_with_the_eval_block(rope):
+  evaluator, _ = rope
+  assert evaluator.model.attention == "dense"
+  assert [evaluator.attention_for(1, n) for n in (512, 1023, 1024, 4096)] == ["dense"] * 2 + [
+    "blockwise"
+  ] * 2
+  assert evaluator._plan(1, 1024) == ("blockwise", backend.EVAL_BLOCK)
+  assert backend.eval_attention("xla", 128, 8192, True) == ("xla", 128)  # kept as trained
+  assert backend.eval_attention("blockwise", 128, 8192, False) == ("blockwise", 128)
 
 
 @pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
