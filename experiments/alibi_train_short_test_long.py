@@ -26,10 +26,8 @@ import dataclasses
 import os
 import time
 
-import numpy as np
-
 from experiments import launch, lm_presets, report, sweep
-from pe_research import eval_report
+from pe_research import eval_report, stats
 
 NAME = "alibi_train_short_test_long"
 ALL = ("sinusoidal", "rope", "t5", "alibi", "nope", "kerple", "fire", "xpos")
@@ -85,15 +83,23 @@ def ratio(rows: list[dict], at: int) -> float:
   return rows[at]["ppl"] / rows[0]["ppl"]
 
 
+def tri_verdict(ok: bool | None) -> str:
+  return report.NO_VERDICT if ok is None else report.verdict(ok)
+
+
 def sinusoidal_line(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> str:
-  """Does sinusoidal explode right past L (ppl at the second length / at L > 1.5)? Checked in
-  both protocols; a verdict either way only when both agree."""
+  """Does sinusoidal explode right past L (ppl at the second length > 1.5 ppl(L), intervals
+  separated)? Checked in both protocols; a verdict either way only when both agree."""
   protocols = {"non-overlapping": res.get("sinusoidal"), "sliding": sliding.get("sinusoidal")}
-  measured = {k: (rows[1]["length"], ratio(rows, 1)) for k, rows in protocols.items() if rows}
-  text = "; ".join(f"{k} ppl({n})/ppl(L) = {r:.2f}" for k, (n, r) in measured.items())
-  explodes = {r > 1.5 for _, r in measured.values()}
+  measured = {k: rows for k, rows in protocols.items() if rows}
+  text = "; ".join(
+    f"{k} ppl({rows[1]['length']})/ppl(L) = {ratio(rows, 1):.2f}" for k, rows in measured.items()
+  )
+  explodes = {report.exceeds(rows[1], rows[0], 1.5) for rows in measured.values()}
   if len(measured) < len(protocols):
     verdict = "**measured in one protocol only: no verdict**"
+  elif None in explodes:
+    verdict = report.NO_VERDICT
   elif len(explodes) > 1:
     verdict = "**the protocols disagree: no verdict**"
   else:
@@ -102,54 +108,83 @@ def sinusoidal_line(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) 
   return f"- Sinusoidal explodes right past L: {text} (paper: 2.17 and 11.1) — {verdict}"
 
 
+def stays_flat(rows: list[dict], tolerance: float) -> bool | None:
+  """No length above ``tolerance``·ppl(L): True when every later interval lies below it, False
+  when one lies above, None otherwise."""
+  rises = [report.exceeds(r, rows[0], tolerance) for r in rows[1:]]
+  return False if True in rises else (True if all(r is False for r in rises) else None)
+
+
+def ranking_line(res: dict[str, list[dict]]) -> str:
+  """The paper's order at the longest length, checked pair by adjacent pair with intervals."""
+  expected = [pe for pe in PAPER_ORDER if pe in res]
+  intervals = {pe: report.interval(res[pe][-1]) for pe in expected}
+  pairs = [
+    report.exceeds(res[b][-1], res[a][-1]) for a, b in zip(expected, expected[1:], strict=False)
+  ]
+  ok = False if False in pairs else (True if all(pairs) else None)
+  return (
+    f"- Ranking at the longest length (best first; `<` separated, `~` tied): "
+    f"{stats.rank(intervals)[0]}; paper: {' < '.join(expected)} — {tri_verdict(ok)}"
+  )
+
+
 def findings(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> list[str]:
-  """Sentences checking the published shapes against these numbers."""
-  rope_max = ratio(res["rope"], -1)
-  rope_ppl = [r["ppl"] for r in res["rope"]]
-  rope_rising = all(np.diff(rope_ppl[1:]) >= 0)
+  """Sentences checking the published shapes against these rows (``ppl`` and its 95% interval
+  ``ppl_lo``/``ppl_hi``): each shape is claimed or denied only where the intervals separate."""
+  rope = res["rope"]
+  drops = [report.exceeds(b, a) is False for a, b in zip(rope[1:], rope[2:], strict=False)]
+  rope_up = report.exceeds(rope[-1], rope[0], 1.15)
+  rope_ok = False if rope_up is False or any(drops) else rope_up
   alibi_max = max(ratio(res["alibi"], i) for i in range(len(res["alibi"])))
   lines = [
     sinusoidal_line(res, sliding),
-    f"- RoPE degrades steadily: ppl(max)/ppl(L) = {rope_max:.2f} (paper 3.95 at 30×), "
-    f"{'monotone' if rope_rising else 'not monotone'} from 2L on — "
-    + report.verdict(rope_max > 1.15 and rope_rising),
+    f"- RoPE degrades steadily: ppl(max)/ppl(L) = {ratio(rope, -1):.2f} (paper 3.95 at 30×), "
+    f"{'a separated drop' if any(drops) else 'no separated drop'} from 2L on — "
+    + tri_verdict(rope_ok),
     f"- ALiBi stays flat: largest ppl/ppl(L) = {alibi_max:.2f} (paper 1.00; 0.93 at 30×) — "
-    + report.verdict(alibi_max < 1.05),
+    + tri_verdict(stays_flat(res["alibi"], 1.05)),
   ]
   if "t5" in res:
-    t5 = [ratio(res["t5"], i) for i in range(len(res["t5"]))]
-    shape = min(t5[1:3]) < 1.0 and t5[-1] > min(t5)
+    t5 = res["t5"]
+    early = [report.exceeds(r, t5[0]) for r in t5[1:3]]
+    low = min(t5, key=lambda r: r["ppl"])
+    improves, degrades = False in early, report.exceeds(t5[-1], low) is True
+    shape = True if improves and degrades else (False if all(early) else None)
     lines.append(
-      f"- T5 improves a little then degrades: ppl/ppl(L) = {', '.join(f'{r:.2f}' for r in t5)} "
-      "(paper 0.96 at 2×, 3.3 at 24×) — " + report.verdict(shape)
+      "- T5 improves a little then degrades: ppl/ppl(L) = "
+      + ", ".join(f"{ratio(t5, i):.2f}" for i in range(len(t5)))
+      + " (paper 0.96 at 2×, 3.3 at 24×) — "
+      + tri_verdict(shape)
     )
-  order = sorted((pe for pe in PAPER_ORDER if pe in res), key=lambda pe: res[pe][-1]["ppl"])
-  expected = [pe for pe in PAPER_ORDER if pe in res]
-  lines.append(
-    f"- Ranking at the longest length (best first): {' < '.join(order)}; paper: "
-    f"{' < '.join(expected)} — " + report.verdict(order == expected)
-  )
+  lines.append(ranking_line(res))
   extra = [pe for pe in res if pe not in PAPER_ORDER]
   if extra:
     lines.append(
       "- Not in the ALiBi paper (ppl(max)/ppl(L)): "
       + ", ".join(f"{pe} {ratio(res[pe], -1):.2f}" for pe in extra)
     )
-  helps = [pe for pe in sliding if sliding[pe][0]["ppl"] <= res[pe][0]["ppl"]]
+  at_l = {pe: report.exceeds(sliding[pe][0], res[pe][0]) for pe in sliding}
+  below = sum(v is False for v in at_l.values())
+  above = sum(v is True for v in at_l.values())
+  helps = False if above else (True if below == len(at_l) else None)
   alibi_slide = ratio(sliding["alibi"], -1)
   lines += [
-    f"- Sliding window at L scores below non-overlapping at L (more context per token) for "
-    f"{len(helps)} of {len(sliding)} encodings (paper: all) — "
-    + report.verdict(len(helps) == len(sliding)),
+    f"- Sliding window at L scores below non-overlapping at L (more context per token): "
+    f"separated below for {below}, above for {above}, tied for {len(at_l) - below - above} of "
+    f"{len(at_l)} encodings (paper: all below) — " + tri_verdict(helps),
     f"- Sliding, ALiBi at the longest sliding length / at L = {alibi_slide:.2f} (paper 1.02) — "
-    + report.verdict(alibi_slide < 1.05),
+    + tri_verdict(stays_flat(sliding["alibi"], 1.05)),
   ]
   return lines
 
 
+_CSV_COLUMNS = ("mode", "stride", "length", "tokens", "loss", "ppl", "ppl_lo", "ppl_hi", "windows")
+
+
 def write_outputs(out, preset, res, sliding, wall: float, args) -> None:
   rows = [
-    {"encoding": pe, **{k: r[k] for k in ("mode", "stride", "length", "tokens", "loss", "ppl")}}
+    {"encoding": pe, **{k: r.get(k) for k in _CSV_COLUMNS}}
     for table in (res, sliding)
     for pe, pe_rows in table.items()
     for r in pe_rows

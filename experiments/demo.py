@@ -37,22 +37,6 @@ def growth(rows: list[dict], at: int) -> float:
   return rows[at]["ppl"] / rows[0]["ppl"]
 
 
-def _checked(claim: str, ok: bool | None, measured: str) -> str:
-  """A bullet: ``ok`` True (matches), False (does NOT match) or None (intervals overlap)."""
-  if ok is None:
-    verdict = "**not separated**: the 95% intervals overlap, no verdict"
-  else:
-    verdict = report.verdict(ok)
-  return f"- {claim}: {measured} — {verdict}."
-
-
-def exceeds(a: dict, b: dict, factor: float) -> bool | None:
-  """Is ppl(a) > factor·ppl(b)? True when a's interval lies above factor × b's, False when it
-  lies below, None when they overlap."""
-  (a_lo, a_hi), (b_lo, b_hi) = report.interval(a), report.interval(b)
-  return True if a_lo > factor * b_hi else (False if a_hi < factor * b_lo else None)
-
-
 def findings(results: dict[str, list[dict]]) -> list[str]:
   """Sentences that check the published shapes against this run's rows (``ppl`` with its 95%
   interval ``ppl_lo``/``ppl_hi`` at each length; the first length is L). A shape is claimed or
@@ -60,25 +44,25 @@ def findings(results: dict[str, list[dict]]) -> list[str]:
   sin, alibi, rope = results["sinusoidal"], results["alibi"], results["rope"]
   n2, far = sin[1]["length"], rope[-1]["length"]
   lines = [
-    _checked(
+    report.checked(
       f"Sinusoidal explodes right past L (ppl({n2}) > 1.5 ppl(L))",
-      exceeds(sin[1], sin[0], 1.5),
+      report.exceeds(sin[1], sin[0], 1.5),
       f"ppl({n2})/ppl(L) = {growth(sin, 1):.2f}",
     )
   ]
-  rises = [exceeds(r, alibi[0], 1.15) for r in alibi[1:]]
+  rises = [report.exceeds(r, alibi[0], 1.15) for r in alibi[1:]]
   worst = max(range(1, len(alibi)), key=lambda i: growth(alibi, i))
   lines.append(
-    _checked(
+    report.checked(
       "ALiBi stays flat past L (no length above 1.15 ppl(L))",
       False if True in rises else (True if all(r is False for r in rises) else None),
       f"largest ppl/ppl(L) = {growth(alibi, worst):.2f} at {alibi[worst]['length']}",
     )
   )
   lines.append(
-    _checked(
+    report.checked(
       "RoPE degrades past L",
-      exceeds(rope[-1], rope[0], 1.0),
+      report.exceeds(rope[-1], rope[0], 1.0),
       f"ppl({far})/ppl(L) = {growth(rope, -1):.2f}",
     )
   )
@@ -97,7 +81,7 @@ def findings(results: dict[str, list[dict]]) -> list[str]:
   wins = sum(report.above(p, y) for y, p in inside)
   losses = sum(report.above(y, p) for y, p in inside)
   lines.append(
-    _checked(
+    report.checked(
       f"Zero-shot inside the ×{FACTOR} window, YaRN ≤ PI (published after fine-tuning)",
       None if wins + losses < len(inside) else losses == 0,
       f"YaRN below PI at {wins}, above at {losses}, tied at "

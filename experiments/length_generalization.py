@@ -27,7 +27,7 @@ import numpy as np
 
 from experiments import launch, report, sweep
 from experiments.launch import Run
-from pe_research import eval_report
+from pe_research import eval_report, stats
 from pe_research.data import task_names
 
 NAME = "length_generalization"
@@ -134,6 +134,29 @@ def ranking_line(ours: dict[str, float]) -> str:
   return line + "."
 
 
+def randomized_gain_line(ood, preset: Preset, method: str, base: str, learned: dict) -> str:
+  """Ruoss et al.'s gain of randomized positions beyond the training lengths: per seed, the
+  mean over tasks of accuracy(method) − accuracy(base); a 95% Student-t interval across seeds.
+  A gain is claimed only when the interval excludes 0."""
+  per_seed = [
+    float(np.mean([ood[t, method, s] - ood[t, base, s] for t in preset.tasks]))
+    for s in preset.seeds
+  ]
+  gain, lo, hi = stats.seed_interval(per_seed)
+  if len(per_seed) < 2:
+    verdict = "**one seed: no interval, no verdict**"
+  elif lo > 0 or hi < 0:
+    verdict = report.verdict(lo > 0)
+  else:
+    verdict = "**not separated from 0 across seeds: no verdict**"
+  return (
+    f"- {method} vs {base}: {100 * gain:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+    f"(95% across {len(per_seed)} seeds) of mean accuracy beyond the training lengths "
+    f"(Ruoss et al.: about +12 on average) — {verdict}; in-distribution "
+    f"{learned[method]:.2f} vs {learned[base]:.2f}."
+  )
+
+
 def findings(ood, ind, preset: Preset) -> list[str]:
   """Sentences comparing the ranking and the randomized gain with the papers."""
   five = [m for m in _KAZEMNEJAD if m in preset.methods]
@@ -152,21 +175,12 @@ def findings(ood, ind, preset: Preset) -> list[str]:
     pe, randomized = METHODS[method]
     base = next((m for m, v in METHODS.items() if v == (pe, False)), None)
     if randomized and base in preset.methods:
-      gain = np.mean(
-        [ood[t, method, s] - ood[t, base, s] for t in preset.tasks for s in preset.seeds]
-      )
-      # Ruoss et al. report about +12 points; a gain under 5 is within seed noise here.
-      lines.append(
-        f"- {method} vs {base}: {100 * gain:+.1f} points of mean accuracy beyond the training "
-        "lengths (Ruoss et al.: about +12 on average) — "
-        + (
-          report.verdict(gain >= 0.05)
-          if gain >= 0.05 or gain <= 0
-          else "**positive but too small to call a match (< 5 points)**"
-        )
-        + f"; in-distribution {learned[method]:.2f} vs {learned[base]:.2f}."
-      )
+      lines.append(randomized_gain_line(ood, preset, method, base, learned))
   return lines
+
+
+def _accuracy_cell(mean: float, lo: float, hi: float) -> str:
+  return report.fmt(mean) if lo == hi else f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
@@ -194,24 +208,25 @@ def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
   report.write_csv(os.path.join(out, "mrr.csv"), mrr_rows)
   per_task = []
   for task in preset.tasks:
-    curves = {
-      m: (
-        list(preset.lengths),
-        [float(np.mean([acc[task, m, s][n] for s in preset.seeds])) for n in preset.lengths],
-      )
-      for m in preset.methods
-    }
+    curves = {}
+    for m in preset.methods:  # (lengths, mean, lo, hi) over seeds at each length
+      spans = [
+        stats.seed_interval([acc[task, m, s][n] for s in preset.seeds]) for n in preset.lengths
+      ]
+      curves[m] = (list(preset.lengths), *map(list, zip(*spans, strict=True)))
     eval_report.plot_curves(
       os.path.join(out, f"accuracy_{task}.png"),
       curves,
       ylabel="exact-match accuracy",
-      title=f"{task}: trained on lengths 1..{train_max}, mean of {len(preset.seeds)} seed(s)",
+      title=f"{task}: trained on lengths 1..{train_max}, mean of {len(preset.seeds)} seed(s), "
+      "95% across seeds",
       train_len=train_max,
       logy=False,
     )
     per_task += [f"### {task}", f"![{task}](accuracy_{task}.png)", ""]
     per_task += report.markdown_table(
-      ["method", *preset.lengths], [[m, *curves[m][1]] for m in preset.methods]
+      ["method", *preset.lengths],
+      [[m, *map(_accuracy_cell, *curves[m][1:])] for m in preset.methods],
     )
     per_task.append("")
   text = [

@@ -92,6 +92,21 @@ def above(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
   return interval(a)[0] > interval(b)[1]
 
 
+def exceeds(a: Mapping[str, Any], b: Mapping[str, Any], factor: float = 1.0) -> bool | None:
+  """Is ppl(a) > factor·ppl(b)? True when a's 95% interval lies above factor × b's, False when it
+  lies below, None when they overlap (rows without an interval compare as points)."""
+  (a_lo, a_hi), (b_lo, b_hi) = interval(a), interval(b)
+  return True if a_lo > factor * b_hi else (False if a_hi < factor * b_lo else None)
+
+
+NO_VERDICT = "**not separated**: the 95% intervals overlap, no verdict"
+
+
+def checked(claim: str, ok: bool | None, measured: str) -> str:
+  """A bullet: ``ok`` True (matches), False (does NOT match) or None (intervals overlap)."""
+  return f"- {claim}: {measured} — {NO_VERDICT if ok is None else verdict(ok)}."
+
+
 def write_report(out: str, lines: Sequence[str], checks: Sequence[str]) -> None:
   """``OUT/REPORT.md``: ``lines``, then the section of shape ``checks`` (one bullet each)."""
   section = ["", "## Does the published shape appear?", "", *checks]

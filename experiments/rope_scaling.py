@@ -33,7 +33,7 @@ import numpy as np
 
 from experiments import launch, lm_presets, report, sweep
 from experiments.launch import Run
-from pe_research import eval_report, passkey
+from pe_research import eval_report, passkey, stats
 from pe_research.encodings.rope_scaling import yarn_correction_range
 
 NAME = "rope_scaling"
@@ -129,40 +129,82 @@ def fine_tune_run(base: Run, label: str, scaling: dict | None, preset: Preset) -
   return Run(base.config_file, base.variant, workdir, (*base.overrides, *overrides))
 
 
+def per_length(a: list[dict], b: list[dict], keep) -> tuple[bool | None, str]:
+  """Is method ``a`` below method ``b`` at the lengths ``keep`` selects? Counts the lengths where
+  a's 95% interval lies below b's, above it, or overlaps it. True when a is never separated
+  above and separated below at least once, False when separated above somewhere and never
+  below, None otherwise; with the counts and the mean log-ppl (point estimates) as text."""
+  b_at = {r["length"]: r for r in b}
+  pairs = [(r, b_at[r["length"]]) for r in a if keep(r["length"]) and r["length"] in b_at]
+  below = sum(report.above(y, x) for x, y in pairs)
+  above = sum(report.above(x, y) for x, y in pairs)
+  ok = True if below and not above else (False if above and not below else None)
+  mean_log = [np.mean([np.log(p[i]["ppl"]) for p in pairs]) if pairs else np.nan for i in (0, 1)]
+  text = (
+    f"below at {below}, above at {above}, tied at {len(pairs) - below - above} of "
+    f"{len(pairs)} lengths (mean log-ppl {mean_log[0]:.3f} vs {mean_log[1]:.3f})"
+  )
+  return ok, text
+
+
 def findings(zs: dict[str, list[dict]], ft: dict[str, list[dict]], train_len: int, factor: int):
-  """Sentences checking the published shapes (PI Table 3, YaRN Table 1) against these numbers."""
+  """Sentences checking the published shapes (PI Table 3, YaRN Table 1) against these rows
+  (``ppl`` with its 95% interval ``ppl_lo``/``ppl_hi`` per length): a shape is claimed or denied
+  only where the intervals separate, otherwise the line says "not separated"."""
   top = train_len * factor
 
-  def ppl(rows, length):
-    return next(r["ppl"] for r in rows if r["length"] == length)
-
-  def mean_log(rows, keep):
-    return float(np.mean([np.log(r["ppl"]) for r in rows if keep(r["length"])]))
+  def row(rows, length):
+    return next(r for r in rows if r["length"] == length)
 
   inside = lambda n: train_len < n <= top  # noqa: E731
   beyond = lambda n: n > top  # noqa: E731
-  base2 = ppl(zs["none"], 2 * train_len) / ppl(zs["none"], train_len)
-  dyn, ntk = mean_log(zs["dynamic NTK"], beyond), mean_log(zs["NTK"], beyond)
-  pi_zs, pi_ft, ft_only = ppl(zs["PI"], top), ppl(ft["PI"], top), ppl(ft["fine-tune only"], top)
-  yarn_in, pi_in = mean_log(ft["YaRN"], inside), mean_log(ft["PI"], inside)
-  last = max(r["length"] for r in ft["PI"])
-  best_beyond = min(ft, key=lambda k: ppl(ft[k], last))
-  past = min(n for n in (r["length"] for r in ft["PI"]) if n > top)
-  yarn_vs_pi = ppl(ft["YaRN"], past) <= ppl(ft["PI"], past)
+  none_l, none_2l = row(zs["none"], train_len), row(zs["none"], 2 * train_len)
+  pi_zs, pi_ft, ft_only = row(zs["PI"], top), row(ft["PI"], top), row(ft["fine-tune only"], top)
+  dyn_ok, dyn_text = per_length(zs["dynamic NTK"], zs["NTK"], beyond)
+  yarn_ok, yarn_text = per_length(ft["YaRN"], ft["PI"], inside)
+  lengths = [r["length"] for r in ft["PI"]]
+  last, past = max(lengths), min(n for n in lengths if n > top)
+  yarn_past, pi_past = row(ft["YaRN"], past), row(ft["PI"], past)
+  at_last = {k: report.interval(row(rows, last)) for k, rows in ft.items()}
+  best = stats.best(at_last)
+  cell = report.ppl_cell
   return [
-    f"- No extension: ppl(2L)/ppl(L) = {base2:.2f} (paper: 7.20 -> >1000) — "
-    + report.verdict(base2 > 1.5),
-    f"- Zero-shot, beyond L: dynamic NTK mean log-ppl {dyn:.3f} vs static NTK {ntk:.3f} "
-    "(paper: dynamic beats static without fine-tuning) — " + report.verdict(dyn <= ntk),
-    f"- PI at s·L: {pi_zs:.2f} zero-shot -> {pi_ft:.2f} after {factor}× fine-tuning "
-    "(paper: 16.10 -> 6.95) — " + report.verdict(pi_ft < pi_zs),
-    f"- Fine-tuned at s·L: PI {pi_ft:.2f} vs fine-tune only {ft_only:.2f} (paper: 6.95 vs 7.69) — "
-    + report.verdict(pi_ft <= ft_only),
-    f"- Fine-tuned, inside (L, s·L]: YaRN mean log-ppl {yarn_in:.3f} vs PI {pi_in:.3f} "
-    "(paper: YaRN ≤ PI) — " + report.verdict(yarn_in <= pi_in + 1e-3),
-    "- Fine-tuned, just past s·L (1.25·s·L): YaRN ≤ PI (paper: 6.04 vs 8.07) — "
-    + report.verdict(yarn_vs_pi),
-    f"- Fine-tuned, lowest ppl at {last} (4·s·L): {best_beyond} (paper, at 1.25·s·L: YaRN).",
+    report.checked(
+      "No extension: ppl(2L) > 1.5·ppl(L) (paper: 7.20 -> >1000)",
+      report.exceeds(none_2l, none_l, 1.5),
+      f"ppl(2L)/ppl(L) = {none_2l['ppl'] / none_l['ppl']:.2f}, ppl(L) {cell(none_l)}, "
+      f"ppl(2L) {cell(none_2l)}",
+    ),
+    report.checked(
+      "Zero-shot, beyond s·L: dynamic NTK below static NTK "
+      "(paper: dynamic beats static without fine-tuning)",
+      dyn_ok,
+      "dynamic NTK " + dyn_text,
+    ),
+    report.checked(
+      f"PI at s·L: {factor}× fine-tuning lowers ppl (paper: 16.10 -> 6.95)",
+      report.exceeds(pi_zs, pi_ft),
+      f"{cell(pi_zs)} zero-shot -> {cell(pi_ft)} fine-tuned",
+    ),
+    report.checked(
+      "Fine-tuned at s·L: PI below fine-tune only (paper: 6.95 vs 7.69)",
+      report.exceeds(ft_only, pi_ft),
+      f"PI {cell(pi_ft)} vs fine-tune only {cell(ft_only)}",
+    ),
+    report.checked(
+      "Fine-tuned, inside (L, s·L]: YaRN below PI (paper: YaRN ≤ PI)",
+      yarn_ok,
+      "YaRN " + yarn_text,
+    ),
+    report.checked(
+      f"Fine-tuned, just past s·L ({past}): YaRN below PI (paper, at 1.25·s·L: 6.04 vs 8.07)",
+      report.exceeds(pi_past, yarn_past),
+      f"YaRN {cell(yarn_past)} vs PI {cell(pi_past)}",
+    ),
+    f"- Fine-tuned, lowest ppl at {last} (4·s·L): "
+    + (f"{best}, separated from every other method." if best else "tied (no single best).")
+    + f" Order by interval (`<` separated, `~` tied): {stats.rank(at_last)[0]}"
+    + " (paper, at 1.25·s·L: YaRN).",
   ]
 
 
@@ -199,7 +241,9 @@ def write_outputs(out, zs, ft, summaries, args, preset, base: Run, train_len: in
       "length": r["length"],
       "mode": r["mode"],
       "ppl": r["ppl"],
+      **{k: r[k] for k in ("ppl_lo", "ppl_hi") if k in r},
       "loss": r["loss"],
+      **({"windows": r["windows"]} if "windows" in r else {}),
     }
     for kind, table in (("zero-shot", zs), ("fine-tuned", ft))
     for label, t in table.items()

@@ -7,6 +7,8 @@ experiment reuses every finished training run and every identical evaluation:
                                    (skipped when the latest checkpoint already reached it)
   evaluate(workdir, name, ...)     DIR/eval/<name>.json via pe_research.evaluate.evaluate_run,
                                    recomputed only when the request or the checkpoint changed
+  over_seeds(rows_by_seed, key)    one row per length: the mean over seeds of ``key`` with a
+                                   95% Student-t interval across seeds (stats.seed_interval)
 
 A workdir holding a different config is refused (``checkpoint.record_config``): two
 experiments share a run only when their configs are identical.
@@ -23,7 +25,7 @@ import jax
 import ml_collections
 
 import pe_research
-from pe_research import checkpoint, config_lib
+from pe_research import checkpoint, config_lib, stats
 from pe_research import evaluate as evaluate_lib
 
 
@@ -116,3 +118,25 @@ def evaluate(
   with open(path, "w") as f:
     json.dump(summary, f, indent=2)
   return summary
+
+
+def over_seeds(rows_by_seed: dict[int, list[dict]], key: str = "ppl") -> list[dict]:
+  """Evaluation rows of the same lengths from runs that differ only in their seed, combined:
+  per length ``key`` (mean over seeds), ``{key}_lo``/``{key}_hi`` (95% Student-t interval
+  across seeds), ``seeds`` and the per-seed values ``{key}_by_seed``."""
+  if not rows_by_seed:
+    raise ValueError("over_seeds needs rows from at least one seed")
+  seeds = sorted(rows_by_seed)
+  lengths = [r["length"] for r in rows_by_seed[seeds[0]]]
+  for seed in seeds:
+    if [r["length"] for r in rows_by_seed[seed]] != lengths:
+      raise ValueError(f"seed {seed} was evaluated at other lengths than seed {seeds[0]}")
+  combined = []
+  for i, length in enumerate(lengths):
+    values = [rows_by_seed[seed][i][key] for seed in seeds]
+    mean, lo, hi = stats.seed_interval(values)
+    combined.append(
+      {"length": length, key: mean, f"{key}_lo": lo, f"{key}_hi": hi, "seeds": len(seeds)}
+      | {f"{key}_by_seed": dict(zip(seeds, values, strict=True))}
+    )
+  return combined

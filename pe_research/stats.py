@@ -9,6 +9,9 @@ bootstrap resamples the units with replacement ``reps`` times::
 
 Accuracies (passkey, synthetic exact match) use the same bootstrap over examples (a mean of 0/1).
 Two methods are ranked only when their intervals do not overlap; otherwise they are tied.
+
+Across training seeds (``seed_interval``) the unit is the run: the mean of S per-seed values
+with a Student-t interval ``mean ± t_{0.975, S-1} · sd / sqrt(S)`` (S = 1 gives a point).
 """
 
 from __future__ import annotations
@@ -76,6 +79,19 @@ def accuracy_interval(correct_N, **kwargs) -> tuple[float, float]:
   """The bootstrap interval of a mean of 0/1 outcomes."""
   correct_N = np.asarray(correct_N, np.float64)
   return ratio_interval(correct_N, np.ones_like(correct_N), **kwargs)
+
+
+def seed_interval(values_S: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
+  """``(mean, lo, hi)`` of per-seed values: a Student-t interval across the S seeds."""
+  from scipy import stats as scipy_stats  # A JAX dependency; imported here, when needed.
+
+  values_S = np.asarray(values_S, np.float64)
+  mean = float(values_S.mean())
+  if len(values_S) < 2:
+    return mean, mean, mean
+  half = scipy_stats.t.ppf(0.5 + level / 2, len(values_S) - 1) * values_S.std(ddof=1)
+  half /= math.sqrt(len(values_S))
+  return mean, mean - float(half), mean + float(half)
 
 
 def _exp(x: float) -> float:

@@ -315,3 +315,22 @@ def test_length_generalization_paper_configs_validate(tmp_path):
   assert len(runs) == len(preset.tasks) * len(preset.methods) * 3
   for run in runs.values():
     config_lib.validate(run.config(), device_count=8)
+
+
+@pytest.mark.parametrize(
+  "gains, verdict",
+  [
+    ((0.10, 0.12, 0.14), "matches the paper"),
+    ((-0.10, -0.12, -0.14), "does NOT match the paper"),
+    ((-0.10, 0.0, 0.12), "not separated from 0 across seeds"),
+    ((0.10,), "one seed: no interval"),
+  ],
+)
+def test_randomized_gain_needs_an_interval_across_seeds_that_excludes_zero(gains, verdict):
+  seeds = tuple(range(len(gains)))
+  preset = length_generalization.Preset(("t",), ("RoPE", "RoPE randomized"), seeds, (4, 8))
+  ood = {("t", "RoPE", s): 0.2 for s in seeds}
+  ood |= {("t", "RoPE randomized", s): 0.2 + g for s, g in zip(seeds, gains, strict=True)}
+  learned = {"RoPE": 1.0, "RoPE randomized": 1.0}
+  line = length_generalization.randomized_gain_line(ood, preset, "RoPE randomized", "RoPE", learned)
+  assert verdict in line, line

@@ -1,10 +1,14 @@
-"""rope_frequencies / parse_rope_scaling: closed forms, the YaRN worked example, bad input."""
+"""rope_frequencies / parse_rope_scaling: closed forms, the YaRN worked example, bad input; the
+verdicts of experiments/rope_scaling.py on made-up rows (match, fail, stay unseparated)."""
 
+import csv
 import math
+import types
 
 import numpy as np
 import pytest
 
+from experiments import rope_scaling as experiment
 from pe_research.encodings.rope_scaling import (
   parse_rope_scaling,
   rope_frequencies,
@@ -175,3 +179,136 @@ def test_bad_base_or_seq_len(kwargs, key):
 def test_unknown_key_message_lists_allowed_keys():
   with pytest.raises(ValueError, match="allowed: rope_type, factor$"):
     parse_rope_scaling({"rope_type": "linear", "factor": 2.0, "rope_theta": 10.0})
+
+
+# experiments/rope_scaling.py findings(): the cpu preset's lengths, L = 128, s = 4, so s·L = 512,
+# inside (L, s·L] = 256, 512; beyond s·L = 640 (1.25·s·L), 2048 (4·s·L).
+LENGTHS = experiment.PRESETS["cpu"].lengths
+TRAIN_LEN, FACTOR = LENGTHS[0], experiment.PRESETS["cpu"].factor
+ZERO_SHOT = {  # Every published shape holds, intervals (±0.5) separated where it matters.
+  "none": [10, 20, 100, 200, 1000],
+  "PI": [11, 12, 14, 30, 60],
+  "NTK": [10, 11, 13, 30, 80],
+  "dynamic NTK": [10, 10.5, 12, 20, 40],
+  "YaRN": [10, 10.5, 11, 20, 50],
+  "Llama-3": [10, 11, 12, 25, 60],
+  "LongRoPE": [10, 11, 12, 25, 60],
+}
+FINE_TUNED = {
+  "fine-tune only": [10, 10, 10, 30, 100],
+  "PI": [10, 9, 8, 12, 20],
+  "NTK": [10, 9, 8.5, 14, 30],
+  "dynamic NTK": [10, 9, 8.5, 14, 30],
+  "YaRN": [10, 7, 6, 9, 12],
+  "Llama-3": [10, 9, 8.5, 13, 25],
+  "LongRoPE": [10, 9, 8.5, 13, 25],
+}
+
+
+def _ppl_rows(ppls, width=0.5):
+  return [
+    {
+      **{"length": n, "mode": "nonoverlapping", "loss": math.log(p), "windows": 16},
+      **{"ppl": p, "ppl_lo": p - width, "ppl_hi": p + width},
+    }
+    for n, p in zip(LENGTHS, ppls, strict=True)
+  ]
+
+
+def _tables(zs=None, ft=None):
+  as_rows = lambda v: v if isinstance(v[0], dict) else _ppl_rows(v)  # noqa: E731
+  return (
+    {k: as_rows(v) for k, v in (ZERO_SHOT | (zs or {})).items()},
+    {k: as_rows(v) for k, v in (FINE_TUNED | (ft or {})).items()},
+  )
+
+
+def _findings(zs=None, ft=None):
+  return experiment.findings(*_tables(zs, ft), TRAIN_LEN, FACTOR)
+
+
+def _line(lines, start):
+  (line,) = [x for x in lines if x.startswith(f"- {start}")]
+  return line
+
+
+CLAIMS = (
+  "No extension",
+  "Zero-shot, beyond s·L",
+  "PI at s·L",
+  "Fine-tuned at s·L",
+  "Fine-tuned, inside",
+  "Fine-tuned, just past",
+)
+
+
+def test_rope_scaling_findings_match_when_every_shape_holds():
+  lines = _findings()
+  assert len(lines) == len(CLAIMS) + 1
+  for claim in CLAIMS:
+    assert _line(lines, claim).endswith("— **matches the paper**."), claim
+  assert "below at 2, above at 0, tied at 0 of 2 lengths" in _line(lines, "Zero-shot, beyond")
+  assert "below at 2, above at 0, tied at 0 of 2 lengths" in _line(lines, "Fine-tuned, inside")
+  assert "(640)" in _line(lines, "Fine-tuned, just past")
+  lowest = _line(lines, "Fine-tuned, lowest ppl at 2048")
+  assert "YaRN, separated from every other method" in lowest
+  assert "YaRN < PI <" in lowest
+
+
+@pytest.mark.parametrize(
+  "zs, ft, claim",
+  [
+    ({"none": [10, 11, 12, 13, 14]}, {}, "No extension"),  # 1.1× at 2L, separated below 1.5×
+    ({"dynamic NTK": [10, 10.5, 12, 40, 120]}, {}, "Zero-shot, beyond"),  # above NTK at both
+    ({"PI": [11, 12, 6, 30, 60]}, {}, "PI at s·L"),  # zero-shot already below fine-tuned
+    ({}, {"fine-tune only": [10, 10, 6, 30, 100]}, "Fine-tuned at s·L"),  # below PI
+    ({}, {"YaRN": [10, 11, 10, 9, 12]}, "Fine-tuned, inside"),  # above PI at 256 and 512
+    ({}, {"YaRN": [10, 7, 6, 15, 12]}, "Fine-tuned, just past"),  # above PI at 640
+  ],
+)
+def test_rope_scaling_findings_fail_on_contrary_rows(zs, ft, claim):
+  line = _line(_findings(zs, ft), claim)
+  assert line.endswith("— **does NOT match the paper**."), line
+  if claim == "Zero-shot, beyond":
+    assert "below at 0, above at 2, tied at 0 of 2 lengths" in line
+
+
+@pytest.mark.parametrize(
+  "zs, ft, claim",
+  [
+    # The point estimates all favour the paper; only the intervals overlap.
+    ({"none": _ppl_rows([10, 16, 100, 200, 1000], width=4)}, {}, "No extension"),
+    ({"dynamic NTK": _ppl_rows([10, 10.5, 12, 28, 78], width=3)}, {}, "Zero-shot, beyond"),
+    ({"PI": [11, 12, 8.6, 30, 60]}, {}, "PI at s·L"),
+    ({}, {"fine-tune only": [10, 10, 8.8, 30, 100]}, "Fine-tuned at s·L"),
+    ({}, {"YaRN": [10, 8.8, 7.8, 9, 12]}, "Fine-tuned, inside"),
+    ({}, {"YaRN": [10, 7, 6, 11.5, 12]}, "Fine-tuned, just past"),
+    # Separated, but in both directions across lengths.
+    ({"dynamic NTK": [10, 10.5, 12, 20, 120]}, {}, "Zero-shot, beyond"),
+    ({}, {"YaRN": [10, 7, 10, 9, 12]}, "Fine-tuned, inside"),
+  ],
+)
+def test_rope_scaling_findings_give_no_verdict_without_separation(zs, ft, claim):
+  line = _line(_findings(zs, ft), claim)
+  assert line.endswith("— **not separated**: the 95% intervals overlap, no verdict."), line
+  assert "matches" not in line and "NOT match" not in line
+
+
+def test_rope_scaling_lowest_ppl_is_tied_when_the_best_intervals_overlap():
+  line = _line(_findings(ft={"LongRoPE": [10, 9, 8.5, 13, 12.6]}), "Fine-tuned, lowest")
+  assert "tied (no single best)" in line and "YaRN ~ LongRoPE" in line
+
+
+def test_rope_scaling_results_csv_carries_the_intervals(tmp_path):
+  zs, ft = _tables()
+  preset = experiment.PRESETS["cpu"]
+  base = types.SimpleNamespace(config_file="configs/tiny.py", workdir="runs/rope")
+  args = types.SimpleNamespace(preset="cpu")
+  experiment.write_outputs(tmp_path, zs, ft, {}, args, preset, base, TRAIN_LEN, 60.0)
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(LENGTHS) * (len(zs) + len(ft))
+  assert {"ppl", "ppl_lo", "ppl_hi", "windows"} <= set(rows[0])
+  first = rows[0]
+  assert first["model"] == "zero-shot: none" and float(first["ppl_lo"]) == 9.5
+  assert "**does NOT match" not in (tmp_path / "REPORT.md").read_text()

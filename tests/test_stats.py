@@ -65,3 +65,28 @@ def test_totals_rows_carry_an_interval_around_the_estimate():
   row = totals.lm_row()
   assert row["interval_units"] == "windows" and row["windows"] == 20
   assert row["ppl_lo"] < math.exp(2.0) < row["ppl_hi"]
+
+
+def test_seed_interval_is_the_student_t_interval_and_a_point_for_one_seed():
+  mean, lo, hi = stats.seed_interval([1.0, 2.0, 3.0])
+  half = 4.302652729911275 * 1.0 / np.sqrt(3)  # t_{0.975, 2} * sd / sqrt(S)
+  assert mean == 2.0 and np.isclose(lo, 2.0 - half) and np.isclose(hi, 2.0 + half)
+  assert stats.seed_interval([5.0]) == (5.0, 5.0, 5.0)
+  narrow = stats.seed_interval([2.0, 2.0, 2.01, 1.99])
+  assert narrow[2] - narrow[1] < hi - lo  # Less spread across seeds, a narrower interval.
+
+
+def test_over_seeds_combines_rows_per_length_and_refuses_other_lengths():
+  from experiments import sweep
+
+  rows = {
+    0: [{"length": 8, "ppl": 10.0}, {"length": 16, "ppl": 20.0}],
+    1: [{"length": 8, "ppl": 12.0}, {"length": 16, "ppl": 22.0}],
+  }
+  combined = sweep.over_seeds(rows)
+  assert [r["length"] for r in combined] == [8, 16]
+  assert combined[0]["ppl"] == 11.0 and combined[0]["seeds"] == 2
+  assert combined[0]["ppl_lo"] < 10.0 and combined[0]["ppl_hi"] > 12.0
+  assert combined[1]["ppl_by_seed"] == {0: 20.0, 1: 22.0}
+  with pytest.raises(ValueError, match="other lengths"):
+    sweep.over_seeds({0: rows[0], 1: rows[1][:1]})
