@@ -135,7 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     "--max_tokens", type=int, default=MAX_TOKENS, help="Validation bytes scored per length."
   )
   parser.add_argument(
-    "--factors", default="1,4,16", help="Evaluation lengths as multiples of L=128 (first 1)."
+    "--factors", default="1,2,16", help="Evaluation lengths as multiples of L=128 (first 1)."
   )
   args = parser.parse_args(argv)
   if args.steps < 1 or args.max_tokens < 1:
