@@ -14,12 +14,15 @@ creation and data preparation included (7 trainings of 55–66 s, 11 evaluations
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
+import multiprocessing
 import os
 import time
 
 from configs import demo as demo_config
 from experiments import report, rope_decay, sweep
-from pe_research import eval_report, stats
+from pe_research import backend, eval_report, stats
 from pe_research.metrics import quiet_library_logging
 
 ENCODINGS = ("sinusoidal", "rope", "alibi", "t5", "nope", "kerple", "fire")
@@ -137,9 +140,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument(
     "--factors", default="1,2,16", help="Evaluation lengths as multiples of L=128 (first 1)."
   )
+  parser.add_argument(
+    "--workers", type=int, default=2, help="Models trained/evaluated at once, one process each."
+  )
   args = parser.parse_args(argv)
-  if args.steps < 1 or args.max_tokens < 1:
-    parser.error("--steps and --max_tokens must be >= 1")
+  if args.steps < 1 or args.max_tokens < 1 or args.workers < 1:
+    parser.error("--steps, --max_tokens and --workers must be >= 1")
   factors = args.factors.split(",")
   if not all(f.strip().isdigit() for f in factors) or len(factors) < 2 or int(factors[0]) != 1:
     parser.error(f"--factors={args.factors!r}: allowed: integers starting with 1, e.g. 1,4,16")
@@ -149,26 +155,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
+def _job(out: str, label: str, steps: int, lengths: list[int], budget: dict) -> list[dict]:
+  """One model's rows: an encoding trained (unless finished) and evaluated, or a zero-shot
+  ``ZERO_SHOT`` label evaluated on the trained RoPE run. Runs in a worker process."""
+  quiet_library_logging()
+  if label in ZERO_SHOT:
+    scaling = ZERO_SHOT[label]
+    print(f"== {label}: zero-shot evaluation of the RoPE run at {lengths}", flush=True)
+    workdir, name = os.path.join(out, "rope"), "demo_" + scaling["rope_type"]
+    return sweep.evaluate(workdir, name, lengths=lengths, rope_scaling=scaling, **budget)["rows"]
+  print(f"== {label}: train {steps} steps, evaluate at {lengths}", flush=True)
+  workdir = os.path.join(out, label)
+  sweep.train_run(demo_config.get_config(f"pe={label},steps={steps}"), workdir)
+  return sweep.evaluate(workdir, "demo", lengths=lengths, **budget)["rows"]
+
+
+def run_jobs(out: str, args: argparse.Namespace) -> dict[str, list[dict]]:
+  """Every encoding, then the zero-shot rows (after the RoPE run exists), in ``args.workers``
+  processes; the results keep the order of ENCODINGS and ZERO_SHOT."""
+  job = functools.partial(
+    _job,
+    out,
+    steps=args.steps,
+    lengths=args.lengths,
+    budget={"max_tokens": args.max_tokens, "batch_size": BATCH},
+  )
+  if args.workers == 1:
+    return {label: job(label) for label in (*ENCODINGS, *ZERO_SHOT)}
+  backend.one_thread_per_process()  # Read by the worker processes' XLA, not by this one's.
+  spawn = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
+    futures = {pe: pool.submit(job, pe) for pe in ENCODINGS}
+    futures["rope"].result()  # The zero-shot rows need the trained RoPE run.
+    futures |= {label: pool.submit(job, label) for label in ZERO_SHOT}
+    return {label: future.result() for label, future in futures.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   quiet_library_logging()
   start, out = time.time(), os.path.abspath(args.out)  # Orbax wants absolute paths.
   os.makedirs(out, exist_ok=True)
   rope_decay.main(["--out", os.path.join(out, "rope_decay")])  # The analytic figure.
-  lengths, budget = args.lengths, {"max_tokens": args.max_tokens, "batch_size": BATCH}
-  results: dict[str, list[dict]] = {}
-  for pe in ENCODINGS:
-    workdir = os.path.join(out, pe)
-    print(f"== {pe}: train {args.steps} steps, evaluate at {lengths}", flush=True)
-    sweep.train_run(demo_config.get_config(f"pe={pe},steps={args.steps}"), workdir)
-    results[pe] = sweep.evaluate(workdir, "demo", lengths=lengths, **budget)["rows"]
-  for label, scaling in ZERO_SHOT.items():
-    print(f"== {label}: zero-shot evaluation of the RoPE run", flush=True)
-    name = "demo_" + scaling["rope_type"]
-    workdir = os.path.join(out, "rope")
-    results[label] = sweep.evaluate(workdir, name, lengths=lengths, rope_scaling=scaling, **budget)[
-      "rows"
-    ]
+  results = run_jobs(out, args)
   write_outputs(out, results, args.max_tokens, time.time() - start)
   print(f"wrote {out}/ppl_vs_length.png, results.csv, REPORT.md", flush=True)
 

@@ -4,6 +4,7 @@
                               experiments and benchmarks)
   eval_attention(model_impl, model_block, length, dense_too_big)
                               the attention implementation and block size that score a length
+  one_thread_per_process()    processes started from here run XLA:CPU on one thread each
   CompileCounter              XLA backend compilations, counted from JAX's monitoring events
 
 XLA:CPU's concurrency-optimized scheduler orders a long evaluation program so that a buffer of
@@ -20,6 +21,18 @@ import os
 import jax
 
 LOW_MEMORY_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def one_thread_per_process() -> None:
+  """Adds single-threaded XLA:CPU to ``XLA_FLAGS`` for processes started after this call (this
+  process's backend, already started, is unaffected): P worker processes on P cores then do not
+  oversubscribe them."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "multi_thread_eigen" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {ONE_THREAD}".strip()
 
 
 def use_low_memory_schedule() -> None:
