@@ -93,6 +93,24 @@ def test_local_text_splits_by_subfolder_and_auto_prepares(tmp_path):
   assert prepare(config.data).endswith("1.0.0")
 
 
+def test_a_dataset_prepared_by_another_process_while_waiting_is_read(tmp_path, monkeypatch):
+  """make demo's worker processes race to prepare pystdlib: the loser waits on the lock and
+  must then read what the winner wrote (its own builder, made before, has no splits)."""
+  from pe_research.data import builders, documents
+
+  _write(tmp_path / "txt", {"train/a.txt": b"alpha " * 5, "validation/b.txt": b"beta " * 5})
+
+  def other_process_prepares(builder):
+    assert not builder.is_prepared()
+    local_text_builder(str(tmp_path / "tfds"), str(tmp_path / "txt")).download_and_prepare()
+
+  monkeypatch.setattr(builders, "ensure_prepared", other_process_prepares)
+  records, key = documents._record_source(
+    "local_text", str(tmp_path / "tfds"), str(tmp_path / "txt"), True, "train"
+  )
+  assert Documents(records, key, ByteTokenizer(), "train").lengths.tolist() == [len("alpha ") * 5]
+
+
 def test_document_lengths_are_cached_beside_the_prepared_data(tmp_path):
   _write(tmp_path / "txt", {"train/a.txt": b"abc", "validation/b.txt": b"de"})
   builder = local_text_builder(str(tmp_path / "tfds"), str(tmp_path / "txt"))

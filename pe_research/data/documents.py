@@ -71,6 +71,9 @@ def _record_source(name: str, data_dir: str, local_dir: str, auto_prepare: bool,
         f"--local_dir={local_dir}"
       )
     builders.ensure_prepared(builder)
+    # Another process may have prepared it while this one waited on the lock: a builder made
+    # before that has no splits, so read the prepared dataset's info afresh.
+    builder = _local_builder(name, data_dir, local_dir)
   return builder.as_data_source(split), "text"
 
 
