@@ -138,31 +138,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   return args
 
 
-def _job(out: str, pe: str, steps: int, lengths: list[int], budget: dict) -> list[dict]:
-  """Encoding ``pe`` trained (unless finished) and evaluated; runs in a worker process."""
+def _train(out: str, pe: str, steps: int) -> None:
+  """Trains encoding ``pe`` unless finished; runs in a worker process."""
   quiet_library_logging()
-  print(f"== {pe}: train {steps} steps, evaluate at {lengths}", flush=True)
-  workdir = os.path.join(out, pe)
-  sweep.train_run(demo_config.get_config(f"pe={pe},steps={steps}"), workdir)
-  return sweep.evaluate(workdir, "demo", lengths=lengths, **budget)["rows"]
+  print(f"== {pe}: train {steps} steps", flush=True)
+  sweep.train_run(demo_config.get_config(f"pe={pe},steps={steps}"), os.path.join(out, pe))
+
+
+def _evaluate(out: str, pe: str, lengths: list[int], budget: dict) -> list[dict]:
+  """The rows of the trained encoding ``pe``; runs in a worker process."""
+  quiet_library_logging()
+  print(f"== {pe}: evaluate at {lengths}", flush=True)
+  return sweep.evaluate(os.path.join(out, pe), "demo", lengths=lengths, **budget)["rows"]
 
 
 def run_jobs(out: str, args: argparse.Namespace) -> dict[str, list[dict]]:
-  """Every encoding in ``args.workers`` processes; the results keep the order of ENCODINGS."""
-  job = functools.partial(
-    _job,
-    out,
-    steps=args.steps,
-    lengths=args.lengths,
-    budget={"max_tokens": args.max_tokens, "batch_size": BATCH},
-  )
+  """Trains and evaluates every encoding in ``args.workers`` processes: the trainings are
+  queued first, each evaluation as soon as its training ends, so the workers stay busy to the
+  end. The results keep the order of ENCODINGS."""
+  train = functools.partial(_train, out, steps=args.steps)
+  budget = {"max_tokens": args.max_tokens, "batch_size": BATCH}
+  evaluate = functools.partial(_evaluate, out, lengths=args.lengths, budget=budget)
   if args.workers == 1:
-    return {pe: job(pe) for pe in ENCODINGS}
+    return {pe: (train(pe), evaluate(pe))[1] for pe in ENCODINGS}
   backend.one_thread_per_process()  # Read by the worker processes' XLA, not by this one's.
   spawn = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
-    futures = {pe: pool.submit(job, pe) for pe in ENCODINGS}
-    return {pe: future.result() for pe, future in futures.items()}
+    trainings = {pool.submit(train, pe): pe for pe in ENCODINGS}
+    evaluations = {}
+    for done in concurrent.futures.as_completed(trainings):
+      done.result()
+      evaluations[trainings[done]] = pool.submit(evaluate, trainings[done])
+    return {pe: evaluations[pe].result() for pe in ENCODINGS}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 r"""Extending a RoPE model past its training length L to s·L: YaRN Table 1 / PI Table 3 shape.
 
-  python -m experiments.rope_scaling --preset=cpu          # 5.9 min after make demo
+  python -m experiments.rope_scaling --preset=cpu          # 18.8 min after make demo
   python -m experiments.rope_scaling --preset=paper --print_commands
 
 Starts from the preset's RoPE run (``experiments/lm_presets.py``, shared with the ALiBi

@@ -26,7 +26,7 @@ def test_torch_reference_computes_the_jax_models_logits(pe):
   np.testing.assert_allclose(np.asarray(model(inputs_BxL)), expected, atol=2e-5, rtol=1e-5)
 
 
-def test_smoke_benchmark_writes_every_required_key(tmp_path):
+def test_smoke_benchmark_writes_every_required_key(tmp_path, no_compilation_cache):
   benchmark.main(["--smoke", "--out", str(tmp_path)])
   results = json.loads((tmp_path / "results.json").read_text())
   (size,) = benchmark.SIZES["smoke"]

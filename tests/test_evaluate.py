@@ -97,7 +97,7 @@ def test_sliding_with_stride_equal_to_length_is_nonoverlapping(rope):
   np.testing.assert_allclose(slide[32][0], plain[32][0], rtol=1e-6)
 
 
-def test_compiles_one_program_per_length_and_none_on_rerun(rope_run):
+def test_compiles_one_program_per_length_and_none_on_rerun(rope_run, no_compilation_cache):
   model, config, _ = evaluate.load_model(str(rope_run))
   evaluator = eval_lib.Evaluator(model)
   for _ in range(2):
@@ -312,7 +312,7 @@ def test_bad_input_exits_2_with_one_line(tmp, rope_run, other_runs, capsys, run,
   assert not os.path.exists(os.path.join(workdir, "eval"))
 
 
-def test_cli_writes_tables_plots_and_compile_count(rope_run):
+def test_cli_writes_tables_plots_and_compile_count(rope_run, no_compilation_cache):
   argv = ["--lengths=64,256", "--max_tokens=300", "--mode=sliding", "--stride=16"]
   argv += ["--passkey_trials=2", "--passkey_depths=0,1", "--name=smoke"]
   result = subprocess.run(

@@ -1,0 +1,43 @@
+"""Suite-wide settings, applied before any test module imports JAX.
+
+One persistent JAX compilation cache per test run (``PE_RESEARCH_TEST_CACHE=0`` turns it off),
+shared by the pytest-xdist workers and by the subprocesses tests start (training and
+evaluation CLIs, kill/resume runs): an executable compiled once is loaded afterwards.
+Tests that count compilations turn it off for themselves (``no_compilation_cache``).
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+_OWN_CACHE = None
+if (
+  os.environ.get("PE_RESEARCH_TEST_CACHE", "1") != "0"
+  and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+):
+  # Set in the pytest process before xdist starts its workers, which inherit it.
+  _OWN_CACHE = tempfile.mkdtemp(prefix="pe_research_jax_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_sessionfinish(session):
+  if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # The process that made it.
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def no_compilation_cache(monkeypatch):
+  """This test (and the processes it starts) compiles everything itself."""
+  import jax
+  from jax._src import compilation_cache  # JAX decides once per process whether to use it.
+
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  previous = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_enable_compilation_cache", previous)
+  compilation_cache.reset_cache()
