@@ -1,6 +1,6 @@
 r"""Length generalisation on algorithmic tasks: Kazemnejad et al. 2023 and Ruoss et al. 2023.
 
-  python -m experiments.length_generalization --preset=cpu       # 12.6 min here
+  python -m experiments.length_generalization --preset=cpu       # 25.4 min here (3 seeds)
   python -m experiments.length_generalization --preset=paper --print_commands
 
 Trains one small decoder per (task, encoding, seed) with ``configs/synthetic.py`` on task
