@@ -106,13 +106,6 @@ def sinusoidal_line(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) 
   return f"- Sinusoidal explodes right past L: {text} (paper: 2.17 and 11.1) — {verdict}"
 
 
-def stays_flat(rows: list[dict], tolerance: float) -> bool | None:
-  """No length above ``tolerance``·ppl(L): True when every later interval lies below it, False
-  when one lies above, None otherwise."""
-  rises = [report.exceeds(r, rows[0], tolerance) for r in rows[1:]]
-  return False if True in rises else (True if all(r is False for r in rises) else None)
-
-
 def ranking_line(res: dict[str, list[dict]]) -> str:
   """The paper's order at the longest length, checked pair by adjacent pair with intervals."""
   expected = [pe for pe in PAPER_ORDER if pe in res]
@@ -141,7 +134,7 @@ def findings(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> list
     f"{'a separated drop' if any(drops) else 'no separated drop'} from 2L on — "
     + tri_verdict(rope_ok),
     f"- ALiBi stays flat: largest ppl/ppl(L) = {alibi_max:.2f} (paper 1.00; 0.93 at 30×) — "
-    + tri_verdict(stays_flat(res["alibi"], 1.05)),
+    + tri_verdict(report.stays_flat(res["alibi"], 1.05)),
   ]
   if "t5" in res:
     t5 = res["t5"]
@@ -172,7 +165,7 @@ def findings(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> list
     f"separated below for {below}, above for {above}, tied for {len(at_l) - below - above} of "
     f"{len(at_l)} encodings (paper: all below) — " + tri_verdict(helps),
     f"- Sliding, ALiBi at the longest sliding length / at L = {alibi_slide:.2f} (paper 1.02) — "
-    + tri_verdict(stays_flat(sliding["alibi"], 1.05)),
+    + tri_verdict(report.stays_flat(sliding["alibi"], 1.05)),
   ]
   return lines
 

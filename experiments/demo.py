@@ -50,12 +50,11 @@ def findings(results: dict[str, list[dict]]) -> list[str]:
       f"ppl({n2})/ppl(L) = {growth(sin, 1):.2f}",
     )
   ]
-  rises = [report.exceeds(r, alibi[0], 1.15) for r in alibi[1:]]
   worst = max(range(1, len(alibi)), key=lambda i: growth(alibi, i))
   lines.append(
     report.checked(
       "ALiBi stays flat past L (no length above 1.15 ppl(L))",
-      False if True in rises else (True if all(r is False for r in rises) else None),
+      report.stays_flat(alibi, 1.15),
       f"largest ppl/ppl(L) = {growth(alibi, worst):.2f} at {alibi[worst]['length']}",
     )
   )

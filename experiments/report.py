@@ -99,6 +99,13 @@ def exceeds(a: Mapping[str, Any], b: Mapping[str, Any], factor: float = 1.0) -> 
   return True if a_lo > factor * b_hi else (False if a_hi < factor * b_lo else None)
 
 
+def stays_flat(rows: list[dict], tolerance: float) -> bool | None:
+  """No length above ``tolerance``·ppl(L): True when every later interval lies below it, False
+  when one lies above, None otherwise."""
+  rises = [exceeds(r, rows[0], tolerance) for r in rows[1:]]
+  return False if True in rises else (True if all(r is False for r in rises) else None)
+
+
 NO_VERDICT = "**not separated**: the 95% intervals overlap, no verdict"
 
 
