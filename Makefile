@@ -56,11 +56,11 @@ test: lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(DEV_STAMP)
-	$(PY) -m experiments.benchmark $(ARGS)
+	$(PY) -m benchmarks.benchmark $(ARGS)
 
 # 125M-parameter bf16 training MFU on a GPU (needs jax with CUDA in the venv; docs/gpu_benchmark.md).
 bench-gpu: $(DEV_STAMP)
-	$(PY) -m experiments.gpu_benchmark $(ARGS)
+	$(PY) -m benchmarks.gpu_benchmark $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

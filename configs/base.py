@@ -10,6 +10,8 @@ exits with code 2 and one line naming the field and what is allowed.
 
 import ml_collections
 
+from pe_research.encodings import registry
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the default config; ``arg`` is unused (variants live in other config files)."""
@@ -62,37 +64,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.steps_per_call = 1
 
   config.pe = ml_collections.ConfigDict()
-  config.pe.name = "rope"  # Registry name: sinusoidal learned nope rope alibi t5 xpos kerple fire.
-  config.pe.rope_scaling = ""  # HF `rope_scaling` JSON (rope/xpos only), "" = none.
-  config.pe.rope_base = 10000.0  # RoPE frequency base b: theta_i = b^(-2i/d).
-  config.pe.rope_layout = "half"  # Rotated pairs: "half" (NeoX/Llama) or "interleaved" (GPT-J).
-  config.pe.rotary_pct = 1.0  # Fraction of head_dim that is rotated (partial rotary).
-  # Training-free context extension of pe.name="rope" (encodings/rope_extension.py), combinable
-  # with pe.rope_scaling; Self-Extend and ReRoPE are exclusive (each is a far logit set).
-  # Self-Extend window W: pairs i - j >= W use positions (p_i//G + W - W//G, p_j//G); 0 = off.
-  config.pe.self_extend_window = 0
-  config.pe.self_extend_group = 1  # Self-Extend group size G >= 1.
-  config.pe.rerope_window = 0  # ReRoPE window W: distances >= W are clipped to W; 0 = off.
-  config.pe.logn_len = 0  # log-n scaling: query p's logits times max(1, ln(p+1)/ln(this)); 0 = off.
-  config.pe.sinusoidal_layout = "concat"  # "concat" [sin..., cos...] or "interleaved".
-  config.pe.sinusoidal_base = 10000.0  # Sinusoidal wavelength base.
-  config.pe.max_len = 2048  # Table size of learned absolute positions.
-  config.pe.t5_num_buckets = 32  # T5 relative-position buckets.
-  config.pe.t5_max_distance = 128  # T5 distance beyond which buckets saturate.
-  config.pe.kerple_variant = "log"  # KERPLE kernel: "log" or "power".
-  config.pe.fire_hidden = 32  # Hidden width of FIRE's position MLP.
-  config.pe.fire_c_init = 0.1  # FIRE's initial log-transform scale c.
-  config.pe.fire_l_thr_init = 512.0  # FIRE's initial length threshold L_thr.
-  config.pe.xpos_gamma = 512.0  # xPos scale base (gamma in zeta^(n/gamma)).
-  config.pe.randomized = False  # Randomized positions (Ruoss et al. 2023) around pe.name.
-  config.pe.max_random_len = 2048  # Randomized positions are sorted samples from [0, this).
-  # Evaluation positions of a randomized run: sorted draws from [0, max_random_len) as in
-  # training (True, Ruoss et al.) or sequential 0..n-1 (False). A run may resume with it changed.
-  config.pe.randomize_eval = True
-  # PoSE (Zhu et al. 2024) target length L_t: training positions are chunks of the train.seq_len
-  # window skipped over [0, L_t) around pe.name; evaluation stays sequential. 0 = off.
-  config.pe.pose_target_len = 0
-  config.pe.pose_chunks = 2  # PoSE chunks N per training window (2 in the paper).
+  config.pe.name = "rope"  # Registry name: one of pe_research.encodings.registry.FAMILIES.
+  # The fields each encoding (and positions wrapper) owns, with their defaults; each field's
+  # comment and rule is in its encoding's SPEC (e.g. pe.rope_base in encodings/rope.py).
+  for field in registry.pe_fields():
+    config.pe[field.name] = field.default
   config.pe.share_across_layers = True  # One encoding module shared by every layer.
   # The training length, for encodings that use it; follows train.seq_len.
   config.pe.train_len = config.train.get_ref("seq_len")

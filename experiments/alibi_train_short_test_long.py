@@ -24,8 +24,9 @@ import dataclasses
 import os
 import time
 
-from experiments import launch, lm_presets, report, sweep
-from pe_research import eval_report, stats
+from experiments import figure_cli, figure_report, lm_presets
+from pe_research import cli, eval_report, stats
+from pe_research.launch import grid, sweep
 
 NAME = "alibi_train_short_test_long"
 ALL = ("sinusoidal", "rope", "t5", "alibi", "nope", "kerple", "fire", "xpos")
@@ -82,7 +83,7 @@ def ratio(rows: list[dict], at: int) -> float:
 
 
 def tri_verdict(ok: bool | None) -> str:
-  return report.NO_VERDICT if ok is None else report.verdict(ok)
+  return figure_report.NO_VERDICT if ok is None else figure_report.verdict(ok)
 
 
 def sinusoidal_line(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> str:
@@ -93,25 +94,26 @@ def sinusoidal_line(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) 
   text = "; ".join(
     f"{k} ppl({rows[1]['length']})/ppl(L) = {ratio(rows, 1):.2f}" for k, rows in measured.items()
   )
-  explodes = {report.exceeds(rows[1], rows[0], 1.5) for rows in measured.values()}
+  explodes = {figure_report.exceeds(rows[1], rows[0], 1.5) for rows in measured.values()}
   if len(measured) < len(protocols):
     verdict = "**measured in one protocol only: no verdict**"
   elif None in explodes:
-    verdict = report.NO_VERDICT
+    verdict = figure_report.NO_VERDICT
   elif len(explodes) > 1:
     verdict = "**the protocols disagree: no verdict**"
   else:
     no = "does NOT explode in either protocol: does NOT match the paper"
-    verdict = report.verdict(explodes == {True}, no=no)
+    verdict = figure_report.verdict(explodes == {True}, no=no)
   return f"- Sinusoidal explodes right past L: {text} (paper: 2.17 and 11.1) — {verdict}"
 
 
 def ranking_line(res: dict[str, list[dict]]) -> str:
   """The paper's order at the longest length, checked pair by adjacent pair with intervals."""
   expected = [pe for pe in PAPER_ORDER if pe in res]
-  intervals = {pe: report.interval(res[pe][-1]) for pe in expected}
+  intervals = {pe: figure_report.interval(res[pe][-1]) for pe in expected}
   pairs = [
-    report.exceeds(res[b][-1], res[a][-1]) for a, b in zip(expected, expected[1:], strict=False)
+    figure_report.exceeds(res[b][-1], res[a][-1])
+    for a, b in zip(expected, expected[1:], strict=False)
   ]
   ok = False if False in pairs else (True if all(pairs) else None)
   return (
@@ -124,8 +126,8 @@ def findings(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> list
   """Sentences checking the published shapes against these rows (``ppl`` and its 95% interval
   ``ppl_lo``/``ppl_hi``): each shape is claimed or denied only where the intervals separate."""
   rope = res["rope"]
-  drops = [report.exceeds(b, a) is False for a, b in zip(rope[1:], rope[2:], strict=False)]
-  rope_up = report.exceeds(rope[-1], rope[0], 1.15)
+  drops = [figure_report.exceeds(b, a) is False for a, b in zip(rope[1:], rope[2:], strict=False)]
+  rope_up = figure_report.exceeds(rope[-1], rope[0], 1.15)
   rope_ok = False if rope_up is False or any(drops) else rope_up
   alibi_max = max(ratio(res["alibi"], i) for i in range(len(res["alibi"])))
   lines = [
@@ -134,13 +136,13 @@ def findings(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> list
     f"{'a separated drop' if any(drops) else 'no separated drop'} from 2L on — "
     + tri_verdict(rope_ok),
     f"- ALiBi stays flat: largest ppl/ppl(L) = {alibi_max:.2f} (paper 1.00; 0.93 at 30×) — "
-    + tri_verdict(report.stays_flat(res["alibi"], 1.05)),
+    + tri_verdict(figure_report.stays_flat(res["alibi"], 1.05)),
   ]
   if "t5" in res:
     t5 = res["t5"]
-    early = [report.exceeds(r, t5[0]) for r in t5[1:3]]
+    early = [figure_report.exceeds(r, t5[0]) for r in t5[1:3]]
     low = min(t5, key=lambda r: r["ppl"])
-    improves, degrades = False in early, report.exceeds(t5[-1], low) is True
+    improves, degrades = False in early, figure_report.exceeds(t5[-1], low) is True
     shape = True if improves and degrades else (False if all(early) else None)
     lines.append(
       "- T5 improves a little then degrades: ppl/ppl(L) = "
@@ -155,7 +157,7 @@ def findings(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> list
       "- Not in the ALiBi paper (ppl(max)/ppl(L)): "
       + ", ".join(f"{pe} {ratio(res[pe], -1):.2f}" for pe in extra)
     )
-  at_l = {pe: report.exceeds(sliding[pe][0], res[pe][0]) for pe in sliding}
+  at_l = {pe: figure_report.exceeds(sliding[pe][0], res[pe][0]) for pe in sliding}
   below = sum(v is False for v in at_l.values())
   above = sum(v is True for v in at_l.values())
   helps = False if above else (True if below == len(at_l) else None)
@@ -165,7 +167,7 @@ def findings(res: dict[str, list[dict]], sliding: dict[str, list[dict]]) -> list
     f"separated below for {below}, above for {above}, tied for {len(at_l) - below - above} of "
     f"{len(at_l)} encodings (paper: all below) — " + tri_verdict(helps),
     f"- Sliding, ALiBi at the longest sliding length / at L = {alibi_slide:.2f} (paper 1.02) — "
-    + tri_verdict(report.stays_flat(sliding["alibi"], 1.05)),
+    + tri_verdict(figure_report.stays_flat(sliding["alibi"], 1.05)),
   ]
   return lines
 
@@ -180,12 +182,12 @@ def write_outputs(out, preset, res, sliding, wall: float, args) -> None:
     for pe, pe_rows in table.items()
     for r in pe_rows
   ]
-  report.write_csv(os.path.join(out, "results.csv"), rows)
+  figure_report.write_csv(os.path.join(out, "results.csv"), rows)
   L = preset.lengths[0]
   for file, table, kind in (("ppl_vs_length", res, "non-overlapping"), ("sliding", sliding, "")):
     eval_report.plot_curves(
       os.path.join(out, f"{file}.png"),
-      report.ppl_curves(table),
+      figure_report.ppl_curves(table),
       ylabel="validation perplexity (bytes)",
       title=f"Train at L={L}, test long ({kind or f'sliding, stride {preset.stride}'})",
       train_len=L,
@@ -202,13 +204,13 @@ def write_outputs(out, preset, res, sliding, wall: float, args) -> None:
     "![non-overlapping](ppl_vs_length.png) ![sliding](sliding.png)",
     "",
     "## Non-overlapping perplexity",
-    *report.ppl_table("encoding", res),
+    *figure_report.ppl_table("encoding", res),
     "",
     f"## Sliding window, stride {preset.stride} (the same {preset.max_tokens} bytes per length)",
-    *report.ppl_table("encoding", sliding),
+    *figure_report.ppl_table("encoding", sliding),
     "",
     "## Published (WikiText-103, word-level, L=512, non-overlapping)",
-    *report.markdown_table(["encoding", *PUBLISHED["alibi"]], published),
+    *figure_report.markdown_table(["encoding", *PUBLISHED["alibi"]], published),
     "",
     "Sliding, stride 1, at 512 / 1024 / 3072: "
     + "; ".join(f"{pe} {'/'.join(map(str, v))}" for pe, v in PUBLISHED_SLIDING.items()),
@@ -216,17 +218,17 @@ def write_outputs(out, preset, res, sliding, wall: float, args) -> None:
     "Our perplexities are per byte (PG-19 or Python source), the paper's per word: compare the",
     "shapes (ratios to the ppl at L) and orderings, not the values.",
   ]
-  report.write_report(out, text, findings(res, sliding))
+  figure_report.write_report(out, text, findings(res, sliding))
 
 
 def main(argv: list[str] | None = None) -> None:
-  args = launch.parse_experiment_args(
+  args = figure_cli.parse_experiment_args(
     __doc__, NAME, argv, lambda preset: lm_presets.PRESETS[preset].runs
   )
   start, preset = time.time(), PRESETS[args.preset]
-  overrides = launch.parse_overrides(args.set)
+  overrides = grid.parse_overrides(args.set)
   runs = [lm_presets.lm_run(args.preset, pe, args.runs, overrides) for pe in preset.encodings]
-  out = launch.run_or_print(runs, args, NAME)
+  out = figure_cli.run_or_print(runs, args, NAME)
   if out is None:
     return
   res, sliding = {}, {}
@@ -241,4 +243,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  report.exit_on_value_error(main)
+  cli.exit_on_value_error(main)

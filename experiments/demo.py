@@ -8,7 +8,7 @@ each), and evaluates each, non-overlapping, at 1×, 2× and 16× the training le
 first 262,144 validation bytes, with 95% bootstrap intervals over the windows. Writes
 ``OUT/ppl_vs_length.png``, ``OUT/results.csv`` and ``OUT/REPORT.md`` (whose verdicts need
 separated intervals), plus the analytic ``OUT/rope_decay/``. A rerun reuses finished training
-runs and evaluations. Zero-shot RoPE extension is ``experiments/rope_scaling.py``.
+runs and evaluations. Zero-shot RoPE extension is ``experiments/context_extension.py``.
 Runtime: README.md (section "What make demo does") has the measured time.
 """
 
@@ -22,13 +22,14 @@ import os
 import time
 
 from configs import demo as demo_config
-from experiments import report, rope_decay, sweep
+from experiments import figure_report, rope_decay
 from pe_research import backend, eval_report, stats
+from pe_research.launch import sweep
 from pe_research.metrics import quiet_library_logging
 
 ENCODINGS = ("sinusoidal", "rope", "alibi", "t5", "nope", "kerple", "fire")
 MAX_TOKENS = 262_144  # Validation bytes per length (256 KB).
-BATCH = 4  # Windows per evaluation call (fastest of 1/4/16 at 512 and 2048 here).
+BATCH = 0  # Windows per evaluation call: the backend's choice per length (eval_batch_size).
 MAX_FACTOR = 32  # Longest evaluation length / L.
 
 
@@ -44,28 +45,28 @@ def findings(results: dict[str, list[dict]]) -> list[str]:
   sin, alibi, rope = results["sinusoidal"], results["alibi"], results["rope"]
   n2, far = sin[1]["length"], rope[-1]["length"]
   lines = [
-    report.checked(
+    figure_report.checked(
       f"Sinusoidal explodes right past L (ppl({n2}) > 1.5 ppl(L))",
-      report.exceeds(sin[1], sin[0], 1.5),
+      figure_report.exceeds(sin[1], sin[0], 1.5),
       f"ppl({n2})/ppl(L) = {growth(sin, 1):.2f}",
     )
   ]
   worst = max(range(1, len(alibi)), key=lambda i: growth(alibi, i))
   lines.append(
-    report.checked(
+    figure_report.checked(
       "ALiBi stays flat past L (no length above 1.15 ppl(L))",
-      report.stays_flat(alibi, 1.15),
+      figure_report.stays_flat(alibi, 1.15),
       f"largest ppl/ppl(L) = {growth(alibi, worst):.2f} at {alibi[worst]['length']}",
     )
   )
   lines.append(
-    report.checked(
+    figure_report.checked(
       "RoPE degrades past L",
-      report.exceeds(rope[-1], rope[0], 1.0),
+      figure_report.exceeds(rope[-1], rope[0], 1.0),
       f"ppl({far})/ppl(L) = {growth(rope, -1):.2f}",
     )
   )
-  encodings = {k: report.interval(rows[-1]) for k, rows in results.items() if k in ENCODINGS}
+  encodings = {k: figure_report.interval(rows[-1]) for k, rows in results.items() if k in ENCODINGS}
   best = stats.best(encodings)
   ranking = stats.rank(encodings)[0]
   lines.append(
@@ -79,7 +80,7 @@ def findings(results: dict[str, list[dict]]) -> list[str]:
 def write_outputs(out: str, results: dict[str, list[dict]], max_tokens: int, wall: float) -> None:
   lengths = [r["length"] for r in results["rope"]]
   columns = ["length", "tokens", "loss", "ppl", "ppl_lo", "ppl_hi", "windows", "bits_per_byte"]
-  report.write_csv(
+  figure_report.write_csv(
     os.path.join(out, "results.csv"),
     [
       {"model": label, **{c: r[c] for c in columns}}
@@ -89,7 +90,7 @@ def write_outputs(out: str, results: dict[str, list[dict]], max_tokens: int, wal
   )
   eval_report.plot_curves(
     os.path.join(out, "ppl_vs_length.png"),
-    report.ppl_curves(results),
+    figure_report.ppl_curves(results),
     ylabel="validation perplexity (bytes)",
     title=f"Train short (L={lengths[0]}), test long: pystdlib bytes, 95% intervals",
     train_len=lengths[0],
@@ -105,11 +106,11 @@ def write_outputs(out: str, results: dict[str, list[dict]], max_tokens: int, wal
     "",
     "![ppl vs length](ppl_vs_length.png)",
     "",
-    *report.ppl_table("model", results),
+    *figure_report.ppl_table("model", results),
     "",
     "Published shapes checked below: ALiBi paper Fig. 1.",
   ]
-  report.write_report(out, text, findings(results))
+  figure_report.write_report(out, text, findings(results))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

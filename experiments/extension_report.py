@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from experiments import report
+from experiments import figure_report
 from pe_research import eval_report, stats
 
 # What the papers measured (docs: ../shared/reference/results_to_reproduce.md), one line per
@@ -146,10 +146,10 @@ def _curves(table: dict) -> dict:
 
 
 def write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, wall) -> None:
-  report.write_csv(os.path.join(out, "results.csv"), rows)
+  figure_report.write_csv(os.path.join(out, "results.csv"), rows)
   flat_niah = [{"method": m} | r for m, rs in niah_rows.items() for r in rs]
   if flat_niah:
-    report.write_csv(os.path.join(out, "niah.csv"), flat_niah)
+    figure_report.write_csv(os.path.join(out, "niah.csv"), flat_niah)
   text = [
     f"# Extending a pretrained RoPE model past L={train_len} (preset `{args.preset}`)",
     "",
@@ -175,7 +175,7 @@ def write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, 
     )
     lengths = sorted({n for v in by_label.values() for n in v})
     text += [f"## {kind}", "", f"![{kind}]({kind}.png)", ""]
-    text += report.markdown_table(
+    text += figure_report.markdown_table(
       ["method", *lengths],
       [
         [label, *(_cell(v.get(n), (kind, label, n, "nonoverlapping") in copied) for n in lengths)]
@@ -186,7 +186,7 @@ def write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, 
     sliding = [r for r in rows if r["text"] == kind and r["mode"] == "sliding"]
     if sliding:
       text += [f"Sliding windows, stride {preset.stride} (ppl of each window's last stride):", ""]
-      text += report.markdown_table(
+      text += figure_report.markdown_table(
         ["method", "length", "scored tokens", "ppl [95%]"],
         [
           [
@@ -205,7 +205,7 @@ def write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, 
         "interval over 16 blocks of positions (below 1: better than no extension):",
         "",
       ]
-      text += report.markdown_table(
+      text += figure_report.markdown_table(
         ["method", "length", "mode", "ppl / ppl(none)", "verdict"],
         [
           [m, n, mode, f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]", _verdict(r)]
@@ -235,7 +235,7 @@ def write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, 
     ]
     cells = {(m, r["length"], r["depth"]): r for m, rs in niah_rows.items() for r in rs}
     header = [f"{n}@{d}" for n in preset.niah_lengths for d in preset.niah_depths]
-    text += report.markdown_table(
+    text += figure_report.markdown_table(
       ["method", *header],
       [
         [m, *(_acc(cells.get((m, n, d))) for n in preset.niah_lengths for d in preset.niah_depths)]
@@ -244,7 +244,7 @@ def write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, 
     )
   first = next(iter(table))
   verdicts = findings(table[first], train_len, preset.factor, niah_rows, paired[first])
-  report.write_report(out, text, verdicts)
+  figure_report.write_report(out, text, verdicts)
   print(f"wrote {out}/REPORT.md")
 
 

@@ -25,10 +25,11 @@ import time
 
 import numpy as np
 
-from experiments import launch, report, sweep
-from experiments.launch import Run
-from pe_research import eval_report, stats
+from experiments import figure_cli, figure_report
+from pe_research import cli, eval_report, stats
 from pe_research.data import task_names
+from pe_research.launch import grid, sweep
+from pe_research.launch.grid import Run
 
 NAME = "length_generalization"
 METHODS = {  # label -> (pe.name, pe.randomized)
@@ -117,11 +118,11 @@ def ranking_line(ours: dict[str, float]) -> str:
   paper = sorted(ours, key=lambda m: -PUBLISHED_MRR[m])
   breaks_ties_as_paper = [m for g in groups for m in sorted(g, key=paper.index)] == paper
   if breaks_ties_as_paper and len(groups) == len(paper):
-    verdict = report.verdict(True, "same order")
+    verdict = figure_report.verdict(True, "same order")
   elif breaks_ties_as_paper:
     verdict = "**not separated: tied where the paper's order is strict**"
   else:
-    verdict = report.verdict(False, no="a different order")
+    verdict = figure_report.verdict(False, no="a different order")
   ranking = " > ".join(" = ".join(g) for g in groups)
   line = f"- MRR ranking (best first): {ranking}; paper: {' > '.join(paper)} — {verdict}"
   for sep, method, end, group in (
@@ -146,7 +147,7 @@ def randomized_gain_line(ood, preset: Preset, method: str, base: str, learned: d
   if len(per_seed) < 2:
     verdict = "**one seed: no interval, no verdict**"
   elif lo > 0 or hi < 0:
-    verdict = report.verdict(lo > 0)
+    verdict = figure_report.verdict(lo > 0)
   else:
     verdict = "**not separated from 0 across seeds: no verdict**"
   return (
@@ -180,7 +181,7 @@ def findings(ood, ind, preset: Preset) -> list[str]:
 
 
 def _accuracy_cell(mean: float, lo: float, hi: float) -> str:
-  return report.fmt(mean) if lo == hi else f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
+  return figure_report.fmt(mean) if lo == hi else f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
@@ -190,7 +191,7 @@ def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
     for (t, m, s), by_length in acc.items()
     for n, a in by_length.items()
   ]
-  report.write_csv(os.path.join(out, "results.csv"), rows)
+  figure_report.write_csv(os.path.join(out, "results.csv"), rows)
   ood = {k: float(np.mean([a for n, a in v.items() if n > train_max])) for k, v in acc.items()}
   ind = {k: v[train_max] for k, v in acc.items()}
   all_mrr = mrr(ood, preset, preset.methods)
@@ -205,7 +206,7 @@ def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
     }
     for m in preset.methods
   ]
-  report.write_csv(os.path.join(out, "mrr.csv"), mrr_rows)
+  figure_report.write_csv(os.path.join(out, "mrr.csv"), mrr_rows)
   per_task = []
   for task in preset.tasks:
     curves = {}
@@ -224,7 +225,7 @@ def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
       logy=False,
     )
     per_task += [f"### {task}", f"![{task}](accuracy_{task}.png)", ""]
-    per_task += report.markdown_table(
+    per_task += figure_report.markdown_table(
       ["method", *preset.lengths],
       [[m, *map(_accuracy_cell, *curves[m][1:])] for m in preset.methods],
     )
@@ -241,7 +242,7 @@ def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
     "Tied accuracies share the average of their ranks (fractional ranking); methods with equal",
     'MRR are printed as ties ("A = B") in the ranking below.',
     "",
-    *report.markdown_table(
+    *figure_report.markdown_table(
       ["method", "MRR (all here)", "MRR (Kazemnejad's 5)", "published"],
       [[r["method"], r["mrr_all"], r["mrr_kazemnejad5"], r["published"]] for r in mrr_rows],
     ),
@@ -256,16 +257,16 @@ def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
     "",
     *per_task,
   ]
-  report.write_report(out, text, findings(ood, ind, preset))
+  figure_report.write_report(out, text, findings(ood, ind, preset))
 
 
 def main(argv: list[str] | None = None) -> None:
-  args = launch.parse_experiment_args(
+  args = figure_cli.parse_experiment_args(
     __doc__, NAME, argv, lambda preset: f"runs/synthetic/{preset}"
   )
   start, preset = time.time(), PRESETS[args.preset]
-  runs = runs_for(args.preset, preset, args.runs, launch.parse_overrides(args.set))
-  out = launch.run_or_print(list(runs.values()), args, NAME)
+  runs = runs_for(args.preset, preset, args.runs, grid.parse_overrides(args.set))
+  out = figure_cli.run_or_print(list(runs.values()), args, NAME)
   if out is None:
     return
   acc = {}
@@ -286,4 +287,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  report.exit_on_value_error(main)
+  cli.exit_on_value_error(main)

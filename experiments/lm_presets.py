@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from experiments.launch import Run
+from pe_research.launch.grid import Run
 
 
 @dataclasses.dataclass(frozen=True)

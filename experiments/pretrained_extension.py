@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-from experiments import report, sweep
+from experiments import figure_cli
 from experiments.extension_presets import (  # noqa: F401 (the presets are this script's API)
   _L,
   PRESETS,
@@ -38,7 +38,8 @@ from experiments.extension_presets import (  # noqa: F401 (the presets are this 
   zero_shot_methods,
 )
 from experiments.extension_report import write_outputs
-from pe_research import backend, config_lib
+from pe_research import backend, cli, config_lib
+from pe_research.launch import sweep
 
 NAME = "pretrained_extension"
 
@@ -131,7 +132,7 @@ def final_train_loss(workdir: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  report.add_common_flags(parser, NAME, tuple(PRESETS))
+  figure_cli.add_common_flags(parser, NAME, tuple(PRESETS))
   parser.add_argument("--workdir", default="runs/pretrained/smollm2-135m")
   parser.add_argument("--data", default="", help="JSON {text kind: data overrides}.")
   parser.add_argument("--methods", default="", help="Comma-separated subset of the methods.")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
   args.command = ["python -m experiments.pretrained_extension", *(argv or sys.argv[1:])]
   backend.use_low_memory_schedule()  # Before JAX starts (no effect in a process that has).
   preset, start = subset(PRESETS[args.preset], args.methods, args.lengths), time.time()
-  out = report.out_dir(args, NAME)
+  out = figure_cli.out_dir(args, NAME)
   if not os.path.isfile(os.path.join(args.workdir, "config.json")):
     raise ValueError(f"--workdir={args.workdir!r} has no run; allowed: make pretrained first")
   with open(os.path.join(args.workdir, "config.json")) as f:
@@ -223,4 +224,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  report.exit_on_value_error(main)
+  cli.exit_on_value_error(main)

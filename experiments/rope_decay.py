@@ -37,7 +37,8 @@ from flax import nnx
 from matplotlib.figure import Figure
 
 from configs.base import get_config
-from experiments import report
+from experiments import figure_cli
+from pe_research import cli
 from pe_research.encodings.alibi import alibi_slopes
 from pe_research.encodings.fire import Fire
 from pe_research.encodings.kerple import Kerple
@@ -220,7 +221,7 @@ def write_report(path: pathlib.Path, distance_R, rope_R, curves, learned, args) 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  report.add_common_flags(parser, "rope_decay")
+  figure_cli.add_common_flags(parser, "rope_decay")
   parser.add_argument("--dim", type=int, default=None, help="RoPE rotary dim d (RoFormer: 128).")
   parser.add_argument("--base", type=float, default=10000.0, help="RoPE base b.")
   parser.add_argument("--r_max", type=int, default=None, help="Largest relative distance.")
@@ -240,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  out = pathlib.Path(report.out_dir(args, "rope_decay"))
+  out = pathlib.Path(figure_cli.out_dir(args, "rope_decay"))
   distance_R = np.arange(args.r_max + 1)
   rope_R = rope_relative_upper_bound(distance_R, args.dim, args.base)
   curves = bias_curves(distance_R, args.num_heads, args.seed)
@@ -256,4 +257,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  report.exit_on_value_error(main)
+  cli.exit_on_value_error(main)

@@ -30,55 +30,17 @@ in fp32); the output has the operand dtype (:func:`attend`'s ``operand_dtype``, 
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pe_research import backend
 from pe_research.flash_attention import MASK_VALUE, blockwise_attention, pack_heads
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array | None]
 IMPLEMENTATIONS = ("dense", "blockwise", "xla")
-
-
-def batch_pieces(batch: int) -> int:
-  """Into how many pieces :func:`attend` cuts the batch: on a single CPU device the largest
-  divisor of ``batch`` up to the number of cores this process may use, elsewhere 1.
-
-  XLA:CPU runs each batched ``[B, H]`` attention matmul (YNNPACK) on one core, and a layer's
-  attention is a chain of them, so the other cores idled through it; the pieces' chains are
-  independent and run side by side (d=256, 4 layers, T=256, B=16 train step on 2 cores: 1.03x
-  with blockwise 256-blocks, measured). Several CPU devices (data parallelism) already run
-  their shards side by side, and GPUs get one kernel: no cut there.
-  """
-  if jax.default_backend() != "cpu" or jax.local_device_count() != 1:
-    return 1
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(n for n in range(1, min(batch, cores or 1) + 1) if batch % n == 0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def split(x: jax.Array, pieces: int, axis: int) -> tuple[jax.Array, ...]:
-  """``jnp.split(x, pieces, axis)`` whose gradient is one ``concatenate`` of the pieces'
-  cotangents. Autodiff's is a zero-padded copy of each piece's, summed, which XLA:CPU fuses
-  into one loop that evaluates every piece's branch per element. For the batch pieces and the
-  q/k/v split, train steps: d256x4 fp32 0.98x and 1.02x (two runs), bf16 1.10x and 1.05x;
-  d512x8 fp32 1.02x, bf16 1.03x (measured)."""
-  return tuple(jnp.split(x, pieces, axis))
-
-
-def _split_fwd(x, pieces, axis):
-  return split(x, pieces, axis), None
-
-
-def _split_bwd(pieces, axis, _, gs):
-  return (jnp.concatenate(gs, axis),)
-
-
-split.defvjp(_split_fwd, _split_bwd)
 
 
 def attend(
@@ -97,9 +59,9 @@ def attend(
   window: int | None = None,
 ) -> jax.Array:
   """Causal attention of q ``[B, L, H, K]`` over k, v ``[B, L, G, K]`` (``G`` dividing ``H``)
-  -> ``[B, L, H, K]`` with the implementation ``impl``, over :func:`batch_pieces` pieces of the
-  batch (positions with a batch axis of 1 serve every piece). ``operand_dtype`` (default:
-  ``q``'s dtype): q, k and v are rounded to it, piece by piece, and the output is in it; their
+  -> ``[B, L, H, K]`` with the implementation ``impl`` (over the backend's pieces of the batch,
+  :func:`~pe_research.backend.over_batch_pieces`). ``operand_dtype`` (default: ``q``'s dtype):
+  q, k and v are rounded to it, and the output is in it; their
   gradients come back in their own dtype. ``window`` W with ``q_far``, ``k_far`` (shaped as q,
   k): the far logit set of pairs with ``i − j >= W`` (module docstring)."""
   if impl not in IMPLEMENTATIONS:
@@ -114,26 +76,23 @@ def attend(
       f"attention needs q [B, L, H, K] and k, v [B, L, G, K] with G dividing H; got q "
       f"{q_BxLxHxK.shape}, k {k_BxLxGxK.shape}, v {v_BxLxGxK.shape}"
     )
-  pieces = batch_pieces(q_BxLxHxK.shape[0])
   dtype = operand_dtype or q_BxLxHxK.dtype
+  q_far_BxLxHxK, k_far_BxLxGxK = far or (None, None)
 
-  def cut(x):  # Positions with a batch axis of 1 serve every piece.
-    if x.shape[0] == 1 or pieces == 1:
-      return (x,) * pieces
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-      return split(x, pieces, 0)
-    return tuple(jnp.split(x, pieces, 0))
+  def attend_rows(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, q_far, k_far):
+    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (x.astype(dtype) for x in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK))
+    far = None if q_far is None else (q_far.astype(dtype), k_far.astype(dtype))
+    args = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn)
+    if impl == "dense":
+      return dense_attention(*args, far=far, window=window)
+    if impl == "blockwise":
+      return blockwise_attention(*args, block_size, far=far, window=window)
+    return xla_attention(*args)
 
-  qs, ks, vs = (tuple(p.astype(dtype) for p in cut(x)) for x in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK))
-  q_poss, k_poss = cut(q_pos_BxL), cut(k_pos_BxL)
-  fars = [None] * pieces
-  if far is not None:
-    fars = list(zip(*(tuple(p.astype(dtype) for p in cut(x)) for x in far), strict=True))
-  outs = [
-    _attend(qs[i], ks[i], vs[i], q_poss[i], k_poss[i], bias_fn, impl, block_size, fars[i], window)
-    for i in range(pieces)
-  ]
-  return outs[0] if pieces == 1 else jnp.concatenate(outs, axis=0)
+  qkv = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+  return backend.over_batch_pieces(
+    attend_rows, *qkv, q_pos_BxL, k_pos_BxL, q_far_BxLxHxK, k_far_BxLxGxK
+  )
 
 
 def _check_far(q_BxLxHxK, k_BxLxGxK, q_far_BxLxHxK, k_far_BxLxGxK, window, impl):
@@ -153,17 +112,6 @@ def _check_far(q_BxLxHxK, k_BxLxGxK, q_far_BxLxHxK, k_far_BxLxGxK, window, impl)
       "pe.rerope_window); allowed: 'dense' or 'blockwise'"
     )
   return q_far_BxLxHxK, k_far_BxLxGxK
-
-
-def _attend(
-  q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, impl, block_size, far, window
-):
-  args = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn)
-  if impl == "dense":
-    return dense_attention(*args, far=far, window=window)
-  if impl == "blockwise":
-    return blockwise_attention(*args, block_size, far=far, window=window)
-  return xla_attention(*args)
 
 
 def _logits(q_BxQxGxK: jax.Array, k_BxKxGxK: jax.Array) -> jax.Array:
@@ -223,8 +171,7 @@ def dense_attention(
 def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn):
   """``jax.nn.dot_product_attention`` (takes ``G`` KV heads natively, same head grouping);
   cuDNN on GPU for half-precision inputs, else XLA."""
-  half = q_BxLxHxK.dtype in (jnp.bfloat16, jnp.float16)
-  implementation = "cudnn" if jax.default_backend() == "gpu" and half else None
+  implementation = backend.dot_product_attention_implementation(q_BxLxHxK.dtype)
   bias_BxHxLxL = None if bias_fn is None else bias_fn(q_pos_BxL, k_pos_BxL)
   if bias_BxHxLxL is not None and implementation == "cudnn":
     bias_BxHxLxL = bias_BxHxLxL.astype(q_BxLxHxK.dtype)

@@ -1,28 +1,300 @@
-"""Process-wide XLA settings that entry points choose before JAX starts its backend.
+"""Everything that depends on the backend (XLA:CPU, GPU, TPU), in one place.
 
-  use_low_memory_schedule()   evaluation processes (pe_research.evaluate, the long-context
-                              experiments and benchmarks)
-  eval_attention(model_impl, model_block, length, dense_too_big)
-                              the attention implementation and block size that score a length
-  one_thread_per_process()    processes started from here run XLA:CPU on one thread each
-  CompileCounter              XLA backend compilations, counted from JAX's monitoring events
+The model, attention and the encodings are written as their formulas. Where one backend needs
+another form of the same arithmetic, they call the kernel here, and :func:`policy` says which
+form it takes. The policy is chosen once per process, from the platform JAX runs on, and each
+run records it in its ``config.json`` (``"backend"``). ``Policy.reference()`` is every formula
+as written; it runs on any backend and is what the tests compare the tuned forms against.
 
-XLA:CPU's concurrency-optimized scheduler orders a long evaluation program so that a buffer of
-every layer stays alive at once: SmolLM2-135M (30 layers) scoring 32,768 tokens needed 4.5 GiB
-of temporaries, 0.45 GiB with it off (compiled memory analysis), at the same speed within
-noise (docs/benchmarks/pretrained_prefill). XLA reads its flags once, when the backend starts:
-called later, this has no effect.
+  kernel                   cpu policy (tuned for XLA:CPU)                reference policy
+  activation_dtype(dt)     float32: bf16 is only a matmul operand         dt
+  matmul / linear          fp32 accumulation in the forward and both backward products
+                           (custom VJP, dW float32) on every policy; on the CPU every
+                           transpose is a row-major copy and the result a fp32 convert
+  split                    its gradient is one concatenate                jnp.split
+  over_batch_pieces        attention's batch in per-core pieces          one call
+  materialised(*tables)    tables through an identity matmul (a buffer)  the tables
+  lookup_columns(t, idx)   one-hot matmul up to ``LOOKUP_MAX`` entries    a gather
+  sum_leading(x)           pairwise halving over axis 0                   jnp.sum
+  transposed_key_grads     flash backward: dk, dv accumulated transposed  plain
+                           (bf16)
+  dot_product_attention_implementation: cuDNN for bf16/fp16 on GPU, else XLA.
+
+Why each tuned form exists, with the commands and numbers that measured it:
+docs/cpu_performance.md. The GPU and TPU policy is the reference, except that a bf16 matmul
+writes its bf16 output directly (cuBLAS accumulates in fp32).
+
+Also here: process-wide XLA flags that entry points set before JAX starts its backend
+(:func:`use_low_memory_schedule`, :func:`one_thread_per_process`), the attention an evaluation
+length is scored with (:func:`eval_attention`), and :class:`CompileCounter`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Which form each kernel of this module takes (module docstring)."""
+
+  platform: str
+  float32_activations: bool = False
+  cpu_matmul: bool = False
+  low_precision_matmul_output: bool = False
+  concat_split_grad: bool = False
+  attention_batch_pieces: int = 1  # At most this many pieces (the cores this process may use).
+  materialise_tables: bool = False
+  lookup_by_matmul: bool = False
+  pairwise_sum_leading: bool = False
+  transposed_key_grads: bool = False
+
+  @classmethod
+  def reference(cls, platform: str = "any") -> Policy:
+    return cls(platform)
+
+  @classmethod
+  def for_platform(cls, platform: str, cores: int, local_devices: int) -> Policy:
+    """The tuned policy of ``platform`` (``jax.default_backend()``)."""
+    if platform != "cpu":
+      return cls(platform, low_precision_matmul_output=True)
+    return cls(
+      platform,
+      float32_activations=True,
+      cpu_matmul=True,
+      concat_split_grad=True,
+      # Several CPU devices (data parallelism) already run their shards side by side.
+      attention_batch_pieces=cores if local_devices == 1 else 1,
+      materialise_tables=True,
+      lookup_by_matmul=True,
+      pairwise_sum_leading=True,
+      transposed_key_grads=True,
+    )
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+_POLICY: Policy | None = None
+
+
+def policy() -> Policy:
+  """This process's policy, chosen at the first call (:meth:`Policy.for_platform`)."""
+  global _POLICY
+  if _POLICY is None:
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+    _POLICY = Policy.for_platform(jax.default_backend(), cores, jax.local_device_count())
+  return _POLICY
+
+
+def set_policy(new: Policy | None) -> None:
+  """Replaces the process's policy (None: choose again). Functions traced before keep the form
+  they were traced with; tests call this before building what they compare."""
+  global _POLICY
+  _POLICY = new
+
+
+def activation_dtype(compute_dtype):
+  """The dtype of activations between matmuls for ``compute_dtype``."""
+  return jnp.float32 if policy().float32_activations else compute_dtype
+
+
+# ---- matmul: x W with operands in a compute dtype, accumulated in float32 ----------------------
+
+
+def linear(x_BxLxD: jax.Array, w: jax.Array, out_dtype, operand_dtype, w_transposed=False):
+  """``x W`` (``W`` is ``[D, F]``) or, with ``w_transposed``, ``x W^T`` (``W`` is ``[F, D]``)
+  by :func:`matmul` on the rows of ``x`` flattened to ``[N, D]`` (XLA:CPU transposes a 3-D
+  ``x`` before the weight-gradient matmul; the reshape is free elsewhere)."""
+  x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
+  y_NxF = matmul(x_NxD, w, out_dtype, w_transposed, operand_dtype)
+  return y_NxF.reshape(*x_BxLxD.shape[:-1], -1)
+
+
+def _transposed(x_NxD: jax.Array) -> jax.Array:
+  """``x^T``; tuned for XLA:CPU, a row-major ``[D, N]`` copy (its fast kernel contracts a left
+  operand on its last, contiguous axis only). The barrier keeps XLA from folding the copy into
+  the matmul; any reshape it sees forces the physical copy."""
+  if not policy().cpu_matmul:
+    return x_NxD.T
+  n, d = x_NxD.shape
+  rows = 8 if n % 8 == 0 else 1
+  return jax.lax.optimization_barrier(x_NxD.T.reshape(d, n // rows, rows)).reshape(d, n)
+
+
+def _kept_apart(x: jax.Array) -> jax.Array:
+  """``x``; for XLA:CPU behind a barrier, so a transpose that follows is not folded into the
+  matmul that computed ``x`` (it would contract a non-contiguous axis again)."""
+  return jax.lax.optimization_barrier(x) if policy().cpu_matmul else x
+
+
+def _dot(a_NxD: jax.Array, b: jax.Array, b_axis: int, out_dtype) -> jax.Array:
+  """``a b`` (``b_axis=0``, ``b`` is ``[D, F]``) or ``a b^T`` (``b_axis=1``, ``[F, D]``),
+  accumulated in float32, result in ``out_dtype``: written directly where the platform's matmul
+  rounds its own output (cuBLAS), else accumulated in float32 and converted."""
+  dims = (((1,), (b_axis,)), ((), ()))
+  if out_dtype != jnp.float32 and policy().low_precision_matmul_output:
+    return jax.lax.dot_general(a_NxD, b, dims, preferred_element_type=out_dtype)
+  return jax.lax.dot_general(a_NxD, b, dims, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def matmul(x_NxD, w, out_dtype, w_transposed: bool = False, operand_dtype=None) -> jax.Array:
+  """``x W`` (or ``x W^T``) with operands in ``operand_dtype`` (default ``x``'s) and float32
+  accumulation in the forward and both backward matmuls (``dx = g W^T`` with ``g`` rounded to
+  the operand dtype, ``dW = x^T g``): ``dx`` has ``x``'s dtype (a float32 ``x`` never gets a
+  bf16 gradient), ``dW`` is float32. Every contraction takes the form :func:`_transposed`
+  chooses."""
+  return _matmul_fwd(x_NxD, w, out_dtype, w_transposed, operand_dtype)[0]
+
+
+def _matmul_fwd(x_NxD, w, out_dtype, w_transposed, operand_dtype):
+  dtype = operand_dtype or x_NxD.dtype
+  x_dtype = jnp.zeros((0,), x_NxD.dtype)  # Residuals are arrays: x's dtype, carried by 0 bytes.
+  x_NxD, w = x_NxD.astype(dtype), w.astype(dtype)
+  return _dot(x_NxD, w, int(w_transposed), out_dtype), (x_NxD, w, x_dtype)
+
+
+def _matmul_bwd(out_dtype, w_transposed, operand_dtype, residuals, g_NxF):
+  del out_dtype, operand_dtype
+  x_NxD, w, x_dtype = residuals
+  g_NxF = g_NxF.astype(x_NxD.dtype)
+  dx_NxD = _dot(g_NxF, w, 1 - int(w_transposed), x_dtype.dtype)
+  # dW = x^T g: transpose the narrower of x and g, and the small [D, F] result if it comes out
+  # the other way round.
+  if x_NxD.shape[1] <= g_NxF.shape[1]:
+    dw_DxF = _dot(_transposed(x_NxD), g_NxF, 0, jnp.float32)
+    return dx_NxD, _kept_apart(dw_DxF).T if w_transposed else dw_DxF
+  dw_FxD = _dot(_transposed(g_NxF), x_NxD, 0, jnp.float32)
+  return dx_NxD, dw_FxD if w_transposed else _kept_apart(dw_FxD).T
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+# ---- split, batch pieces, tables ---------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _concat_grad_split(x: jax.Array, pieces: int, axis: int) -> tuple[jax.Array, ...]:
+  return tuple(jnp.split(x, pieces, axis))
+
+
+def _split_fwd(x, pieces, axis):
+  return _concat_grad_split(x, pieces, axis), None
+
+
+def _split_bwd(pieces, axis, _, gs):
+  del pieces
+  return (jnp.concatenate(gs, axis),)
+
+
+_concat_grad_split.defvjp(_split_fwd, _split_bwd)
+
+
+def split(x: jax.Array, pieces: int, axis: int) -> tuple[jax.Array, ...]:
+  """``jnp.split(x, pieces, axis)``; in the tuned form its gradient is one concatenate of the
+  pieces' cotangents (autodiff's is a sum of zero-padded copies)."""
+  if policy().concat_split_grad:
+    return _concat_grad_split(x, pieces, axis)
+  return tuple(jnp.split(x, pieces, axis))
+
+
+def batch_pieces(batch: int) -> int:
+  """Into how many pieces :func:`over_batch_pieces` cuts a batch: the largest divisor of
+  ``batch`` up to ``policy().attention_batch_pieces``."""
+  limit = min(batch, policy().attention_batch_pieces)
+  return max(n for n in range(1, limit + 1) if batch % n == 0)
+
+
+def over_batch_pieces(fn, *xs_Bx: jax.Array | None) -> jax.Array:
+  """``fn(*xs)`` computed on :func:`batch_pieces` pieces of the batch and concatenated (the same
+  values: ``fn`` must treat batch rows independently). Arguments with a batch axis of 1 (shared
+  positions) or None are passed whole to every piece. XLA:CPU runs each batched attention matmul
+  on one core; independent pieces run side by side."""
+  batch = max(x.shape[0] for x in xs_Bx if x is not None)
+  pieces = batch_pieces(batch)
+  if pieces == 1:
+    return fn(*xs_Bx)
+
+  def cut(x):
+    if x is None or x.shape[0] == 1:
+      return (x,) * pieces
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      return split(x, pieces, 0)
+    return tuple(jnp.split(x, pieces, 0))
+
+  cuts = [cut(x) for x in xs_Bx]
+  return jnp.concatenate([fn(*(c[i] for c in cuts)) for i in range(pieces)], axis=0)
+
+
+def materialised(*tables_LxR: jax.Array) -> tuple[jax.Array, ...]:
+  """The float32 tables, unchanged; in the tuned form computed once into a buffer, so XLA does
+  not recompute them inside every ``[B, L, H, R]`` consumer. A matmul's output is such a buffer
+  (an optimization barrier is gone before fusion): the identity matmul, exact in float32."""
+  if not policy().materialise_tables:
+    return tables_LxR
+  stacked_NxR = jnp.concatenate(tables_LxR, axis=-1).reshape(-1, tables_LxR[0].shape[-1])
+  r = stacked_NxR.shape[-1]
+  eye_RxR = jnp.eye(r, dtype=jnp.float32)
+  out_NxR = jnp.dot(stacked_NxR, eye_RxR, precision=jax.lax.Precision.HIGHEST)
+  out = out_NxR.reshape(*tables_LxR[0].shape[:-1], len(tables_LxR) * r)
+  return tuple(jnp.split(out, len(tables_LxR), axis=-1))
+
+
+# The most one-hot entries (64 MiB of float32) for which lookup_columns is a matmul.
+LOOKUP_MAX = 1 << 24
+
+
+def lookup_columns(table_NxH: jax.Array, index: jax.Array) -> jax.Array:
+  """``table[index, h]`` for every column ``h``: float32 ``[H, *index.shape]``. Tuned form, up to
+  ``LOOKUP_MAX`` one-hot entries: the matmul ``table^T onehot(index)``, exact in float32, whose
+  gradient is a matmul where a gather's is a scatter-add, and whose output is a buffer XLA
+  computes once instead of fusing the index arithmetic into every consumer."""
+  table_HxN = table_NxH.T.astype(jnp.float32)
+  n = table_HxN.shape[1]
+  if not policy().lookup_by_matmul or index.size * n > LOOKUP_MAX:
+    return jnp.take(table_HxN, index, axis=1)
+  onehot_NxI = (jnp.arange(n, dtype=jnp.int32)[:, None] == index.reshape(1, -1)).astype(jnp.float32)
+  out_HxI = jnp.dot(table_HxN, onehot_NxI, precision=jax.lax.Precision.HIGHEST)
+  return out_HxI.reshape(-1, *index.shape)
+
+
+def sum_leading(x: jax.Array) -> jax.Array:
+  """``jnp.sum(x, axis=0, keepdims=True)``; tuned form: pairwise halving (XLA:CPU's reduction
+  over a leading axis is slow), which is also the more accurate sum."""
+  if not policy().pairwise_sum_leading:
+    return jnp.sum(x, axis=0, keepdims=True)
+  while x.shape[0] > 1:
+    half = x.shape[0] // 2
+    odd_row = x[2 * half :]
+    x = x[:half] + x[half : 2 * half]
+    if odd_row.shape[0]:
+      x = x.at[:1].add(odd_row)
+  return x
+
+
+def dot_product_attention_implementation(dtype) -> str | None:
+  """``jax.nn.dot_product_attention``'s ``implementation``: cuDNN for half-precision inputs on
+  GPU, else None (XLA)."""
+  half = dtype in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if policy().platform == "gpu" and half else None
+
+
+def transposed_key_grads(dtype) -> bool:
+  """Whether blockwise attention's backward pass accumulates ``dk``, ``dv`` transposed."""
+  return policy().transposed_key_grads and dtype != jnp.float32
+
+
+# ---- process-wide XLA flags, evaluation attention, compile counting ----------------------------
 
 LOW_MEMORY_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -36,18 +308,16 @@ def one_thread_per_process() -> None:
 
 
 def use_low_memory_schedule() -> None:
-  """Adds the low-memory schedule to ``XLA_FLAGS`` unless the flag is already set there."""
+  """Adds the low-memory schedule to ``XLA_FLAGS`` unless the flag is already set there (XLA:CPU's
+  concurrency-optimized scheduler kept a buffer of every layer alive in long evaluations). XLA
+  reads its flags once, when the backend starts: called later, this has no effect."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "concurrency_optimized_scheduler" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {LOW_MEMORY_SCHEDULE}".strip()
 
 
 # Evaluation of a dense-attention model switches to blockwise attention with 512-position blocks
-# from this length on (or earlier, when the dense scores exceed the memory budget). Measured
-# on AMD EPYC Zen 4 (AVX-512), 2 cores, the d=128 4-layer demo model, 32,768 tokens, batch 1:
-# dense vs blockwise-512 seconds at 1024 / 4096 were RoPE 2.62 vs 1.32 / 9.22 vs 4.24, ALiBi
-# 2.60 vs 1.42 / 9.39 vs 3.73, T5 3.07 vs 2.65 / 11.37 vs 7.39 (equal ppl to 4 digits);
-# blockwise with 128-position blocks took 1.77 / 5.13 (RoPE).
+# from this length on (or earlier, when the dense scores exceed the memory budget).
 EVAL_BLOCKWISE_FROM = 1024
 EVAL_BLOCK = 512
 
@@ -61,6 +331,16 @@ def eval_attention(
   if model_impl == "dense" and (dense_too_big or length >= EVAL_BLOCKWISE_FROM):
     return "blockwise", EVAL_BLOCK
   return model_impl, model_block
+
+
+# Evaluation calls (``batch_size=0``) hold about this many tokens: one XLA:CPU thread scored the
+# d=128 4-layer demo model fastest there (docs/cpu_performance.md, "Evaluation batch").
+EVAL_TOKENS_PER_CALL = 1024
+
+
+def eval_batch_size(length: int) -> int:
+  """Windows of ``length`` tokens per evaluation call when the caller leaves it to the backend."""
+  return max(1, EVAL_TOKENS_PER_CALL // length)
 
 
 class CompileCounter:

@@ -1,9 +1,8 @@
-"""Checkpoints of a run's workdir (Orbax ``CheckpointManager``, ``args`` API), their integrity,
-preemption stops, and the start-up checks of a workdir.
+"""Checkpoints of a run's workdir (Orbax ``CheckpointManager``, ``args`` API) and their integrity.
 
 Layout of ``DIR``::
 
-  config.json                 the run's resolved config (written before training starts)
+  config.json                 the run's resolved config (``pe_research.workdirs``)
   checkpoints/<step>/params   model parameters (nnx.Param leaves, a pure dict)
   checkpoints/<step>/state    {"step", "opt_state", "model_state"}; model_state holds the
                               model's other NNX state, e.g. RNG keys and counters
@@ -20,33 +19,24 @@ after a new checkpoint is committed, never counts them nor deletes the only inta
 Restoring into a placed train state gives every array that state's sharding. The data state
 saved is process 0's; the grain pipeline's state (a count of elements read) is the same on
 every process, so every process restores from it. Decisions about the workdir are made on
-process 0 and shared, so that no process waits for others that have failed.
+process 0 and shared (``workdirs.on_primary``).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import json
 import os
 import shutil
-import signal
-import tempfile
-import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 
-from pe_research import config_lib, integrity
+from pe_research import config_lib, integrity, workdirs
 from pe_research.integrity import WorkdirError
 
-CONFIG_FILE = "config.json"
 # Written by ``python -m pe_research.pretrained import``: its checkpoint has no optimizer state.
 IMPORTED_FILE = "imported.json"
 
@@ -68,21 +58,6 @@ def latest_intact_step(workdir: str) -> int | None:
   return step
 
 
-def _on_primary(check: Callable[[], None]) -> None:
-  """Runs ``check`` on process 0; when it raises WorkdirError every process raises, so that
-  none waits for the others."""
-  error = None
-  if jax.process_index() == 0:
-    try:
-      check()
-    except WorkdirError as e:
-      error = e
-  if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
-    error = error or WorkdirError("process 0 refused the workdir; see its error")
-  if error is not None:
-    raise error
-
-
 def _gib(size: float) -> str:
   return f"{size / 2**30:.3g} GiB"
 
@@ -95,10 +70,10 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int):
-    workdir = absolute(workdir)
+    workdir = workdirs.absolute(workdir)
     self._workdir, self._keep = workdir, keep
     self._dir = os.path.join(workdir, "checkpoints")
-    _on_primary(lambda: integrity.quarantine(workdir))
+    workdirs.on_primary(lambda: integrity.quarantine(workdir))
     self._sealing = collections.deque()  # Steps being saved, oldest first (process 0 only).
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
@@ -134,7 +109,7 @@ class Checkpointer:
           "train.keep_checkpoints, or a --workdir on another disk"
         )
 
-    _on_primary(check)
+    workdirs.on_primary(check)
 
   def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
     """Starts an asynchronous save of ``state`` at ``step`` (the arrays are copied first)."""
@@ -171,97 +146,13 @@ class Checkpointer:
     self._manager.close()
 
 
-def absolute(path: str) -> str:
-  """A local ``path`` made absolute (Orbax rejects relative ones); URLs (``gs://...``) as is."""
-  return path if "://" in path else os.path.abspath(path)
-
-
 def load_params(workdir: str, like: Any, step: int | None = None) -> Any:
   """Parameters of the checkpoint at ``step`` (default: the newest intact one) of ``workdir``."""
   step = latest_intact_step(workdir) if step is None else step
   if step is None:
     raise ValueError(f"init_from={workdir!r} has no checkpoint; allowed: a run's workdir")
-  with ocp.CheckpointManager(os.path.join(absolute(workdir), "checkpoints")) as manager:
+  with ocp.CheckpointManager(os.path.join(workdirs.absolute(workdir), "checkpoints")) as manager:
     restored = manager.restore(
       step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like)))
     )
   return restored.params
-
-
-@contextlib.contextmanager
-def stop_requests() -> Iterator[Callable[[int], bool]]:
-  """Yields ``should_stop(step)``: True once SIGTERM or SIGINT arrived, so the loop can save
-  and exit cleanly (a second signal acts as usual). With several processes, JAX's preemption
-  service (a SIGTERM to any process) chooses one step at which every process stops."""
-  if jax.process_count() > 1:
-    yield multihost_utils.reached_preemption_sync_point
-    return
-  received = []
-
-  def on_signal(signum, frame) -> None:
-    del frame
-    received.append(signum)
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
-
-  previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield lambda step: bool(received)
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
-
-
-def record_config(workdir: str, config: ml_collections.ConfigDict, *, write: bool) -> None:
-  """Checks ``config`` against ``DIR/config.json`` (see ``check_resumable``), then writes it.
-
-  Raises:
-    ValueError: the workdir holds a run with another config (only train.steps and
-      train.steps_per_call may change).
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        saved = json.load(f)
-      except ValueError as e:
-        raise WorkdirError(f"{path} is unreadable ({e}); allowed: --overwrite") from None
-    config_lib.check_resumable(saved, config, workdir)
-  if write:
-    os.makedirs(workdir, exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-      f.write(config.to_json(indent=2) + "\n")
-    os.replace(f"{path}.tmp", path)  # Atomic: other processes, or a kill, see old or new.
-
-
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, overwrite: bool):
-  """Start-up checks of ``workdir`` before anything is trained; returns where an old run was
-  moved (None if it was not).
-
-  With ``overwrite``, an existing non-empty ``DIR`` is renamed to ``DIR.old-<time>`` (nothing
-  is deleted). Then ``config`` is checked against the run in ``DIR`` (``record_config``) and
-  written, and ``DIR`` and ``DIR/checkpoints`` must accept new files.
-
-  Raises:
-    ValueError: the workdir holds a run with another config.
-    WorkdirError: the workdir cannot be written.
-  """
-  moved = []
-
-  def move_aside_and_probe() -> None:
-    try:
-      if overwrite and os.path.isdir(workdir) and os.listdir(workdir):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        moved.append(integrity.unused_path(f"{os.path.normpath(workdir)}.old-{stamp}"))
-        os.rename(workdir, moved[0])
-      for directory in (workdir, os.path.join(workdir, "checkpoints")):
-        os.makedirs(directory, exist_ok=True)
-        tempfile.TemporaryFile(dir=directory).close()
-    except OSError as e:
-      raise WorkdirError(
-        f"--workdir={workdir!r} is not writable ({e}); allowed: a writable directory"
-      ) from None
-
-  _on_primary(move_aside_and_probe)
-  record_config(workdir, config, write=jax.process_index() == 0)
-  return moved[0] if moved else None

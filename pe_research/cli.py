@@ -1,8 +1,9 @@
-"""Command-line plumbing shared by the absl entry points: errors are one line and exit code 2."""
+"""Command-line plumbing shared by the entry points: errors are one line and exit code 2."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from absl import flags
 
@@ -11,6 +12,15 @@ def exit_with_error(error: Exception) -> None:
   """Prints ``error: <one line>`` to stderr and exits with code 2."""
   print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
   sys.exit(2)
+
+
+def exit_on_value_error(main: Callable[[], object]) -> None:
+  """Runs ``main()``; bad input (ValueError) exits with code 2 and one line (the argparse entry
+  points: ``python -m pe_research.launch`` and the experiment scripts)."""
+  try:
+    main()
+  except ValueError as e:
+    exit_with_error(e)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -14,45 +14,43 @@ from typing import Any
 
 import ml_collections
 
-ROTARY_ENCODINGS = ("rope", "xpos")
+from pe_research.encodings import registry
+from pe_research.encodings.rope_scaling import parse_rope_scaling
+from pe_research.encodings.spec import NON_NEGATIVE, POSITIVE, Rule, in_range, one_of, require
 
-_CHOICES = {
-  "model.mlp": ("gelu", "swiglu"),
-  "model.norm": ("layernorm", "rmsnorm"),
-  "model.attention": ("dense", "blockwise", "xla"),
-  "model.compute_dtype": ("float32", "bfloat16"),
-  "pe.rope_layout": ("half", "interleaved"),
-  "pe.sinusoidal_layout": ("concat", "interleaved"),
-  "pe.kerple_variant": ("log", "power"),
-  "train.nan_policy": ("stop", "skip"),
-}
-_POSITIVE = (
-  *("model.vocab_size", "model.num_layers", "model.model_dim", "model.num_heads"),
-  *("model.attention_block", "model.init_std", "pe.rope_base", "pe.sinusoidal_base"),
-  "model.norm_eps",
-  *("pe.max_len", "pe.t5_num_buckets", "pe.t5_max_distance", "pe.fire_hidden"),
-  *("pe.fire_c_init", "pe.fire_l_thr_init", "pe.xpos_gamma", "pe.max_random_len"),
-  *("data.eval_tokens", "data.train_min_len", "data.train_max_len", "data.test_min_len"),
-  *("data.test_max_len", "train.seq_len", "train.batch_size", "train.steps", "train.lr"),
-  *("train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "mesh.fsdp"),
-  "train.steps_per_call",
-  "pe.pose_chunks",
-)
-_NON_NEGATIVE = (
-  *("seed", "model.head_dim", "model.mlp_dim", "train.warmup_steps", "train.weight_decay"),
-  "model.num_kv_heads",
-  "pe.pose_target_len",
-  "train.grad_clip",
-)
-# field: (low, high, low_inclusive, high_inclusive)
-_RANGES = {
-  "pe.rotary_pct": (0.0, 1.0, False, True),
-  "train.min_lr_ratio": (0.0, 1.0, True, True),
-  "train.b1": (0.0, 1.0, True, False),
-  "train.b2": (0.0, 1.0, True, False),
+# The rules of the model, train, data and mesh fields, checked in this order. Each pe.* field's
+# rule is stated by the encoding that owns it (its SPEC; pe_research/encodings/registry.py).
+_RULES: dict[str, Rule] = {
+  "model.mlp": one_of("gelu", "swiglu"),
+  "model.norm": one_of("layernorm", "rmsnorm"),
+  "model.attention": one_of("dense", "blockwise", "xla"),
+  "model.compute_dtype": one_of("float32", "bfloat16"),
+  "train.nan_policy": one_of("stop", "skip"),
+  **dict.fromkeys(
+    (
+      *("model.vocab_size", "model.num_layers", "model.model_dim", "model.num_heads"),
+      *("model.attention_block", "model.init_std", "model.norm_eps", "data.eval_tokens"),
+      *("data.train_min_len", "data.train_max_len", "data.test_min_len", "data.test_max_len"),
+      *("train.seq_len", "train.batch_size", "train.steps", "train.lr", "train.log_every"),
+      *("train.checkpoint_every", "train.keep_checkpoints", "train.steps_per_call", "mesh.fsdp"),
+    ),
+    POSITIVE,
+  ),
+  **dict.fromkeys(
+    (
+      *("seed", "model.head_dim", "model.mlp_dim", "model.num_kv_heads"),
+      *("train.warmup_steps", "train.weight_decay", "train.grad_clip"),
+    ),
+    NON_NEGATIVE,
+  ),
+  "train.min_lr_ratio": in_range(0.0, 1.0, low_inclusive=True, high_inclusive=True),
+  "train.b1": in_range(0.0, 1.0, low_inclusive=True, high_inclusive=False),
+  "train.b2": in_range(0.0, 1.0, low_inclusive=True, high_inclusive=False),
 }
 # A run resumes with these changed (raising train.steps extends it; pe.randomize_eval acts only at
 # evaluation, and runs recorded before its default became True hold False); any other refuses.
+# config.json's record of the backend policy that ran (not a config field; any may resume).
+RECORDED_BACKEND = "backend"
 _RESUMABLE_CHANGES = ("train.steps", "train.steps_per_call", "pe.randomize_eval")
 
 
@@ -85,11 +83,6 @@ def _get(config: ml_collections.ConfigDict, field: str) -> Any:
   return config[name] if section is None else config[section][name]
 
 
-def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
-  if not ok:
-    raise ValueError(" ".join(f"{field}={value!r} is invalid; allowed: {allowed}".split()))
-
-
 def _same_type(value: Any, default: Any) -> bool:
   """``value`` may replace ``default``: same type, an int for a float, never a bool for a number."""
   if isinstance(default, bool) or isinstance(value, bool):
@@ -112,40 +105,29 @@ def _validate_schema(config: ml_collections.ConfigDict, schema, prefix: str = ""
     if key not in config:
       raise ValueError(f"{field} is missing; allowed: {allowed}")
     if is_section:
-      _require(isinstance(config[key], ml_collections.ConfigDict), field, config[key], allowed)
+      require(isinstance(config[key], ml_collections.ConfigDict), field, config[key], allowed)
       _validate_schema(config[key], default, f"{field}.")
     else:
-      _require(_same_type(config[key], default), field, config[key], allowed)
+      require(_same_type(config[key], default), field, config[key], allowed)
 
 
 def _validate_fields(config: ml_collections.ConfigDict) -> None:
-  for field, choices in _CHOICES.items():
-    value = _get(config, field)
-    _require(value in choices, field, value, " or ".join(repr(c) for c in choices))
-  for field in _POSITIVE:
-    _require(_get(config, field) > 0, field, _get(config, field), "a number > 0")
-  for field in _NON_NEGATIVE:
-    _require(_get(config, field) >= 0, field, _get(config, field), "a number >= 0")
-  for field, (low, high, low_in, high_in) in _RANGES.items():
-    value = _get(config, field)
-    ok = (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
-    interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
-    _require(ok, field, value, f"a number in {interval}")
+  for field, rule in _RULES.items():
+    require(rule.ok(_get(config, field)), field, _get(config, field), rule.allowed)
 
 
 def check_rope_scaling(pe: ml_collections.ConfigDict, field: str = "pe.rope_scaling") -> None:
   """Raises ValueError (one line naming ``field``) unless ``pe.rope_scaling`` is "" or valid
-  HF ``rope_scaling`` JSON for a rotary ``pe.name``."""
+  HF ``rope_scaling`` JSON for a ``pe.name`` whose spec takes it."""
   if not pe.rope_scaling:
     return
-  _require(
-    pe.name in ROTARY_ENCODINGS,
+  require(
+    registry.encoding_spec(pe.name).takes_rope_scaling,
     field,
     pe.rope_scaling,
-    f"'' unless pe.name is one of {', '.join(ROTARY_ENCODINGS)} (got {pe.name!r})",
+    f"'' for pe.name={pe.name!r} (JSON only for pe.name in "
+    f"{', '.join(registry.rope_scaling_names())})",
   )
-  from pe_research.encodings.rope_scaling import parse_rope_scaling
-
   try:
     parse_rope_scaling(pe.rope_scaling, original_max_position_embeddings=pe.train_len)
   except ValueError as e:
@@ -154,79 +136,54 @@ def check_rope_scaling(pe: ml_collections.ConfigDict, field: str = "pe.rope_scal
     raise ValueError(f"{field}{str(e).removeprefix('rope_scaling')}{allowed}") from None
 
 
-def _validate_model(config: ml_collections.ConfigDict) -> None:
-  from pe_research import encodings  # noqa: F401  (registers every encoding family)
-  from pe_research.encodings.registry import encoding_names
-  from pe_research.encodings.rope_extension import check_extension, extension_kwargs
+def _validate_pe_fields(pe: ml_collections.ConfigDict) -> None:
+  """Each ``pe.*`` field passes its owner's rule; a switch field of another family is off."""
+  owned = registry.owned_fields()
+  for _, field in owned:
+    field.check(pe[field.name])
+  for owner, field in owned:
+    require(
+      not field.switch or owner == pe.name or pe[field.name] == field.default,
+      f"pe.{field.name}",
+      pe[field.name],
+      f"{field.default!r} unless pe.name={owner!r} (got {pe.name!r})",
+    )
 
-  model, pe = config.model, config.pe
-  names = encoding_names()
-  _require(pe.name in names, "pe.name", pe.name, ", ".join(names))
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  """The model's shape, then the encoding: each question goes to the spec of ``pe.name`` (and
+  of each positions wrapper)."""
+  model, pe, train = config.model, config.pe, config.train
+  names = registry.encoding_names()
+  require(pe.name in names, "pe.name", pe.name, ", ".join(names))
+  _validate_pe_fields(pe)
   if model.head_dim == 0:
-    _require(
+    require(
       model.model_dim % model.num_heads == 0,
       "model.num_heads",
       model.num_heads,
       f"a divisor of model.model_dim={model.model_dim} (or set model.head_dim)",
     )
-  _require(
+  require(
     model.num_heads % (model.num_kv_heads or model.num_heads) == 0,
     "model.num_kv_heads",
     model.num_kv_heads,
     f"0 or a divisor of model.num_heads={model.num_heads}",
   )
-  head_dim = model.head_dim or model.model_dim // model.num_heads
-  if pe.name in ROTARY_ENCODINGS:
-    rotary_dim = int(head_dim * pe.rotary_pct)
-    _require(
-      rotary_dim >= 2 and rotary_dim % 2 == 0,
-      "model.head_dim",
-      head_dim,
-      f"head_dim with an even rotated part int(head_dim * pe.rotary_pct) for pe.name={pe.name!r}",
-    )
+  family = registry.encoding_spec(pe.name)
+  if family.rotary_dim is not None:
+    family.rotary_dim(model.head_dim or model.model_dim // model.num_heads, pe)
   check_rope_scaling(pe)
-  check_extension(pe.name, **extension_kwargs(pe))
-  _require(
-    not (pe.self_extend_window or pe.rerope_window) or model.attention != "xla",
-    "model.attention",
-    model.attention,
-    "'dense' or 'blockwise' with pe.self_extend_window or pe.rerope_window (two logit sets)",
+  for spec in (family, *registry.WRAPPERS):
+    spec.validate(pe, model, train)
+  limit = family.max_length(pe)
+  longest = max(train.seq_len, *(wrapper.train_span(pe) for wrapper in registry.WRAPPERS))
+  require(
+    limit is None or longest <= limit,
+    f"pe.{family.length_field}",
+    limit,
+    f"a length >= {longest}, the span of the training positions, for pe.name={pe.name!r}",
   )
-  seq_len = config.train.seq_len
-  max_position = pe.max_random_len if pe.randomized else pe.pose_target_len or seq_len
-  if pe.randomized:
-    _require(
-      pe.max_random_len >= config.train.seq_len,
-      "pe.max_random_len",
-      pe.max_random_len,
-      f"a length >= train.seq_len={config.train.seq_len} when pe.randomized",
-    )
-  if pe.pose_target_len:
-    _require(
-      pe.pose_target_len >= seq_len,
-      "pe.pose_target_len",
-      pe.pose_target_len,
-      f"0 (off) or a target length >= train.seq_len={seq_len}",
-    )
-    _require(
-      not pe.randomized,
-      "pe.pose_target_len",
-      pe.pose_target_len,
-      "0 when pe.randomized=True (both choose the training positions)",
-    )
-    _require(
-      pe.pose_chunks <= seq_len,
-      "pe.pose_chunks",
-      pe.pose_chunks,
-      f"a chunk count in [1, train.seq_len={seq_len}] when pe.pose_target_len > 0",
-    )
-  if pe.name == "learned":
-    _require(
-      max_position <= pe.max_len,
-      "pe.max_len",
-      pe.max_len,
-      f"a table size >= the largest training position {max_position} for pe.name='learned'",
-    )
 
 
 def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
@@ -234,13 +191,13 @@ def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
   from pe_research.data import make_tokenizer
 
   spec = config.data.tokenizer
-  _require(
+  require(
     spec == "bytes" or config.data.name != "synthetic",
     "data.tokenizer",
     spec,
     "'bytes' when data.name='synthetic' (synthetic tasks are byte tasks)",
   )
-  _require(
+  require(
     spec == "bytes" or os.path.isfile(spec),
     "data.tokenizer",
     spec,
@@ -254,7 +211,7 @@ def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
       f"data.tokenizer={spec!r} is invalid; allowed: 'bytes' or a tokenizer.json that loads "
       f"({reason})"
     ) from None
-  _require(
+  require(
     vocab_size <= config.model.vocab_size,
     "model.vocab_size",
     config.model.vocab_size,
@@ -266,16 +223,16 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
   from pe_research.data import dataset_names, task_names
 
   data = config.data
-  _require(data.name in dataset_names(), "data.name", data.name, ", ".join(dataset_names()))
-  _require(data.task in task_names(), "data.task", data.task, ", ".join(task_names()))
+  require(data.name in dataset_names(), "data.name", data.name, ", ".join(dataset_names()))
+  require(data.task in task_names(), "data.task", data.task, ", ".join(task_names()))
   _validate_tokenizer(config)
-  _require(
+  require(
     data.train_min_len <= data.train_max_len,
     "data.train_min_len",
     data.train_min_len,
     f"a length <= data.train_max_len={data.train_max_len}",
   )
-  _require(
+  require(
     data.test_min_len <= data.test_max_len,
     "data.test_min_len",
     data.test_min_len,
@@ -285,7 +242,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     from pe_research.data.synthetic import sequence_length
 
     needed = sequence_length(data.task, data.train_max_len)
-    _require(
+    require(
       config.train.seq_len >= needed,
       "train.seq_len",
       config.train.seq_len,
@@ -296,30 +253,30 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
 
 def _validate_train(config: ml_collections.ConfigDict, device_count: int) -> None:
   train, mesh = config.train, config.mesh
-  _require(
+  require(
     train.warmup_steps < train.steps,
     "train.warmup_steps",
     train.warmup_steps,
     f"a step count < train.steps={train.steps}",
   )
-  _require(
+  require(
     mesh.data == -1 or mesh.data > 0, "mesh.data", mesh.data, "-1 (all devices) or a size > 0"
   )
   data_size = device_count // mesh.fsdp if mesh.data == -1 else mesh.data
-  _require(
+  require(
     data_size * mesh.fsdp == device_count,
     "mesh.fsdp" if mesh.data == -1 else "mesh.data",
     mesh.fsdp if mesh.data == -1 else mesh.data,
     f"sizes with mesh.data * mesh.fsdp == {device_count} devices",
   )
-  _require(
+  require(
     train.batch_size % device_count == 0,
     "train.batch_size",
     train.batch_size,
     f"a multiple of the device count {device_count}",
   )
   if config.init_from:
-    _require(
+    require(
       os.path.isdir(config.init_from),
       "init_from",
       config.init_from,
@@ -380,7 +337,7 @@ def override_for_eval(config: ml_collections.ConfigDict, overrides: dict[str, An
         f"{flag}: {key!r} cannot change at evaluation; allowed: pe.<field> or data.<field> of "
         "configs/base.py"
       )
-    _require(_same_type(value, defaults[section][field]), f"{flag} {key}", value, "its type")
+    require(_same_type(value, defaults[section][field]), f"{flag} {key}", value, "its type")
     config[section][field] = value
   _validate_model(config)
   _validate_data(config)
@@ -411,6 +368,7 @@ def check_resumable(saved: dict[str, Any], config: ml_collections.ConfigDict, wo
   from configs import base
 
   defaults = _flatten(config_to_dict(base.get_config()))
+  saved = {key: value for key, value in saved.items() if key != RECORDED_BACKEND}
   old, new = _flatten(saved), _flatten(config_to_dict(config))
   old |= {key: defaults[key] for key in defaults.keys() - old.keys()}
   changed = [

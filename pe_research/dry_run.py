@@ -67,7 +67,7 @@ def _size(n: float) -> str:
   return f"{n / 1024**unit:,.1f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
 
 
-def report(
+def plan_text(
   config: ml_collections.ConfigDict, *, device_count: int, process_count: int | None = None
 ) -> str:
   """The dry-run text for ``config`` on ``device_count`` devices in ``process_count``

@@ -57,13 +57,6 @@ def dense_score_bytes(batch: int, num_heads: int, length: int) -> int:
   return batch * num_heads * length * length * 4
 
 
-def batch_stats(logits_BxLxV: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-  """The per-batch sums of the module docstring from float32 logits ``[B, L, V]``."""
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
-  nll_BxL = -jnp.take_along_axis(logp_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-  return token_stats(nll_BxL, jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"], batch)
-
-
 def token_stats(nll_BxL: jax.Array, hit_BxL: jax.Array, batch: Batch) -> dict[str, jax.Array]:
   """The per-batch sums of the module docstring from per-token NLL and argmax hits."""
   w_BxL = batch["weights"]
@@ -269,7 +262,8 @@ def lm_sweep(
   max_tokens: int | None = None,
   batch_size: int = 1,
 ) -> tuple[list[dict], dict[int, tuple[np.ndarray, np.ndarray]]]:
-  """Loss/ppl/bits per byte at each length over one token budget (``data.make_eval_batches``).
+  """Loss/ppl/bits per byte at each length over one token budget (``data.make_eval_batches``),
+  ``batch_size`` windows per call (0: ``backend.eval_batch_size(length)``).
 
   Bytes are those of ``data.tokenizer``'s ``utf8_bytes_per_token`` (see the module docstring).
   Returns one row per length and, per length, ``(nll_sum_L, weight_sum_L)`` for the
@@ -282,16 +276,17 @@ def lm_sweep(
   rows, per_position = [], {}
   for length in lengths:
     step = length if mode == "nonoverlapping" else stride or max(1, length // 2)
+    size = batch_size or backend.eval_batch_size(length)
     batches = make_eval_batches(
       config,
       length=length,
       mode=mode,
       stride=step if mode == "sliding" else None,
       max_tokens=max_tokens,
-      batch_size=batch_size,
+      batch_size=size,
     )
     totals = evaluator.score_all(
-      batches, batch_size=batch_size, desc=f"length {length}", bytes_per_token_V=bytes_per_token_V
+      batches, batch_size=size, desc=f"length {length}", bytes_per_token_V=bytes_per_token_V
     )
     row = {"length": length, "mode": mode, "stride": step, "attention": totals.attention}
     row |= totals.lm_row()
@@ -327,11 +322,12 @@ def passkey_sweep(
   that start with ``header`` (the positive control may drop it: ``passkey.control_header``)."""
   rows, grid_LxD = [], np.zeros((len(lengths), len(depths)))
   for i, length in enumerate(lengths):
+    size = batch_size or backend.eval_batch_size(length)
     for j, depth in enumerate(depths):
       batches = passkey.make_batches(
-        length, depth, trials=trials, batch_size=batch_size, encode=encode, seed=seed, header=header
+        length, depth, trials=trials, batch_size=size, encode=encode, seed=seed, header=header
       )
-      totals = evaluator.score_all(batches, batch_size=batch_size, desc=f"passkey {length}@{depth}")
+      totals = evaluator.score_all(batches, batch_size=size, desc=f"passkey {length}@{depth}")
       grid_LxD[i, j] = totals.accuracy
       lo, hi = totals.accuracy_interval()
       rows.append(

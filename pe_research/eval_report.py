@@ -1,4 +1,6 @@
-"""Evaluation outputs: CSV + JSON tables and the figures (PNG, no pyplot state).
+"""Evaluation outputs: what ``pe_research.evaluate`` found (:class:`EvalResult`) and the only
+writer of its files (:func:`write_results`): CSV + JSON tables and the figures (PNG, no pyplot
+state).
 
 The plotting functions take plain curves so experiments can overlay several runs, e.g.
 ``plot_curves(path, {"rope": (lengths, ppl), "alibi": (...)}, ...)``.
@@ -7,6 +9,7 @@ The plotting functions take plain curves so experiments can overlay several runs
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -21,15 +24,118 @@ from matplotlib.figure import Figure
 Curve = tuple[Sequence[float], ...]
 
 
-def write_table(stem: str, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> None:
-  """Writes ``stem.csv`` (one line per row) and ``stem.json`` (``{**meta, "rows": rows}``)."""
+@dataclasses.dataclass(frozen=True)
+class PasskeyResult:
+  """The passkey grid: rows ``length, depth, trials, accuracy(_lo, _hi), control`` (the
+  positive control's rows last, ``control`` true) and the accuracy ``[lengths, depths]``."""
+
+  rows: list[dict[str, Any]]
+  grid_LxD: np.ndarray
+  lengths: list[int]
+  depths: Sequence[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+  """One evaluation of one run: ``rows`` (``eval_lib.lm_sweep``'s, one per length),
+  ``per_position`` (length -> ``(nll_sum_L, weight_sum_L)``), and the passkey grid if asked."""
+
+  name: str
+  workdir: str
+  step: int
+  pe: str
+  rope_scaling: str  # The run's pe.rope_scaling as evaluated ("" = none).
+  overrides: dict[str, Any]
+  train_len: int
+  mode: str
+  synthetic: bool
+  rows: list[dict[str, Any]]
+  per_position: dict[int, tuple[np.ndarray, np.ndarray]]
+  compiles: int  # XLA compilations measured while scoring (JAX monitoring events).
+  programs: int  # Programs in the evaluator's cache.
+  passkey: PasskeyResult | None = None
+
+  @property
+  def lengths(self) -> list[int]:
+    return [r["length"] for r in self.rows]
+
+  @property
+  def label(self) -> str:
+    return self.pe + (f" {self.rope_scaling}" if self.rope_scaling else "")
+
+  def meta(self) -> dict[str, Any]:
+    """The run and request: the header of every JSON table."""
+    return {
+      "name": self.name,
+      "workdir": self.workdir,
+      "step": self.step,
+      "pe": self.pe,
+      "rope_scaling": self.rope_scaling,
+      "overrides": self.overrides,
+      "train_len": self.train_len,
+      "mode": self.mode,
+    }
+
+  def compile_counts(self) -> dict[str, Any]:
+    return {
+      "compiles": self.compiles,
+      "compiles_per_eval_length": self.compiles / len(self.rows),
+      "programs": self.programs,
+    }
+
+  def summary(self) -> dict[str, Any]:
+    """The content of ``<name>.json``: ``meta``, ``compile_counts`` and ``rows``."""
+    return self.meta() | self.compile_counts() | {"rows": self.rows}
+
+
+def write_results(
+  result: EvalResult, out_dir: str, *, extra: Mapping[str, Any] | None = None
+) -> None:
+  """Writes ``out_dir/<name>.csv/.json/.png``, ``<name>_per_position.csv/.json/.png`` and,
+  with a passkey grid, ``<name>_passkey.csv/.json/.png`` (see ``pe_research.evaluate``).
+  ``extra`` keys follow ``rows`` in ``<name>.json`` (the sweep's cache key)."""
+  stem, title = os.path.join(out_dir, result.name), f"{result.workdir}: {result.name}"
+  position_rows = [r for n in result.lengths for r in per_position_rows(n, *result.per_position[n])]
+  write_table(f"{stem}_per_position", position_rows, result.meta())
+  plot_per_position(
+    f"{stem}_per_position.png", result.per_position, title=title, train_len=result.train_len
+  )
+  if result.passkey is not None:
+    write_table(f"{stem}_passkey", result.passkey.rows, result.meta())
+    plot_grid(
+      f"{stem}_passkey.png",
+      result.passkey.grid_LxD,
+      lengths=result.passkey.lengths,
+      depths=result.passkey.depths,
+      title=f"passkey accuracy: {result.label}",
+    )
+  key = "accuracy" if result.synthetic else "ppl"
+  plot_curves(
+    f"{stem}.png",
+    {result.label: (result.lengths, [r[key] for r in result.rows])},
+    ylabel="exact-match accuracy" if result.synthetic else "perplexity",
+    title=title,
+    train_len=result.train_len,
+    logy=not result.synthetic,
+  )
+  write_table(stem, result.rows, result.meta() | result.compile_counts(), extra)
+
+
+def write_table(
+  stem: str,
+  rows: Sequence[Mapping[str, Any]],
+  meta: Mapping[str, Any],
+  extra: Mapping[str, Any] | None = None,
+) -> None:
+  """Writes ``stem.csv`` (one line per row) and ``stem.json``
+  (``{**meta, "rows": rows, **extra}``)."""
   os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
   with open(f"{stem}.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
   with open(f"{stem}.json", "w") as f:
-    json.dump({**meta, "rows": list(rows)}, f, indent=2, allow_nan=True)
+    json.dump({**meta, "rows": list(rows), **(extra or {})}, f, indent=2, allow_nan=True)
     f.write("\n")
 
 

@@ -36,6 +36,7 @@ table too short, a missing checkpoint) exits 2 with one line.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -44,6 +45,7 @@ from absl import app, flags
 from pe_research import backend, cli, eval_lib, eval_report, passkey
 from pe_research.data import tokenizer_of
 from pe_research.data.pipeline import MODES
+from pe_research.encodings.registry import rope_scaling_names
 from pe_research.metrics import quiet_library_logging
 from pe_research.runs import load_model
 
@@ -52,14 +54,19 @@ _LENGTHS = flags.DEFINE_list("lengths", [], "Evaluation lengths; default train_l
 _MODE = flags.DEFINE_string("mode", "nonoverlapping", f"One of {', '.join(MODES)}.")
 _STRIDE = flags.DEFINE_integer("stride", None, "Sliding stride S (scores the last S tokens).")
 _ROPE_SCALING = flags.DEFINE_string(
-  "rope_scaling", None, "HF rope_scaling JSON replacing the run's ('' = none); RoPE/xPos only."
+  "rope_scaling",
+  None,
+  "HF rope_scaling JSON replacing the run's ('' = none); for pe.name in "
+  f"{', '.join(rope_scaling_names())}.",
 )
 _OVERRIDES = flags.DEFINE_string(
   "overrides", None, 'JSON {"pe.<field>" or "data.<field>": value} replacing the run\'s.'
 )
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Token budget; default data.eval_tokens.")
 _NAME = flags.DEFINE_string("name", None, "Output name under DIR/eval; default from the flags.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Windows per evaluation batch.")
+_BATCH_SIZE = flags.DEFINE_integer(
+  "batch_size", 1, "Windows per evaluation batch; 0: the backend's choice per length."
+)
 _ATTENTION = flags.DEFINE_string("attention", "auto", "auto, dense, blockwise or xla.")
 _DENSE_BUDGET = flags.DEFINE_float("dense_budget_gib", 1.0, "Dense score bytes allowed (auto).")
 _PASSKEY_TRIALS = flags.DEFINE_integer("passkey_trials", 0, "Prompts per passkey cell; 0 = skip.")
@@ -126,7 +133,7 @@ def default_name(
   return name
 
 
-def evaluate_run(
+def evaluate(
   workdir: str,
   *,
   lengths: list[int] | None = None,
@@ -141,15 +148,18 @@ def evaluate_run(
   dense_budget_gib: float = 1.0,
   passkey_trials: int = 0,
   passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-) -> dict:
-  """Evaluates the run in ``workdir`` (see the module docstring); returns the JSON summary."""
-  if batch_size < 1 or (max_tokens is not None and max_tokens < 1) or passkey_trials < 0:
-    raise ValueError("--batch_size and --max_tokens must be >= 1 and --passkey_trials >= 0")
+) -> eval_report.EvalResult:
+  """Evaluates the run in ``workdir`` (see the module docstring); writes nothing
+  (``eval_report.write_results`` does)."""
+  if batch_size < 0 or (max_tokens is not None and max_tokens < 1) or passkey_trials < 0:
+    raise ValueError(
+      "--batch_size must be >= 0 (0: the backend's choice per length), --max_tokens >= 1 and "
+      "--passkey_trials >= 0"
+    )
   model, config, step = load_model(workdir, rope_scaling=rope_scaling, overrides=overrides)
   synthetic = config.data.name == "synthetic"
   lengths = lengths or default_lengths(config)
   check_request(model, lengths, mode=mode, stride=stride, attention=attention, synthetic=synthetic)
-  name = name or default_name(mode, stride, rope_scaling, overrides)
   encode = tokenizer_of(config.data).encode
   passkey_lengths = [n for n in lengths if n >= passkey.min_length(encode)]
   if passkey_trials and not synthetic and not passkey_lengths:
@@ -167,72 +177,37 @@ def evaluate_run(
     batch_size=batch_size,
   )
   train_len = config.data.train_max_len if synthetic else config.train.seq_len
-  label = config.pe.name + (f" {config.pe.rope_scaling}" if config.pe.rope_scaling else "")
-  stem = os.path.join(workdir, "eval", name)
-  summary = {
-    "name": name,
-    "workdir": workdir,
-    "step": step,
-    "pe": config.pe.name,
-    "rope_scaling": config.pe.rope_scaling,
-    "overrides": overrides or {},
-    "train_len": train_len,
-    "mode": mode,
-  }
-  position_rows = [r for n in lengths for r in eval_report.per_position_rows(n, *per_position[n])]
-  eval_report.write_table(f"{stem}_per_position", position_rows, summary)
-  eval_report.plot_per_position(
-    f"{stem}_per_position.png", per_position, title=f"{workdir}: {name}", train_len=train_len
-  )
+  passkey_result = None
   if passkey_trials and not synthetic:
-    pk_rows, grid_LxD = eval_lib.passkey_sweep(
-      evaluator,
-      passkey_lengths,
-      passkey_depths,
-      trials=passkey_trials,
-      batch_size=batch_size,
-      encode=encode,
+    score_passkeys = functools.partial(
+      eval_lib.passkey_sweep, evaluator, trials=passkey_trials, batch_size=batch_size, encode=encode
     )
+    pk_rows, grid_LxD = score_passkeys(passkey_lengths, passkey_depths)
     header = passkey.control_header(encode, train_len)
-    control_rows = []
-    if header is not None:
-      control_rows, _ = eval_lib.passkey_sweep(
-        evaluator,
-        [train_len],
-        passkey_depths,
-        trials=passkey_trials,
-        batch_size=batch_size,
-        encode=encode,
-        header=header,
-      )
+    control_rows = (
+      [] if header is None else score_passkeys([train_len], passkey_depths, header=header)[0]
+    )
     print(f"passkey: {passkey.control_verdict(control_rows, train_len)}", flush=True)
     pk_rows = [r | {"control": False} for r in pk_rows] + [
       r | {"control": True} for r in control_rows
     ]
-    eval_report.write_table(f"{stem}_passkey", pk_rows, summary)
-    eval_report.plot_grid(
-      f"{stem}_passkey.png",
-      grid_LxD,
-      lengths=passkey_lengths,
-      depths=passkey_depths,
-      title=f"passkey accuracy: {label}",
-    )
-  ys = [r["accuracy"] for r in rows] if synthetic else [r["ppl"] for r in rows]
-  eval_report.plot_curves(
-    f"{stem}.png",
-    {label: (lengths, ys)},
-    ylabel="exact-match accuracy" if synthetic else "perplexity",
-    title=f"{workdir}: {name}",
+    passkey_result = eval_report.PasskeyResult(pk_rows, grid_LxD, passkey_lengths, passkey_depths)
+  return eval_report.EvalResult(
+    name=name or default_name(mode, stride, rope_scaling, overrides),
+    workdir=workdir,
+    step=step,
+    pe=config.pe.name,
+    rope_scaling=config.pe.rope_scaling,
+    overrides=overrides or {},
     train_len=train_len,
-    logy=not synthetic,
+    mode=mode,
+    synthetic=synthetic,
+    rows=rows,
+    per_position=per_position,
+    compiles=evaluator.backend_compiles,
+    programs=evaluator.num_compiles,
+    passkey=passkey_result,
   )
-  summary |= {  # Measured XLA compilations while scoring (JAX monitoring events).
-    "compiles": evaluator.backend_compiles,
-    "compiles_per_eval_length": evaluator.backend_compiles / len(lengths),
-    "programs": evaluator.num_compiles,
-  }
-  eval_report.write_table(stem, rows, summary)
-  return {**summary, "rows": rows}
 
 
 def _parse_json_object(text: str | None, flag: str) -> dict | None:
@@ -253,7 +228,7 @@ def main(argv: list[str]) -> None:
   backend.use_low_memory_schedule()
   quiet_library_logging()
   try:
-    evaluate_run(
+    result = evaluate(
       _WORKDIR.value,
       lengths=parse_lengths(_LENGTHS.value) if _LENGTHS.value else None,
       mode=_MODE.value,
@@ -268,6 +243,7 @@ def main(argv: list[str]) -> None:
       passkey_trials=_PASSKEY_TRIALS.value,
       passkey_depths=passkey.parse_depths(_PASSKEY_DEPTHS.value),
     )
+    eval_report.write_results(result, os.path.join(_WORKDIR.value, "eval"))
   except ValueError as e:
     cli.exit_with_error(e)
 

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pe_research import backend
+
 # Finite, so exp(mask - running_max) is 0 instead of NaN when a whole row is masked.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -79,20 +81,6 @@ def _blocks_transposed(x_BxGxMxK: jax.Array, rows: int) -> jax.Array:
   b, g, m, d = x_BxGxMxK.shape
   x_NxBxGxTxK = jnp.moveaxis(x_BxGxMxK.reshape(b, g, m // rows, rows, d), 2, 0)
   return jax.lax.optimization_barrier(jnp.swapaxes(x_NxBxGxTxK, -1, -2))
-
-
-def _sum_leading(x_BxN: jax.Array) -> jax.Array:
-  """``sum(x, axis=0, keepdims=True)`` by halving: ``x[:h] + x[h:2h]`` until one row is left.
-  XLA:CPU's reduction over a leading axis ran 4-25x slower ([16, 4, 256, 256]: 20 vs 4.6 ms,
-  [64, ...]: 96 vs 3.9 ms, measured); it was most of T5's overhead over NoPE. Pairwise, so
-  also more accurate than a running sum."""
-  while x_BxN.shape[0] > 1:
-    half = x_BxN.shape[0] // 2
-    odd_row = x_BxN[2 * half :]
-    x_BxN = x_BxN[:half] + x_BxN[half : 2 * half]
-    if odd_row.shape[0]:
-      x_BxN = x_BxN.at[:1].add(odd_row)
-  return x_BxN
 
 
 def pack_heads(x_BxHxLxX: jax.Array, groups: int) -> jax.Array:
@@ -253,12 +241,9 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxK):
   delta_BxGxM = jnp.sum(dout_BxGxMxK.astype(jnp.float32) * out_BxGxMxK.astype(jnp.float32), -1)
   dout_BxGxMxK = dout_BxGxMxK.astype(v_BxGxLxK.dtype)
 
-  # dk += ds^T q and dv += p^T dout contract the query axis. In bf16 on the CPU they are
-  # computed transposed, dk^T += q^T ds with q^T copied: XLA:CPU's fast matmul (YNNPACK) takes
-  # a left operand contracted on its last axis only, and its fallback first converts bf16 to
-  # float32 (bf16 [16, 4, 256, 256] x [.., 256, 64]: 50 -> 180 GFLOP/s; a d=512 8-layer train
-  # step 1.43x faster, measured). In float32 the copies cost more than they save (1-2%).
-  transposed = q_BxGxMxK.dtype != jnp.float32 and jax.default_backend() == "cpu"
+  # dk += ds^T q and dv += p^T dout contract the query axis; where the backend asks for it
+  # (bf16 on XLA:CPU) they are computed transposed, dk^T += q^T ds with q^T copied.
+  transposed = backend.transposed_key_grads(q_BxGxMxK.dtype)
   q_t_sets, dout_t_NxBxGxKxT = (None,) * len(q_sets), None
   if transposed:
     q_t_sets = tuple(_blocks_transposed(x, rows) for x in q_sets)
@@ -313,7 +298,7 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxK):
         dks[i] = dks[i] + pull_to_keys(ds_set, q_sets[i], q_t_sets[i], a)
       if bias_vjp is not None:
         if bias.shape[0] == 1:  # One bias row broadcast over the batch: sum its cotangent.
-          ds_BxGxTxS = _sum_leading(ds_BxGxTxS)
+          ds_BxGxTxS = backend.sum_leading(ds_BxGxTxS)
         dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(ds_BxGxTxS))
       return tuple(dks), dv_BxGxSxK, tuple(dqs), dconsts
 

@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
   quiet_library_logging()
   _initialize_distributed()
   # Imported after flag parsing, so that a bad flag is reported in about a second.
-  from pe_research import checkpoint, dry_run, train
+  from pe_research import dry_run, integrity, train, workdirs
 
   config, workdir = _CONFIG.value, _WORKDIR.value
   if _DRY_RUN_DEVICES.value < 0 or (_DRY_RUN_DEVICES.value and not _DRY_RUN.value):
@@ -122,9 +122,9 @@ def main(argv: list[str]) -> None:
     if _DRY_RUN.value:  # Nothing is written to the workdir.
       if jax.process_index() == 0:
         processes = None if _DRY_RUN_DEVICES.value else jax.process_count()
-        print(dry_run.report(config, device_count=device_count, process_count=processes))
+        print(dry_run.plan_text(config, device_count=device_count, process_count=processes))
       return
-    moved = checkpoint.prepare_workdir(workdir, config, overwrite=_OVERWRITE.value)
+    moved = workdirs.prepare_workdir(workdir, config, overwrite=_OVERWRITE.value)
   except (ValueError, OSError) as e:  # OSError: unreadable --config file or workdir.
     _exit_with_error(_one_line(e), 2)
   if moved:
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> None:
     train.train(config, workdir)
   except train.DivergenceError as e:
     _exit_with_error(_one_line(e), 1)
-  except checkpoint.WorkdirError as e:  # No intact checkpoint, or too little disk space.
+  except integrity.WorkdirError as e:  # No intact checkpoint, or too little disk space.
     _exit_with_error(_one_line(e), 2)
 
 

@@ -20,9 +20,10 @@ weights ~ N(0, init_std), residual output projections
 means ``model_dim // num_heads``; ``mlp_dim=0`` means ``4 model_dim`` (gelu) or ``8/3 model_dim``
 rounded up to a multiple of 64 (swiglu, LLaMA-style, keeps the parameter count near gelu's).
 ``compute_dtype="bfloat16"``: bf16 matmuls with fp32 accumulation (forward and both backward
-products, :func:`matmul`, and attention's), fp32 parameters, fp32 residual stream and softmax.
-The activations between matmuls are in :func:`activation_dtype`: bf16 on accelerators, fp32 on
-the CPU (operands are rounded to bf16 inside the matmuls). Training takes logits in that
+products, :func:`~pe_research.backend.matmul`, and attention's), fp32 parameters, fp32 residual
+stream and softmax. The activations between matmuls are in the backend policy's
+:func:`~pe_research.backend.activation_dtype` (bf16 on accelerators; fp32 on the CPU, where bf16
+is only a matmul operand). Training takes logits in that
 dtype and computes its loss in fp32 (:func:`pe_research.train.softmax_nll`); evaluation scores
 fp32 logits.
 Sequences longer than ``SEQUENCE_CHUNK`` run the MLP and the output head chunk by chunk, and
@@ -31,14 +32,15 @@ Sequences longer than ``SEQUENCE_CHUNK`` run the MLP and the output head chunk b
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pe_research.attention import IMPLEMENTATIONS, attend, split
+from pe_research import backend
+from pe_research.attention import IMPLEMENTATIONS, attend
+from pe_research.backend import activation_dtype
 from pe_research.encodings.base import PositionalEncoding
 from pe_research.encodings.registry import build_encoding
 
@@ -53,100 +55,15 @@ _NORMS = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx.RMSNorm}
 _MLPS = ("gelu", "swiglu")
 
 
-def activation_dtype(compute_dtype):
-  """The dtype of activations between matmuls (linear outputs, norms, q/k/v, the MLP's hidden
-  layer) for ``compute_dtype``: itself, except on the CPU, where activations stay float32 and
-  bf16 is only a matmul operand (rounded inside :func:`matmul` and
-  :func:`~pe_research.attention.attend`). XLA:CPU has no bf16 arithmetic: it widens every bf16
-  elementwise op to float32 and rounds the result back, so bf16 activations spent more time
-  converting than bf16 matmuls saved (d=256 4-layer T=256 B=16 train step: bf16 with bf16
-  activations 1.21x the fp32 step, with fp32 activations 1.55x, measured)."""
-  return jnp.float32 if jax.default_backend() == "cpu" else compute_dtype
-
-
 def _choice(field: str, value: str, allowed) -> None:
   if value not in allowed:
     raise ValueError(f"model.{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
 
 
-def _materialised_t(x_NxK: jax.Array) -> jax.Array:
-  """``x^T`` as a row-major ``[K, N]`` array. XLA:CPU's fast matmuls (YNNPACK) take a left
-  operand contracted on its last, contiguous axis only: for ``x^T g`` with ``x`` contracted on
-  axis 0, or on a lazily transposed view, it falls back to a slower kernel, in bf16 after
-  converting both operands to float32 (bf16 [4096, 256]^T x [4096, 768]: 100 -> 290-330 GFLOP/s
-  with the copy, fp32: 125 -> 170, measured). The barrier keeps XLA from folding the copy
-  back into the matmul. On GPU, cuBLAS reads transposed operands at full speed: plain ``.T``."""
-  if jax.default_backend() != "cpu":
-    return x_NxK.T
-  n, k = x_NxK.shape
-  split = 8 if n % 8 == 0 else 1  # Any reshape the barrier sees forces the physical copy.
-  return jax.lax.optimization_barrier(x_NxK.T.reshape(k, n // split, split)).reshape(k, n)
-
-
-def _dot(a_NxK: jax.Array, b: jax.Array, b_axis: int, out_dtype) -> jax.Array:
-  """``a b`` (``b_axis=0``, ``b`` is ``[K, M]``) or ``a b^T`` (``b_axis=1``, ``[M, K]``),
-  accumulated in float32, result in ``out_dtype``. On GPU the matmul writes ``out_dtype``
-  itself (cuBLAS accumulates bf16 products in fp32; a separate fp32 -> bf16 pass cost 3% of a
-  125M-parameter step on an H200); XLA:CPU writes bf16 results slower than fp32 plus a convert
-  (55 vs 33 ms for [4096, 512] x [512, 2048], measured), so there it converts."""
-  dims = (((1,), (b_axis,)), ((), ()))
-  if out_dtype == jnp.float32 or jax.default_backend() == "cpu":
-    out = jax.lax.dot_general(a_NxK, b, dims, preferred_element_type=jnp.float32)
-    return out.astype(out_dtype)
-  return jax.lax.dot_general(a_NxK, b, dims, preferred_element_type=out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def matmul(
-  x_NxK: jax.Array, w: jax.Array, out_dtype, w_transposed: bool = False, operand_dtype=None
-) -> jax.Array:
-  """``x W`` (``W`` float32 ``[K, M]``) or, with ``w_transposed``, ``x W^T`` (``W`` is
-  ``[M, K]``, a tied embedding table) in ``out_dtype``, with operands in ``operand_dtype``
-  (default: ``x``'s dtype) and float32 accumulation: one float32 matmul, or bf16 operands
-  (``x`` and ``W`` rounded) in the forward and both backward matmuls (``dx = g W^T``,
-  ``dW = x^T g``, ``g`` rounded to the operand dtype); ``dx`` is in ``x``'s dtype (a float32
-  ``x`` gets a float32 ``dx``, never rounded to bf16), ``dW`` is float32.
-
-  Every matmul is written as a contraction XLA:CPU's fast kernel takes (see
-  :func:`_materialised_t`); plain autodiff gives ``dW`` contracted on axis 0, which XLA:CPU
-  converts to float32 in bf16 (in float32 the train step takes the same time either way,
-  0.996x, measured). Callers pass a 2-D ``[B*L, K]``
-  ``x``: XLA:CPU transposes a 3-D one before the weight-gradient matmul.
-  """
-  return _matmul_fwd(x_NxK, w, out_dtype, w_transposed, operand_dtype)[0]
-
-
-def _matmul_fwd(x_NxK, w, out_dtype, w_transposed, operand_dtype):
-  dtype = operand_dtype or x_NxK.dtype
-  x_dtype = jnp.zeros((0,), x_NxK.dtype)  # Residuals are arrays: x's dtype, carried by 0 bytes.
-  x_NxK, w = x_NxK.astype(dtype), w.astype(dtype)
-  return _dot(x_NxK, w, int(w_transposed), out_dtype), (x_NxK, w, x_dtype)
-
-
-def _matmul_bwd(out_dtype, w_transposed, operand_dtype, residuals, g_NxM):
-  del out_dtype, operand_dtype
-  x_NxK, w, x_dtype = residuals
-  g_NxM = g_NxM.astype(x_NxK.dtype)
-  dx_NxK = _dot(g_NxM, w, 1 - int(w_transposed), x_dtype.dtype)
-  # dW = x^T g: transpose the narrower of x and g (the [N, *] copy is the cost), and the small
-  # [K, M] result if it comes out the other way round. The barrier keeps XLA from folding that
-  # transpose into the matmul (it would contract axis 0 again).
-  if x_NxK.shape[1] <= g_NxM.shape[1]:
-    dw_KxM = _dot(_materialised_t(x_NxK), g_NxM, 0, jnp.float32)
-    return dx_NxK, jax.lax.optimization_barrier(dw_KxM).T if w_transposed else dw_KxM
-  dw_MxK = _dot(_materialised_t(g_NxM), x_NxK, 0, jnp.float32)
-  return dx_NxK, dw_MxK if w_transposed else jax.lax.optimization_barrier(dw_MxK).T
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
 class Linear(nnx.Module):
   """``x W`` (+ ``b`` with ``use_bias``), ``W ~ N(0, std^2)`` float32 ``[d_in, d_out]``, ``b``
-  float32 ``[d_out]`` (zeros), with operands in ``dtype`` (float32: one float32 matmul;
-  bfloat16: bf16 operands, fp32 accumulation, :func:`matmul`); output in
-  ``activation_dtype(dtype)``.
-  """
+  float32 ``[d_out]`` (zeros); operands in ``dtype``, float32 accumulation
+  (:func:`~pe_research.backend.linear`), output in ``activation_dtype(dtype)``."""
 
   def __init__(
     self, d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs, use_bias: bool = False
@@ -155,14 +72,12 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
     self.dtype = dtype
 
-  def __call__(self, x_BxLxK: jax.Array, out_dtype=None) -> jax.Array:
-    w_KxM = self.kernel[...]
+  def __call__(self, x_BxLxD: jax.Array, out_dtype=None) -> jax.Array:
     out_dtype = out_dtype or activation_dtype(self.dtype)
-    x_NxK = x_BxLxK.reshape(-1, x_BxLxK.shape[-1])
-    y_NxM = matmul(x_NxK, w_KxM, out_dtype, False, self.dtype)
+    y_BxLxF = backend.linear(x_BxLxD, self.kernel[...], out_dtype, self.dtype)
     if self.bias is not None:
-      y_NxM = y_NxM + self.bias[...].astype(y_NxM.dtype)
-    return y_NxM.reshape(*x_BxLxK.shape[:-1], -1)
+      y_BxLxF = y_BxLxF + self.bias[...].astype(y_BxLxF.dtype)
+    return y_BxLxF
 
 
 def resolved_dims(model_cfg) -> tuple[int, int]:
@@ -219,7 +134,7 @@ class Attention(nnx.Module):
     h, g = self.num_heads, self.num_kv_heads
     qkv_BxLxCxK = self.qkv(x_BxLxD).reshape(b, length, h + 2 * g, self.head_dim)
     if g == h:
-      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = split(qkv_BxLxCxK, 3, 2)
+      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = backend.split(qkv_BxLxCxK, 3, 2)
     else:
       q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = jnp.split(qkv_BxLxCxK, (h, h + g), axis=2)
     dtype = v_BxLxGxK.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
@@ -355,8 +270,7 @@ class Transformer(nnx.Module):
     if self.unembed is not None:
       return self.unembed(x_BxLxD, out_dtype=logits_dtype)
     table_VxD = self.embed.embedding[...]
-    x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-    return matmul(x_NxD, table_VxD, logits_dtype, True, self.dtype).reshape(*x_BxLxD.shape[:-1], -1)
+    return backend.linear(x_BxLxD, table_VxD, logits_dtype, self.dtype, w_transposed=True)
 
   def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, logits_dtype=jnp.float32):
     """Transformer layers and output head on embedded inputs: logits ``[B, L, V]``."""

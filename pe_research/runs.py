@@ -14,7 +14,7 @@ import os
 
 from flax import nnx
 
-from pe_research import checkpoint, config_lib
+from pe_research import checkpoint, config_lib, workdirs
 from pe_research.model import Transformer
 
 
@@ -28,17 +28,12 @@ def load_model(workdir: str, *, rope_scaling: str | None = None, overrides=None)
   projected as after a training step (``PositionalEncoding.project``), so a checkpoint written
   when KERPLE clamped inside its forward pass evaluates with the values that forward used.
   """
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+  path = os.path.join(workdir, workdirs.CONFIG_FILE)
   if not os.path.isfile(path):
-    raise ValueError(f"--workdir={workdir!r} has no {checkpoint.CONFIG_FILE}; allowed: a run's dir")
+    raise ValueError(f"--workdir={workdir!r} has no {workdirs.CONFIG_FILE}; allowed: a run's dir")
   with open(path) as f:
     config = config_lib.config_from_saved(json.load(f))
   if rope_scaling is not None:
-    if rope_scaling and config.pe.name not in config_lib.ROTARY_ENCODINGS:
-      raise ValueError(
-        f"--rope_scaling applies to pe.name in {', '.join(config_lib.ROTARY_ENCODINGS)}; "
-        f"this run has pe.name={config.pe.name!r}"
-      )
     config.pe.rope_scaling = rope_scaling
     config_lib.check_rope_scaling(config.pe, field="--rope_scaling")
   if overrides:

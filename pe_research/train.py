@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pe_research import checkpoint
+from pe_research import checkpoint, signals
 from pe_research.metrics import MetricsLogger
 from pe_research.model import Transformer
 
@@ -298,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   tx, schedule = make_optimizer(config.train)
   graphdef, state = create_train_state(config, mesh, tx)
   # Imported here: the step and state above need no data stack (TFDS, grain), so benchmarks
-  # run on machines that have only JAX (experiments/gpu_benchmark.py).
+  # run on machines that have only JAX (benchmarks/gpu_benchmark.py).
   from pe_research.data import make_train_iterator
 
   data_iter = make_train_iterator(
@@ -328,7 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     is_primary=jax.process_index() == 0,
   )
   try:
-    with logger, checkpoint.stop_requests() as should_stop:
+    with logger, signals.stop_requests() as should_stop:
       return _loop(config, state, step_fns, data_iter, mesh, checkpointer, logger, should_stop)
   finally:
     checkpointer.close()

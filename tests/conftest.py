@@ -41,3 +41,21 @@ def no_compilation_cache(monkeypatch):
   yield
   jax.config.update("jax_enable_compilation_cache", previous)
   compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def use_policy():
+  """``use_policy(**fields)``: this test runs with the backend policy changed in those fields
+  (``use_policy(reference=True)``: the reference policy), restored after it. Functions traced
+  before keep the policy they were traced with: trace afresh inside the test."""
+  import dataclasses
+
+  from pe_research import backend
+
+  def use(reference: bool = False, **fields):
+    base = backend.Policy.reference() if reference else backend.policy()
+    backend.set_policy(dataclasses.replace(base, **fields))
+
+  saved = backend.policy()
+  yield use
+  backend.set_policy(saved)

@@ -1,14 +1,13 @@
 """The three attention implementations compute the same causal attention."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pe_research import attention
+from pe_research import backend
 from pe_research.attention import attend
 
 B, H, K = 2, 3, 8
@@ -125,7 +124,7 @@ def test_blockwise_bias_is_computed_per_block():
       block_size=block,
     )
   )(*_qkv(length))
-  rows = B // attention.batch_pieces(B)  # Each piece of the batch gets its own calls.
+  rows = B // backend.batch_pieces(B)  # Each piece of the batch gets its own calls.
   assert seen_shapes and all(s == ((rows, block), (rows, block)) for s in seen_shapes)
 
 
@@ -222,11 +221,11 @@ def test_one_shared_position_row_equals_per_row_positions(impl):
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_blockwise_skips_masked_blocks_in_both_passes(monkeypatch):
+def test_blockwise_skips_masked_blocks_in_both_passes(use_policy):
   """n = 4 blocks: the bias (one ``abs`` per evaluation in ``_bias_fn``) is evaluated for the
   n (n + 1) / 2 = 10 visible block pairs forward and 10 backward, never for the 6 masked ones
   (the batch in one piece)."""
-  monkeypatch.setattr(attention, "batch_pieces", lambda batch: 1)
+  use_policy(attention_batch_pieces=1)
   length, block = 16, 4
   pos = _positions(length)
   bias = _bias_fn(_bias_params())
@@ -240,58 +239,6 @@ def test_blockwise_skips_masked_blocks_in_both_passes(monkeypatch):
   forward = str(jax.make_jaxpr(loss)(*_qkv(length)))
   both = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*_qkv(length)))
   assert forward.count("= abs ") == 10 and both.count("= abs ") == 20
-
-
-@pytest.mark.parametrize("axis", [0, 2])
-def test_split_has_jnp_split_values_and_gradient(axis):
-  """``attention.split``: the pieces of ``jnp.split``, and its VJP puts each piece's cotangent
-  back where the piece came from."""
-  x = jax.random.normal(jax.random.key(0), (4, 3, 6, 2))
-  weights = [jax.random.normal(jax.random.key(i + 1), p.shape) for i, p in enumerate(
-    jnp.split(x, 2, axis))]  # fmt: skip
-  loss = lambda f: lambda x: sum(jnp.sum(w * p**2) for w, p in zip(weights, f(x), strict=True))
-  for got, want in zip(attention.split(x, 2, axis), jnp.split(x, 2, axis), strict=True):
-    np.testing.assert_array_equal(got, want)
-  got = jax.jit(jax.grad(loss(lambda x: attention.split(x, 2, axis))))(x)
-  np.testing.assert_allclose(got, jax.grad(loss(lambda x: jnp.split(x, 2, axis)))(x), rtol=1e-6)
-
-
-@pytest.mark.parametrize("impl", ["dense", "blockwise"])
-@pytest.mark.parametrize("pos_rows", [1, 4])
-def test_batch_pieces_change_nothing(impl, pos_rows, monkeypatch):
-  """Attention over 2 or 4 pieces of a batch of 4 (on the CPU: one piece per core) equals one
-  piece: outputs and the gradients of q, k, v and of the bias parameters; shared positions
-  (one row) serve every piece."""
-  keys = jax.random.split(jax.random.key(5), 4)
-  qkv = [jax.random.normal(k, (4, 10, H, K)) for k in keys[:3]]
-  cotangent = jax.random.normal(keys[3], (4, 10, H, K))
-  pos = _positions(10, pos_rows)
-
-  def out_and_grads(pieces):
-    monkeypatch.setattr(attention, "batch_pieces", lambda batch: pieces)
-
-    def loss(qkv, params):
-      out = attend(
-        *qkv, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=_bias_fn(params), impl=impl, block_size=4
-      )
-      return jnp.sum(out * cotangent), out
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(qkv, _bias_params())
-
-  (dqkv, dparams), out = out_and_grads(1)
-  for pieces in (2, 4):
-    (dqkv_p, dparams_p), out_p = out_and_grads(pieces)
-    np.testing.assert_allclose(out_p, out, atol=1e-6, rtol=1e-6)
-    for got, expected in zip([*dqkv_p, *dparams_p], [*dqkv, *dparams], strict=True):
-      np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_batch_pieces_divide_the_batch_up_to_the_cores():
-  cores = len(os.sched_getaffinity(0))
-  for batch in (1, 2, 3, 7, 8, 16):
-    pieces = attention.batch_pieces(batch)
-    assert batch % pieces == 0 and 1 <= pieces <= min(batch, cores)
-  assert attention.batch_pieces(8) == max(n for n in range(1, min(8, cores) + 1) if 8 % n == 0)
 
 
 GQA_HEADS = 4  # H in the grouped-query tests: G = 1 (multi-query), 2 and 4 (= H) divide it

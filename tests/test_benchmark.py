@@ -9,8 +9,8 @@ import torch
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every family)
-from experiments import bench_lib, bench_variants, benchmark, gpu_benchmark
-from experiments.torch_reference import TorchTransformer
+from benchmarks import bench_lib, bench_variants, benchmark, gpu_benchmark
+from benchmarks.torch_reference import TorchTransformer
 from pe_research.model import Transformer
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from pe_research import checkpoint, config_lib, data, train
+from pe_research import checkpoint, config_lib, data, train, workdirs
 from pe_research.metrics import read_metrics
 
 STEPS = 12
@@ -115,16 +115,16 @@ def test_init_from_without_checkpoint_is_a_value_error(tmp_path):
 
 def test_workdir_accepts_more_steps_but_refuses_another_config(tmp_path):
   config = _config()
-  checkpoint.record_config(str(tmp_path), config, write=True)
+  workdirs.record_config(str(tmp_path), config, write=True)
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["train"]["steps"] == STEPS and saved["pe"]["train_len"] == 32
   config.train.steps = 2 * STEPS
   config.train.steps_per_call = 4  # How steps are grouped into calls: no other result.
-  checkpoint.record_config(str(tmp_path), config, write=True)
+  workdirs.record_config(str(tmp_path), config, write=True)
   config.pe.name = "alibi"
   config.train.lr = 0.5
   with pytest.raises(ValueError, match=r"pe.name: 'rope' -> 'alibi'; train.lr") as error:
-    checkpoint.record_config(str(tmp_path), config, write=True)
+    workdirs.record_config(str(tmp_path), config, write=True)
   assert "\n" not in str(error.value)
 
 
@@ -151,7 +151,7 @@ def test_workdir_recorded_with_sequential_eval_positions_resumes_under_the_new_d
   saved = config_lib.config_to_dict(config)
   saved["pe"]["randomize_eval"] = False  # The default recorded by runs before that change.
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  checkpoint.record_config(str(tmp_path), config, write=False)  # Evaluation only: no clash.
+  workdirs.record_config(str(tmp_path), config, write=False)  # Evaluation only: no clash.
 
 
 def test_workdir_from_before_a_new_config_field_resumes_while_it_keeps_its_default(tmp_path):
@@ -159,7 +159,7 @@ def test_workdir_from_before_a_new_config_field_resumes_while_it_keeps_its_defau
   saved = config_lib.config_to_dict(config)
   del saved["model"]["mlp"]  # As if model.mlp had been added to configs/base.py since.
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  checkpoint.record_config(str(tmp_path), config, write=False)
+  workdirs.record_config(str(tmp_path), config, write=False)
   config.model.mlp = "swiglu"
   with pytest.raises(ValueError, match="model.mlp: 'gelu' -> 'swiglu'"):
-    checkpoint.record_config(str(tmp_path), config, write=False)
+    workdirs.record_config(str(tmp_path), config, write=False)

@@ -15,7 +15,7 @@ import pytest
 
 from configs import base, lm, tiny
 from pe_research import config_lib
-from pe_research.encodings.registry import encoding_names
+from pe_research.encodings.registry import encoding_names, encoding_spec, rope_scaling_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,20 +216,27 @@ def _missing_field(c, rng):
   return {field}, {field}
 
 
+ROTARY = [name for name in encoding_names() if encoding_spec(name).rotary_dim is not None]
+NO_ROPE_SCALING = sorted(set(encoding_names()) - set(rope_scaling_names()))
+
+
 def _relation(c, rng):
-  rotary = rng.choice(["rope", "xpos"])
+  rotary = rng.choice(ROTARY)
   cases = [
     ({"model.num_heads": rng.choice([3, 5, 6, 7, 9, 33])}, "model.num_heads"),
     ({"pe.name": rotary, "model.head_dim": rng.randrange(1, 64, 2)}, "model.head_dim"),
     (
       {
-        "pe.name": rng.choice(["alibi", "t5", "nope", "learned", "sinusoidal", "kerple", "fire"]),
+        "pe.name": rng.choice(NO_ROPE_SCALING),
         "pe.rope_scaling": '{"rope_type": "linear", "factor": 2.0}',
       },
       "pe.rope_scaling",
     ),
     (
-      {"pe.name": rotary, "pe.rope_scaling": rng.choice(["{", "yarn", "[1]", '{"factor": 2}'])},
+      {
+        "pe.name": rng.choice(rope_scaling_names()),
+        "pe.rope_scaling": rng.choice(["{", "yarn", "[1]", '{"factor": 2}']),
+      },
       "pe.rope_scaling",
     ),
     (

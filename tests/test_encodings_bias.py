@@ -9,12 +9,13 @@ import pytest
 from flax import nnx
 
 from configs.base import get_config
+from pe_research import backend
 from pe_research.encodings import t5 as t5_lib
 from pe_research.encodings.alibi import ALiBi, alibi_bias, alibi_slopes
 from pe_research.encodings.fire import Fire, fire_normalized_distance
 from pe_research.encodings.kerple import Kerple, kerple_bias, project_kerple
 from pe_research.encodings.randomized import random_sorted_positions
-from pe_research.encodings.registry import build_encoding
+from pe_research.encodings.registry import build_encoding, encoding_names
 from pe_research.encodings.t5 import T5RelativeBias, t5_relative_position_bucket
 
 NUM_HEADS = 4
@@ -154,7 +155,7 @@ def test_t5_bias_matmul_and_gather_lookups_agree(monkeypatch):
     return t5_lib.t5_bias(q_pos_BxQ, k_pos_BxK, table_NxH, **kw), jax.grad(f)(table_NxH)
 
   by_matmul = value_and_grad()
-  monkeypatch.setattr(t5_lib, "_ONE_HOT_MAX", 0)
+  monkeypatch.setattr(backend, "LOOKUP_MAX", 0)
   t5_lib.t5_bias.clear_cache()
   by_gather = value_and_grad()
   t5_lib.t5_bias.clear_cache()
@@ -280,6 +281,11 @@ BIAS_ENCODINGS = [
   ("kerple", dict(kerple_variant="power")),
   ("fire", dict(fire_l_thr_init=16.0)),
 ]
+
+
+def test_every_bias_encoding_in_the_registry_is_in_bias_encodings():
+  with_bias = {name for name in encoding_names() if _build(name).has_bias}
+  assert with_bias == {name for name, _ in BIAS_ENCODINGS}
 
 
 @pytest.mark.parametrize("name, overrides", BIAS_ENCODINGS)

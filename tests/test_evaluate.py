@@ -12,7 +12,17 @@ from absl import flags
 from flax import nnx
 
 from configs import tiny
-from pe_research import backend, checkpoint, cli, eval_lib, evaluate, passkey, train
+from pe_research import (
+  backend,
+  checkpoint,
+  cli,
+  eval_lib,
+  eval_report,
+  evaluate,
+  passkey,
+  train,
+  workdirs,
+)
 from pe_research.data import ByteTokenizer, make_eval_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,12 +46,12 @@ def _save_run(workdir, config, steps: int = 0):
   """A run dir via the training code: ``steps`` training steps (0 = the initial parameters)."""
   if steps:
     config.train.steps, config.train.warmup_steps, config.train.checkpoint_every = steps, 1, steps
-    checkpoint.record_config(str(workdir), config, write=True)
+    workdirs.record_config(str(workdir), config, write=True)
     train.train(config, str(workdir))
     return workdir
   tx, _ = train.make_optimizer(config.train)
   _, state = train.create_train_state(config, train.make_mesh(config.mesh), tx)
-  checkpoint.record_config(str(workdir), config, write=True)
+  workdirs.record_config(str(workdir), config, write=True)
   ckpt = checkpoint.Checkpointer(str(workdir), keep=1)
   ckpt.save(1, state, {}, config)
   ckpt.close()
@@ -152,14 +162,12 @@ def test_zero_shot_scaling_with_factor_one_equals_no_scaling(rope, rope_run, rop
   assert np.abs(stretched(batch["inputs"]) - plain).max() > 1e-4
 
 
-def test_batch_stats_weight_the_nll_and_exact_match_only_scored_targets():
-  logits_BxLxV = np.log(np.array([[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]] * 3, np.float32))
-  batch = {
-    "targets": np.array([[0, 1], [0, 2], [0, 2]], np.int32),
-    "weights": np.array([[1, 1], [1, 1], [1, 0]], np.float32),
-  }
-  stats = jax.tree.map(np.asarray, eval_lib.batch_stats(logits_BxLxV, batch))
+def test_token_stats_weight_the_nll_and_exact_match_only_scored_targets():
   nll = -np.log([0.7, 0.6, 0.3])
+  nll_BxL = np.array([[nll[0], nll[1]], [nll[0], nll[2]], [nll[0], nll[2]]], np.float32)
+  hit_BxL = np.array([[True, True], [True, False], [True, False]])
+  batch = {"weights": np.array([[1, 1], [1, 1], [1, 0]], np.float32)}
+  stats = jax.tree.map(np.asarray, eval_lib.token_stats(nll_BxL, hit_BxL, batch))
   np.testing.assert_allclose(stats["nll_sum_L"], [3 * nll[0], nll[1] + nll[2]], rtol=1e-6)
   np.testing.assert_array_equal(stats["weight_sum_L"], [3, 2])
   np.testing.assert_array_equal(stats["exact_B"], [True, False, True])  # row 2: 2 is unscored
@@ -167,10 +175,10 @@ def test_batch_stats_weight_the_nll_and_exact_match_only_scored_targets():
 
 def test_synthetic_runs_report_exact_match_accuracy_per_task_length(tmp):
   config = _config(tmp, data__name="synthetic")
-  summary = evaluate.evaluate_run(
-    str(_save_run(tmp / "copy", config)), lengths=[4, 9], max_tokens=200
-  )
-  rows = summary["rows"]
+  workdir = str(_save_run(tmp / "copy", config))
+  result = evaluate.evaluate(workdir, lengths=[4, 9], max_tokens=200)
+  eval_report.write_results(result, os.path.join(workdir, "eval"))
+  rows = result.rows
   assert [r["seq_len"] for r in rows] == [2 * 4 + 2, 2 * 9 + 2]  # BOS x SEP x EOS, shifted
   assert [r["examples"] for r in rows] == [200 // 10, 200 // 20]
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows) and rows[0]["tokens"] == 20 * 5
@@ -249,7 +257,7 @@ def test_init_from_copies_parameters_but_not_optimizer_state(tmp, rope_run):
   config = _config(tmp, train__lr=1e-9)
   config.init_from = str(rope_run)
   config.train.steps, config.train.warmup_steps, config.train.checkpoint_every = 1, 0, 1
-  checkpoint.record_config(str(tmp / "fine_tune"), config, write=True)
+  workdirs.record_config(str(tmp / "fine_tune"), config, write=True)
   state = train.train(config, str(tmp / "fine_tune"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params, source)
   counts = [int(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0]
@@ -272,7 +280,7 @@ def other_runs(tmp):
   alibi = _save_run(tmp / "alibi", _config(tmp, pe="alibi"))
   learned = _save_run(tmp / "learned", _config(tmp, pe="learned", pe__max_len=64))
   os.makedirs(tmp / "empty")
-  checkpoint.record_config(str(tmp / "untrained"), _config(tmp), write=True)
+  workdirs.record_config(str(tmp / "untrained"), _config(tmp), write=True)
   return {
     "alibi": alibi,
     "learned": learned,

@@ -14,15 +14,14 @@ import pytest
 
 from experiments import (
   alibi_train_short_test_long,
-  launch,
+  context_extension,
   length_generalization,
   lm_presets,
   rope_decay,
-  rope_scaling,
-  sweep,
 )
 from pe_research import config_lib
 from pe_research.data.pipeline import eval_windows
+from pe_research.launch import grid, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -140,12 +139,12 @@ def test_rerun_reuses_finished_runs_and_cached_evaluations(lm, alibi_out):
     assert os.path.getmtime(os.path.join(runs, pe, rel)) == mtime, (pe, rel)
 
 
-def test_rope_scaling_smoke_reuses_base_and_writes_outputs(lm, alibi_out, tmp_path):
+def test_context_extension_smoke_reuses_base_and_writes_outputs(lm, alibi_out, tmp_path):
   runs, sets = lm
   base_metrics = os.path.getmtime(os.path.join(runs, "rope", "metrics.jsonl"))
-  rope_scaling.main(["--preset=smoke", f"--out={tmp_path}", f"--runs={runs}", *sets])
+  context_extension.main(["--preset=smoke", f"--out={tmp_path}", f"--runs={runs}", *sets])
   assert os.path.getmtime(os.path.join(runs, "rope", "metrics.jsonl")) == base_metrics
-  preset = rope_scaling.PRESETS["smoke"]
+  preset = context_extension.PRESETS["smoke"]
   rows = _rows(tmp_path / "results.csv")
   models = {r["model"] for r in rows}
   assert len(models) == len(preset.methods) + len(preset.ft_methods) + 2
@@ -166,7 +165,7 @@ def test_rope_scaling_smoke_reuses_base_and_writes_outputs(lm, alibi_out, tmp_pa
   assert "- Passkey, zero-shot: none: no positive control" in text
 
 
-def test_rope_scaling_report_says_when_the_passkey_positive_control_fails():
+def test_context_extension_report_says_when_the_passkey_positive_control_fails():
   grid = [{"length": 512, "depth": 0.5, "accuracy": 0.0, "control": False}]
   control = lambda accuracy: [{"length": 128, "depth": 0.5, "accuracy": accuracy, "control": True}]
   summaries = {
@@ -174,16 +173,16 @@ def test_rope_scaling_report_says_when_the_passkey_positive_control_fails():
     "zero-shot: PI": {"train_len": 128, "passkey": grid + control(1.0)},
     "fine-tuned: PI": {"train_len": 32, "passkey": grid},
   }
-  failed, passed, missing = rope_scaling.passkey_controls(summaries)
+  failed, passed, missing = context_extension.passkey_controls(summaries)
   assert "zero-shot: none" in failed and "FAILED" in failed and "not evidence" in failed
   assert "the grid is evidence" in passed
   assert "no positive control" in missing and "not evidence" in missing
-  rows, lengths = rope_scaling.passkey_table(summaries)
+  rows, lengths = context_extension.passkey_table(summaries)
   assert lengths == [512] and len(rows) == 3  # The control rows are not grid cells.
 
 
 def test_longrope_factors_ramp_from_one_to_factor():
-  factors = rope_scaling.longrope_factors(4.0, 128, 32, 10000.0)
+  factors = context_extension.longrope_factors(4.0, 128, 32, 10000.0)
   assert len(factors) == 16 and factors[0] == 1.0 and factors[-1] == 4.0
   assert (np.diff(factors) >= 0).all()
 
@@ -262,10 +261,10 @@ def test_mrr_two_tied_are_written_as_a_tie_not_in_the_papers_order():
 
 
 def test_launch_expands_sweeps_and_prints_commands_for_unfinished_runs(tmp_path, capsys):
-  assert launch.expand("pe=a,b;n=1,2") == ["pe=a,n=1", "pe=a,n=2", "pe=b,n=1", "pe=b,n=2"]
+  assert grid.expand("pe=a,b;n=1,2") == ["pe=a,n=1", "pe=a,n=2", "pe=b,n=1", "pe=b,n=2"]
   with pytest.raises(ValueError, match="--sweep axis"):
-    launch.expand("pe")
-  launch.main(
+    grid.expand("pe")
+  grid.main(
     [
       "--config=configs/synthetic.py",
       "--sweep=pe=nope,rope;size=smoke",
@@ -282,14 +281,14 @@ def test_launch_expands_sweeps_and_prints_commands_for_unfinished_runs(tmp_path,
   assert (
     "--config=configs/synthetic.py:pe=nope,size=smoke" in argv and "--config.train.steps=5" in argv
   )
-  run = launch.Run(
+  run = grid.Run(
     "configs/synthetic.py", "pe=nope,size=smoke", str(tmp_path / "r"), (("train.steps", 5),)
   )
   sweep.train_run(run.config(), run.workdir)
-  assert launch.launch([run], print_commands=True) == []  # Finished: nothing left to print.
+  assert grid.launch([run], print_commands=True) == []  # Finished: nothing left to print.
 
 
-@pytest.mark.parametrize("module", [alibi_train_short_test_long, rope_scaling])
+@pytest.mark.parametrize("module", [alibi_train_short_test_long, context_extension])
 def test_paper_presets_print_valid_configs(module, tmp_path, capsys):
   module.main(["--preset=paper", f"--runs={tmp_path}", "--print_commands"])
   lines = capsys.readouterr().out.strip().splitlines()
@@ -300,11 +299,11 @@ def test_paper_presets_print_valid_configs(module, tmp_path, capsys):
   config_lib.validate(config, device_count=8)
   assert (config.model.num_layers, config.model.model_dim, config.model.num_heads) == (16, 1024, 8)
   assert config.data.name == "pg19" and config.train.seq_len == 512
-  if module is rope_scaling:
-    preset = rope_scaling.PRESETS["paper"]
-    scalings = rope_scaling.methods(4, 512, 128, 10000.0)
+  if module is context_extension:
+    preset = context_extension.PRESETS["paper"]
+    scalings = context_extension.methods(4, 512, 128, 10000.0)
     for label in preset.ft_methods:
-      run = rope_scaling.fine_tune_run(base, label, scalings[label], preset)
+      run = context_extension.fine_tune_run(base, label, scalings[label], preset)
       config_lib.validate(run.config(), device_count=8)
       assert (run.config().train.seq_len, run.config().train.batch_size) == (2048, 32)
 

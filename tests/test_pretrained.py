@@ -241,21 +241,22 @@ def _point_at_local_text(workdir, tmp_path) -> None:
 def test_imported_run_evaluates_and_fine_tunes_unchanged(tmp_path):
   """evaluate (both modes, rope_scaling, passkey) and init_from work on an imported workdir."""
   from configs import finetune
-  from pe_research import config_lib, evaluate, train
+  from pe_research import config_lib, eval_report, evaluate, train
 
   workdir = tmp_path / "run"
   importer.import_checkpoint(save(hf_model(), tmp_path / "hf"), str(workdir))
   _point_at_local_text(workdir, tmp_path)
   common = dict(lengths=[32, 256], max_tokens=512)
-  plain = evaluate.evaluate_run(str(workdir), **common)
-  sliding = evaluate.evaluate_run(str(workdir), mode="sliding", stride=16, **common)
+  plain = evaluate.evaluate(str(workdir), **common)
+  sliding = evaluate.evaluate(str(workdir), mode="sliding", stride=16, **common)
   yarn = json.dumps({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64})
-  scaled = evaluate.evaluate_run(str(workdir), rope_scaling=yarn, passkey_trials=1, **common)
-  for summary in (plain, sliding, scaled):
-    assert [r["tokens"] for r in summary["rows"]] == [512, 512]
-    assert all(0 < r["bits_per_byte"] < 20 and r["bytes"] > 0 for r in summary["rows"])
-  assert plain["rows"][0]["loss"] != sliding["rows"][0]["loss"]
-  assert os.path.isfile(workdir / "eval" / f"{scaled['name']}_passkey.csv")
+  scaled = evaluate.evaluate(str(workdir), rope_scaling=yarn, passkey_trials=1, **common)
+  for result in (plain, sliding, scaled):
+    assert [r["tokens"] for r in result.rows] == [512, 512]
+    assert all(0 < r["bits_per_byte"] < 20 and r["bytes"] > 0 for r in result.rows)
+  assert plain.rows[0]["loss"] != sliding.rows[0]["loss"]
+  eval_report.write_results(scaled, str(workdir / "eval"))
+  assert os.path.isfile(workdir / "eval" / f"{scaled.name}_passkey.csv")
 
   imported = load_model(str(workdir))[0]
   config = finetune.get_config(f"init_from={workdir},seq_len=32,steps=2,lr=1e-9,batch_size=2")

@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pe_research.encodings import rope as rope_lib
+from pe_research.encodings import rope_scaling as rope_scaling_lib
 from pe_research.encodings.registry import build_encoding
-from pe_research.encodings.rope import (
-  RoPE,
-  half_to_interleaved,
-  interleaved_to_half,
-  rotary_dim_for,
-)
+from pe_research.encodings.rope import RoPE, interleaved_to_half, rotary_dim_for
 from pe_research.encodings.rope import apply_rope as _apply_rope
-from pe_research.encodings.rope_scaling import rope_frequencies
+from pe_research.encodings.rope_scaling import RopeScaling, parse_rope_scaling, rope_frequencies
 
 RNG = np.random.default_rng(0)
 # One compile per shape instead of one per primitive: keeps the file fast on 2 CPU cores.
@@ -72,7 +69,6 @@ def test_layouts_agree_after_qk_permutation():
   logits_i = jnp.einsum("bqhd,bkhd->bhqk", q_i, k_i)
   logits_h = jnp.einsum("bqhd,bkhd->bhqk", q_h, k_h)
   np.testing.assert_allclose(logits_i, logits_h, atol=1e-5)
-  np.testing.assert_array_equal(half_to_interleaved(interleaved_to_half(q, rot), rot), q)
 
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
@@ -105,8 +101,8 @@ def test_apply_rope_bad_input():
     apply_rope(normal(1, 2, 1, 4), jnp.arange(2), jnp.ones(3))
 
 
-@pytest.mark.parametrize("head_dim, pct, expected", [(64, 1.0, 64), (64, 0.25, 16), (10, 0.5, 4)])
-def test_rotary_dim_rounds_down_to_even(head_dim, pct, expected):
+@pytest.mark.parametrize("head_dim, pct, expected", [(64, 1.0, 64), (64, 0.25, 16), (10, 0.4, 4)])
+def test_rotary_dim_is_int_of_head_dim_times_pct(head_dim, pct, expected):
   assert rotary_dim_for(head_dim, pct) == expected
 
 
@@ -114,6 +110,12 @@ def test_rotary_dim_rounds_down_to_even(head_dim, pct, expected):
 def test_bad_rotary_pct(pct):
   with pytest.raises(ValueError, match="rotary_pct"):
     rotary_dim_for(64, pct)
+
+
+@pytest.mark.parametrize("head_dim, pct", [(10, 0.5), (5, 1.0), (3, 0.5)])
+def test_odd_or_too_small_rotated_part_is_rejected_naming_head_dim(head_dim, pct):
+  with pytest.raises(ValueError, match=r"^model\.head_dim="):
+    rotary_dim_for(head_dim, pct)
 
 
 def pe_config(**overrides) -> ml_collections.ConfigDict:
@@ -146,7 +148,7 @@ def test_module_dynamic_uses_train_len_and_static_length_under_jit():
   x = normal(1, 16, 1, 8)
   pos = jnp.arange(16)[None]
   scaling = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8}
-  inv_freq, _ = rope_frequencies(8, scaling=scaling, seq_len=16)
+  inv_freq, _ = rope_frequencies(8, scaling=parse_rope_scaling(scaling), seq_len=16)
   graph, state = nnx.split(enc)
   jitted = jax.jit(lambda s, x, p: nnx.merge(graph, s).rotate(x, p, is_query=True))
   np.testing.assert_allclose(jitted(state, x, pos), apply_rope(x, pos, inv_freq), atol=1e-6)
@@ -165,3 +167,18 @@ def test_module_validates_scaling_at_build_time():
     build_encoding(
       pe_config(rope_layout="neox"), num_heads=1, head_dim=8, model_dim=8, rngs=nnx.Rngs(0)
     )
+
+
+def test_module_parses_rope_scaling_once(monkeypatch):
+  cfg = pe_config(rope_scaling='{"rope_type": "dynamic", "factor": 2.0}')
+  enc = build_encoding(cfg, num_heads=1, head_dim=8, model_dim=8, rngs=nnx.Rngs(0))
+  assert isinstance(enc.scaling, RopeScaling) and enc.scaling.original_max_position_embeddings == 8
+
+  def parse_again(*args, **kwargs):
+    raise AssertionError("rope_scaling parsed again after the module was built")
+
+  monkeypatch.setattr(rope_lib, "parse_rope_scaling", parse_again)
+  monkeypatch.setattr(rope_scaling_lib, "parse_rope_scaling", parse_again)
+  inv_freq, _ = enc.frequencies(16)
+  want, _ = rope_frequencies(8, scaling=RopeScaling("dynamic", 2.0, 8), seq_len=16)
+  np.testing.assert_array_equal(inv_freq, want)

@@ -1,5 +1,5 @@
 """rope_frequencies / parse_rope_scaling: closed forms, the YaRN worked example, bad input; the
-verdicts of experiments/rope_scaling.py on made-up rows (match, fail, stay unseparated)."""
+verdicts of experiments/context_extension.py on made-up rows (match, fail, stay unseparated)."""
 
 import csv
 import math
@@ -8,8 +8,9 @@ import types
 import numpy as np
 import pytest
 
-from experiments import rope_scaling as experiment
+from experiments import context_extension as experiment
 from pe_research.encodings.rope_scaling import (
+  RopeScaling,
   parse_rope_scaling,
   rope_frequencies,
   yarn_correction_range,
@@ -18,8 +19,8 @@ from pe_research.encodings.rope_scaling import (
 L = "original_max_position_embeddings"
 
 
-def freqs(dim, **kwargs) -> np.ndarray:
-  inv_freq, _ = rope_frequencies(dim, **kwargs)
+def freqs(dim, scaling=None, **kwargs) -> np.ndarray:
+  inv_freq, _ = rope_frequencies(dim, scaling=parse_rope_scaling(scaling), **kwargs)
   return np.asarray(inv_freq, np.float64)
 
 
@@ -57,7 +58,7 @@ def test_dynamic_grows_base_beyond_original_length():
 def test_yarn_worked_example():
   assert yarn_correction_range(64, 10000.0, 2048, 32, 1) == (8, 21)
   inv_freq, attention_factor = rope_frequencies(
-    64, scaling={"rope_type": "yarn", "factor": 4.0, L: 2048}
+    64, scaling=parse_rope_scaling({"rope_type": "yarn", "factor": 4.0, L: 2048})
   )
   assert attention_factor == pytest.approx(1.1386294361, abs=1e-10)
   theta = freqs(64)
@@ -72,11 +73,12 @@ def test_yarn_options():
   base = {"rope_type": "yarn", "factor": 4.0, L: 2048}
   low, high = yarn_correction_range(64, 10000.0, 2048, 32, 1, truncate=False)
   assert 8 < low < 8.1 and 20 < high < 21
-  _, mscaled = rope_frequencies(64, scaling=dict(base, mscale=1.0, mscale_all_dim=0.5))
+  mscale = parse_rope_scaling(dict(base, mscale=1.0, mscale_all_dim=0.5))
+  _, mscaled = rope_frequencies(64, scaling=mscale)
   assert mscaled == pytest.approx((0.1 * math.log(4) + 1) / (0.05 * math.log(4) + 1))
-  _, explicit = rope_frequencies(64, scaling=dict(base, attention_factor=1.5))
+  _, explicit = rope_frequencies(64, scaling=parse_rope_scaling(dict(base, attention_factor=1.5)))
   assert explicit == 1.5
-  _, unscaled = rope_frequencies(64, scaling=dict(base, factor=1.0))
+  _, unscaled = rope_frequencies(64, scaling=parse_rope_scaling(dict(base, factor=1.0)))
   assert unscaled == 1.0
 
 
@@ -98,29 +100,44 @@ def test_llama3_bands():
 
 def test_longrope_switches_factors_after_original_length():
   short, long = [1.0, 2.0], [4.0, 8.0]
-  scaling = dict(rope_type="longrope", factor=16.0, short_factor=short, long_factor=long, **{L: 64})
+  spec = dict(rope_type="longrope", factor=16.0, short_factor=short, long_factor=long, **{L: 64})
+  scaling = parse_rope_scaling(spec)
   theta = freqs(4, base=100.0)
   for seq_len, factors in ((None, short), (64, short), (65, long)):
     inv_freq, attention_factor = rope_frequencies(4, base=100.0, scaling=scaling, seq_len=seq_len)
     np.testing.assert_allclose(inv_freq, theta / factors, rtol=1e-7)
     assert attention_factor == pytest.approx(math.sqrt(1 + math.log(16) / math.log(64)))
-  _, explicit = rope_frequencies(4, scaling=dict(scaling, attention_factor=0.9), seq_len=65)
+  explicit_spec = parse_rope_scaling(dict(spec, attention_factor=0.9))
+  _, explicit = rope_frequencies(4, scaling=explicit_spec, seq_len=65)
   assert explicit == 0.9
 
 
 def test_parse_rope_scaling_text_defaults_and_aliases():
   assert parse_rope_scaling("") is None and parse_rope_scaling(None) is None
-  assert parse_rope_scaling('{"type": "linear", "factor": 2}') == {
-    "rope_type": "linear",
-    "factor": 2,
-  }
+  linear = parse_rope_scaling('{"type": "linear", "factor": 2}')
+  assert linear == RopeScaling(rope_type="linear", factor=2)
+  assert linear.as_dict() == {"rope_type": "linear", "factor": 2}
   spec = {"rope_type": "yarn", "factor": 4.0}
   parsed = parse_rope_scaling(spec, original_max_position_embeddings=512)
-  assert parsed[L] == 512 and L not in spec
-  assert parse_rope_scaling(dict(spec, **{L: 64}), original_max_position_embeddings=512)[L] == 64
-  assert L not in parse_rope_scaling(
-    '{"rope_type": "ntk", "factor": 2}', original_max_position_embeddings=8
-  )
+  assert parsed.original_max_position_embeddings == 512 and L not in spec
+  given = parse_rope_scaling(dict(spec, **{L: 64}), original_max_position_embeddings=512)
+  assert given.original_max_position_embeddings == 64
+  ntk = parse_rope_scaling('{"rope_type": "ntk", "factor": 2}', original_max_position_embeddings=8)
+  assert ntk.original_max_position_embeddings is None
+
+
+def test_parsed_rope_scaling_is_frozen_hashable_and_reparses_to_itself():
+  spec = dict(rope_type="longrope", factor=4.0, short_factor=[1.0] * 2, long_factor=[2.0] * 2)
+  parsed = parse_rope_scaling(dict(spec, **{L: 8}))
+  assert parsed.short_factor == (1.0, 1.0) and hash(parsed) == hash(parse_rope_scaling(parsed))
+  assert parse_rope_scaling(parsed.as_dict()) == parsed and parsed.uses_seq_len
+  with pytest.raises(AttributeError):
+    parsed.factor = 2.0
+
+
+def test_frequencies_take_the_parsed_object_not_text():
+  with pytest.raises(TypeError, match="parse_rope_scaling"):
+    rope_frequencies(8, scaling='{"rope_type": "linear", "factor": 2}')
 
 
 LONGROPE = dict(
@@ -166,7 +183,7 @@ YARN = {"rope_type": "yarn", "factor": 4.0, L: 2048}
 )
 def test_bad_input_raises_value_error_naming_the_key(dim, scaling, key):
   with pytest.raises(ValueError, match=key) as info:
-    rope_frequencies(dim, scaling=scaling)
+    rope_frequencies(dim, scaling=parse_rope_scaling(scaling))
   assert "\n" not in str(info.value)
 
 
@@ -181,8 +198,8 @@ def test_unknown_key_message_lists_allowed_keys():
     parse_rope_scaling({"rope_type": "linear", "factor": 2.0, "rope_theta": 10.0})
 
 
-# experiments/rope_scaling.py findings(): the cpu preset's lengths, L = 128, s = 4, so s·L = 512,
-# inside (L, s·L] = 256, 512; beyond s·L = 640 (1.25·s·L), 2048 (4·s·L).
+# experiments/context_extension.py findings(): the cpu preset's lengths, L = 128, s = 4, so
+# s·L = 512, inside (L, s·L] = 256, 512; beyond s·L = 640 (1.25·s·L), 2048 (4·s·L).
 LENGTHS = experiment.PRESETS["cpu"].lengths
 TRAIN_LEN, FACTOR = LENGTHS[0], experiment.PRESETS["cpu"].factor
 ZERO_SHOT = {  # Every published shape holds, intervals (±0.5) separated where it matters.

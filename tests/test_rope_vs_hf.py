@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import (  # noqa: E402
 )
 
 from pe_research.encodings.rope import apply_rope  # noqa: E402
-from pe_research.encodings.rope_scaling import rope_frequencies  # noqa: E402
+from pe_research.encodings.rope_scaling import parse_rope_scaling, rope_frequencies  # noqa: E402
 
 _RNG = np.random.default_rng(0)
 _LONGROPE_32 = dict(
@@ -139,7 +139,8 @@ def hf_frequencies(dim, base, scaling, seq_len) -> tuple[np.ndarray, float]:
 def max_relative_errors(case: str) -> tuple[float, float]:
   """(max relative error of inv_freq, relative error of attention_factor) vs HF."""
   dim, base, scaling, seq_len = CASES[case]
-  ours, ours_factor = rope_frequencies(dim, base=base, scaling=scaling, seq_len=seq_len)
+  parsed = parse_rope_scaling(scaling)
+  ours, ours_factor = rope_frequencies(dim, base=base, scaling=parsed, seq_len=seq_len)
   ref, ref_factor = hf_frequencies(dim, base, scaling, seq_len)
   assert np.asarray(ours).dtype == ref.dtype == np.float32
   freq_err = float(np.max(np.abs(np.asarray(ours, np.float64) - ref) / np.abs(ref)))
@@ -170,7 +171,8 @@ def test_apply_rope_matches_hf_apply_rotary_pos_emb(case):
   q_ref, k_ref = apply_rotary_pos_emb(
     torch.from_numpy(q_BxLxHxD), torch.from_numpy(k_BxLxHxD), cos, sin, unsqueeze_dim=2
   )
-  inv_freq, attention_factor = rope_frequencies(dim, base=base, scaling=scaling, seq_len=seq_len)
+  parsed = parse_rope_scaling(scaling)
+  inv_freq, attention_factor = rope_frequencies(dim, base=base, scaling=parsed, seq_len=seq_len)
   for x, ref in ((q_BxLxHxD, q_ref), (k_BxLxHxD, k_ref)):
     ours = apply_rope(
       jnp.asarray(x), jnp.asarray(pos_BxL), inv_freq, attention_factor=attention_factor

@@ -102,12 +102,12 @@ def test_fsdp_shards_state_and_equals_data_parallel(eight_devices):
 
 def test_two_processes_equal_eight_devices_across_a_resume(tmp_path, eight_devices):
   workdir = f"--workdir={tmp_path / 'run'}"
-  first = _launch(["experiments/launch_local.py"], *RUN_FLAGS, workdir, "--config.train.steps=3")
+  first = _launch(["pe_research/launch/local.py"], *RUN_FLAGS, workdir, "--config.train.steps=3")
   assert first.returncode == 0, first.stderr[-3000:]
   assert os.path.isdir(tmp_path / "run/checkpoints/3/params/ocdbt.process_1")  # p1 saved too.
   assert [r["step"] for r in read_metrics(str(tmp_path / "run"))] == [1, 2, 3]
   steps = f"--config.train.steps={STEPS}"
-  second = _launch(["-m", "experiments.launch_local"], *RUN_FLAGS, workdir, steps)
+  second = _launch(["-m", "pe_research.launch.local"], *RUN_FLAGS, workdir, steps)
   assert second.returncode == 0, second.stderr[-3000:]
   records = read_metrics(str(tmp_path / "run"))
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -116,7 +116,7 @@ def test_two_processes_equal_eight_devices_across_a_resume(tmp_path, eight_devic
 
 
 def test_launcher_forwards_a_failing_exit_code(tmp_path):
-  result = _launch(["experiments/launch_local.py"], *RUN_FLAGS, f"--workdir={tmp_path}", "--bad")
+  result = _launch(["pe_research/launch/local.py"], *RUN_FLAGS, f"--workdir={tmp_path}", "--bad")
   assert result.returncode == 2, result.stderr[-3000:]
   # The first process to fail relays its error with its prefix; the launcher may stop the other
   # before it gets as far (it can still be importing JAX on a loaded machine).
@@ -140,7 +140,7 @@ def test_dry_run_plans_mesh_batch_memory_and_steps(devices, fsdp):
   config = tiny.get_config("pe=alibi")  # ALiBi's slopes must not need a device under eval_shape.
   config.train.batch_size = 2 * devices
   config.mesh.fsdp = fsdp
-  text = dry_run.report(config, device_count=devices)
+  text = dry_run.plan_text(config, device_count=devices)
   assert f"data={devices // fsdp} × fsdp={fsdp}" in text
   assert ("gathered      per device" in text) == (fsdp > 1)
   assert f"global {2 * devices} × 32 tokens; per device 2" in text

@@ -77,7 +77,7 @@ def test_seed_interval_is_the_student_t_interval_and_a_point_for_one_seed():
 
 
 def test_over_seeds_combines_rows_per_length_and_refuses_other_lengths():
-  from experiments import sweep
+  from pe_research.launch import sweep
 
   rows = {
     0: [{"length": 8, "ppl": 10.0}, {"length": 16, "ppl": 20.0}],

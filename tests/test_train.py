@@ -193,6 +193,7 @@ def test_main_writes_config_metrics_and_tensorboard(tmp_path):
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["pe"]["name"] == "t5" and saved["train"]["steps"] == 6
   assert saved["pe"]["train_len"] == saved["train"]["seq_len"] == 24
+  assert saved["backend"]["platform"] == "cpu" and saved["backend"]["cpu_matmul"]  # What ran.
   records = read_metrics(str(workdir))
   assert [r["step"] for r in records] == [2, 4, 6]
   for record in records:

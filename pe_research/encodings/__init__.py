@@ -1,7 +1,7 @@
-"""Positional encodings: one family per module, all reachable from one registry.
+"""Positional encodings: one family per module, all listed in one registry (``registry.py``).
 
-Importing this package imports every family module (below), so each ``@register(name)``
-line runs and ``build_encoding(config.pe, ...)`` can build any of them by name.
+Each family module states its config facts in ``SPEC`` (``spec.py``) and builds itself with
+``build``; ``build_encoding(config.pe, ...)`` builds any family by name.
 """
 
 from pe_research.encodings.alibi import ALiBi, alibi_bias, alibi_slopes
@@ -12,15 +12,18 @@ from pe_research.encodings.learned import LearnedAbsolute
 from pe_research.encodings.nope import NoPE
 from pe_research.encodings.pose import PoSEPositions, pose_positions
 from pe_research.encodings.randomized import RandomizedPositions, random_sorted_positions
-from pe_research.encodings.registry import build_encoding, encoding_names, register
+from pe_research.encodings.registry import build_encoding, encoding_names, encoding_spec
 from pe_research.encodings.rope import RoPE, apply_rope
-from pe_research.encodings.rope_scaling import parse_rope_scaling, rope_frequencies
+from pe_research.encodings.rope_scaling import RopeScaling, parse_rope_scaling, rope_frequencies
 from pe_research.encodings.sinusoidal import Sinusoidal, sinusoidal
+from pe_research.encodings.spec import EncodingSpec, Field
 from pe_research.encodings.t5 import T5RelativeBias, t5_relative_position_bucket
 from pe_research.encodings.xpos import XPos, apply_xpos
 
 __all__ = [
   "ALiBi",
+  "EncodingSpec",
+  "Field",
   "Fire",
   "Kerple",
   "LearnedAbsolute",
@@ -29,6 +32,7 @@ __all__ = [
   "PositionalEncoding",
   "RandomizedPositions",
   "RoPE",
+  "RopeScaling",
   "Sinusoidal",
   "T5RelativeBias",
   "XPos",
@@ -38,11 +42,11 @@ __all__ = [
   "apply_xpos",
   "build_encoding",
   "encoding_names",
+  "encoding_spec",
   "kerple_bias",
   "parse_rope_scaling",
   "pose_positions",
   "random_sorted_positions",
-  "register",
   "rope_frequencies",
   "sequential_positions",
   "sinusoidal",

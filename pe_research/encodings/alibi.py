@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pe_research.encodings.base import PositionalEncoding
-from pe_research.encodings.registry import register
+from pe_research.encodings.spec import EncodingSpec
 
 
 def _power_of_two_slopes(n: int) -> list[float]:
@@ -59,7 +59,9 @@ class ALiBi(PositionalEncoding):
     return alibi_bias(q_pos_BxQ, k_pos_BxK, np.asarray(self.slopes, np.float32))
 
 
-@register("alibi")
-def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> ALiBi:
+SPEC = EncodingSpec()  # No config fields: the slopes follow from the head count.
+
+
+def build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> ALiBi:
   del pe_cfg, head_dim, model_dim, rngs
   return ALiBi(num_heads)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_research.encodings.base import PositionalEncoding
-from pe_research.encodings.registry import register
+from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field
 
 EPS = 1e-6  # Keeps ψ(max(L_thr, i)) > 0 when c or L_thr shrink to 0.
 
@@ -89,8 +89,16 @@ class Fire(PositionalEncoding):
     )
 
 
-@register("fire")
-def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> Fire:
+SPEC = EncodingSpec(
+  fields=(
+    Field("fire_hidden", 32, "Hidden width of FIRE's position MLP.", POSITIVE),
+    Field("fire_c_init", 0.1, "FIRE's initial log-transform scale c.", POSITIVE),
+    Field("fire_l_thr_init", 512.0, "FIRE's initial length threshold L_thr.", POSITIVE),
+  )
+)
+
+
+def build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> Fire:
   del head_dim, model_dim
   return Fire(
     num_heads,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_research.encodings.base import PositionalEncoding
-from pe_research.encodings.registry import register
+from pe_research.encodings.spec import EncodingSpec, Field, one_of
 
 VARIANTS = ("log", "power")
 MIN_PARAM = 1e-2
@@ -91,7 +91,11 @@ class Kerple(PositionalEncoding):
     return kerple_bias(q_pos_BxQ, k_pos_BxK, self.r1[...], self.r2[...], variant=self.variant)
 
 
-@register("kerple")
-def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> Kerple:
+SPEC = EncodingSpec(
+  fields=(Field("kerple_variant", "log", 'KERPLE kernel: "log" or "power".', one_of(*VARIANTS)),)
+)
+
+
+def build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> Kerple:
   del head_dim, model_dim
   return Kerple(num_heads, variant=pe_cfg.kerple_variant, rngs=rngs)

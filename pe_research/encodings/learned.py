@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_research.encodings.base import PositionalEncoding
-from pe_research.encodings.registry import register
+from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field
 
 
 @jax.jit
@@ -45,7 +45,12 @@ class LearnedAbsolute(PositionalEncoding):
     return x_BxLxD + learned_embedding(self.table[...], pos_BxL).astype(x_BxLxD.dtype)
 
 
-@register("learned")
-def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> LearnedAbsolute:
+SPEC = EncodingSpec(
+  fields=(Field("max_len", 2048, "Table size of learned absolute positions.", POSITIVE),),
+  length_field="max_len",  # Positions >= pe.max_len have no row.
+)
+
+
+def build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> LearnedAbsolute:
   del num_heads, head_dim
   return LearnedAbsolute(pe_cfg.max_len, model_dim, rngs=rngs)

@@ -7,14 +7,16 @@ causal mask.
 from __future__ import annotations
 
 from pe_research.encodings.base import PositionalEncoding
-from pe_research.encodings.registry import register
+from pe_research.encodings.spec import EncodingSpec
 
 
 class NoPE(PositionalEncoding):
   """The identity encoding: embeddings, q/k and logits pass through unchanged."""
 
 
-@register("nope")
-def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> NoPE:
+SPEC = EncodingSpec()  # No config fields.
+
+
+def build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> NoPE:
   del pe_cfg, num_heads, head_dim, model_dim, rngs
   return NoPE()

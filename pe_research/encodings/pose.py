@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_research.encodings.base import PositionalEncoding, PositionsWrapper
+from pe_research.encodings.spec import NON_NEGATIVE, POSITIVE, EncodingSpec, Field, require
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "length", "target_len", "chunks"))
@@ -79,6 +80,47 @@ class PoSEPositions(PositionsWrapper):
     if not train:
       return self.base.positions(batch, length, train=train)
     return pose_positions(self.rngs.positions(), batch, length, self.target_len, self.chunks)
+
+
+def _validate(pe_cfg, model_cfg, train_cfg) -> None:
+  """With PoSE on: L_c <= L_t, no randomized positions, and at most L_c chunks."""
+  del model_cfg
+  target_len, seq_len = pe_cfg.pose_target_len, train_cfg.seq_len
+  if not target_len:
+    return
+  require(
+    target_len >= seq_len,
+    "pe.pose_target_len",
+    target_len,
+    f"0 (off) or a target length >= train.seq_len={seq_len}",
+  )
+  require(
+    not pe_cfg.randomized,
+    "pe.pose_target_len",
+    target_len,
+    "0 when pe.randomized=True (both choose the training positions)",
+  )
+  require(
+    pe_cfg.pose_chunks <= seq_len,
+    "pe.pose_chunks",
+    pe_cfg.pose_chunks,
+    f"a chunk count in [1, train.seq_len={seq_len}] when pe.pose_target_len > 0",
+  )
+
+
+SPEC = EncodingSpec(
+  fields=(
+    Field(
+      "pose_target_len",
+      0,
+      "PoSE (Zhu et al. 2024) target length L_t: train.seq_len windows over [0, L_t); 0 = off.",
+      NON_NEGATIVE,
+    ),
+    Field("pose_chunks", 2, "PoSE chunks N per training window (2 in the paper).", POSITIVE),
+  ),
+  validate=_validate,
+  train_span=lambda pe_cfg: pe_cfg.pose_target_len,
+)
 
 
 def pose(pe_cfg, base: PositionalEncoding, *, rngs: nnx.Rngs) -> PositionalEncoding:

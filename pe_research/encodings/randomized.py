@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_research.encodings.base import PositionalEncoding, PositionsWrapper
+from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field, require
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "length", "max_len"))
@@ -66,6 +67,38 @@ class RandomizedPositions(PositionsWrapper):
     if not (train or self.randomize_eval):
       return self.base.positions(batch, length, train=train)
     return random_sorted_positions(self.rngs.positions(), batch, length, self.max_random_len)
+
+
+def _validate(pe_cfg, model_cfg, train_cfg) -> None:
+  del model_cfg
+  seq_len = train_cfg.seq_len
+  require(
+    not pe_cfg.randomized or pe_cfg.max_random_len >= seq_len,
+    "pe.max_random_len",
+    pe_cfg.max_random_len,
+    f"a length >= train.seq_len={seq_len} when pe.randomized",
+  )
+
+
+SPEC = EncodingSpec(
+  fields=(
+    Field("randomized", False, "Randomized positions (Ruoss et al. 2023) around pe.name."),
+    Field(
+      "max_random_len",
+      2048,
+      "Randomized positions are sorted samples from [0, this).",
+      POSITIVE,
+    ),
+    # A run may resume with it changed (it acts only at evaluation).
+    Field(
+      "randomize_eval",
+      True,
+      "Evaluate at sorted draws from [0, max_random_len) as trained (True) or at 0..n-1.",
+    ),
+  ),
+  validate=_validate,
+  train_span=lambda pe_cfg: pe_cfg.max_random_len if pe_cfg.randomized else 0,
+)
 
 
 def randomize(pe_cfg, base: PositionalEncoding, *, rngs: nnx.Rngs) -> PositionalEncoding:

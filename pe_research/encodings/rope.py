@@ -17,14 +17,13 @@ in ``rope_extension.py``; it combines with any ``rope_scaling`` (frequencies).
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pe_research import backend
 from pe_research.encodings.base import PositionalEncoding
-from pe_research.encodings.registry import register
+from pe_research.encodings.rope_extension import FIELDS as EXTENSION_FIELDS
 from pe_research.encodings.rope_extension import (
   check_extension,
   extension_kwargs,
@@ -32,7 +31,12 @@ from pe_research.encodings.rope_extension import (
   rerope_positions,
   self_extend_positions,
 )
-from pe_research.encodings.rope_scaling import parse_rope_scaling, rope_frequencies_numpy
+from pe_research.encodings.rope_scaling import (
+  RopeScaling,
+  parse_rope_scaling,
+  rope_frequencies_numpy,
+)
+from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field, in_range, one_of, require
 
 LAYOUTS = ("half", "interleaved")
 
@@ -42,19 +46,35 @@ def _check_layout(layout: str) -> None:
     raise ValueError(f"rope layout={layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
 
 
-def _materialised(*tables_LxR: jax.Array) -> tuple[jax.Array, ...]:
-  """The tables, computed once into a buffer. Left alone, XLA fuses the ``[L, R]`` cos/sin into
-  each ``[B, L, H, R]`` consumer and evaluates them per (batch, head) element, forward and
-  backward: RoPE cost 4.4% (fp32) / 8.3% (bf16) of a d=256 4-layer train step over NoPE, 0.5% /
-  1.6% with this (measured). A matmul's output is a buffer XLA does not fuse into its consumers
-  (an optimization barrier is not: it is gone before fusion), so the tables go through one with
-  the identity, exact in float32 (each output is one product with 1)."""
-  stacked_NxR = jnp.concatenate(tables_LxR, axis=-1).reshape(-1, tables_LxR[0].shape[-1])
-  r = stacked_NxR.shape[-1]
-  eye_RxR = jnp.eye(r, dtype=jnp.float32)
-  out_NxR = jnp.dot(stacked_NxR, eye_RxR, precision=jax.lax.Precision.HIGHEST)
-  out = out_NxR.reshape(*tables_LxR[0].shape[:-1], len(tables_LxR) * r)
-  return tuple(jnp.split(out, len(tables_LxR), axis=-1))
+def rope_tables(
+  positions: jax.Array, inv_freq: jax.Array, attention_factor: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+  """``(c·cos(p·θ_i), c·sin(p·θ_i))``, float32 ``[..., L, R]``."""
+  angle_LxR = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  return jnp.cos(angle_LxR) * attention_factor, jnp.sin(angle_LxR) * attention_factor
+
+
+def rotate_pairs(x: jax.Array, cos_LxR: jax.Array, sin_LxR: jax.Array, layout: str) -> jax.Array:
+  """``a' = a·cos − b·sin``, ``b' = b·cos + a·sin`` for the R pairs (a, b) of ``layout`` in the
+  first 2R dims of ``x`` ``[..., L, H, D]``; the rest pass through. Computed in float32, returned
+  in ``x.dtype``."""
+  _check_layout(layout)
+  num_freq = cos_LxR.shape[-1]
+  if 2 * num_freq > x.shape[-1]:
+    raise ValueError(f"len(inv_freq)={num_freq} needs 2·{num_freq} <= head dim {x.shape[-1]}")
+  cos_Lx1xR, sin_Lx1xR = cos_LxR[..., None, :], sin_LxR[..., None, :]
+  rot_LxHxR2 = x[..., : 2 * num_freq].astype(jnp.float32)
+  if layout == "half":
+    a, b = rot_LxHxR2[..., :num_freq], rot_LxHxR2[..., num_freq:]
+  else:
+    a, b = rot_LxHxR2[..., 0::2], rot_LxHxR2[..., 1::2]
+  a_rot = a * cos_Lx1xR - b * sin_Lx1xR
+  b_rot = b * cos_Lx1xR + a * sin_Lx1xR
+  if layout == "half":
+    out_LxHxR2 = jnp.concatenate([a_rot, b_rot], axis=-1)
+  else:
+    out_LxHxR2 = jnp.stack([a_rot, b_rot], axis=-1).reshape(rot_LxHxR2.shape)
+  return jnp.concatenate([out_LxHxR2.astype(x.dtype), x[..., 2 * num_freq :]], axis=-1)
 
 
 def apply_rope(
@@ -77,27 +97,7 @@ def apply_rope(
   Returns:
     ``[..., L, H, D]`` in ``x.dtype``; angles and the rotation are computed in float32.
   """
-  _check_layout(layout)
-  num_freq = inv_freq.shape[-1]
-  if 2 * num_freq > x.shape[-1]:
-    raise ValueError(f"len(inv_freq)={num_freq} needs 2·{num_freq} <= head dim {x.shape[-1]}")
-  angle_LxR = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-  cos_LxR, sin_LxR = _materialised(
-    jnp.cos(angle_LxR) * attention_factor, jnp.sin(angle_LxR) * attention_factor
-  )
-  cos_Lx1xR, sin_Lx1xR = cos_LxR[..., None, :], sin_LxR[..., None, :]
-  rot_LxHxR2 = x[..., : 2 * num_freq].astype(jnp.float32)
-  if layout == "half":
-    a, b = rot_LxHxR2[..., :num_freq], rot_LxHxR2[..., num_freq:]
-  else:
-    a, b = rot_LxHxR2[..., 0::2], rot_LxHxR2[..., 1::2]
-  a_rot = a * cos_Lx1xR - b * sin_Lx1xR
-  b_rot = b * cos_Lx1xR + a * sin_Lx1xR
-  if layout == "half":
-    out_LxHxR2 = jnp.concatenate([a_rot, b_rot], axis=-1)
-  else:
-    out_LxHxR2 = jnp.stack([a_rot, b_rot], axis=-1).reshape(rot_LxHxR2.shape)
-  return jnp.concatenate([out_LxHxR2.astype(x.dtype), x[..., 2 * num_freq :]], axis=-1)
+  return rotate_pairs(x, *rope_tables(positions, inv_freq, attention_factor), layout)
 
 
 def interleaved_to_half(x: jax.Array, rotary_dim: int) -> jax.Array:
@@ -111,21 +111,30 @@ def interleaved_to_half(x: jax.Array, rotary_dim: int) -> jax.Array:
   )
 
 
-def half_to_interleaved(x: jax.Array, rotary_dim: int) -> jax.Array:
-  """Inverse of :func:`interleaved_to_half`."""
-  half = rotary_dim // 2
-  pairs = jnp.stack([x[..., :half], x[..., half:rotary_dim]], axis=-1)
-  return jnp.concatenate([pairs.reshape(*x.shape[:-1], rotary_dim), x[..., rotary_dim:]], axis=-1)
+ROTARY_PCT = Field(
+  "rotary_pct",
+  1.0,
+  "Fraction of head_dim that is rotated (partial rotary).",
+  in_range(0.0, 1.0, low_inclusive=False, high_inclusive=True),
+)
 
 
 def rotary_dim_for(head_dim: int, rotary_pct: float) -> int:
-  """int(head_dim·rotary_pct) rounded down to even; at least 2."""
-  if not 0 < rotary_pct <= 1:
-    raise ValueError(f"pe.rotary_pct={rotary_pct!r} must be in (0, 1]")
-  dim = int(head_dim * rotary_pct) // 2 * 2
-  if dim < 2:
-    raise ValueError(f"pe.rotary_pct={rotary_pct} leaves {dim} rotary dims of head_dim={head_dim}")
-  return dim
+  """R = int(head_dim·rotary_pct), the rotated width of RoPE and xPos: the one definition.
+
+  Raises ValueError (one line naming pe.rotary_pct or model.head_dim) unless rotary_pct is in
+  (0, 1] and R is even and >= 2 (dims rotate in pairs).
+  """
+  ROTARY_PCT.check(rotary_pct)
+  width = int(head_dim * rotary_pct)
+  require(
+    width >= 2 and width % 2 == 0,
+    "model.head_dim",
+    head_dim,
+    f"a head_dim whose rotated part int(head_dim * pe.rotary_pct), pe.rotary_pct={rotary_pct}, "
+    "is even and >= 2",
+  )
+  return width
 
 
 class RoPE(PositionalEncoding):
@@ -144,7 +153,7 @@ class RoPE(PositionalEncoding):
     head_dim: int,
     *,
     base: float = 10000.0,
-    scaling: str | dict | None = None,
+    scaling: str | dict | RopeScaling | None = None,
     rotary_pct: float = 1.0,
     layout: str = "half",
     train_len: int | None = None,
@@ -155,7 +164,6 @@ class RoPE(PositionalEncoding):
   ):
     _check_layout(layout)
     check_extension(
-      "rope",
       self_extend_window=self_extend_window,
       self_extend_group=self_extend_group,
       rerope_window=rerope_window,
@@ -168,10 +176,8 @@ class RoPE(PositionalEncoding):
     self.rotary_dim = rotary_dim_for(head_dim, rotary_pct)
     self.base = float(base)
     self.layout = layout
-    cfg = parse_rope_scaling(scaling, original_max_position_embeddings=train_len)
-    # JSON text keeps the module's static attributes hashable; validated once, here.
-    self.scaling_json = json.dumps(cfg, sort_keys=True) if cfg else ""
-    self.uses_seq_len = bool(cfg) and cfg["rope_type"] in ("dynamic", "longrope")
+    # Parsed and validated once, here; frozen, so a static attribute of the module.
+    self.scaling = parse_rope_scaling(scaling, original_max_position_embeddings=train_len)
     self.frequencies(1)  # validates dim-dependent keys (longrope list lengths) at build time
 
   def frequencies(self, seq_len: int) -> tuple[np.ndarray, float]:
@@ -179,8 +185,8 @@ class RoPE(PositionalEncoding):
     return rope_frequencies_numpy(
       self.rotary_dim,
       base=self.base,
-      scaling=self.scaling_json or None,
-      seq_len=seq_len if self.uses_seq_len else None,
+      scaling=self.scaling,
+      seq_len=seq_len if self.scaling is not None and self.scaling.uses_seq_len else None,
     )
 
   def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
@@ -199,9 +205,9 @@ class RoPE(PositionalEncoding):
   def _rotate_to(self, x_BxLxHxK, angle_pos_BxL, pos_BxL, is_query: bool) -> jax.Array:
     """``x`` rotated by the angles of ``angle_pos``; queries log-n scaled by their ``pos``."""
     inv_freq, attention_factor = self.frequencies(x_BxLxHxK.shape[-3])
-    out_BxLxHxK = apply_rope(
-      x_BxLxHxK, angle_pos_BxL, inv_freq, layout=self.layout, attention_factor=attention_factor
-    )
+    # The same as apply_rope, with the tables computed once (backend.materialised).
+    tables_LxR = backend.materialised(*rope_tables(angle_pos_BxL, inv_freq, attention_factor))
+    out_BxLxHxK = rotate_pairs(x_BxLxHxK, *tables_LxR, self.layout)
     if not (is_query and self.logn_len):
       return out_BxLxHxK
     scale_BxLx1x1 = logn_scale(pos_BxL, self.logn_len)[..., None, None]
@@ -219,7 +225,45 @@ def rope_kwargs(pe_cfg) -> dict:
   )
 
 
-@register("rope")
-def build_rope(pe_cfg, *, num_heads: int, head_dim: int, model_dim: int, rngs) -> RoPE:
+def _rotary_dim(head_dim: int, pe_cfg) -> int:
+  return rotary_dim_for(head_dim, pe_cfg.rotary_pct)
+
+
+def _validate(pe_cfg, model_cfg, train_cfg) -> None:
+  """Self-Extend and ReRoPE exclude each other, and their two logit sets need dense or
+  blockwise attention."""
+  del train_cfg
+  settings = extension_kwargs(pe_cfg)
+  check_extension(**settings)
+  require(
+    not (settings["self_extend_window"] or settings["rerope_window"])
+    or model_cfg.attention != "xla",
+    "model.attention",
+    model_cfg.attention,
+    "'dense' or 'blockwise' with pe.self_extend_window or pe.rerope_window (two logit sets)",
+  )
+
+
+SPEC = EncodingSpec(
+  fields=(
+    Field("rope_scaling", "", 'HF `rope_scaling` JSON ("" = none), for specs that take it.'),
+    Field("rope_base", 10000.0, "RoPE frequency base b: theta_i = b^(-2i/d).", POSITIVE),
+    Field(
+      "rope_layout",
+      "half",
+      'Rotated pairs: "half" (NeoX/Llama) or "interleaved" (GPT-J).',
+      one_of(*LAYOUTS),
+    ),
+    ROTARY_PCT,
+    # Training-free context extension (rope_extension.py), combinable with pe.rope_scaling.
+    *EXTENSION_FIELDS,
+  ),
+  validate=_validate,
+  rotary_dim=_rotary_dim,
+  takes_rope_scaling=True,
+)
+
+
+def build(pe_cfg, *, num_heads: int, head_dim: int, model_dim: int, rngs) -> RoPE:
   del num_heads, model_dim, rngs
   return RoPE(head_dim, **rope_kwargs(pe_cfg), **extension_kwargs(pe_cfg))

@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pe_research.encodings.spec import Field, Rule, require
+
 
 def self_extend_positions(pos_BxL: jax.Array, *, window: int, group: int, is_query: bool):
   """Self-Extend's far positions: ``⌊p/G⌋ + W − ⌊W/G⌋`` for queries, ``⌊p/G⌋`` for keys."""
@@ -42,35 +44,53 @@ def logn_scale(pos_BxL: jax.Array, train_len: int) -> jax.Array:
   return jnp.maximum(ratio_BxL, 1.0)
 
 
-def _require(ok: bool, field: str, value, allowed: str) -> None:
-  if not ok:
-    raise ValueError(f"pe.{field}={value!r} is invalid; allowed: {allowed}")
-
-
-def check_extension(
-  name: str, *, self_extend_window: int, self_extend_group: int, rerope_window: int, logn_len: int
-) -> None:
-  """Raises ValueError (one line naming the ``pe.`` field) for invalid extension settings."""
-  _require(self_extend_window >= 0, "self_extend_window", self_extend_window, "0 (off) or W > 0")
-  _require(self_extend_group >= 1, "self_extend_group", self_extend_group, "a group size >= 1")
-  _require(rerope_window >= 0, "rerope_window", rerope_window, "0 (off) or W > 0")
-  _require(logn_len == 0 or logn_len >= 2, "logn_len", logn_len, "0 (off) or a length >= 2")
-  settings = dict(self_extend_window=self_extend_window, rerope_window=rerope_window)
-  for field, value in (*settings.items(), ("logn_len", logn_len)):
-    _require(not value or name == "rope", field, value, f"0 unless pe.name='rope' (got {name!r})")
-  _require(
-    not (self_extend_window and rerope_window),
+# pe.* fields of these methods, owned by pe.name="rope" (rope.py's SPEC); a window or logn_len
+# other than 0 needs pe.name="rope". Runs saved before these fields existed load with them off.
+FIELDS = (
+  Field(
+    "self_extend_window",
+    0,
+    "Self-Extend window W: pairs i - j >= W use positions (p_i//G + W - W//G, p_j//G); 0 = off.",
+    Rule(lambda w: w >= 0, "0 (off) or W > 0"),
+    switch=True,
+  ),
+  Field(
+    "self_extend_group",
+    1,
+    "Self-Extend group size G >= 1.",
+    Rule(lambda g: g >= 1, "a group size >= 1"),
+  ),
+  Field(
     "rerope_window",
-    rerope_window,
-    f"0 when pe.self_extend_window={self_extend_window} (one far logit set: pick one method)",
+    0,
+    "ReRoPE window W: distances >= W are clipped to W; 0 = off.",
+    Rule(lambda w: w >= 0, "0 (off) or W > 0"),
+    switch=True,
+  ),
+  Field(
+    "logn_len",
+    0,
+    "log-n scaling: query p's logits times max(1, ln(p+1)/ln(this)); 0 = off.",
+    Rule(lambda n: n == 0 or n >= 2, "0 (off) or a length >= 2"),
+    switch=True,
+  ),
+)
+
+
+def check_extension(**settings: int) -> None:
+  """Raises ValueError (one line naming the ``pe.`` field) for invalid extension settings
+  (keyword per field of ``FIELDS``); Self-Extend and ReRoPE exclude each other."""
+  for field in FIELDS:
+    field.check(settings[field.name])
+  window, rerope = settings["self_extend_window"], settings["rerope_window"]
+  require(
+    not (window and rerope),
+    "pe.rerope_window",
+    rerope,
+    f"0 when pe.self_extend_window={window} (one far logit set: pick one method)",
   )
 
 
 def extension_kwargs(pe_cfg) -> dict:
   """The extension settings read from ``config.pe`` (absent in older runs: off)."""
-  return dict(
-    self_extend_window=pe_cfg.get("self_extend_window", 0),
-    self_extend_group=pe_cfg.get("self_extend_group", 1),
-    rerope_window=pe_cfg.get("rerope_window", 0),
-    logn_len=pe_cfg.get("logn_len", 0),
-  )
+  return {field.name: pe_cfg.get(field.name, field.default) for field in FIELDS}

@@ -18,10 +18,14 @@ The attention factor multiplies both cos and sin, so logits scale by its square.
 Arithmetic mirrors ``transformers.modeling_rope_utils`` (5.24) operation by operation in
 float32 (b^(2i/d) is rounded from float64, which matches torch's float32 ``pow``), so the
 frequencies agree with HF to float32 precision; see ``tests/test_rope_vs_hf.py``.
+
+A spec is parsed once (:func:`parse_rope_scaling`, when the encoding is built) into a frozen
+:class:`RopeScaling`; :func:`rope_frequencies` takes that object.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -30,22 +34,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# HF's key for L, the length the model was trained at.
+ORIGINAL_LENGTH = "original_max_position_embeddings"
 # rope_type -> (required keys, optional keys); "rope_type" itself is always required.
-_L = "original_max_position_embeddings"
 _KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
   "default": ((), ()),
   "linear": (("factor",), ()),
   "ntk": (("factor",), ()),
-  "dynamic": (("factor", _L), ()),
+  "dynamic": (("factor", ORIGINAL_LENGTH), ()),
   "yarn": (
-    ("factor", _L),
+    ("factor", ORIGINAL_LENGTH),
     ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
   ),
-  "llama3": (("factor", _L, "low_freq_factor", "high_freq_factor"), ()),
-  "longrope": (("factor", _L, "short_factor", "long_factor"), ("attention_factor",)),
+  "llama3": (("factor", ORIGINAL_LENGTH, "low_freq_factor", "high_freq_factor"), ()),
+  "longrope": (("factor", ORIGINAL_LENGTH, "short_factor", "long_factor"), ("attention_factor",)),
 }
 ROPE_TYPES = tuple(sorted(_KEYS))
 _F32 = np.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """A validated HF ``rope_scaling`` (made by :func:`parse_rope_scaling`).
+
+  Fields are HF's keys; None = not given (the formulas' defaults apply). Frozen and hashable, so
+  a module keeps it as a static attribute.
+  """
+
+  rope_type: str
+  factor: float | None = None
+  original_max_position_embeddings: int | None = None
+  attention_factor: float | None = None
+  beta_fast: float | None = None
+  beta_slow: float | None = None
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  truncate: bool | None = None
+  low_freq_factor: float | None = None
+  high_freq_factor: float | None = None
+  short_factor: tuple[float, ...] | None = None
+  long_factor: tuple[float, ...] | None = None
+
+  @property
+  def uses_seq_len(self) -> bool:
+    """Whether the frequencies depend on the length of the call (dynamic, longrope)."""
+    return self.rope_type in ("dynamic", "longrope")
+
+  def as_dict(self) -> dict:
+    """HF's dict: the given keys only, the factor lists as lists."""
+    given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
 
 
 def _is_number(v: Any) -> bool:
@@ -69,8 +107,9 @@ def _check_values(cfg: dict) -> None:
   positive = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
   for key in (*positive, "low_freq_factor", "high_freq_factor"):
     _check_number(cfg, key, minimum=0.0, strict=True)
-  if _L in cfg and not (isinstance(cfg[_L], int) and not isinstance(cfg[_L], bool) and cfg[_L] > 0):
-    raise ValueError(f"rope_scaling.{_L}={cfg[_L]!r} must be a positive integer")
+  length = cfg.get(ORIGINAL_LENGTH, 1)
+  if not (isinstance(length, int) and not isinstance(length, bool) and length > 0):
+    raise ValueError(f"rope_scaling.{ORIGINAL_LENGTH}={length!r} must be a positive integer")
   if "truncate" in cfg and not isinstance(cfg["truncate"], bool):
     raise ValueError(f"rope_scaling.truncate={cfg['truncate']!r} must be true or false")
   if cfg.get("beta_fast", 32) <= cfg.get("beta_slow", 1):
@@ -92,18 +131,20 @@ def _check_values(cfg: dict) -> None:
 
 
 def parse_rope_scaling(
-  text_or_dict: str | dict | None, *, original_max_position_embeddings: int | None = None
-) -> dict | None:
+  text_or_dict: str | dict | RopeScaling | None,
+  *,
+  original_max_position_embeddings: int | None = None,
+) -> RopeScaling | None:
   """Parses and validates a ``rope_scaling`` spec; "" / None / {} -> None.
 
   Args:
-    text_or_dict: JSON text (as in ``config.pe.rope_scaling``) or a dict. The legacy HF key
-      ``type`` is accepted as an alias of ``rope_type``.
+    text_or_dict: JSON text (as in ``config.pe.rope_scaling``), a dict or a RopeScaling. The
+      legacy HF key ``type`` is accepted as an alias of ``rope_type``.
     original_max_position_embeddings: filled in when the rope_type uses L and the spec lacks it
       (the RoPE module passes ``pe.train_len``).
 
   Returns:
-    A new dict with every key validated (the longrope list lengths are checked by
+    A :class:`RopeScaling` with every key validated (the longrope list lengths are checked by
     :func:`rope_frequencies`, which knows the rotary dim).
 
   Raises:
@@ -111,6 +152,8 @@ def parse_rope_scaling(
   """
   if text_or_dict is None or text_or_dict == "":
     return None
+  if isinstance(text_or_dict, RopeScaling):
+    text_or_dict = text_or_dict.as_dict()
   if isinstance(text_or_dict, str):
     try:
       cfg = json.loads(text_or_dict)
@@ -132,8 +175,12 @@ def parse_rope_scaling(
     )
   required, optional = _KEYS[rope_type]
   allowed = ("rope_type", *required, *optional)
-  if _L in required and _L not in cfg and original_max_position_embeddings is not None:
-    cfg[_L] = original_max_position_embeddings
+  if (
+    ORIGINAL_LENGTH in required
+    and ORIGINAL_LENGTH not in cfg
+    and original_max_position_embeddings is not None
+  ):
+    cfg[ORIGINAL_LENGTH] = original_max_position_embeddings
   for key in cfg:
     if key not in allowed:
       raise ValueError(
@@ -147,7 +194,8 @@ def parse_rope_scaling(
         f"required: {', '.join(required)}"
       )
   _check_values(cfg)
-  return cfg
+  lists = {k: tuple(cfg[k]) for k in ("short_factor", "long_factor") if k in cfg}
+  return RopeScaling(**(cfg | lists))
 
 
 def _base_powers(dim: int, base: float) -> np.ndarray:
@@ -173,20 +221,25 @@ def yarn_correction_range(
   return max(low, 0), min(high, dim - 1)
 
 
-def _yarn(dim: int, base: float, cfg: dict) -> tuple[np.ndarray, float]:
-  s = cfg["factor"]
+def _yarn(dim: int, base: float, scaling: RopeScaling) -> tuple[np.ndarray, float]:
+  s = scaling.factor
 
   def g(m: float) -> float:
     return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
 
-  if "attention_factor" in cfg:
-    attention_factor = float(cfg["attention_factor"])
-  elif "mscale" in cfg:
-    attention_factor = float(g(cfg["mscale"]) / g(cfg["mscale_all_dim"]))
+  if scaling.attention_factor is not None:
+    attention_factor = float(scaling.attention_factor)
+  elif scaling.mscale is not None:
+    attention_factor = float(g(scaling.mscale) / g(scaling.mscale_all_dim))
   else:
     attention_factor = g(1.0)
   low, high = yarn_correction_range(
-    dim, base, cfg[_L], cfg.get("beta_fast", 32), cfg.get("beta_slow", 1), cfg.get("truncate", True)
+    dim,
+    base,
+    scaling.original_max_position_embeddings,
+    32 if scaling.beta_fast is None else scaling.beta_fast,
+    1 if scaling.beta_slow is None else scaling.beta_slow,
+    True if scaling.truncate is None else scaling.truncate,
   )
   if low == high:
     high += 0.001  # HF's guard against a zero-width ramp
@@ -198,9 +251,9 @@ def _yarn(dim: int, base: float, cfg: dict) -> tuple[np.ndarray, float]:
   return interpolation * (_F32(1) - keep) + extrapolation * keep, attention_factor
 
 
-def _llama3(dim: int, base: float, cfg: dict) -> np.ndarray:
-  s, length = cfg["factor"], cfg[_L]
-  low, high = cfg["low_freq_factor"], cfg["high_freq_factor"]
+def _llama3(dim: int, base: float, scaling: RopeScaling) -> np.ndarray:
+  s, length = scaling.factor, scaling.original_max_position_embeddings
+  low, high = scaling.low_freq_factor, scaling.high_freq_factor
   inv_freq = _F32(1) / _base_powers(dim, base)
   # torch evaluates `c / t` as `t.reciprocal() * c`; mirrored here for bitwise agreement.
   wavelen = (_F32(1) / inv_freq) * _F32(2 * math.pi)
@@ -211,31 +264,40 @@ def _llama3(dim: int, base: float, cfg: dict) -> np.ndarray:
   return np.where(medium, blended, scaled)
 
 
-def _longrope(dim: int, base: float, cfg: dict, seq_len: int | None) -> tuple[np.ndarray, float]:
-  s, length = cfg["factor"], cfg[_L]
-  for key in ("short_factor", "long_factor"):
-    if len(cfg[key]) != dim // 2:
+def _longrope(
+  dim: int, base: float, scaling: RopeScaling, seq_len: int | None
+) -> tuple[np.ndarray, float]:
+  s, length = scaling.factor, scaling.original_max_position_embeddings
+  for key, factors in (
+    ("short_factor", scaling.short_factor),
+    ("long_factor", scaling.long_factor),
+  ):
+    if len(factors) != dim // 2:
       raise ValueError(
-        f"rope_scaling.{key} has {len(cfg[key])} entries; needs dim // 2 = {dim // 2}"
+        f"rope_scaling.{key} has {len(factors)} entries; needs dim // 2 = {dim // 2}"
       )
-  if "attention_factor" in cfg:
-    attention_factor = float(cfg["attention_factor"])
+  if scaling.attention_factor is not None:
+    attention_factor = float(scaling.attention_factor)
   else:
     attention_factor = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(length))
   use_long = seq_len is not None and seq_len > length
-  factors = np.asarray(cfg["long_factor" if use_long else "short_factor"], dtype=_F32)
+  factors = np.asarray(scaling.long_factor if use_long else scaling.short_factor, dtype=_F32)
   return _F32(1) / (factors * _base_powers(dim, base)), attention_factor
 
 
 def rope_frequencies(
-  dim: int, *, base: float = 10000.0, scaling: str | dict | None = None, seq_len: int | None = None
+  dim: int,
+  *,
+  base: float = 10000.0,
+  scaling: RopeScaling | None = None,
+  seq_len: int | None = None,
 ) -> tuple[jax.Array, float]:
   """Inverse frequencies θ'_i (float32 ``[dim // 2]``) and the cos/sin attention factor.
 
   Args:
     dim: rotary dim d (even).
     base: b.
-    scaling: a ``rope_scaling`` dict or JSON text (see module docstring), or None.
+    scaling: a parsed ``rope_scaling`` (:func:`parse_rope_scaling`; module docstring), or None.
     seq_len: current sequence length; used by ``dynamic`` and ``longrope`` only.
   """
   inv_freq, attention_factor = rope_frequencies_numpy(
@@ -245,7 +307,11 @@ def rope_frequencies(
 
 
 def rope_frequencies_numpy(
-  dim: int, *, base: float = 10000.0, scaling: str | dict | None = None, seq_len: int | None = None
+  dim: int,
+  *,
+  base: float = 10000.0,
+  scaling: RopeScaling | None = None,
+  seq_len: int | None = None,
 ) -> tuple[np.ndarray, float]:
   """:func:`rope_frequencies` as a numpy constant: safe to call while tracing under ``jit``."""
   if not (isinstance(dim, int) and dim > 0 and dim % 2 == 0):
@@ -254,24 +320,26 @@ def rope_frequencies_numpy(
     raise ValueError(f"base={base!r} must be a number > 1")
   if seq_len is not None and not (isinstance(seq_len, int) and seq_len > 0):
     raise ValueError(f"seq_len={seq_len!r} must be a positive integer or None")
-  cfg = parse_rope_scaling(scaling) or {"rope_type": "default"}
-  rope_type, attention_factor = cfg["rope_type"], 1.0
+  if not (scaling is None or isinstance(scaling, RopeScaling)):
+    raise TypeError(f"scaling={scaling!r} must be a RopeScaling (parse_rope_scaling) or None")
+  rope_type = "default" if scaling is None else scaling.rope_type
+  attention_factor = 1.0
   if rope_type in ("ntk", "dynamic") and dim < 4:
     raise ValueError(f"dim={dim} must be >= 4 for rope_type={rope_type!r} (exponent d/(d-2))")
   if rope_type == "ntk":
-    base = base * cfg["factor"] ** (dim / (dim - 2))
+    base = base * scaling.factor ** (dim / (dim - 2))
   elif rope_type == "dynamic":
-    s, length = cfg["factor"], cfg[_L]
+    s, length = scaling.factor, scaling.original_max_position_embeddings
     n = length if seq_len is None else max(seq_len, length)
     base = base * ((s * n / length) - (s - 1)) ** (dim / (dim - 2))
   if rope_type in ("default", "ntk", "dynamic"):
     inv_freq = _F32(1) / _base_powers(dim, base)
   elif rope_type == "linear":
-    inv_freq = (_F32(1) / _base_powers(dim, base)) / _F32(cfg["factor"])
+    inv_freq = (_F32(1) / _base_powers(dim, base)) / _F32(scaling.factor)
   elif rope_type == "yarn":
-    inv_freq, attention_factor = _yarn(dim, base, cfg)
+    inv_freq, attention_factor = _yarn(dim, base, scaling)
   elif rope_type == "llama3":
-    inv_freq = _llama3(dim, base, cfg)
+    inv_freq = _llama3(dim, base, scaling)
   else:
-    inv_freq, attention_factor = _longrope(dim, base, cfg, seq_len)
+    inv_freq, attention_factor = _longrope(dim, base, scaling, seq_len)
   return inv_freq.astype(_F32), attention_factor

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pe_research.encodings.base import PositionalEncoding
-from pe_research.encodings.registry import register
+from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field, one_of
 
 LAYOUTS = ("concat", "interleaved")
 
@@ -62,7 +62,19 @@ class Sinusoidal(PositionalEncoding):
     return x_BxLxD + pe_BxLxD.astype(x_BxLxD.dtype)
 
 
-@register("sinusoidal")
-def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> Sinusoidal:
+SPEC = EncodingSpec(
+  fields=(
+    Field(
+      "sinusoidal_layout",
+      "concat",
+      '"concat" [sin..., cos...] or "interleaved".',
+      one_of(*LAYOUTS),
+    ),
+    Field("sinusoidal_base", 10000.0, "Sinusoidal wavelength base.", POSITIVE),
+  )
+)
+
+
+def build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> Sinusoidal:
   del num_heads, head_dim, rngs
   return Sinusoidal(model_dim, base=pe_cfg.sinusoidal_base, layout=pe_cfg.sinusoidal_layout)

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pe_research import backend
 from pe_research.encodings.base import PositionalEncoding
-from pe_research.encodings.registry import register
+from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field
 
 
 def _validate(bidirectional: bool, num_buckets: int, max_distance: int) -> None:
@@ -32,8 +33,6 @@ def _validate(bidirectional: bool, num_buckets: int, max_distance: int) -> None:
 
 
 _STATIC = ("bidirectional", "num_buckets", "max_distance")
-# Most one-hot entries (64 MiB of float32) for which t5_bias looks the table up by a matmul.
-_ONE_HOT_MAX = 1 << 24
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -82,11 +81,7 @@ def t5_bias(
 ) -> jax.Array:
   """float32 ``[B, H, Q, K]``: ``table[bucket(k_pos − q_pos), h]``, table ``[num_buckets, H]``.
 
-  Up to ``_ONE_HOT_MAX`` one-hot entries (a flash-attention block, a short dense call) the
-  lookup is the matmul ``table^T onehot(bucket)``, exact in float32: its gradient is a matmul
-  too, where a gather's is a scatter-add, and its output is a buffer XLA computes once instead
-  of fusing the bucket arithmetic into every batch row's scores (T5 over NoPE at d=256, 4
-  layers: 6.4% -> 1.0% fp32, 4.8% -> 0.2% bf16, measured). Larger calls gather.
+  The lookup is the backend's (:func:`~pe_research.backend.lookup_columns`).
   """
   bucket_BxQxK = t5_relative_position_bucket(
     k_pos_BxK[:, None, :] - q_pos_BxQ[:, :, None],
@@ -94,15 +89,7 @@ def t5_bias(
     num_buckets=num_buckets,
     max_distance=max_distance,
   )
-  b, q, k = bucket_BxQxK.shape
-  if b * q * k * num_buckets > _ONE_HOT_MAX:
-    bias_BxQxKxH = jnp.take(table_NxH, bucket_BxQxK, axis=0).astype(jnp.float32)
-    return bias_BxQxKxH.transpose(0, 3, 1, 2)
-  buckets_N = jnp.arange(num_buckets, dtype=jnp.int32)
-  onehot_NxBQK = (buckets_N[:, None] == bucket_BxQxK.reshape(1, -1)).astype(jnp.float32)
-  table_HxN = table_NxH.T.astype(jnp.float32)
-  bias_HxBQK = jnp.dot(table_HxN, onehot_NxBQK, precision=jax.lax.Precision.HIGHEST)
-  return jnp.moveaxis(bias_HxBQK.reshape(-1, b, q, k), 1, 0)
+  return jnp.moveaxis(backend.lookup_columns(table_NxH, bucket_BxQxK), 0, 1)
 
 
 class T5RelativeBias(PositionalEncoding):
@@ -138,8 +125,15 @@ class T5RelativeBias(PositionalEncoding):
     )
 
 
-@register("t5")
-def _build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> T5RelativeBias:
+SPEC = EncodingSpec(
+  fields=(
+    Field("t5_num_buckets", 32, "T5 relative-position buckets.", POSITIVE),
+    Field("t5_max_distance", 128, "T5 distance beyond which buckets saturate.", POSITIVE),
+  )
+)
+
+
+def build(pe_cfg, *, num_heads, head_dim, model_dim, rngs) -> T5RelativeBias:
   del head_dim
   return T5RelativeBias(
     num_heads,

@@ -20,8 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pe_research.encodings.registry import register
+from pe_research.encodings import rope
 from pe_research.encodings.rope import RoPE, apply_rope, rope_kwargs
+from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field
 
 
 def xpos_zeta(rotary_dim: int) -> jax.Array:
@@ -92,7 +93,14 @@ class XPos(RoPE):
     )
 
 
-@register("xpos")
-def build_xpos(pe_cfg, *, num_heads: int, head_dim: int, model_dim: int, rngs) -> XPos:
+# xPos also reads RoPE's pe.rope_base, pe.rope_layout, pe.rotary_pct and pe.rope_scaling (rope.py).
+SPEC = EncodingSpec(
+  fields=(Field("xpos_gamma", 512.0, "xPos scale base (gamma in zeta^(n/gamma)).", POSITIVE),),
+  rotary_dim=rope.SPEC.rotary_dim,
+  takes_rope_scaling=True,
+)
+
+
+def build(pe_cfg, *, num_heads: int, head_dim: int, model_dim: int, rngs) -> XPos:
   del num_heads, model_dim, rngs
   return XPos(head_dim, gamma=pe_cfg.xpos_gamma, **rope_kwargs(pe_cfg))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pe_research import checkpoint, config_lib
+from pe_research import checkpoint, config_lib, workdirs
 from pe_research.pretrained import convert, hf_folder
 
 IMPORTED_FILE = checkpoint.IMPORTED_FILE
@@ -115,7 +115,7 @@ def import_checkpoint(source: str, workdir: str):
     config_lib.validate(config, device_count=1)
     config.data.tokenizer = final_tokenizer
     _save_params(staging, config, params)
-    checkpoint.record_config(staging, config, write=True)
+    workdirs.record_config(staging, config, write=True)
     provenance = {"source": os.path.abspath(source), "format": fmt, "hf_config": hf_config}
     with open(os.path.join(staging, IMPORTED_FILE), "w") as f:
       json.dump(provenance, f, indent=2, sort_keys=True)

@@ -1,8 +1,8 @@
 """One prepared GPU check: training MFU of a 125M-parameter model (GPT-2 small shape), bf16.
 
-  python -m experiments.gpu_benchmark --out=runs/bench_gpu  # on a GPU: about 2-3 minutes
-  python -m experiments.gpu_benchmark --smoke --out=/tmp  # tiny shapes on the CPU (tests)
-  python -m experiments.gpu_benchmark --variants=rope/bfloat16/xla,alibi/bfloat16/xla --batch=64
+  python -m benchmarks.gpu_benchmark --out=runs/bench_gpu  # on a GPU: about 2-3 minutes
+  python -m benchmarks.gpu_benchmark --smoke --out=/tmp  # tiny shapes on the CPU (tests)
+  python -m benchmarks.gpu_benchmark --variants=rope/bfloat16/xla,alibi/bfloat16/xla --batch=64
 
 Model: D=768, 12 layers, 12 heads of 64, GELU MLP 3072, LayerNorm, tied 50,304-token embedding
 (123.6M parameters), T=1024, B=32 (32,768 tokens per step), AdamW; the project's own train
@@ -36,8 +36,8 @@ import numpy as np
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
-from experiments.bench_lib import matmul_peak_gflops, model_config, random_batch, write_results
-from experiments.report import markdown_table
+from benchmarks.bench_lib import matmul_peak_gflops, model_config, random_batch, write_results
+from experiments.figure_report import markdown_table
 from pe_research import train
 from pe_research.encodings.registry import encoding_names
 from pe_research.model import Transformer, count_params, flops_per_token, resolved_dims

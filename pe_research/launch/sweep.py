@@ -5,12 +5,13 @@ experiment reuses every finished training run and every identical evaluation:
 
   train_run(config, workdir)       validate, record DIR/config.json, train to train.steps
                                    (skipped when the latest checkpoint already reached it)
-  evaluate(workdir, name, ...)     DIR/eval/<name>.json via pe_research.evaluate.evaluate_run,
-                                   recomputed only when the request or the checkpoint changed
+  evaluate(workdir, name, ...)     DIR/eval/<name>.json via pe_research.evaluate.evaluate and
+                                   eval_report.write_results, recomputed only when the request
+                                   or the checkpoint changed
   over_seeds(rows_by_seed, key)    one row per length: the mean over seeds of ``key`` with a
                                    95% Student-t interval across seeds (stats.seed_interval)
 
-A workdir holding a different config is refused (``checkpoint.record_config``): two
+A workdir holding a different config is refused (``workdirs.record_config``): two
 experiments share a run only when their configs are identical.
 """
 
@@ -25,7 +26,7 @@ import jax
 import ml_collections
 
 import pe_research
-from pe_research import checkpoint, config_lib, stats
+from pe_research import checkpoint, config_lib, eval_report, stats, workdirs
 from pe_research import evaluate as evaluate_lib
 
 
@@ -43,7 +44,7 @@ def code_version() -> str:
 
 def is_finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """True when ``workdir`` holds this config trained to ``train.steps`` (raises on a clash)."""
-  checkpoint.record_config(workdir, config, write=False)
+  workdirs.record_config(workdir, config, write=False)
   step = checkpoint.latest_intact_step(workdir)
   return step is not None and step >= config.train.steps
 
@@ -56,7 +57,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   from pe_research import train  # Heavy import; keeps `--help` fast.
 
-  checkpoint.prepare_workdir(workdir, config, overwrite=False)
+  workdirs.prepare_workdir(workdir, config, overwrite=False)
   train.train(config, workdir)
   if not is_finished(config, workdir):  # SIGTERM/SIGINT: train saved and stopped early.
     raise SystemExit(f"{workdir}: stopped before train.steps by a signal; rerun to resume")
@@ -99,7 +100,7 @@ def evaluate(
       cached = json.load(f)
     if cached.get("request") == request:
       return cached
-  summary = evaluate_lib.evaluate_run(
+  result = evaluate_lib.evaluate(
     workdir,
     lengths=list(lengths),
     rope_scaling=json.dumps(rope_scaling) if rope_scaling else None,
@@ -111,13 +112,10 @@ def evaluate(
     batch_size=batch_size,
     passkey_trials=passkey_trials,
   )
-  if passkey_trials:
-    with open(os.path.join(workdir, "eval", f"{name}_passkey.json")) as f:
-      summary["passkey"] = json.load(f)["rows"]
-  summary["request"] = request
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2)
-  return summary
+  cache = {"passkey": result.passkey.rows} if result.passkey else {}
+  cache["request"] = request
+  eval_report.write_results(result, os.path.join(workdir, "eval"), extra=cache)
+  return result.summary() | cache
 
 
 def over_seeds(rows_by_seed: dict[int, list[dict]], key: str = "ppl") -> list[dict]:

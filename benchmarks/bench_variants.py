@@ -1,9 +1,9 @@
 """One benchmark variant's training steps, timed in a process of its own, and the interleaved
-rounds that compare variants (``experiments/benchmark.py``).
+rounds that compare variants (``benchmarks/benchmark.py``).
 
 A variant is the project's compiled train step as ``pe_research.train`` runs it
 (``train.steps_per_call`` steps per call) or the same model in PyTorch eager
-(``experiments/torch_reference.py``) running as many steps per call.
+(``benchmarks/torch_reference.py``) running as many steps per call.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family: workers import this)
-from experiments.bench_lib import random_batch, rss_gib
+from benchmarks.bench_lib import random_batch, rss_gib
 from pe_research import train
 
 
@@ -55,7 +55,7 @@ def torch_trainer(config):
   ``train.steps_per_call`` steps, as the JAX one does."""
   import torch  # Here, not at the top: evaluation subprocesses must not pay torch's memory.
 
-  from experiments.torch_reference import TorchTransformer, make_train_step
+  from benchmarks.torch_reference import TorchTransformer, make_train_step
 
   m = config.model
   model = TorchTransformer(

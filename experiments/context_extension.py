@@ -1,7 +1,8 @@
-r"""Extending a RoPE model past its training length L to s·L: YaRN Table 1 / PI Table 3 shape.
+r"""Extending a RoPE model trained here past its training length L to s·L (YaRN Table 1 / PI
+Table 3 shape); ``pretrained_extension.py`` does the same for a pretrained model.
 
-  python -m experiments.rope_scaling --preset=cpu          # 18.8 min after make demo
-  python -m experiments.rope_scaling --preset=paper --print_commands
+  python -m experiments.context_extension --preset=cpu          # 18.8 min after make demo
+  python -m experiments.context_extension --preset=paper --print_commands
 
 Starts from the preset's RoPE run (``experiments/lm_presets.py``, shared with the ALiBi
 figure) and compares six HF ``rope_scaling`` methods with factor s:
@@ -31,12 +32,15 @@ import time
 
 import numpy as np
 
-from experiments import launch, lm_presets, report, sweep
-from experiments.launch import Run
-from pe_research import eval_report, passkey, stats
+from experiments import figure_cli, figure_report, lm_presets
+from pe_research import cli, eval_report, passkey, stats
+from pe_research.encodings.registry import encoding_spec
 from pe_research.encodings.rope_scaling import yarn_correction_range
+from pe_research.launch import grid, sweep
+from pe_research.launch.grid import Run
+from pe_research.model import resolved_dims
 
-NAME = "rope_scaling"
+NAME = "context_extension"
 _L = "original_max_position_embeddings"
 PUBLISHED = [  # YaRN Table 1 (Llama-2 7B, 4k -> 8k, fine-tuned; sliding S=256), lengths below.
   ("PI (s=2)", 3.92, 3.51, 3.51, 3.34, 8.07),
@@ -136,8 +140,8 @@ def per_length(a: list[dict], b: list[dict], keep) -> tuple[bool | None, str]:
   below, None otherwise; with the counts and the mean log-ppl (point estimates) as text."""
   b_at = {r["length"]: r for r in b}
   pairs = [(r, b_at[r["length"]]) for r in a if keep(r["length"]) and r["length"] in b_at]
-  below = sum(report.above(y, x) for x, y in pairs)
-  above = sum(report.above(x, y) for x, y in pairs)
+  below = sum(figure_report.above(y, x) for x, y in pairs)
+  above = sum(figure_report.above(x, y) for x, y in pairs)
   ok = True if below and not above else (False if above and not below else None)
   mean_log = [np.mean([np.log(p[i]["ppl"]) for p in pairs]) if pairs else np.nan for i in (0, 1)]
   text = (
@@ -165,40 +169,40 @@ def findings(zs: dict[str, list[dict]], ft: dict[str, list[dict]], train_len: in
   lengths = [r["length"] for r in ft["PI"]]
   last, past = max(lengths), min(n for n in lengths if n > top)
   yarn_past, pi_past = row(ft["YaRN"], past), row(ft["PI"], past)
-  at_last = {k: report.interval(row(rows, last)) for k, rows in ft.items()}
+  at_last = {k: figure_report.interval(row(rows, last)) for k, rows in ft.items()}
   best = stats.best(at_last)
-  cell = report.ppl_cell
+  cell = figure_report.ppl_cell
   return [
-    report.checked(
+    figure_report.checked(
       "No extension: ppl(2L) > 1.5·ppl(L) (paper: 7.20 -> >1000)",
-      report.exceeds(none_2l, none_l, 1.5),
+      figure_report.exceeds(none_2l, none_l, 1.5),
       f"ppl(2L)/ppl(L) = {none_2l['ppl'] / none_l['ppl']:.2f}, ppl(L) {cell(none_l)}, "
       f"ppl(2L) {cell(none_2l)}",
     ),
-    report.checked(
+    figure_report.checked(
       "Zero-shot, beyond s·L: dynamic NTK below static NTK "
       "(paper: dynamic beats static without fine-tuning)",
       dyn_ok,
       "dynamic NTK " + dyn_text,
     ),
-    report.checked(
+    figure_report.checked(
       f"PI at s·L: {factor}× fine-tuning lowers ppl (paper: 16.10 -> 6.95)",
-      report.exceeds(pi_zs, pi_ft),
+      figure_report.exceeds(pi_zs, pi_ft),
       f"{cell(pi_zs)} zero-shot -> {cell(pi_ft)} fine-tuned",
     ),
-    report.checked(
+    figure_report.checked(
       "Fine-tuned at s·L: PI below fine-tune only (paper: 6.95 vs 7.69)",
-      report.exceeds(ft_only, pi_ft),
+      figure_report.exceeds(ft_only, pi_ft),
       f"PI {cell(pi_ft)} vs fine-tune only {cell(ft_only)}",
     ),
-    report.checked(
+    figure_report.checked(
       "Fine-tuned, inside (L, s·L]: YaRN below PI (paper: YaRN ≤ PI)",
       yarn_ok,
       "YaRN " + yarn_text,
     ),
-    report.checked(
+    figure_report.checked(
       f"Fine-tuned, just past s·L ({past}): YaRN below PI (paper, at 1.25·s·L: 6.04 vs 8.07)",
-      report.exceeds(pi_past, yarn_past),
+      figure_report.exceeds(pi_past, yarn_past),
       f"YaRN {cell(yarn_past)} vs PI {cell(pi_past)}",
     ),
     f"- Fine-tuned, lowest ppl at {last} (4·s·L): "
@@ -249,14 +253,14 @@ def write_outputs(out, zs, ft, summaries, args, preset, base: Run, train_len: in
     for label, t in table.items()
     for r in t
   ]
-  report.write_csv(os.path.join(out, "results.csv"), rows)
+  figure_report.write_csv(os.path.join(out, "results.csv"), rows)
   pk_rows, pk_lengths = passkey_table(summaries)
-  report.write_csv(os.path.join(out, "passkey.csv"), pk_rows)
+  figure_report.write_csv(os.path.join(out, "passkey.csv"), pk_rows)
   top = train_len * preset.factor
   for file, table in (("zero_shot", zs), ("fine_tuned", ft)):
     eval_report.plot_curves(
       os.path.join(out, f"{file}.png"),
-      report.ppl_curves(table),
+      figure_report.ppl_curves(table),
       ylabel="validation perplexity (bytes)",
       title=f"RoPE L={train_len} extended ×{preset.factor} ({file.replace('_', '-')})",
       train_len=top if file == "fine_tuned" else train_len,
@@ -273,14 +277,14 @@ def write_outputs(out, zs, ft, summaries, args, preset, base: Run, train_len: in
     "![zero-shot](zero_shot.png) ![fine-tuned](fine_tuned.png)",
     "",
     "## Zero-shot (base parameters, new frequencies)",
-    *report.ppl_table("method", zs),
+    *figure_report.ppl_table("method", zs),
     "",
     f"## After fine-tuning at {top}",
-    *report.ppl_table("method", ft),
+    *figure_report.ppl_table("method", ft),
     "",
     f"## Passkey retrieval (greedy exact match, mean over needle depths, {preset.passkey_trials} "
     "prompt(s) per cell)",
-    *report.markdown_table(
+    *figure_report.markdown_table(
       ["model", *pk_lengths], [[m, *(accuracy.get((m, n)) for n in pk_lengths)] for m in summaries]
     ),
     "",
@@ -290,31 +294,31 @@ def write_outputs(out, zs, ft, summaries, args, preset, base: Run, train_len: in
     *passkey_controls(summaries),
     "",
     "## Published: YaRN Table 1 (fine-tuned 4k -> 8k, word-piece ppl)",
-    *report.markdown_table(["method", *PUBLISHED_LENGTHS], PUBLISHED),
+    *figure_report.markdown_table(["method", *PUBLISHED_LENGTHS], PUBLISHED),
     "",
     "PI Table 3 (LLaMA 7B 2048 -> 8192, PG-19): no extension 7.20 / >1e3 at 4096; fine-tune only "
     "7.21 / 7.34 / 7.69 at 2048 / 4096 / 8192; PI 7.13 / 6.96 / 6.95 (16.10 at 8192 before "
     "fine-tuning).",
   ]
-  report.write_report(out, text, findings(zs, ft, train_len, preset.factor))
+  figure_report.write_report(out, text, findings(zs, ft, train_len, preset.factor))
 
 
 def main(argv: list[str] | None = None) -> None:
-  args = launch.parse_experiment_args(
+  args = figure_cli.parse_experiment_args(
     __doc__, NAME, argv, lambda preset: lm_presets.PRESETS[preset].runs
   )
   start, preset = time.time(), PRESETS[args.preset]
-  base = lm_presets.lm_run(args.preset, "rope", args.runs, launch.parse_overrides(args.set))
+  base = lm_presets.lm_run(args.preset, "rope", args.runs, grid.parse_overrides(args.set))
   config = base.config()
   train_len = config.train.seq_len
-  rotary_dim = int(config.model.model_dim // config.model.num_heads * config.pe.rotary_pct)
+  rotary_dim = encoding_spec(config.pe.name).rotary_dim(resolved_dims(config.model)[0], config.pe)
   every = methods(preset.factor, train_len, rotary_dim, config.pe.rope_base)
   scalings = {label: every[label] for label in preset.methods}
   ft_runs = {
     label: fine_tune_run(base, label, every.get(label), preset)
     for label in ("fine-tune only", *preset.ft_methods)
   }
-  out = launch.run_or_print([base, *ft_runs.values()], args, NAME)
+  out = figure_cli.run_or_print([base, *ft_runs.values()], args, NAME)
   if out is None:
     return
   request = {
@@ -342,4 +346,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  report.exit_on_value_error(main)
+  cli.exit_on_value_error(main)

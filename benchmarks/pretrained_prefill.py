@@ -2,7 +2,7 @@
 transformers on the same tokens, each length in a fresh process.
 
   make pretrained
-  python -m experiments.pretrained_prefill --workdir=runs/pretrained/smollm2-135m \
+  python -m benchmarks.pretrained_prefill --workdir=runs/pretrained/smollm2-135m \
       --lengths=2048,8192,32768 --hf_lengths=2048,8192 --out=docs/benchmarks/pretrained_prefill
 
 Per length: one window of ``length`` tokens of the run's validation data (``data.name`` with its
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from experiments.bench_lib import machine, rss_gib, write_results
+from benchmarks.bench_lib import machine, rss_gib, write_results
 from pe_research import backend
 
 
@@ -72,7 +72,7 @@ def hf_child(hf_dir: str, workdir: str, length: int) -> dict:
 
 def _run_child(kind: str, *args) -> dict:
   payload = json.dumps([kind, *args])
-  cmd = [sys.executable, "-m", "experiments.pretrained_prefill", "--child", payload]
+  cmd = [sys.executable, "-m", "benchmarks.pretrained_prefill", "--child", payload]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode:
     raise RuntimeError(f"{kind} at {args[-1]} failed:\n{done.stderr[-3000:]}")

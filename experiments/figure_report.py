@@ -1,33 +1,14 @@
-"""Output helpers shared by the experiment scripts: the CSV, markdown tables, the CLI flags.
-
-Every experiment writes ``OUT/results.csv`` (one row per measured point), one or more PNGs and
-``OUT/REPORT.md``; ``--preset`` picks its scale and ``--out`` its folder.
+"""What every figure script writes: ``OUT/results.csv``, markdown tables with 95% intervals and
+``OUT/REPORT.md`` with a verdict per published claim (ties called ties). Its flags and output
+folder come from ``figure_cli.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
-
-PRESETS = ("smoke", "cpu", "paper")
-
-
-def add_common_flags(
-  parser: argparse.ArgumentParser, name: str, presets: tuple[str, ...] = PRESETS
-) -> None:
-  """``--preset`` (one of ``presets``) and ``--out`` (default ``runs/<name>/<preset>``)."""
-  parser.add_argument("--preset", choices=presets, default="cpu", help="Scale of the experiment.")
-  parser.add_argument("--out", default="", help=f"Output folder; default runs/{name}/<preset>.")
-
-
-def out_dir(args: argparse.Namespace, name: str) -> str:
-  out = args.out or os.path.join("runs", name, args.preset)
-  os.makedirs(out, exist_ok=True)
-  return out
 
 
 def write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -123,12 +104,3 @@ def write_report(out: str, lines: Sequence[str], checks: Sequence[str]) -> None:
 
 def verdict(ok: bool, yes: str = "matches the paper", no: str = "does NOT match the paper") -> str:
   return f"**{yes}**" if ok else f"**{no}**"
-
-
-def exit_on_value_error(main: Callable[[], None]) -> None:
-  """Runs an experiment's ``main``; bad input (ValueError) exits 2 with one line."""
-  try:
-    main()
-  except ValueError as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)

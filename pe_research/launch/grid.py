@@ -1,8 +1,8 @@
 r"""Expands a sweep into training runs; runs them here in sequence or prints one command each.
 
-  python -m experiments.launch --config=configs/lm.py --sweep='pe=rope,alibi;train_len=128,256' \
+  python -m pe_research.launch --config=configs/lm.py --sweep='pe=rope,alibi;train_len=128,256' \
       --seeds=0,1 --root=runs/sweep                      # trains the 8 runs here, one by one
-  python -m experiments.launch ... --print_commands      # one `pe_research.main` line per run
+  python -m pe_research.launch ... --print_commands      # one `pe_research.main` line per run
 
 A sweep is ``key=v1,v2;key2=w1,...`` over the config file's variant keys (``file.py:k=v``);
 its cartesian product (× ``--seeds``, set as ``--config.seed``) gives the runs, each in
@@ -10,8 +10,9 @@ its cartesian product (× ``--seeds``, set as ``--config.seed``) gives the runs,
 Finished runs (latest checkpoint at ``train.steps``) are skipped, so a rerun resumes the sweep
 and a cluster can run the printed commands in any order or in parallel.
 
-Experiment scripts build their runs with :class:`Run` and call :func:`launch` too, so each of
-them accepts ``--print_commands`` (train on a cluster, then rerun the script to evaluate).
+Experiment scripts build their runs with :class:`Run` and call :func:`launch` too
+(``experiments/figure_cli.py``), so each of them accepts ``--print_commands`` (train on a
+cluster, then rerun the script to evaluate).
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ import importlib.util
 import itertools
 import json
 import shlex
-from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
-from experiments import report, sweep
-from pe_research.metrics import quiet_library_logging
+from pe_research.launch import sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,30 +125,10 @@ def add_launch_flags(parser: argparse.ArgumentParser) -> None:
   )
 
 
-def parse_experiment_args(
-  doc: str, name: str, argv: list[str] | None, default_runs: Callable[[str], str]
-) -> argparse.Namespace:
-  """The flags of an experiment script: ``--preset``, ``--out``, ``--runs`` (default
-  ``default_runs(preset)``), ``--set`` and ``--print_commands``."""
-  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-  report.add_common_flags(parser, name)
-  parser.add_argument("--runs", default="", help="Folder of the training workdirs.")
-  add_launch_flags(parser)
-  args = parser.parse_args(argv)
-  args.runs = args.runs or default_runs(args.preset)
-  return args
-
-
-def run_or_print(runs: list[Run], args: argparse.Namespace, name: str) -> str | None:
-  """Trains the unfinished runs (or prints their commands with ``--print_commands``); returns
-  the experiment's output folder, or None when the commands were only printed."""
-  quiet_library_logging()
-  launch(runs, print_commands=args.print_commands)
-  return None if args.print_commands else report.out_dir(args, name)
-
-
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+    "python -m pe_research.launch", description=__doc__.splitlines()[0]
+  )
   parser.add_argument("--config", required=True, help="Config file, e.g. configs/lm.py.")
   parser.add_argument("--sweep", default="", help="key=v1,v2;key2=w1,w2 over variant keys.")
   parser.add_argument("--seeds", default="0", help="Comma-separated seeds (config.seed).")
@@ -173,7 +152,3 @@ def main(argv: list[str] | None = None) -> None:
   todo = launch(runs, print_commands=args.print_commands)
   if not args.print_commands:
     print(f"{len(runs)} runs finished under {args.root} ({len(todo)} trained now)")
-
-
-if __name__ == "__main__":
-  report.exit_on_value_error(main)

@@ -1,10 +1,11 @@
 r"""Rehearses a multi-host run on one machine: N JAX processes on CPU, talking over gloo.
 
-  python experiments/launch_local.py --num_processes=2 --devices_per_process=4 -- \
+  python -m pe_research.launch.local --num_processes=2 --devices_per_process=4 -- \
       --config=configs/tiny.py --workdir=/tmp/tiny_2proc
 
-(also ``python -m experiments.launch_local ...``). Everything after ``--`` goes unchanged to
-``python -m pe_research.main``. Process ``i`` gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free
+(``python pe_research/launch/local.py ...`` works too: it imports nothing from the package.)
+Everything after ``--`` goes unchanged to ``python -m pe_research.main``, started in the folder
+that holds ``pe_research``. Process ``i`` gets ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free
 port>``, ``JAX_NUM_PROCESSES=N``, ``JAX_PROCESS_ID=i``, ``JAX_PLATFORMS=cpu`` and
 ``XLA_FLAGS=--xla_force_host_platform_device_count=<devices_per_process>``, so ``main``
 initialises ``jax.distributed`` with gloo CPU collectives and sees ``N * devices_per_process``
@@ -27,7 +28,7 @@ import sys
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def free_port() -> int:
@@ -110,7 +111,10 @@ def launch(main_args: list[str], *, num_processes: int, devices_per_process: int
       time.sleep(0.05)
     code = next((_exit_code(c) for c in returncodes if c), 0)
     if None in returncodes:
-      print(f"launch_local: a process exited with {code}; stopping the others", file=sys.stderr)
+      print(
+        f"pe_research.launch.local: a process exited with {code}; stopping the others",
+        file=sys.stderr,
+      )
       _stop(procs, grace_s)
   finally:
     for s, handler in previous.items():
@@ -123,7 +127,9 @@ def launch(main_args: list[str], *, num_processes: int, devices_per_process: int
 def main(argv: list[str]) -> int:
   split = argv.index("--") if "--" in argv else len(argv)
   own, main_args = argv[:split], argv[split + 1 :]
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    "python -m pe_research.launch.local", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--num_processes", type=int, default=2, help="JAX processes to start.")
   parser.add_argument("--devices_per_process", type=int, default=4, help="Fake CPU devices each.")
   parser.add_argument("--grace_s", type=float, default=10.0, help="SIGTERM-to-SIGKILL delay.")

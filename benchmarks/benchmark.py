@@ -3,11 +3,11 @@ memory against length and compiles per evaluated length, measured in one run on 
 
   make bench                  # full: both sizes, evaluation 4k..128k (over an hour on 2 cores)
   make bench ARGS=--quick     # small size, evaluation 4k and 16k: under 5 minutes
-  python -m experiments.benchmark --sections=train --sizes=d512x8_T1024   # one part only
-  python -m experiments.benchmark --smoke --out=/tmp/bench   # tiny shapes, seconds (tests)
+  python -m benchmarks.benchmark --sections=train --sizes=d512x8_T1024   # one part only
+  python -m benchmarks.benchmark --smoke --out=/tmp/bench   # tiny shapes, seconds (tests)
 
 Training: the project's train step (``pe_research.train``, blockwise attention) against the
-same model in PyTorch eager (``experiments/torch_reference.py``), both float32, on one fixed
+same model in PyTorch eager (``benchmarks/torch_reference.py``), both float32, on one fixed
 batch. Each variant (framework, encoding, precision) is built in its own process, as a training
 run has it; once all are compiled they are timed in interleaved rounds, one turn each per
 round, so all of them see the same machine load; a ratio is the median over rounds of the
@@ -38,15 +38,15 @@ import numpy as np
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
-from experiments.bench_lib import (
+from benchmarks.bench_lib import (
   matmul_peak_gflops,
   model_config,
   random_batch,
   rss_gib,
   write_results,
 )
-from experiments.bench_variants import VariantProcess, time_rounds
-from experiments.report import markdown_table
+from benchmarks.bench_variants import VariantProcess, time_rounds
+from experiments.figure_report import markdown_table
 from pe_research import backend
 from pe_research.model import Transformer, flops_per_token
 
@@ -164,7 +164,7 @@ def eval_section(mode: str, pe: str = "rope") -> dict:
   for attention, lengths in EVAL_LENGTHS[mode].items():
     for length in lengths:
       args = json.dumps([length, attention, pe, mode])
-      cmd = [sys.executable, "-m", "experiments.benchmark", "--eval_child", args]
+      cmd = [sys.executable, "-m", "benchmarks.benchmark", "--eval_child", args]
       done = subprocess.run(cmd, capture_output=True, text=True, check=False)
       if done.returncode:
         raise RuntimeError(f"evaluation {attention} at {length} failed:\n{done.stderr[-2000:]}")
