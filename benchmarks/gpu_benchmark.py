@@ -15,7 +15,7 @@ Each variant: compile (timed), two warm-up steps, then ``--reps`` runs of ``--st
 each timed to the end of its last step (steps are dispatched asynchronously, as in training);
 the median run gives tokens/s. MFU = tokens/s * FLOPs per token / peak, with FLOPs per token
 ``model.flops_per_token`` (6N plus causal attention, the masked half not counted) and, for
-comparison with published numbers, the PaLM count (6N + 12 n_layers H K T: attention counted
+comparison with published numbers, the PaLM count (6N + 12 n_layers H E L: attention counted
 over the full square). Peaks: the datasheet dense bf16 rate of the card (H100/H200 SXM: 989.4
 TFLOP/s) and a bf16 matmul measured in the same run on random data. A failing variant (an
 attention the cuDNN kernel does not support, say) is recorded with its one-line error and the
@@ -88,7 +88,7 @@ def variant_config(size: tuple, pe: str, dtype: str, attention: str):
 
 
 def palm_flops_per_token(config, seq_len: int) -> float:
-  """6N + 12 n_layers H K T: the PaLM/nanoGPT count (attention over the full square)."""
+  """6N + 12 n_layers H E L: the PaLM/nanoGPT count (attention over the full square)."""
   m = config.model
   head_dim, _ = resolved_dims(m)
   causal_attention = 6.0 * m.num_layers * m.num_heads * head_dim * (seq_len + 1)

@@ -32,17 +32,17 @@ ENCODINGS = ("nope", "rope", "alibi", "t5")
 
 @functools.cache
 def _rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-  """cos, sin ``[L, K]`` for the "half" layout: angle ``p / base^(2i/K)``, repeated twice."""
+  """cos, sin ``[L, E]`` for the "half" layout: angle ``p / base^(2i/E)``, repeated twice."""
   inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
   angle_LxR = np.arange(length)[:, None] * inv_freq[None, :]
-  angle_LxK = np.concatenate([angle_LxR, angle_LxR], axis=-1).astype(np.float32)
-  return torch.from_numpy(np.cos(angle_LxK)), torch.from_numpy(np.sin(angle_LxK))
+  angle_LxE = np.concatenate([angle_LxR, angle_LxR], axis=-1).astype(np.float32)
+  return torch.from_numpy(np.cos(angle_LxE)), torch.from_numpy(np.sin(angle_LxE))
 
 
-def _rotate(x_BxHxLxK: torch.Tensor, cos_LxK: torch.Tensor, sin_LxK: torch.Tensor):
-  half = x_BxHxLxK.shape[-1] // 2
-  rotated = torch.cat([-x_BxHxLxK[..., half:], x_BxHxLxK[..., :half]], dim=-1)
-  return x_BxHxLxK * cos_LxK + rotated * sin_LxK
+def _rotate(x_BxHxLxE: torch.Tensor, cos_LxE: torch.Tensor, sin_LxE: torch.Tensor):
+  half = x_BxHxLxE.shape[-1] // 2
+  rotated = torch.cat([-x_BxHxLxE[..., half:], x_BxHxLxE[..., :half]], dim=-1)
+  return x_BxHxLxE * cos_LxE + rotated * sin_LxE
 
 
 @functools.cache
@@ -72,16 +72,16 @@ class TorchBlock(nn.Module):
   def forward(self, x_BxLxD, rope, mask_HxLxL):
     b, length, d = x_BxLxD.shape
     h, k = self.num_heads, d // self.num_heads
-    qkv_3xBxHxLxK = (
+    qkv_3xBxHxLxE = (
       self.qkv(self.attn_norm(x_BxLxD)).view(b, length, 3, h, k).permute(2, 0, 3, 1, 4)
     )
-    q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = qkv_3xBxHxLxK.unbind(0)
+    q_BxHxLxE, k_BxHxLxE, v_BxHxLxE = qkv_3xBxHxLxE.unbind(0)
     if rope is not None:
-      q_BxHxLxK, k_BxHxLxK = _rotate(q_BxHxLxK, *rope), _rotate(k_BxHxLxK, *rope)
-    y_BxHxLxK = F.scaled_dot_product_attention(
-      q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, attn_mask=mask_HxLxL, is_causal=mask_HxLxL is None
+      q_BxHxLxE, k_BxHxLxE = _rotate(q_BxHxLxE, *rope), _rotate(k_BxHxLxE, *rope)
+    y_BxHxLxE = F.scaled_dot_product_attention(
+      q_BxHxLxE, k_BxHxLxE, v_BxHxLxE, attn_mask=mask_HxLxL, is_causal=mask_HxLxL is None
     )
-    x_BxLxD = x_BxLxD + self.out(y_BxHxLxK.transpose(1, 2).reshape(b, length, d))
+    x_BxLxD = x_BxLxD + self.out(y_BxHxLxE.transpose(1, 2).reshape(b, length, d))
     mlp = self.down(F.gelu(self.up(self.mlp_norm(x_BxLxD)), approximate="tanh"))
     return x_BxLxD + mlp
 

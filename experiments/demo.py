@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     "--max_tokens", type=int, default=MAX_TOKENS, help="Validation bytes scored per length."
   )
   parser.add_argument(
-    "--factors", default="1,2,16", help="Evaluation lengths as multiples of L=128 (first 1)."
+    "--factors", default="1,2,16", help="Evaluation lengths as multiples of configs/demo.py's L."
   )
   parser.add_argument(
     "--workers", type=int, default=2, help="Models trained/evaluated at once, one process each."
@@ -132,8 +132,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   factors = args.factors.split(",")
   if not all(f.strip().isdigit() for f in factors) or len(factors) < 2 or int(factors[0]) != 1:
     parser.error(f"--factors={args.factors!r}: allowed: integers starting with 1, e.g. 1,4,16")
-  args.lengths = [128 * int(f) for f in factors]
-  if args.lengths != sorted(set(args.lengths)) or args.lengths[-1] > MAX_FACTOR * 128:
+  train_len = demo_config.get_config(f"steps={args.steps}").train.seq_len
+  args.lengths = [train_len * int(f) for f in factors]
+  if args.lengths != sorted(set(args.lengths)) or args.lengths[-1] > MAX_FACTOR * train_len:
     parser.error(f"--factors={args.factors!r}: allowed: increasing, at most {MAX_FACTOR}")
   return args
 

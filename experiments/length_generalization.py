@@ -52,7 +52,7 @@ class Preset:
   tasks: tuple[str, ...]
   methods: tuple[str, ...]
   seeds: tuple[int, ...]
-  lengths: tuple[int, ...]  # Task lengths scored; the first is the longest training length.
+  lengths: tuple[int, ...]  # Task lengths scored; must include the runs' data.train_max_len.
 
 
 _KAZEMNEJAD = ("NoPE", "T5", "ALiBi", "RoPE", "absolute")
@@ -184,8 +184,19 @@ def _accuracy_cell(mean: float, lo: float, hi: float) -> str:
   return figure_report.fmt(mean) if lo == hi else f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def write_outputs(out, preset: Preset, acc, args, wall: float) -> None:
-  train_max = preset.lengths[0]
+def training_length(runs: dict, preset: Preset) -> int:
+  """The longest training task length of ``runs`` (their ``data.train_max_len``, one value),
+  which ``preset.lengths`` must include: the in-distribution accuracy is read there."""
+  found = sorted({run.config().data.train_max_len for run in runs.values()})
+  if len(found) != 1 or found[0] not in preset.lengths:
+    raise ValueError(
+      f"runs trained on data.train_max_len={found}; allowed: one length that the preset's "
+      f"lengths {list(preset.lengths)} include"
+    )
+  return found[0]
+
+
+def write_outputs(out, preset: Preset, acc, args, wall: float, train_max: int) -> None:
   rows = [
     {"task": t, "method": m, "seed": s, "length": n, "accuracy": a}
     for (t, m, s), by_length in acc.items()
@@ -266,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
   )
   start, preset = time.time(), PRESETS[args.preset]
   runs = runs_for(args.preset, preset, args.runs, grid.parse_overrides(args.set))
+  train_max = training_length(runs, preset)
   out = figure_cli.run_or_print(list(runs.values()), args, NAME)
   if out is None:
     return
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
       batch_size=32,
     )["rows"]
     acc[key] = {r["length"]: r["accuracy"] for r in rows}
-  write_outputs(out, preset, acc, args, time.time() - start)
+  write_outputs(out, preset, acc, args, time.time() - start, train_max)
   print(f"wrote {out}/REPORT.md, results.csv, mrr.csv, accuracy_<task>.png", flush=True)
 
 

@@ -2,9 +2,9 @@
 
 For queries ``i`` and keys ``j`` of one sequence (``p`` = positions from the encoding)::
 
-  out_i = sum_{j <= i} softmax_j(q_i . k_j / sqrt(K) + bias(p_i, p_j)) v_j
+  out_i = sum_{j <= i} softmax_j(q_i . k_j / sqrt(E) + bias(p_i, p_j)) v_j
 
-The ``1/sqrt(K)`` scaling is applied for every encoding (T5 omits it; we keep it uniform).
+The ``1/sqrt(E)`` scaling is applied for every encoding (T5 omits it; we keep it uniform).
 The causal mask is on sequence *index* (``j <= i``), not on position values, so randomized
 positions cannot leak the future. ``bias_fn(q_pos_BxQ, k_pos_BxK) -> [B, H, Q, K]`` is the
 encoding's logit bias (or ``None``); attention never knows which encoding it came from.
@@ -44,9 +44,9 @@ IMPLEMENTATIONS = ("dense", "blockwise", "xla")
 
 
 def attend(
-  q_BxLxHxK: jax.Array,
-  k_BxLxGxK: jax.Array,
-  v_BxLxGxK: jax.Array,
+  q_BxLxHxE: jax.Array,
+  k_BxLxGxE: jax.Array,
+  v_BxLxGxE: jax.Array,
   *,
   q_pos_BxL: jax.Array,
   k_pos_BxL: jax.Array,
@@ -54,12 +54,12 @@ def attend(
   impl: str = "dense",
   block_size: int = 256,
   operand_dtype=None,
-  q_far_BxLxHxK: jax.Array | None = None,
-  k_far_BxLxGxK: jax.Array | None = None,
+  q_far_BxLxHxE: jax.Array | None = None,
+  k_far_BxLxGxE: jax.Array | None = None,
   window: int | None = None,
 ) -> jax.Array:
-  """Causal attention of q ``[B, L, H, K]`` over k, v ``[B, L, G, K]`` (``G`` dividing ``H``)
-  -> ``[B, L, H, K]`` with the implementation ``impl`` (over the backend's pieces of the batch,
+  """Causal attention of q ``[B, L, H, E]`` over k, v ``[B, L, G, E]`` (``G`` dividing ``H``)
+  -> ``[B, L, H, E]`` with the implementation ``impl`` (over the backend's pieces of the batch,
   :func:`~pe_research.backend.over_batch_pieces`). ``operand_dtype`` (default: ``q``'s dtype):
   q, k and v are rounded to it, and the output is in it; their
   gradients come back in their own dtype. ``window`` W with ``q_far``, ``k_far`` (shaped as q,
@@ -67,92 +67,92 @@ def attend(
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
   far = None
-  if window is not None or q_far_BxLxHxK is not None or k_far_BxLxGxK is not None:
-    far = _check_far(q_BxLxHxK, k_BxLxGxK, q_far_BxLxHxK, k_far_BxLxGxK, window, impl)
-  b, length, h, d = q_BxLxHxK.shape
-  g = k_BxLxGxK.shape[2]
-  if k_BxLxGxK.shape != (b, length, g, d) or v_BxLxGxK.shape != k_BxLxGxK.shape or h % g:
+  if window is not None or q_far_BxLxHxE is not None or k_far_BxLxGxE is not None:
+    far = _check_far(q_BxLxHxE, k_BxLxGxE, q_far_BxLxHxE, k_far_BxLxGxE, window, impl)
+  b, length, h, d = q_BxLxHxE.shape
+  g = k_BxLxGxE.shape[2]
+  if k_BxLxGxE.shape != (b, length, g, d) or v_BxLxGxE.shape != k_BxLxGxE.shape or h % g:
     raise ValueError(
-      f"attention needs q [B, L, H, K] and k, v [B, L, G, K] with G dividing H; got q "
-      f"{q_BxLxHxK.shape}, k {k_BxLxGxK.shape}, v {v_BxLxGxK.shape}"
+      f"attention needs q [B, L, H, E] and k, v [B, L, G, E] with G dividing H; got q "
+      f"{q_BxLxHxE.shape}, k {k_BxLxGxE.shape}, v {v_BxLxGxE.shape}"
     )
-  dtype = operand_dtype or q_BxLxHxK.dtype
-  q_far_BxLxHxK, k_far_BxLxGxK = far or (None, None)
+  dtype = operand_dtype or q_BxLxHxE.dtype
+  q_far_BxLxHxE, k_far_BxLxGxE = far or (None, None)
 
-  def attend_rows(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, q_far, k_far):
-    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (x.astype(dtype) for x in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK))
+  def attend_rows(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, q_pos_BxL, k_pos_BxL, q_far, k_far):
+    q_BxLxHxE, k_BxLxGxE, v_BxLxGxE = (x.astype(dtype) for x in (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE))
     far = None if q_far is None else (q_far.astype(dtype), k_far.astype(dtype))
-    args = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn)
+    args = (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, q_pos_BxL, k_pos_BxL, bias_fn)
     if impl == "dense":
       return dense_attention(*args, far=far, window=window)
     if impl == "blockwise":
       return blockwise_attention(*args, block_size, far=far, window=window)
     return xla_attention(*args)
 
-  qkv = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+  qkv = (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE)
   return backend.over_batch_pieces(
-    attend_rows, *qkv, q_pos_BxL, k_pos_BxL, q_far_BxLxHxK, k_far_BxLxGxK
+    attend_rows, *qkv, q_pos_BxL, k_pos_BxL, q_far_BxLxHxE, k_far_BxLxGxE
   )
 
 
-def _check_far(q_BxLxHxK, k_BxLxGxK, q_far_BxLxHxK, k_far_BxLxGxK, window, impl):
+def _check_far(q_BxLxHxE, k_BxLxGxE, q_far_BxLxHxE, k_far_BxLxGxE, window, impl):
   """``(q_far, k_far)`` after checking them and ``window`` (one-line ValueErrors)."""
-  if q_far_BxLxHxK is None or k_far_BxLxGxK is None or window is None:
+  if q_far_BxLxHxE is None or k_far_BxLxGxE is None or window is None:
     raise ValueError("attend: window, q_far and k_far go together; allowed: all three or none")
   if not (isinstance(window, int) and window > 0):
     raise ValueError(f"attend: window={window!r} is invalid; allowed: an int W > 0")
-  if q_far_BxLxHxK.shape != q_BxLxHxK.shape or k_far_BxLxGxK.shape != k_BxLxGxK.shape:
+  if q_far_BxLxHxE.shape != q_BxLxHxE.shape or k_far_BxLxGxE.shape != k_BxLxGxE.shape:
     raise ValueError(
-      f"attend: q_far {q_far_BxLxHxK.shape} and k_far {k_far_BxLxGxK.shape} must be shaped as "
-      f"q {q_BxLxHxK.shape} and k {k_BxLxGxK.shape}"
+      f"attend: q_far {q_far_BxLxHxE.shape} and k_far {k_far_BxLxGxE.shape} must be shaped as "
+      f"q {q_BxLxHxE.shape} and k {k_BxLxGxE.shape}"
     )
   if impl == "xla":
     raise ValueError(
       "model.attention='xla' cannot merge two logit sets (pe.self_extend_window, "
       "pe.rerope_window); allowed: 'dense' or 'blockwise'"
     )
-  return q_far_BxLxHxK, k_far_BxLxGxK
+  return q_far_BxLxHxE, k_far_BxLxGxE
 
 
-def _logits(q_BxQxGxK: jax.Array, k_BxKxGxK: jax.Array) -> jax.Array:
-  """``q . k / sqrt(K)`` as float32 ``[B, G, Q, K]``."""
-  scale = 1.0 / np.sqrt(q_BxQxGxK.shape[-1])
-  logits = jnp.einsum("bqgd,bkgd->bgqk", q_BxQxGxK, k_BxKxGxK, preferred_element_type=jnp.float32)
+def _logits(q_BxQxGxE: jax.Array, k_BxKxGxE: jax.Array) -> jax.Array:
+  """``q . k / sqrt(E)`` as float32 ``[B, G, Q, K]``."""
+  scale = 1.0 / np.sqrt(q_BxQxGxE.shape[-1])
+  logits = jnp.einsum("bqgd,bkgd->bgqk", q_BxQxGxE, k_BxKxGxE, preferred_element_type=jnp.float32)
   return logits * scale
 
 
-def _weighted_values(p_BxGxQxK: jax.Array, v_BxKxGxD: jax.Array) -> jax.Array:
-  """``sum_j p_ij v_j`` as float32 ``[B, Q, G, D]`` (p cast to v's dtype, fp32 accumulate)."""
+def _weighted_values(p_BxGxQxK: jax.Array, v_BxKxGxE: jax.Array) -> jax.Array:
+  """``sum_j p_ij v_j`` as float32 ``[B, Q, G, E]`` (p cast to v's dtype, fp32 accumulate)."""
   return jnp.einsum(
     "bgqk,bkgd->bqgd",
-    p_BxGxQxK.astype(v_BxKxGxD.dtype),
-    v_BxKxGxD,
+    p_BxGxQxK.astype(v_BxKxGxE.dtype),
+    v_BxKxGxE,
     preferred_element_type=jnp.float32,
   )
 
 
-def _fold_heads(q_BxLxHxK: jax.Array, groups: int) -> jax.Array:
-  """``[B, L, H, K] -> [B, L R, G, K]``: head ``g R + r`` at position ``l`` is row ``l R + r``."""
-  b, length, h, d = q_BxLxHxK.shape
+def _fold_heads(q_BxLxHxE: jax.Array, groups: int) -> jax.Array:
+  """``[B, L, H, E] -> [B, L Y, G, E]``: head ``g Y + y`` at position ``l`` is row ``l Y + y``."""
+  b, length, h, d = q_BxLxHxE.shape
   r = h // groups
-  return q_BxLxHxK.reshape(b, length, groups, r, d).swapaxes(2, 3).reshape(b, length * r, groups, d)
+  return q_BxLxHxE.reshape(b, length, groups, r, d).swapaxes(2, 3).reshape(b, length * r, groups, d)
 
 
 def dense_attention(
-  q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn, far=None, window=None
+  q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, q_pos_BxL, k_pos_BxL, bias_fn, far=None, window=None
 ):
   """Reference: full ``[B, H, L, L]`` logits, causal mask, softmax, weighted sum; with ``far``
-  ``(q_far, k_far)``, logits ``q_far_i . k_far_j / sqrt(K)`` where ``i − j >= window``.
+  ``(q_far, k_far)``, logits ``q_far_i . k_far_j / sqrt(E)`` where ``i − j >= window``.
 
-  Grouped as in ``flash_attention.py``: the ``R = H / G`` query heads of KV head ``g`` are
-  folded into the query axis, ``M = L R`` rows ordered position-major (row ``l R + r`` is head
-  ``g R + r`` at position ``l``), so the einsums are those of ``G`` heads over ``M`` queries, K/V
+  Grouped as in ``flash_attention.py``: the ``Y = H / G`` query heads of KV head ``g`` are
+  folded into the query axis, ``M = L Y`` rows ordered position-major (row ``l Y + y`` is head
+  ``g Y + y`` at position ``l``), so the einsums are those of ``G`` heads over ``M`` queries, K/V
   are not repeated, and ``G = H`` is plain multi-head attention (the transposes move axes of
   size 1)."""
-  b, length, h, d = q_BxLxHxK.shape
-  g = k_BxLxGxK.shape[2]
+  b, length, h, d = q_BxLxHxE.shape
+  g = k_BxLxGxE.shape[2]
   r = h // g
-  logits_BxGxMxL = _logits(_fold_heads(q_BxLxHxK, g), k_BxLxGxK)
+  logits_BxGxMxL = _logits(_fold_heads(q_BxLxHxE, g), k_BxLxGxE)
   query_M = jnp.arange(length * r) // r
   if far is not None:
     far_BxGxMxL = _logits(_fold_heads(far[0], g), far[1])
@@ -163,22 +163,22 @@ def dense_attention(
   causal_MxL = query_M[:, None] >= jnp.arange(length)
   logits_BxGxMxL = jnp.where(causal_MxL, logits_BxGxMxL, MASK_VALUE)
   probs_BxGxMxL = jax.nn.softmax(logits_BxGxMxL, axis=-1)
-  out_BxMxGxK = _weighted_values(probs_BxGxMxL, v_BxLxGxK)
-  out_BxLxHxK = out_BxMxGxK.reshape(b, length, r, g, d).swapaxes(2, 3).reshape(b, length, h, d)
-  return out_BxLxHxK.astype(q_BxLxHxK.dtype)
+  out_BxMxGxE = _weighted_values(probs_BxGxMxL, v_BxLxGxE)
+  out_BxLxHxE = out_BxMxGxE.reshape(b, length, r, g, d).swapaxes(2, 3).reshape(b, length, h, d)
+  return out_BxLxHxE.astype(q_BxLxHxE.dtype)
 
 
-def xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, q_pos_BxL, k_pos_BxL, bias_fn):
+def xla_attention(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, q_pos_BxL, k_pos_BxL, bias_fn):
   """``jax.nn.dot_product_attention`` (takes ``G`` KV heads natively, same head grouping);
   cuDNN on GPU for half-precision inputs, else XLA."""
-  implementation = backend.dot_product_attention_implementation(q_BxLxHxK.dtype)
+  implementation = backend.dot_product_attention_implementation(q_BxLxHxE.dtype)
   bias_BxHxLxL = None if bias_fn is None else bias_fn(q_pos_BxL, k_pos_BxL)
   if bias_BxHxLxL is not None and implementation == "cudnn":
-    bias_BxHxLxL = bias_BxHxLxL.astype(q_BxLxHxK.dtype)
+    bias_BxHxLxL = bias_BxHxLxL.astype(q_BxLxHxE.dtype)
   return jax.nn.dot_product_attention(
-    q_BxLxHxK,
-    k_BxLxGxK,
-    v_BxLxGxK,
+    q_BxLxHxE,
+    k_BxLxGxE,
+    v_BxLxGxE,
     bias=bias_BxHxLxL,
     is_causal=True,
     implementation=implementation,

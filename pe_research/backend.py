@@ -213,15 +213,15 @@ def batch_pieces(batch: int) -> int:
   return max(n for n in range(1, limit + 1) if batch % n == 0)
 
 
-def over_batch_pieces(fn, *xs_Bx: jax.Array | None) -> jax.Array:
+def over_batch_pieces(fn, *xs_BxX: jax.Array | None) -> jax.Array:
   """``fn(*xs)`` computed on :func:`batch_pieces` pieces of the batch and concatenated (the same
   values: ``fn`` must treat batch rows independently). Arguments with a batch axis of 1 (shared
   positions) or None are passed whole to every piece. XLA:CPU runs each batched attention matmul
   on one core; independent pieces run side by side."""
-  batch = max(x.shape[0] for x in xs_Bx if x is not None)
+  batch = max(x.shape[0] for x in xs_BxX if x is not None)
   pieces = batch_pieces(batch)
   if pieces == 1:
-    return fn(*xs_Bx)
+    return fn(*xs_BxX)
 
   def cut(x):
     if x is None or x.shape[0] == 1:
@@ -230,7 +230,7 @@ def over_batch_pieces(fn, *xs_Bx: jax.Array | None) -> jax.Array:
       return split(x, pieces, 0)
     return tuple(jnp.split(x, pieces, 0))
 
-  cuts = [cut(x) for x in xs_Bx]
+  cuts = [cut(x) for x in xs_BxX]
   return jnp.concatenate([fn(*(c[i] for c in cuts)) for i in range(pieces)], axis=0)
 
 
@@ -252,18 +252,18 @@ def materialised(*tables_LxR: jax.Array) -> tuple[jax.Array, ...]:
 LOOKUP_MAX = 1 << 24
 
 
-def lookup_columns(table_NxH: jax.Array, index: jax.Array) -> jax.Array:
+def lookup_columns(table_ZxH: jax.Array, index: jax.Array) -> jax.Array:
   """``table[index, h]`` for every column ``h``: float32 ``[H, *index.shape]``. Tuned form, up to
   ``LOOKUP_MAX`` one-hot entries: the matmul ``table^T onehot(index)``, exact in float32, whose
   gradient is a matmul where a gather's is a scatter-add, and whose output is a buffer XLA
   computes once instead of fusing the index arithmetic into every consumer."""
-  table_HxN = table_NxH.T.astype(jnp.float32)
-  n = table_HxN.shape[1]
+  table_HxZ = table_ZxH.T.astype(jnp.float32)
+  n = table_HxZ.shape[1]
   if not policy().lookup_by_matmul or index.size * n > LOOKUP_MAX:
-    return jnp.take(table_HxN, index, axis=1)
-  onehot_NxI = (jnp.arange(n, dtype=jnp.int32)[:, None] == index.reshape(1, -1)).astype(jnp.float32)
-  out_HxI = jnp.dot(table_HxN, onehot_NxI, precision=jax.lax.Precision.HIGHEST)
-  return out_HxI.reshape(-1, *index.shape)
+    return jnp.take(table_HxZ, index, axis=1)
+  onehot_ZxN = (jnp.arange(n, dtype=jnp.int32)[:, None] == index.reshape(1, -1)).astype(jnp.float32)
+  out_HxN = jnp.dot(table_HxZ, onehot_ZxN, precision=jax.lax.Precision.HIGHEST)
+  return out_HxN.reshape(-1, *index.shape)
 
 
 def sum_leading(x: jax.Array) -> jax.Array:

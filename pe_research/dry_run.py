@@ -3,7 +3,7 @@ r"""``--dry_run``: the mesh, batch split, memory per device and length of a run,
 Nothing is allocated: the train state's shapes come from ``jax.eval_shape`` of its
 initialisation, and ``device_count`` may be any number (``--dry_run_devices=256`` shows a pod's
 plan on a laptop). Per device, with ``b`` the per-device batch, ``L = train.seq_len``, model
-width ``D``, ``H`` heads of ``K``, MLP width ``F`` (``F_up = 2F`` for swiglu), vocabulary
+width ``D``, ``H`` heads of ``E``, MLP width ``F`` (``F_up = 2F`` for swiglu), vocabulary
 ``V``, ``s`` bytes per compute-dtype element and float32 everywhere else:
 
   parameters   Σ over leaves of one shard's bytes; ``train.fsdp_spec`` splits a leaf over
@@ -12,7 +12,7 @@ width ``D``, ``H`` heads of ``K``, MLP width ``F`` (``F_up = 2F`` for swiglu), v
   gradients    the same as parameters (float32, sharded like them)
   gathered     with fsdp > 1, the whole parameters, gathered for the forward and backward pass
   activations  what the backward pass keeps, per layer
-                 b·L·(D·(16 + 2s) + 6·H·K·s + (F_up + 2F)·s)   2 norms (input, normalised,
+                 b·L·(D·(16 + 2s) + 6·H·E·s + (F_up + 2F)·s)   2 norms (input, normalised,
                                                   output), q/k/v before and after the encoding,
                                                   attention output, MLP up/activation/inner
                  + 2·b·H·L²·4                     dense/xla logits and probabilities

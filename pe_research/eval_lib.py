@@ -83,7 +83,7 @@ class Totals:
   weight_sum_L: np.ndarray
   nll_W: list[float] = dataclasses.field(default_factory=list)  # Per scored window (row).
   weight_W: list[float] = dataclasses.field(default_factory=list)
-  exact_N: list[bool] = dataclasses.field(default_factory=list)  # Per scored example.
+  exact_W: list[bool] = dataclasses.field(default_factory=list)  # Per scored window (example).
   scored_bytes: float = 0.0
   correct: int = 0
   examples: int = 0
@@ -120,7 +120,7 @@ class Totals:
 
   def accuracy_interval(self) -> tuple[float, float]:
     """The 95% bootstrap interval of the exact-match accuracy over examples."""
-    return bootstrap.accuracy_interval(self.exact_N)
+    return bootstrap.accuracy_interval(self.exact_W)
 
   def lm_row(self) -> dict[str, float]:
     loss = self.loss
@@ -229,7 +229,7 @@ class Evaluator:
       scored_B = stats["scored_B"] > 0
       totals.correct += int(np.sum(stats["exact_B"] & scored_B))
       totals.examples += int(np.sum(scored_B))
-      totals.exact_N += stats["exact_B"][scored_B].tolist()
+      totals.exact_W += stats["exact_B"][scored_B].tolist()
       totals.nll_W += stats["nll_sum_B"][scored_B].tolist()
       totals.weight_W += stats["scored_B"][scored_B].tolist()
       totals.compile_seconds += compile_seconds
@@ -320,7 +320,7 @@ def passkey_sweep(
 ) -> tuple[list[dict], np.ndarray]:
   """Passkey accuracy (greedy exact match) on a ``len(lengths) × len(depths)`` grid of prompts
   that start with ``header`` (the positive control may drop it: ``passkey.control_header``)."""
-  rows, grid_LxD = [], np.zeros((len(lengths), len(depths)))
+  rows, accuracy_grid = [], np.zeros((len(lengths), len(depths)))
   for i, length in enumerate(lengths):
     size = batch_size or backend.eval_batch_size(length)
     for j, depth in enumerate(depths):
@@ -328,11 +328,13 @@ def passkey_sweep(
         length, depth, trials=trials, batch_size=size, encode=encode, seed=seed, header=header
       )
       totals = evaluator.score_all(batches, batch_size=size, desc=f"passkey {length}@{depth}")
-      grid_LxD[i, j] = totals.accuracy
+      accuracy_grid[i, j] = totals.accuracy
       lo, hi = totals.accuracy_interval()
       rows.append(
         {"length": length, "depth": depth, "trials": trials, "accuracy": totals.accuracy}
         | {"accuracy_lo": lo, "accuracy_hi": hi}
       )
-    tqdm.tqdm.write(f"passkey {length:>7}: accuracy by depth {np.round(grid_LxD[i], 2).tolist()}")
-  return rows, grid_LxD
+    tqdm.tqdm.write(
+      f"passkey {length:>7}: accuracy by depth {np.round(accuracy_grid[i], 2).tolist()}"
+    )
+  return rows, accuracy_grid

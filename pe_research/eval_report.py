@@ -30,7 +30,7 @@ class PasskeyResult:
   positive control's rows last, ``control`` true) and the accuracy ``[lengths, depths]``."""
 
   rows: list[dict[str, Any]]
-  grid_LxD: np.ndarray
+  accuracy_grid: np.ndarray
   lengths: list[int]
   depths: Sequence[float]
 
@@ -104,7 +104,7 @@ def write_results(
     write_table(f"{stem}_passkey", result.passkey.rows, result.meta())
     plot_grid(
       f"{stem}_passkey.png",
-      result.passkey.grid_LxD,
+      result.passkey.accuracy_grid,
       lengths=result.passkey.lengths,
       depths=result.passkey.depths,
       title=f"passkey accuracy: {result.label}",
@@ -224,7 +224,7 @@ def plot_per_position(
 
 def plot_grid(
   path: str,
-  grid_LxD: np.ndarray,
+  accuracy_grid: np.ndarray,
   *,
   lengths: Sequence[int],
   depths: Sequence[float],
@@ -233,10 +233,10 @@ def plot_grid(
   """Heat map of accuracy (0..1) with lengths as rows and needle depths as columns."""
   fig = Figure(figsize=(1.2 + 0.9 * len(depths), 1.2 + 0.5 * len(lengths)))
   ax = fig.subplots()
-  image = ax.imshow(grid_LxD, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+  image = ax.imshow(accuracy_grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
   ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
   ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-  for (i, j), value in np.ndenumerate(grid_LxD):
+  for (i, j), value in np.ndenumerate(accuracy_grid):
     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
   ax.set_xlabel("needle depth")
   ax.set_ylabel("evaluation length")

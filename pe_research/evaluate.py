@@ -182,7 +182,7 @@ def evaluate(
     score_passkeys = functools.partial(
       eval_lib.passkey_sweep, evaluator, trials=passkey_trials, batch_size=batch_size, encode=encode
     )
-    pk_rows, grid_LxD = score_passkeys(passkey_lengths, passkey_depths)
+    pk_rows, accuracy_grid = score_passkeys(passkey_lengths, passkey_depths)
     header = passkey.control_header(encode, train_len)
     control_rows = (
       [] if header is None else score_passkeys([train_len], passkey_depths, header=header)[0]
@@ -191,7 +191,9 @@ def evaluate(
     pk_rows = [r | {"control": False} for r in pk_rows] + [
       r | {"control": True} for r in control_rows
     ]
-    passkey_result = eval_report.PasskeyResult(pk_rows, grid_LxD, passkey_lengths, passkey_depths)
+    passkey_result = eval_report.PasskeyResult(
+      pk_rows, accuracy_grid, passkey_lengths, passkey_depths
+    )
   return eval_report.EvalResult(
     name=name or default_name(mode, stride, rope_scaling, overrides),
     workdir=workdir,

@@ -1,10 +1,10 @@
-"""Flash-style causal attention with a custom VJP: ``O(L * S)`` memory, masked blocks skipped.
+"""Flash-style causal attention with a custom VJP: ``O(L * P)`` memory, masked blocks skipped.
 
-L is cut into ``n`` blocks of ``S`` positions. Query block ``a`` visits key blocks ``c <= a``
+L is cut into ``n`` blocks of ``P`` positions. Query block ``a`` visits key blocks ``c <= a``
 only (``n (n + 1) / 2`` of the ``n^2`` pairs), in the forward and in the backward pass, with
 running max ``m``, normaliser ``l`` and accumulator ``o`` per query row::
 
-  s = q_a . k_c / sqrt(K) + bias(p_a, p_c)   (masked where j > i, only on the diagonal c = a)
+  s = q_a . k_c / sqrt(E) + bias(p_a, p_c)   (masked where j > i, only on the diagonal c = a)
   m' = max(m, max_j s);  l' = l e^(m - m') + sum_j e^(s - m');  o' = o e^(m - m') + e^(s - m') v_c
   out_a = o / l,  lse_a = m + log l
 
@@ -13,21 +13,21 @@ storing probabilities. The bias is evaluated per block pair, never as an ``[H, L
 and is closure-converted so the parameters it reads (T5's table, KERPLE's r, FIRE's MLP) are
 explicit inputs: their gradients are pulled back block by block with ``jax.vjp``.
 
-Grouped-query attention (k, v with ``G`` heads, query head ``h = g R + r``, ``R = H / G``) is
-packed as in FlashAttention-3: q ``[B, H, L, K]`` is viewed as ``[B, G, M, K]`` with ``M = L R``
-rows ordered position-major (row ``l R + r``), so a query block of ``T = S R`` rows (S positions
-times R heads) meets key blocks of S positions of the G KV heads and K/V are never repeated;
-``dk``, ``dv`` sum over the R heads in their matmuls. ``G = H`` is ``R = 1``, ``M = L``.
+Grouped-query attention (k, v with ``G`` heads, query head ``h = g Y + y``, ``Y = H / G``) is
+packed as in FlashAttention-3: q ``[B, H, L, E]`` is viewed as ``[B, G, M, E]`` with ``M = L Y``
+rows ordered position-major (row ``l Y + y``), so a query block of ``T = P Y`` rows (P positions
+times Y heads) meets key blocks of P positions of the G KV heads and K/V are never repeated;
+``dk``, ``dv`` sum over the Y heads in their matmuls. ``G = H`` is ``Y = 1``, ``M = L``.
 
 A far logit set (Self-Extend, ReRoPE; ``window`` W and q_far, k_far) replaces ``q_i . k_j`` by
 ``q_far_i . k_far_j`` where ``i − j >= W``. A block pair ``(a, c)`` holds distances
-``(a − c) S ± (S − 1)``, so its kind depends on ``δ = a − c`` only: near (every pair < W,
-``δ < ⌈(W − S + 1) / S⌉``), far (every visible pair >= W, ``δ >= ⌈(W + S − 1) / S⌉``) or mixed
+``(a − c) P ± (P − 1)``, so its kind depends on ``δ = a − c`` only: near (every pair < W,
+``δ < ⌈(W − P + 1) / P⌉``), far (every visible pair >= W, ``δ >= ⌈(W + P − 1) / P⌉``) or mixed
 (at most 2 values of δ). Each block loop is cut into the three ranges of δ, each with its own
 body: near and far blocks cost what a block costs without a far set, mixed ones compute both
 score matmuls and select (and split ``ds`` between the sets in the backward pass). The ranges
 are static in the unrolled path and traced loop bounds in the ``lax`` path, so neither pays a
-``cond`` or a discarded matmul. ``dq_far`` is a second ``[B, G, M, K]`` float32 accumulator.
+``cond`` or a discarded matmul. ``dq_far`` is a second ``[B, G, M, E]`` float32 accumulator.
 """
 
 from __future__ import annotations
@@ -75,32 +75,32 @@ def _block(x: jax.Array, i, size: int, axis: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
 
 
-def _blocks_transposed(x_BxGxMxK: jax.Array, rows: int) -> jax.Array:
-  """``[n, B, G, K, T]``: block ``i`` (``T = rows``) of ``x`` transposed, as a row-major copy
+def _blocks_transposed(x_BxGxMxE: jax.Array, rows: int) -> jax.Array:
+  """``[J, B, G, E, T]``: block ``i`` (``T = rows``) of ``x`` transposed, as a row-major copy
   (the barrier keeps XLA from folding the copy back into the matmuls that read it)."""
-  b, g, m, d = x_BxGxMxK.shape
-  x_NxBxGxTxK = jnp.moveaxis(x_BxGxMxK.reshape(b, g, m // rows, rows, d), 2, 0)
-  return jax.lax.optimization_barrier(jnp.swapaxes(x_NxBxGxTxK, -1, -2))
+  b, g, m, d = x_BxGxMxE.shape
+  x_JxBxGxTxE = jnp.moveaxis(x_BxGxMxE.reshape(b, g, m // rows, rows, d), 2, 0)
+  return jax.lax.optimization_barrier(jnp.swapaxes(x_JxBxGxTxE, -1, -2))
 
 
 def pack_heads(x_BxHxLxX: jax.Array, groups: int) -> jax.Array:
-  """``[B, H, L, X] -> [B, G, L R, X]``: head ``g R + r`` at position ``l`` becomes row
-  ``l R + r`` of group ``g`` (a reshape when ``R = 1``)."""
+  """``[B, H, L, X] -> [B, G, L Y, X]``: head ``g Y + y`` at position ``l`` becomes row
+  ``l Y + y`` of group ``g`` (a reshape when ``Y = 1``)."""
   b, h, length, x = x_BxHxLxX.shape
-  x_BxGxRxLxX = x_BxHxLxX.reshape(b, groups, h // groups, length, x)
-  return x_BxGxRxLxX.swapaxes(2, 3).reshape(b, groups, length * (h // groups), x)
+  x_BxGxYxLxX = x_BxHxLxX.reshape(b, groups, h // groups, length, x)
+  return x_BxGxYxLxX.swapaxes(2, 3).reshape(b, groups, length * (h // groups), x)
 
 
 def _unpack_heads(x_BxGxMxX: jax.Array, heads: int) -> jax.Array:
-  """``[B, G, L R, X] -> [B, H, L, X]``, the inverse of :func:`pack_heads`."""
+  """``[B, G, L Y, X] -> [B, H, L, X]``, the inverse of :func:`pack_heads`."""
   b, g, m, x = x_BxGxMxX.shape
   r = heads // g
   return x_BxGxMxX.reshape(b, g, m // r, r, x).swapaxes(2, 3).reshape(b, heads, m // r, x)
 
 
-def _grouped_bias(bias_fn, groups: int, q_pos_BxS, k_pos_BxS, *consts) -> jax.Array:
-  """``bias_fn``'s block ``[B, H, S, S]`` packed to ``[B, G, T, S]`` (:func:`pack_heads`)."""
-  return pack_heads(bias_fn(q_pos_BxS, k_pos_BxS, *consts), groups)
+def _grouped_bias(bias_fn, groups: int, q_pos_BxP, k_pos_BxP, *consts) -> jax.Array:
+  """``bias_fn``'s block ``[B, H, P, P]`` packed to ``[B, G, T, P]`` (:func:`pack_heads`)."""
+  return pack_heads(bias_fn(q_pos_BxP, k_pos_BxP, *consts), groups)
 
 
 # Kinds of block pairs with a far logit set; near and far also index the sets (q, q_far).
@@ -130,77 +130,77 @@ def _pair_ranges(x, n: int, block: int, window: int | None, static: bool, *, que
 
 
 def _indices(a, c, rows: int, block: int) -> tuple[jax.Array, jax.Array]:
-  """Sequence indices of query block ``a``'s rows (row ``i`` is ``a S + i // R``), ``[T]``, and
-  of key block ``c``'s keys, ``[S]``."""
-  # lax.div (truncating; rows >= 0) is dropped by XLA when R = 1; jnp's // keeps a sign fix-up.
+  """Sequence indices of query block ``a``'s rows (row ``i`` is ``a P + i // Y``), ``[T]``, and
+  of key block ``c``'s keys, ``[P]``."""
+  # lax.div (truncating; rows >= 0) is dropped by XLA when Y = 1; jnp's // keeps a sign fix-up.
   query_T = a * block + jax.lax.div(jnp.arange(rows), rows // block)
   return query_T, c * block + jnp.arange(block)
 
 
 def _near_mask(a, c, rows: int, block: int, window: int) -> jax.Array:
-  """``[T, S]``: ``i − j < W``, the pairs of block ``(a, c)`` in the near logit set."""
-  query_T, key_S = _indices(a, c, rows, block)
-  return query_T[:, None] - key_S < window
+  """``[T, P]``: ``i − j < W``, the pairs of block ``(a, c)`` in the near logit set."""
+  query_T, key_P = _indices(a, c, rows, block)
+  return query_T[:, None] - key_P < window
 
 
-def _qk(q_BxGxTxK: jax.Array, k_BxGxSxK: jax.Array) -> jax.Array:
-  """``q . k / sqrt(K)``, float32 ``[B, G, T, S]``."""
-  s_BxGxTxS = jnp.einsum(
-    "bgqd,bgkd->bgqk", q_BxGxTxK, k_BxGxSxK, preferred_element_type=jnp.float32
+def _qk(q_BxGxTxE: jax.Array, k_BxGxPxE: jax.Array) -> jax.Array:
+  """``q . k / sqrt(E)``, float32 ``[B, G, T, P]``."""
+  s_BxGxTxP = jnp.einsum(
+    "bgqd,bgkd->bgqk", q_BxGxTxE, k_BxGxPxE, preferred_element_type=jnp.float32
   )
-  return s_BxGxTxS * float(q_BxGxTxK.shape[-1]) ** -0.5
+  return s_BxGxTxP * float(q_BxGxTxE.shape[-1]) ** -0.5
 
 
-def _block_scores(pairs, bias_BxGxTxS, a, c, static: bool, window: int | None) -> jax.Array:
+def _block_scores(pairs, bias_BxGxTxP, a, c, static: bool, window: int | None) -> jax.Array:
   """Float32 scores of query block ``a`` against key block ``c``, masked where the key's
   position is after the query row's. ``pairs``: ``[(q_a, k_c)]`` of the near or the far set,
   or of both (near first) on a mixed block, merged by :func:`_near_mask`."""
-  (q_BxGxTxK, k_BxGxSxK), *far = pairs
-  rows, block = q_BxGxTxK.shape[2], k_BxGxSxK.shape[2]
-  s_BxGxTxS = _qk(q_BxGxTxK, k_BxGxSxK)
+  (q_BxGxTxE, k_BxGxPxE), *far = pairs
+  rows, block = q_BxGxTxE.shape[2], k_BxGxPxE.shape[2]
+  s_BxGxTxP = _qk(q_BxGxTxE, k_BxGxPxE)
   if far:
-    near_TxS = _near_mask(a, c, rows, block, window)
-    s_BxGxTxS = jnp.where(near_TxS, s_BxGxTxS, _qk(*far[0]))
-  if bias_BxGxTxS is not None:
-    s_BxGxTxS = s_BxGxTxS + bias_BxGxTxS
+    near_TxP = _near_mask(a, c, rows, block, window)
+    s_BxGxTxP = jnp.where(near_TxP, s_BxGxTxP, _qk(*far[0]))
+  if bias_BxGxTxP is not None:
+    s_BxGxTxP = s_BxGxTxP + bias_BxGxTxP
   if static and a != c:  # Below the diagonal every key is visible.
-    return s_BxGxTxS
-  query_T, key_S = _indices(a, c, rows, block)
-  return jnp.where(query_T[:, None] >= key_S, s_BxGxTxS, MASK_VALUE)
+    return s_BxGxTxP
+  query_T, key_P = _indices(a, c, rows, block)
+  return jnp.where(query_T[:, None] >= key_P, s_BxGxTxP, MASK_VALUE)
 
 
 def _flash_forward(
-  bias_fn, block, window, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, far
+  bias_fn, block, window, q_BxGxMxE, k_BxGxLxE, v_BxGxLxE, q_pos_BxL, k_pos_BxL, consts, far
 ):
-  """Online softmax per query block over key blocks ``0..a``: ``(out_BxGxMxK, lse_BxGxM)``.
-  ``far``: ``()`` or ``(q_far_BxGxMxK, k_far_BxGxLxK)``, used where ``i − j >= window``."""
-  b, g, length, d = k_BxGxLxK.shape
+  """Online softmax per query block over key blocks ``0..a``: ``(out_BxGxMxE, lse_BxGxM)``.
+  ``far``: ``()`` or ``(q_far_BxGxMxE, k_far_BxGxLxE)``, used where ``i − j >= window``."""
+  b, g, length, d = k_BxGxLxE.shape
   n = length // block
-  rows = q_BxGxMxK.shape[2] // n
+  rows = q_BxGxMxE.shape[2] // n
   static = n <= _UNROLL_BLOCKS
-  q_sets, k_sets = (q_BxGxMxK, *far[:1]), (k_BxGxLxK, *far[1:])
+  q_sets, k_sets = (q_BxGxMxE, *far[:1]), (k_BxGxLxE, *far[1:])
 
   def query_block(a, carry):
     q_blocks = tuple(_block(x, a, rows, 2) for x in q_sets)
-    q_pos_BxS = _block(q_pos_BxL, a, block, 1)
+    q_pos_BxP = _block(q_pos_BxL, a, block, 1)
 
     def key_block(kind, c, state):
-      m_BxGxT, l_BxGxT, o_BxGxTxK = state
-      k_pos_BxS = _block(k_pos_BxL, c, block, 1)
-      bias = None if bias_fn is None else _grouped_bias(bias_fn, g, q_pos_BxS, k_pos_BxS, *consts)
+      m_BxGxT, l_BxGxT, o_BxGxTxE = state
+      k_pos_BxP = _block(k_pos_BxL, c, block, 1)
+      bias = None if bias_fn is None else _grouped_bias(bias_fn, g, q_pos_BxP, k_pos_BxP, *consts)
       pairs = [(q_blocks[i], _block(k_sets[i], c, block, 2)) for i in _SETS[kind]]
-      s_BxGxTxS = _block_scores(pairs, bias, a, c, static, window)
-      m_new = jnp.maximum(m_BxGxT, s_BxGxTxS.max(axis=-1))
+      s_BxGxTxP = _block_scores(pairs, bias, a, c, static, window)
+      m_new = jnp.maximum(m_BxGxT, s_BxGxTxP.max(axis=-1))
       correction_BxGxT = jnp.exp(m_BxGxT - m_new)
-      p_BxGxTxS = jnp.exp(s_BxGxTxS - m_new[..., None])
-      l_new = l_BxGxT * correction_BxGxT + p_BxGxTxS.sum(axis=-1)
-      pv_BxGxTxK = jnp.einsum(
+      p_BxGxTxP = jnp.exp(s_BxGxTxP - m_new[..., None])
+      l_new = l_BxGxT * correction_BxGxT + p_BxGxTxP.sum(axis=-1)
+      pv_BxGxTxE = jnp.einsum(
         "bgqk,bgkd->bgqd",
-        p_BxGxTxS.astype(v_BxGxLxK.dtype),
-        _block(v_BxGxLxK, c, block, 2),
+        p_BxGxTxP.astype(v_BxGxLxE.dtype),
+        _block(v_BxGxLxE, c, block, 2),
         preferred_element_type=jnp.float32,
       )
-      return m_new, l_new, o_BxGxTxK * correction_BxGxT[..., None] + pv_BxGxTxK
+      return m_new, l_new, o_BxGxTxE * correction_BxGxT[..., None] + pv_BxGxTxE
 
     init = (
       jnp.full((b, g, rows), MASK_VALUE, jnp.float32),
@@ -210,97 +210,97 @@ def _flash_forward(
     state = init
     for kind, lo, hi in _pair_ranges(a, n, block, window, static, query_major=True):
       state = _loop(lo, hi, functools.partial(key_block, kind), state, static)
-    m_BxGxT, l_BxGxT, o_BxGxTxK = state
-    out_BxGxTxK = (o_BxGxTxK / l_BxGxT[..., None]).astype(q_BxGxMxK.dtype)
-    return (out_BxGxTxK, m_BxGxT + jnp.log(l_BxGxT)), carry
+    m_BxGxT, l_BxGxT, o_BxGxTxE = state
+    out_BxGxTxE = (o_BxGxTxE / l_BxGxT[..., None]).astype(q_BxGxMxE.dtype)
+    return (out_BxGxTxE, m_BxGxT + jnp.log(l_BxGxT)), carry
 
-  (out_NxBxGxTxK, lse_NxBxGxT), _ = _map(n, query_block, (), static)
-  out_BxGxMxK = jnp.moveaxis(out_NxBxGxTxK, 0, 2).reshape(b, g, n * rows, d)
-  return out_BxGxMxK, jnp.moveaxis(lse_NxBxGxT, 0, 2).reshape(b, g, n * rows)
+  (out_JxBxGxTxE, lse_JxBxGxT), _ = _map(n, query_block, (), static)
+  out_BxGxMxE = jnp.moveaxis(out_JxBxGxTxE, 0, 2).reshape(b, g, n * rows, d)
+  return out_BxGxMxE, jnp.moveaxis(lse_JxBxGxT, 0, 2).reshape(b, g, n * rows)
 
 
-def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxK):
+def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
   """FlashAttention-2 backward: per key block ``c``, query blocks ``a >= c``.
 
   With ``p = exp(s - lse)``, ``D_i = sum_d dout_i out_i``:  ``dv_c += p^T dout_a``,
-  ``ds = p (dout_a v_c^T - D_a)``, ``dq_a += ds k_c / sqrt(K)``, ``dk_c += ds^T q_a / sqrt(K)``
-  (``p^T``, ``ds^T`` contract the T rows: positions and the R heads of a group), and ``ds`` is
+  ``ds = p (dout_a v_c^T - D_a)``, ``dq_a += ds k_c / sqrt(E)``, ``dk_c += ds^T q_a / sqrt(E)``
+  (``p^T``, ``ds^T`` contract the T rows: positions and the Y heads of a group), and ``ds`` is
   the cotangent of the bias block, pulled back to the bias parameters. With a far set, ``ds``
   of the far pairs goes to ``dq_far``, ``dk_far`` instead. In bf16 on the CPU ``dk`` and ``dv``
   are accumulated transposed (see ``transposed`` below).
   """
-  q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, far, out_BxGxMxK, lse_BxGxM = (
+  q_BxGxMxE, k_BxGxLxE, v_BxGxLxE, q_pos_BxL, k_pos_BxL, consts, far, out_BxGxMxE, lse_BxGxM = (
     residuals
   )
-  q_sets, k_sets = (q_BxGxMxK, *far[:1]), (k_BxGxLxK, *far[1:])
-  b, g, length, d = k_BxGxLxK.shape
+  q_sets, k_sets = (q_BxGxMxE, *far[:1]), (k_BxGxLxE, *far[1:])
+  b, g, length, d = k_BxGxLxE.shape
   n = length // block
-  rows = q_BxGxMxK.shape[2] // n
+  rows = q_BxGxMxE.shape[2] // n
   static = n <= _UNROLL_BLOCKS
   scale = float(d) ** -0.5
-  delta_BxGxM = jnp.sum(dout_BxGxMxK.astype(jnp.float32) * out_BxGxMxK.astype(jnp.float32), -1)
-  dout_BxGxMxK = dout_BxGxMxK.astype(v_BxGxLxK.dtype)
+  delta_BxGxM = jnp.sum(dout_BxGxMxE.astype(jnp.float32) * out_BxGxMxE.astype(jnp.float32), -1)
+  dout_BxGxMxE = dout_BxGxMxE.astype(v_BxGxLxE.dtype)
 
   # dk += ds^T q and dv += p^T dout contract the query axis; where the backend asks for it
   # (bf16 on XLA:CPU) they are computed transposed, dk^T += q^T ds with q^T copied.
-  transposed = backend.transposed_key_grads(q_BxGxMxK.dtype)
-  q_t_sets, dout_t_NxBxGxKxT = (None,) * len(q_sets), None
+  transposed = backend.transposed_key_grads(q_BxGxMxE.dtype)
+  q_t_sets, dout_t_JxBxGxExT = (None,) * len(q_sets), None
   if transposed:
     q_t_sets = tuple(_blocks_transposed(x, rows) for x in q_sets)
-    dout_t_NxBxGxKxT = _blocks_transposed(dout_BxGxMxK, rows)
+    dout_t_JxBxGxExT = _blocks_transposed(dout_BxGxMxE, rows)
 
-  def pull_to_keys(x_BxGxTxS, y_BxGxMxK, y_t_NxBxGxKxT, a):
-    """``x^T y_a`` (``[B, G, S, K]``), or its transpose when ``transposed``."""
+  def pull_to_keys(x_BxGxTxP, y_BxGxMxE, y_t_JxBxGxExT, a):
+    """``x^T y_a`` (``[B, G, P, E]``), or its transpose when ``transposed``."""
     if transposed:
       return jnp.einsum(
-        "bgdq,bgqk->bgdk", y_t_NxBxGxKxT[a], x_BxGxTxS, preferred_element_type=jnp.float32
+        "bgdq,bgqk->bgdk", y_t_JxBxGxExT[a], x_BxGxTxP, preferred_element_type=jnp.float32
       )
-    y_BxGxTxK = _block(y_BxGxMxK, a, rows, 2)
-    return jnp.einsum("bgqk,bgqd->bgkd", x_BxGxTxS, y_BxGxTxK, preferred_element_type=jnp.float32)
+    y_BxGxTxE = _block(y_BxGxMxE, a, rows, 2)
+    return jnp.einsum("bgqk,bgqd->bgkd", x_BxGxTxP, y_BxGxTxE, preferred_element_type=jnp.float32)
 
   def key_block(c, carry):
     k_blocks = tuple(_block(x, c, block, 2) for x in k_sets)
-    v_BxGxSxK = _block(v_BxGxLxK, c, block, 2)
-    k_pos_BxS = _block(k_pos_BxL, c, block, 1)
+    v_BxGxPxE = _block(v_BxGxLxE, c, block, 2)
+    k_pos_BxP = _block(k_pos_BxL, c, block, 1)
 
     def query_block(kind, a, state):
-      dks, dv_BxGxSxK, dqs, dconsts = state  # dk per set, dv: [B, G, K, S] if transposed
+      dks, dv_BxGxPxE, dqs, dconsts = state  # dk per set, dv: [B, G, E, P] if transposed
       dks, dqs = list(dks), list(dqs)
       q_blocks = {i: _block(q_sets[i], a, rows, 2) for i in _SETS[kind]}
-      dout_BxGxTxK = _block(dout_BxGxMxK, a, rows, 2)
+      dout_BxGxTxE = _block(dout_BxGxMxE, a, rows, 2)
       bias, bias_vjp = None, None
       if bias_fn is not None:
-        q_pos_BxS = _block(q_pos_BxL, a, block, 1)
-        block_bias = lambda *cs: _grouped_bias(bias_fn, g, q_pos_BxS, k_pos_BxS, *cs)
+        q_pos_BxP = _block(q_pos_BxL, a, block, 1)
+        block_bias = lambda *cs: _grouped_bias(bias_fn, g, q_pos_BxP, k_pos_BxP, *cs)
         bias, bias_vjp = jax.vjp(block_bias, *consts)
       pairs = [(q_blocks[i], k_blocks[i]) for i in _SETS[kind]]
-      s_BxGxTxS = _block_scores(pairs, bias, a, c, static, window)
-      p_BxGxTxS = jnp.exp(s_BxGxTxS - _block(lse_BxGxM, a, rows, 2)[..., None])
-      p_cast = p_BxGxTxS.astype(v_BxGxLxK.dtype)
-      dv_BxGxSxK = dv_BxGxSxK + pull_to_keys(p_cast, dout_BxGxMxK, dout_t_NxBxGxKxT, a)
-      dp_BxGxTxS = jnp.einsum(
-        "bgqd,bgkd->bgqk", dout_BxGxTxK, v_BxGxSxK, preferred_element_type=jnp.float32
+      s_BxGxTxP = _block_scores(pairs, bias, a, c, static, window)
+      p_BxGxTxP = jnp.exp(s_BxGxTxP - _block(lse_BxGxM, a, rows, 2)[..., None])
+      p_cast = p_BxGxTxP.astype(v_BxGxLxE.dtype)
+      dv_BxGxPxE = dv_BxGxPxE + pull_to_keys(p_cast, dout_BxGxMxE, dout_t_JxBxGxExT, a)
+      dp_BxGxTxP = jnp.einsum(
+        "bgqd,bgkd->bgqk", dout_BxGxTxE, v_BxGxPxE, preferred_element_type=jnp.float32
       )
-      ds_BxGxTxS = p_BxGxTxS * (dp_BxGxTxS - _block(delta_BxGxM, a, rows, 2)[..., None])
-      ds_scaled = (ds_BxGxTxS * scale).astype(q_BxGxMxK.dtype)
+      ds_BxGxTxP = p_BxGxTxP * (dp_BxGxTxP - _block(delta_BxGxM, a, rows, 2)[..., None])
+      ds_scaled = (ds_BxGxTxP * scale).astype(q_BxGxMxE.dtype)
       ds_sets = {kind: ds_scaled}
       if kind == _MIXED:
-        near_TxS, zero = _near_mask(a, c, rows, block, window), jnp.zeros((), ds_scaled.dtype)
+        near_TxP, zero = _near_mask(a, c, rows, block, window), jnp.zeros((), ds_scaled.dtype)
         ds_sets = {
-          _NEAR: jnp.where(near_TxS, ds_scaled, zero),
-          _FAR: jnp.where(near_TxS, zero, ds_scaled),
+          _NEAR: jnp.where(near_TxP, ds_scaled, zero),
+          _FAR: jnp.where(near_TxP, zero, ds_scaled),
         }
       for i, ds_set in ds_sets.items():
-        dq_BxGxTxK = _block(dqs[i], a, rows, 2) + jnp.einsum(
+        dq_BxGxTxE = _block(dqs[i], a, rows, 2) + jnp.einsum(
           "bgqk,bgkd->bgqd", ds_set, k_blocks[i], preferred_element_type=jnp.float32
         )
-        dqs[i] = jax.lax.dynamic_update_slice_in_dim(dqs[i], dq_BxGxTxK, a * rows, 2)
+        dqs[i] = jax.lax.dynamic_update_slice_in_dim(dqs[i], dq_BxGxTxE, a * rows, 2)
         dks[i] = dks[i] + pull_to_keys(ds_set, q_sets[i], q_t_sets[i], a)
       if bias_vjp is not None:
         if bias.shape[0] == 1:  # One bias row broadcast over the batch: sum its cotangent.
-          ds_BxGxTxS = backend.sum_leading(ds_BxGxTxS)
-        dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(ds_BxGxTxS))
-      return tuple(dks), dv_BxGxSxK, tuple(dqs), dconsts
+          ds_BxGxTxP = backend.sum_leading(ds_BxGxTxP)
+        dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(ds_BxGxTxP))
+      return tuple(dks), dv_BxGxPxE, tuple(dqs), dconsts
 
     zeros = jnp.zeros((b, g, d, block) if transposed else (b, g, block, d), jnp.float32)
     state = ((zeros,) * len(k_sets), zeros, *carry)
@@ -313,42 +313,42 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxK):
     tuple(jnp.zeros(x.shape, jnp.float32) for x in q_sets),
     tuple(jnp.zeros_like(x) for x in consts),
   )
-  (dks_NxBxGxSxK, dv_NxBxGxSxK), (dqs_BxGxMxK, dconsts) = _map(n, key_block, init, static)
+  (dks_JxBxGxPxE, dv_JxBxGxPxE), (dqs_BxGxMxE, dconsts) = _map(n, key_block, init, static)
   if transposed:
-    dks_NxBxGxSxK = tuple(jnp.swapaxes(x, -1, -2) for x in dks_NxBxGxSxK)
-    dv_NxBxGxSxK = jnp.swapaxes(dv_NxBxGxSxK, -1, -2)
-  to_full = lambda x_N: jnp.moveaxis(x_N, 0, 2).reshape(b, g, length, d)
-  grads = (dqs_BxGxMxK[0], to_full(dks_NxBxGxSxK[0]), to_full(dv_NxBxGxSxK))
+    dks_JxBxGxPxE = tuple(jnp.swapaxes(x, -1, -2) for x in dks_JxBxGxPxE)
+    dv_JxBxGxPxE = jnp.swapaxes(dv_JxBxGxPxE, -1, -2)
+  to_full = lambda x_JxBxGxPxE: jnp.moveaxis(x_JxBxGxPxE, 0, 2).reshape(b, g, length, d)
+  grads = (dqs_BxGxMxE[0], to_full(dks_JxBxGxPxE[0]), to_full(dv_JxBxGxPxE))
   grads = tuple(grad.astype(x.dtype) for grad, x in zip(grads, residuals[:3], strict=True))
   far_grads = ()
   if far:
     far_grads = (
-      dqs_BxGxMxK[1].astype(far[0].dtype),
-      to_full(dks_NxBxGxSxK[1]).astype(far[1].dtype),
+      dqs_BxGxMxE[1].astype(far[0].dtype),
+      to_full(dks_JxBxGxPxE[1]).astype(far[1].dtype),
     )
   return (*grads, None, None, dconsts, far_grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _flash(
-  bias_fn, block, window, q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, far
+  bias_fn, block, window, q_BxGxMxE, k_BxGxLxE, v_BxGxLxE, q_pos_BxL, k_pos_BxL, consts, far
 ):
-  args = (q_BxGxMxK, k_BxGxLxK, v_BxGxLxK, q_pos_BxL, k_pos_BxL, consts, far)
+  args = (q_BxGxMxE, k_BxGxLxE, v_BxGxLxE, q_pos_BxL, k_pos_BxL, consts, far)
   return _flash_forward(bias_fn, block, window, *args)[0]
 
 
 def _flash_fwd(bias_fn, block, window, *args):
-  out_BxGxMxK, lse_BxGxM = _flash_forward(bias_fn, block, window, *args)
-  return out_BxGxMxK, (*args, out_BxGxMxK, lse_BxGxM)
+  out_BxGxMxE, lse_BxGxM = _flash_forward(bias_fn, block, window, *args)
+  return out_BxGxMxE, (*args, out_BxGxMxE, lse_BxGxM)
 
 
 _flash.defvjp(_flash_fwd, _flash_backward)
 
 
 def blockwise_attention(
-  q_BxLxHxK,
-  k_BxLxGxK,
-  v_BxLxGxK,
+  q_BxLxHxE,
+  k_BxLxGxE,
+  v_BxLxGxE,
   q_pos_BxL,
   k_pos_BxL,
   bias_fn,
@@ -356,18 +356,18 @@ def blockwise_attention(
   far=None,
   window: int | None = None,
 ):
-  """Causal attention of q ``[B, L, H, K]`` over k, v ``[B, L, G, K]`` -> ``[B, L, H, K]`` by
-  blocks, q packed to ``[B, G, L R, K]`` (module docstring); ``far``: None or
-  ``(q_far_BxLxHxK, k_far_BxLxGxK)``, the logit set of pairs with ``i − j >= window``.
+  """Causal attention of q ``[B, L, H, E]`` over k, v ``[B, L, G, E]`` -> ``[B, L, H, E]`` by
+  blocks, q packed to ``[B, G, L Y, E]`` (module docstring); ``far``: None or
+  ``(q_far_BxLxHxE, k_far_BxLxGxE)``, the logit set of pairs with ``i − j >= window``.
 
-  L is padded to ``n * S`` (``S = min(block_size, L)``); padded keys sit after every real
+  L is padded to ``n * P`` (``P = min(block_size, L)``); padded keys sit after every real
   query so the causal mask hides them, padded query rows are dropped. Positions are padded by
   repeating the last one, so ``bias_fn`` only sees ordinary positions. ``bias_fn`` is wrapped
   in a fresh lambda before ``jax.closure_convert``, whose cache is keyed on the function: a
   bound method seen before would get the parameters of its earlier trace.
   """
-  b, length, h, d = q_BxLxHxK.shape
-  g = k_BxLxGxK.shape[2]
+  b, length, h, d = q_BxLxHxE.shape
+  g = k_BxLxGxE.shape[2]
   if block_size < 1:
     raise ValueError(f"model.attention_block={block_size} must be a positive integer")
   block = min(block_size, length)
@@ -375,7 +375,7 @@ def blockwise_attention(
   pad_x = ((0, 0), (0, padded - length), (0, 0), (0, 0))
   q_pos_BxL = jnp.pad(q_pos_BxL, ((0, 0), (0, padded - length)), mode="edge")
   k_pos_BxL = jnp.pad(k_pos_BxL, ((0, 0), (0, padded - length)), mode="edge")
-  heads_first = lambda x_BxLxHxK: jnp.moveaxis(jnp.pad(x_BxLxHxK, pad_x), 2, 1)
+  heads_first = lambda x_BxLxHxE: jnp.moveaxis(jnp.pad(x_BxLxHxE, pad_x), 2, 1)
   converted, consts = None, ()
   if bias_fn is not None:
     example = q_pos_BxL[:, :block]
@@ -384,16 +384,16 @@ def blockwise_attention(
   far_packed = ()
   if far is not None:
     far_packed = (pack_heads(heads_first(far[0]), g), heads_first(far[1]))
-  out_BxGxMxK = _flash(
+  out_BxGxMxE = _flash(
     converted,
     block,
     window,
-    pack_heads(heads_first(q_BxLxHxK), g),
-    heads_first(k_BxLxGxK),
-    heads_first(v_BxLxGxK),
+    pack_heads(heads_first(q_BxLxHxE), g),
+    heads_first(k_BxLxGxE),
+    heads_first(v_BxLxGxE),
     q_pos_BxL,
     k_pos_BxL,
     consts,
     far_packed,
   )
-  return jnp.moveaxis(_unpack_heads(out_BxGxMxK, h), 1, 2)[:, :length]
+  return jnp.moveaxis(_unpack_heads(out_BxGxMxE, h), 1, 2)[:, :length]

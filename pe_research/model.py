@@ -90,23 +90,23 @@ def resolved_dims(model_cfg) -> tuple[int, int]:
   return head_dim, mlp_dim
 
 
-def over_sequence_chunks(fn, *xs_BxLx, chunk: int = SEQUENCE_CHUNK):
+def over_sequence_chunks(fn, *xs_BxLxX, chunk: int = SEQUENCE_CHUNK):
   """``fn(*xs)`` for a position-wise ``fn``, ``chunk`` positions at a time (lax.map).
 
   Same values as ``fn(*xs)``; L is padded to a multiple of the chunk and cut back after.
   """
-  b, length = xs_BxLx[0].shape[:2]
+  b, length = xs_BxLxX[0].shape[:2]
   if length <= chunk:
-    return fn(*xs_BxLx)
+    return fn(*xs_BxLxX)
   n = -(-length // chunk)
 
-  def to_chunks(x_BxLx):
-    x_BxLx = jnp.pad(x_BxLx, ((0, 0), (0, n * chunk - length)) + ((0, 0),) * (x_BxLx.ndim - 2))
-    return jnp.moveaxis(x_BxLx.reshape(b, n, chunk, *x_BxLx.shape[2:]), 1, 0)
+  def to_chunks(x_BxLxX):
+    x_BxLxX = jnp.pad(x_BxLxX, ((0, 0), (0, n * chunk - length)) + ((0, 0),) * (x_BxLxX.ndim - 2))
+    return jnp.moveaxis(x_BxLxX.reshape(b, n, chunk, *x_BxLxX.shape[2:]), 1, 0)
 
-  ys_NxBxCx = jax.lax.map(lambda xs: fn(*xs), tuple(to_chunks(x) for x in xs_BxLx))
+  ys_JxBxCxX = jax.lax.map(lambda xs: fn(*xs), tuple(to_chunks(x) for x in xs_BxLxX))
   from_chunks = lambda y: jnp.moveaxis(y, 0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :length]
-  return jax.tree.map(from_chunks, ys_NxBxCx)
+  return jax.tree.map(from_chunks, ys_JxBxCxX)
 
 
 def kv_heads(model_cfg) -> int:
@@ -132,23 +132,23 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD, pos_BxL, enc: PositionalEncoding, *, impl: str, block_size: int):
     b, length, _ = x_BxLxD.shape
     h, g = self.num_heads, self.num_kv_heads
-    qkv_BxLxCxK = self.qkv(x_BxLxD).reshape(b, length, h + 2 * g, self.head_dim)
+    qkv_BxLxAxE = self.qkv(x_BxLxD).reshape(b, length, h + 2 * g, self.head_dim)
     if g == h:
-      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = backend.split(qkv_BxLxCxK, 3, 2)
+      q_BxLxHxE, k_BxLxGxE, v_BxLxGxE = backend.split(qkv_BxLxAxE, 3, 2)
     else:
-      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = jnp.split(qkv_BxLxCxK, (h, h + g), axis=2)
-    dtype = v_BxLxGxK.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
+      q_BxLxHxE, k_BxLxGxE, v_BxLxGxE = jnp.split(qkv_BxLxAxE, (h, h + g), axis=2)
+    dtype = v_BxLxGxE.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
     far = {}
     if enc.window is not None:  # Self-Extend, ReRoPE: logits of pairs i - j >= W from these.
       far = dict(
-        q_far_BxLxHxK=enc.rotate_far(q_BxLxHxK, pos_BxL, is_query=True).astype(dtype),
-        k_far_BxLxGxK=enc.rotate_far(k_BxLxGxK, pos_BxL, is_query=False).astype(dtype),
+        q_far_BxLxHxE=enc.rotate_far(q_BxLxHxE, pos_BxL, is_query=True).astype(dtype),
+        k_far_BxLxGxE=enc.rotate_far(k_BxLxGxE, pos_BxL, is_query=False).astype(dtype),
         window=enc.window,
       )
-    y_BxLxHxK = attend(
-      enc.rotate(q_BxLxHxK, pos_BxL, is_query=True).astype(dtype),
-      enc.rotate(k_BxLxGxK, pos_BxL, is_query=False).astype(dtype),
-      v_BxLxGxK,
+    y_BxLxHxE = attend(
+      enc.rotate(q_BxLxHxE, pos_BxL, is_query=True).astype(dtype),
+      enc.rotate(k_BxLxGxE, pos_BxL, is_query=False).astype(dtype),
+      v_BxLxGxE,
       q_pos_BxL=pos_BxL,
       k_pos_BxL=pos_BxL,
       bias_fn=enc.bias if enc.has_bias else None,
@@ -157,7 +157,7 @@ class Attention(nnx.Module):
       operand_dtype=self.qkv.dtype,
       **far,
     )
-    return self.out(y_BxLxHxK.reshape(b, length, -1))
+    return self.out(y_BxLxHxE.reshape(b, length, -1))
 
 
 class Mlp(nnx.Module):
@@ -314,13 +314,13 @@ def count_params(model: nnx.Module) -> int:
 
 
 def flops_per_token(config, seq_len: int) -> float:
-  """Training FLOPs per token: ``6 N + 6 n_layers H K (T + 1)``.
+  """Training FLOPs per token: ``6 N + 6 n_layers H E (L + 1)``.
 
-  ``N`` counts matmul weights: per layer ``2 D (H + G) K`` (q and o: H heads, k and v: G KV
+  ``N`` counts matmul weights: per layer ``2 D (H + G) E`` (q and o: H heads, k and v: G KV
   heads) plus ``2 D F`` (gelu) or
   ``3 D F`` (swiglu), plus ``D V`` for the output head (tied or not; the embedding lookup
-  is free). Attention: ``q.k`` and ``p.v`` cost ``4 H K`` FLOPs per (query, visible key)
-  forward, a query sees ``(T + 1) / 2`` keys on average under the causal mask, and backward
+  is free). Attention: ``q.k`` and ``p.v`` cost ``4 H E`` FLOPs per (query, visible key)
+  forward, a query sees ``(L + 1) / 2`` keys on average under the causal mask, and backward
   costs twice forward. Norms, softmax and encoding FLOPs are ignored.
   """
   m = config.model

@@ -10,8 +10,8 @@ bootstrap resamples the units with replacement ``reps`` times::
 Accuracies (passkey, synthetic exact match) use the same bootstrap over examples (a mean of 0/1).
 Two methods are ranked only when their intervals do not overlap; otherwise they are tied.
 
-Across training seeds (``seed_interval``) the unit is the run: the mean of S per-seed values
-with a Student-t interval ``mean ± t_{0.975, S-1} · sd / sqrt(S)`` (S = 1 gives a point).
+Across training seeds (``seed_interval``) the unit is the run: the mean of U per-seed values
+with a Student-t interval ``mean ± t_{0.975, U-1} · sd / sqrt(U)`` (U = 1 gives a point).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def ratio_interval(
     ratio = float(num_U.sum() / den_U.sum()) if len(num_U) else math.nan
     return ratio, ratio
   rng = np.random.default_rng(seed)
-  counts_RxU = rng.multinomial(len(num_U), np.full(len(num_U), 1 / len(num_U)), size=reps)
-  ratios_R = (counts_RxU @ num_U) / (counts_RxU @ den_U)
+  counts_IxU = rng.multinomial(len(num_U), np.full(len(num_U), 1 / len(num_U)), size=reps)
+  ratios_I = (counts_IxU @ num_U) / (counts_IxU @ den_U)
   tail = (1 - level) / 2 * 100
-  lo, hi = np.percentile(ratios_R, [tail, 100 - tail])
+  lo, hi = np.percentile(ratios_I, [tail, 100 - tail])
   return float(lo), float(hi)
 
 
@@ -75,22 +75,22 @@ def ppl_interval(nll_U, weight_U, **kwargs) -> tuple[float, float]:
   return _exp(lo), _exp(hi)
 
 
-def accuracy_interval(correct_N, **kwargs) -> tuple[float, float]:
+def accuracy_interval(correct_U, **kwargs) -> tuple[float, float]:
   """The bootstrap interval of a mean of 0/1 outcomes."""
-  correct_N = np.asarray(correct_N, np.float64)
-  return ratio_interval(correct_N, np.ones_like(correct_N), **kwargs)
+  correct_U = np.asarray(correct_U, np.float64)
+  return ratio_interval(correct_U, np.ones_like(correct_U), **kwargs)
 
 
-def seed_interval(values_S: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
-  """``(mean, lo, hi)`` of per-seed values: a Student-t interval across the S seeds."""
+def seed_interval(values_U: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
+  """``(mean, lo, hi)`` of per-seed values: a Student-t interval across the U seeds."""
   from scipy import stats as scipy_stats  # A JAX dependency; imported here, when needed.
 
-  values_S = np.asarray(values_S, np.float64)
-  mean = float(values_S.mean())
-  if len(values_S) < 2:
+  values_U = np.asarray(values_U, np.float64)
+  mean = float(values_U.mean())
+  if len(values_U) < 2:
     return mean, mean, mean
-  half = scipy_stats.t.ppf(0.5 + level / 2, len(values_S) - 1) * values_S.std(ddof=1)
-  half /= math.sqrt(len(values_S))
+  half = scipy_stats.t.ppf(0.5 + level / 2, len(values_U) - 1) * values_U.std(ddof=1)
+  half /= math.sqrt(len(values_U))
   return mean, mean - float(half), mean + float(half)
 
 

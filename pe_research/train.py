@@ -148,9 +148,9 @@ def softmax_nll(logits_NxV: jax.Array, targets_N: jax.Array) -> jax.Array:
 
 
 def _softmax_nll_fwd(logits_NxV, targets_N):
-  logits_NxV32 = logits_NxV.astype(jnp.float32)
-  lse_N = jax.nn.logsumexp(logits_NxV32, axis=-1)
-  target_N = jnp.take_along_axis(logits_NxV32, targets_N[:, None], axis=-1)[:, 0]
+  logits_f32_NxV = logits_NxV.astype(jnp.float32)
+  lse_N = jax.nn.logsumexp(logits_f32_NxV, axis=-1)
+  target_N = jnp.take_along_axis(logits_f32_NxV, targets_N[:, None], axis=-1)[:, 0]
   return lse_N - target_N, (logits_NxV, targets_N, lse_N)
 
 
@@ -224,11 +224,11 @@ def make_train_step(graphdef, tx, schedule, compute_sharding: NamedSharding | No
 def jit_train_step(graphdef, tx, schedule, state: TrainState, mesh, steps_per_call: int = 1):
   """``make_train_step`` compiled with the state's shardings and donated state.
 
-  With ``steps_per_call = K > 1`` the compiled call runs K steps, a ``lax.scan`` over batches
-  stacked on a leading axis of size K (``global_batch(..., stacked=True)``), and returns each
+  With ``steps_per_call > 1`` the compiled call runs that many steps, a ``lax.scan`` over batches
+  stacked on a leading axis of that size (``global_batch(..., stacked=True)``), and returns each
   metric with that leading axis. On the CPU this matters: XLA:CPU allocates a call's temporary
   buffers afresh and the kernel faults every page of them in again (20% of a d=256, 4-layer
-  step); K steps per call pay that once.
+  step); ``steps_per_call`` steps per call pay that once.
   """
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   replicated = NamedSharding(mesh, P())

@@ -10,13 +10,13 @@ import pytest
 from pe_research import backend
 from pe_research.attention import attend
 
-B, H, K = 2, 3, 8
+B, H, E = 2, 3, 8
 
 
 def _qkv(length, seed=0, dtype=jnp.float32, heads=H, kv_heads=None):
-  """q ``[B, L, heads, K]``, k and v ``[B, L, kv_heads, K]`` (default: ``heads``)."""
+  """q ``[B, L, heads, E]``, k and v ``[B, L, kv_heads, E]`` (default: ``heads``)."""
   keys = jax.random.split(jax.random.key(seed), 3)
-  shapes = [(B, length, heads, K)] + [(B, length, kv_heads or heads, K)] * 2
+  shapes = [(B, length, heads, E)] + [(B, length, kv_heads or heads, E)] * 2
   return [jax.random.normal(k, shape, dtype) for k, shape in zip(keys, shapes, strict=True)]
 
 
@@ -27,12 +27,12 @@ def _positions(length, rows=B):
 
 def _bias_fn(params):
   """A learnable relative bias like ALiBi + T5: ``-slope_h |i - j| + table[clip(i - j), h]``."""
-  slopes_H, table_DxH = params
+  slopes_H, table_ZxH = params
 
   def bias(q_pos_BxQ, k_pos_BxK):
     rel_BxQxK = q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :]
     linear = -slopes_H[None, :, None, None] * jnp.abs(rel_BxQxK)[:, None]
-    lookup_BxQxKxH = table_DxH[jnp.clip(rel_BxQxK, 0, table_DxH.shape[0] - 1)]
+    lookup_BxQxKxH = table_ZxH[jnp.clip(rel_BxQxK, 0, table_ZxH.shape[0] - 1)]
     return linear + jnp.moveaxis(lookup_BxQxKxH, -1, 1)
 
   return bias
@@ -73,12 +73,12 @@ def test_dense_matches_naive_loop():
   params = _bias_params()
   bias = np.asarray(_bias_fn(params)(_positions(length), _positions(length)))
   q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-  expected = np.zeros((B, length, H, K))
+  expected = np.zeros((B, length, H, E))
   for b in range(B):
     for h in range(H):
       for i in range(length):
         s = np.array(
-          [q[b, i, h] @ k[b, j, h] / np.sqrt(K) + bias[b, h, i, j] for j in range(i + 1)]
+          [q[b, i, h] @ k[b, j, h] / np.sqrt(E) + bias[b, h, i, j] for j in range(i + 1)]
         )
         w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
         expected[b, i, h] = w @ v[b, : i + 1, h]
@@ -89,7 +89,7 @@ def test_blockwise_gradients_equal_dense():
   length = 10  # 3 blocks of 4, the last one padded
   qkv = _qkv(length, seed=1)
   params = _bias_params()
-  cotangent = jax.random.normal(jax.random.key(3), (B, length, H, K))
+  cotangent = jax.random.normal(jax.random.key(3), (B, length, H, E))
 
   @functools.partial(jax.jit, static_argnums=0)
   @functools.partial(jax.grad, argnums=(1, 2))
@@ -165,7 +165,7 @@ def test_blockwise_bfloat16_gradients_close_to_float32(length):
   v and of the bias parameters within 3% of the largest fp32 entry, in fp32 dense attention's
   layout."""
   qkv, params = _qkv(length, seed=1), _bias_params()
-  cotangent = jax.random.normal(jax.random.key(3), (B, length, H, K))
+  cotangent = jax.random.normal(jax.random.key(3), (B, length, H, E))
   dqkv_bf16, dparams_bf16 = _grads(
     "blockwise", [x.astype(jnp.bfloat16) for x in qkv], params, cotangent, 4
   )
@@ -194,7 +194,7 @@ def test_blockwise_custom_vjp_gradients_equal_dense(length):
   """q, k, v gradients to 1e-5; the bias parameters' gradients (sums over every (i, j), where
   flash and dense attention add in different orders) to 1e-4."""
   qkv, params = _qkv(length, seed=1), _bias_params()
-  cotangent = jax.random.normal(jax.random.key(3), (B, length, H, K))
+  cotangent = jax.random.normal(jax.random.key(3), (B, length, H, E))
   (dqkv_dense, dparams_dense) = _grads("dense", qkv, params, cotangent, 4)
   (dqkv_block, dparams_block) = _grads("blockwise", qkv, params, cotangent, 4)
   np.testing.assert_allclose(_run("blockwise", qkv, params), _run("dense", qkv, params), atol=1e-5)
@@ -211,7 +211,7 @@ def test_one_shared_position_row_equals_per_row_positions(impl):
   summed over the batch)."""
   length = 10
   qkv, params = _qkv(length, seed=2), _bias_params()
-  cotangent = jax.random.normal(jax.random.key(4), (B, length, H, K))
+  cotangent = jax.random.normal(jax.random.key(4), (B, length, H, E))
   np.testing.assert_allclose(
     _run(impl, qkv, params, pos_rows=1), _run(impl, qkv, params), atol=1e-6
   )
@@ -246,7 +246,7 @@ GQA_HEADS = 4  # H in the grouped-query tests: G = 1 (multi-query), 2 and 4 (= H
 
 def _repeat_kv(qkv):
   """The reference for G KV heads: k, v repeated to q's H heads, KV head ``g`` serving query
-  heads ``g R .. g R + R - 1`` (HF ``repeat_kv``)."""
+  heads ``g Y .. g Y + Y - 1`` (HF ``repeat_kv``)."""
   q, k, v = qkv
   return [q, *(jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))]
 
@@ -313,6 +313,6 @@ def test_blockwise_grouped_query_bfloat16_close_to_float32(length):
 def test_kv_heads_not_dividing_h_or_k_v_disagreeing_is_a_value_error(kv_heads):
   """One ValueError naming the shapes, before any implementation runs."""
   q = _qkv(4, heads=GQA_HEADS)[0]
-  k, v = (jnp.zeros((B, 4, g, K)) for g in kv_heads)
+  k, v = (jnp.zeros((B, 4, g, E)) for g in kv_heads)
   with pytest.raises(ValueError, match=r"G dividing H; got q \(2, 4, 4, 8\), k \(2, 4, "):
     _run("dense", (q, k, v))

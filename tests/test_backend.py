@@ -91,12 +91,12 @@ def test_split_has_jnp_split_values_and_gradient(use_policy, concat_grad, axis):
 
 def _bias_fn(params):
   """A learnable relative bias: ``-slope_h |i - j| + table[clip(i - j), h]``."""
-  slopes_H, table_DxH = params
+  slopes_H, table_ZxH = params
 
   def bias(q_pos_BxQ, k_pos_BxK):
     rel_BxQxK = q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :]
     linear = -slopes_H[None, :, None, None] * jnp.abs(rel_BxQxK)[:, None]
-    lookup_BxQxKxH = table_DxH[jnp.clip(rel_BxQxK, 0, table_DxH.shape[0] - 1)]
+    lookup_BxQxKxH = table_ZxH[jnp.clip(rel_BxQxK, 0, table_ZxH.shape[0] - 1)]
     return linear + jnp.moveaxis(lookup_BxQxKxH, -1, 1)
 
   return bias
@@ -151,19 +151,19 @@ def test_materialised_tables_are_the_tables(use_policy):
 
 def test_lookup_columns_by_matmul_equals_the_gather(use_policy):
   """Value exactly and gradient to rounding, one-hot matmul against gather."""
-  table_NxH = jax.random.normal(jax.random.key(0), (8, 3))
+  table_ZxH = jax.random.normal(jax.random.key(0), (8, 3))
   index = jax.random.randint(jax.random.key(1), (2, 5, 7), 0, 8)
   cotangent = jax.random.normal(jax.random.key(2), (3, 2, 5, 7))
 
   def value_and_grad(by_matmul):
     use_policy(lookup_by_matmul=by_matmul)
     f = jax.jit(lambda t: backend.lookup_columns(t, index))
-    return f(table_NxH), jax.grad(lambda t: jnp.sum(f(t) * cotangent))(table_NxH)
+    return f(table_ZxH), jax.grad(lambda t: jnp.sum(f(t) * cotangent))(table_ZxH)
 
   (value_m, grad_m), (value_g, grad_g) = value_and_grad(True), value_and_grad(False)
   assert value_m.shape == (3, 2, 5, 7)
   np.testing.assert_array_equal(value_m, value_g)
-  np.testing.assert_array_equal(value_g, np.moveaxis(np.asarray(table_NxH)[index], -1, 0))
+  np.testing.assert_array_equal(value_g, np.moveaxis(np.asarray(table_ZxH)[index], -1, 0))
   np.testing.assert_allclose(grad_m, grad_g, rtol=1e-6, atol=1e-6)
 
 

@@ -144,7 +144,7 @@ def test_t5_bias_gathers_one_scalar_per_bucket_and_head():
 def test_t5_bias_matmul_and_gather_lookups_agree(monkeypatch):
   """Small calls look the table up by a one-hot matmul, large ones gather: same values and
   same table gradient (per-row positions, batch 2)."""
-  table_NxH = jax.random.normal(jax.random.key(0), (8, NUM_HEADS))
+  table_ZxH = jax.random.normal(jax.random.key(0), (8, NUM_HEADS))
   q_pos_BxQ = jnp.array([[0, 3, 7, 40], [5, 6, 9, 90]])
   k_pos_BxK = jnp.array([[0, 1, 2, 3, 30], [4, 5, 70, 80, 90]])
   kw = dict(bidirectional=False, num_buckets=8, max_distance=20)
@@ -152,7 +152,7 @@ def test_t5_bias_matmul_and_gather_lookups_agree(monkeypatch):
 
   def value_and_grad():
     f = lambda t: jnp.sum(t5_lib.t5_bias(q_pos_BxQ, k_pos_BxK, t, **kw) * cotangent)
-    return t5_lib.t5_bias(q_pos_BxQ, k_pos_BxK, table_NxH, **kw), jax.grad(f)(table_NxH)
+    return t5_lib.t5_bias(q_pos_BxQ, k_pos_BxK, table_ZxH, **kw), jax.grad(f)(table_ZxH)
 
   by_matmul = value_and_grad()
   monkeypatch.setattr(backend, "LOOKUP_MAX", 0)

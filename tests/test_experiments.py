@@ -80,10 +80,10 @@ def test_alibi_smoke_writes_csv_png_report(alibi_out):
 
 def _scored_targets(budget: int, length: int, mode: str, stride) -> np.ndarray:
   """How often each target s[1..budget] is scored at ``length`` (pipeline.eval_windows)."""
-  starts_K, score_from_K = eval_windows(budget, length, mode, stride)
+  starts_W, score_from_W = eval_windows(budget, length, mode, stride)
   count_N = np.zeros(budget + 2, np.int64)
-  np.add.at(count_N, starts_K + score_from_K + 1, 1)  # Window k scores a_k + i + 1 for
-  np.add.at(count_N, np.minimum(starts_K + length, budget) + 1, -1)  # c_k <= i, a_k + i < N.
+  np.add.at(count_N, starts_W + score_from_W + 1, 1)  # Window k scores a_k + i + 1 for
+  np.add.at(count_N, np.minimum(starts_W + length, budget) + 1, -1)  # c_k <= i, a_k + i < N.
   return np.cumsum(count_N)[1 : budget + 1]
 
 
@@ -333,3 +333,14 @@ def test_randomized_gain_needs_an_interval_across_seeds_that_excludes_zero(gains
   learned = {"RoPE": 1.0, "RoPE randomized": 1.0}
   line = length_generalization.randomized_gain_line(ood, preset, "RoPE randomized", "RoPE", learned)
   assert verdict in line, line
+
+
+def test_length_generalization_reads_the_training_length_from_the_runs():
+  """The in-distribution length is the runs' ``data.train_max_len`` (not the preset's first
+  length); runs that disagree, or a preset that does not score that length, are refused."""
+  preset = length_generalization.PRESETS["smoke"]
+  runs = length_generalization.runs_for("smoke", preset, "/tmp/unused", {})
+  assert length_generalization.training_length(runs, preset) == 4
+  shifted = length_generalization.Preset(preset.tasks, preset.methods, preset.seeds, (8, 12))
+  with pytest.raises(ValueError, match="data.train_max_len=\\[4\\]"):
+    length_generalization.training_length(runs, shifted)

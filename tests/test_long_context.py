@@ -14,7 +14,7 @@ from pe_research.attention import attend
 from pe_research.encodings.rope import RoPE
 from pe_research.model import Transformer
 
-B, H, K = 2, 4, 8
+B, H, E = 2, 4, 8
 BASE = 10000.0
 
 
@@ -25,9 +25,9 @@ def _extension(method: str, window: int) -> dict:
 
 
 def _raw(length: int, kv_heads: int, seed: int = 0):
-  """Unrotated q ``[B, L, H, K]``, k, v ``[B, L, G, K]`` and an output cotangent."""
+  """Unrotated q ``[B, L, H, E]``, k, v ``[B, L, G, E]`` and an output cotangent."""
   keys = jax.random.split(jax.random.key(seed), 4)
-  q_shape, kv_shape = (B, length, H, K), (B, length, kv_heads, K)
+  q_shape, kv_shape = (B, length, H, E), (B, length, kv_heads, E)
   shapes = [q_shape, kv_shape, kv_shape, q_shape]
   return [jax.random.normal(key, shape) for key, shape in zip(keys, shapes, strict=True)]
 
@@ -38,8 +38,8 @@ def _rope_attention(enc: RoPE, q, k, v, *, impl: str, block_size: int = 4):
   far = {}
   if enc.window is not None:
     far = dict(
-      q_far_BxLxHxK=enc.rotate_far(q, pos, is_query=True),
-      k_far_BxLxGxK=enc.rotate_far(k, pos, is_query=False),
+      q_far_BxLxHxE=enc.rotate_far(q, pos, is_query=True),
+      k_far_BxLxGxE=enc.rotate_far(k, pos, is_query=False),
       window=enc.window,
     )
   q_rot, k_rot = enc.rotate(q, pos, is_query=True), enc.rotate(k, pos, is_query=False)
@@ -50,7 +50,7 @@ def _rope_attention(enc: RoPE, q, k, v, *, impl: str, block_size: int = 4):
 
 @functools.cache
 def _output_and_grads(method: str, window: int, impl: str, block_size: int):
-  enc = RoPE(K, base=BASE, **_extension(method, window))
+  enc = RoPE(E, base=BASE, **_extension(method, window))
 
   def run(q, k, v, dout):
     fn = functools.partial(_rope_attention, enc, impl=impl, block_size=block_size)
@@ -79,11 +79,11 @@ def test_blockwise_matches_dense_outputs_and_grads(method, kv_heads, length, blo
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def _rope_np(x_K: np.ndarray, position: float) -> np.ndarray:
-  """RoPE ("half" layout) of one ``[..., K]`` vector at ``position``, in float64."""
-  inv_freq = BASE ** (-np.arange(0, K, 2) / K)
+def _rope_np(x_E: np.ndarray, position: float) -> np.ndarray:
+  """RoPE ("half" layout) of one ``[..., E]`` vector at ``position``, in float64."""
+  inv_freq = BASE ** (-np.arange(0, E, 2) / E)
   cos, sin = np.cos(position * inv_freq), np.sin(position * inv_freq)
-  a, b = x_K[..., : K // 2], x_K[..., K // 2 :]
+  a, b = x_E[..., : E // 2], x_E[..., E // 2 :]
   return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
@@ -102,7 +102,7 @@ def _reference(method: str, window: int, group: int, q, k, v) -> np.ndarray:
       else:
         q_pos, k_pos = window, 0
       q_rot, k_rot = _rope_np(q[:, i], q_pos), _rope_np(k[:, j], k_pos)
-      logits[:, :, i, j] = np.sum(q_rot * k_rot, axis=-1) / np.sqrt(K)
+      logits[:, :, i, j] = np.sum(q_rot * k_rot, axis=-1) / np.sqrt(E)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   return np.einsum("bhij,bjhd->bihd", probs, v)
@@ -113,7 +113,7 @@ def _reference(method: str, window: int, group: int, q, k, v) -> np.ndarray:
 def test_dense_matches_explicit_merged_logits(method, kv_heads):
   window, length = 5, 17
   q, k, v, _ = _raw(length, kv_heads, seed=1)
-  enc = RoPE(K, base=BASE, **_extension(method, window))
+  enc = RoPE(E, base=BASE, **_extension(method, window))
   got = _rope_attention(enc, q, k, v, impl="dense")
   want = _reference(method, window, 3, q, k, v)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -124,16 +124,16 @@ def test_dense_matches_explicit_merged_logits(method, kv_heads):
 def test_equals_plain_rope_within_window(method, impl):
   length = 12
   q, k, v, _ = _raw(length, 2, seed=2)
-  plain = _rope_attention(RoPE(K, base=BASE), q, k, v, impl=impl)
+  plain = _rope_attention(RoPE(E, base=BASE), q, k, v, impl=impl)
   for window in (length, length + 5):
-    enc = RoPE(K, base=BASE, **_extension(method, window))
+    enc = RoPE(E, base=BASE, **_extension(method, window))
     np.testing.assert_array_equal(_rope_attention(enc, q, k, v, impl=impl), plain)
 
 
 def test_xla_rejects_a_far_logit_set():
   q, k, v, _ = _raw(8, H)
   with pytest.raises(ValueError, match="model.attention='xla' cannot merge two logit sets"):
-    _rope_attention(RoPE(K, rerope_window=4), q, k, v, impl="xla")
+    _rope_attention(RoPE(E, rerope_window=4), q, k, v, impl="xla")
 
 
 def _tiny_config(impl: str = "dense", **pe):
@@ -177,7 +177,7 @@ def test_logn_scales_each_query_logit_by_log_ratio(extension):
   train_len, length = 16, 30
   q, k, _, _ = _raw(length, H, seed=4)
   pos = jnp.arange(length, dtype=jnp.int32)[None]
-  plain, scaled = RoPE(K, **extension), RoPE(K, logn_len=train_len, **extension)
+  plain, scaled = RoPE(E, **extension), RoPE(E, logn_len=train_len, **extension)
   rotations = ["rotate"] + (["rotate_far"] if extension else [])
   for rotation in rotations:
     k_rot = getattr(plain, rotation)(k, pos, is_query=False)

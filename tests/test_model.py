@@ -143,7 +143,7 @@ def test_with_attention_shares_parameters():
 
 
 def test_flops_per_token_counts_matmuls_and_causal_attention():
-  config = _config(num_layers=2)  # D=16, H*K=16, F=64, V=260
+  config = _config(num_layers=2)  # D=16, H*E=16, F=64, V=260
   n = 2 * (4 * 16 * 16 + 2 * 16 * 64) + 16 * 260
   assert flops_per_token(config, 8) == 6 * n + 6 * 2 * 16 * 9
 

@@ -23,10 +23,10 @@ def normal(*shape) -> jax.Array:
   return jnp.asarray(RNG.standard_normal(shape, dtype=np.float32))
 
 
-def score(q_D, k_D, inv_freq, m, n, layout) -> float:
+def score(q_E, k_E, inv_freq, m, n, layout) -> float:
   """⟨R(m) q, R(n) k⟩ for single vectors."""
-  q_rot = apply_rope(q_D[None, None], jnp.array([m]), inv_freq, layout=layout)
-  k_rot = apply_rope(k_D[None, None], jnp.array([n]), inv_freq, layout=layout)
+  q_rot = apply_rope(q_E[None, None], jnp.array([m]), inv_freq, layout=layout)
+  k_rot = apply_rope(k_E[None, None], jnp.array([n]), inv_freq, layout=layout)
   return float(jnp.sum(q_rot * k_rot))
 
 
@@ -48,13 +48,13 @@ def test_four_dim_layouts_pair_different_dims():
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_score_depends_only_on_relative_position(layout):
-  q_D, k_D = normal(16), normal(16)
+  q_E, k_E = normal(16), normal(16)
   inv_freq, _ = rope_frequencies(16, base=100.0)
   for delta in (0, 3, -5):
-    scores = [score(q_D, k_D, inv_freq, n + delta, n, layout) for n in (5, 17, 40)]
+    scores = [score(q_E, k_E, inv_freq, n + delta, n, layout) for n in (5, 17, 40)]
     np.testing.assert_allclose(scores, scores[0], atol=2e-5)
   assert (
-    abs(score(q_D, k_D, inv_freq, 3, 0, layout) - score(q_D, k_D, inv_freq, 0, 0, layout)) > 1e-3
+    abs(score(q_E, k_E, inv_freq, 3, 0, layout) - score(q_E, k_E, inv_freq, 0, 0, layout)) > 1e-3
   )
 
 

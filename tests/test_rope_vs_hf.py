@@ -161,19 +161,19 @@ def test_apply_rope_matches_hf_apply_rotary_pos_emb(case):
   rotary = LlamaRotaryEmbedding(config)
   batch, length, heads = 2, 7, 3
   pos_BxL = np.sort(_RNG.integers(0, seq_len or 5000, size=(batch, length)), axis=-1)
-  q_BxLxHxD = _RNG.standard_normal((batch, length, heads, dim), dtype=np.float32)
-  k_BxLxHxD = _RNG.standard_normal((batch, length, heads, dim), dtype=np.float32)
+  q_BxLxHxE = _RNG.standard_normal((batch, length, heads, dim), dtype=np.float32)
+  k_BxLxHxE = _RNG.standard_normal((batch, length, heads, dim), dtype=np.float32)
   pos_t = torch.from_numpy(pos_BxL)
   if scaling and scaling["rope_type"] == "longrope":  # HF picks long factors from max(pos) + 1
     pos_t[:, -1] = seq_len - 1
     pos_BxL = pos_t.numpy()
   cos, sin = rotary(torch.zeros(1), pos_t)
   q_ref, k_ref = apply_rotary_pos_emb(
-    torch.from_numpy(q_BxLxHxD), torch.from_numpy(k_BxLxHxD), cos, sin, unsqueeze_dim=2
+    torch.from_numpy(q_BxLxHxE), torch.from_numpy(k_BxLxHxE), cos, sin, unsqueeze_dim=2
   )
   parsed = parse_rope_scaling(scaling)
   inv_freq, attention_factor = rope_frequencies(dim, base=base, scaling=parsed, seq_len=seq_len)
-  for x, ref in ((q_BxLxHxD, q_ref), (k_BxLxHxD, k_ref)):
+  for x, ref in ((q_BxLxHxE, q_ref), (k_BxLxHxE, k_ref)):
     ours = apply_rope(
       jnp.asarray(x), jnp.asarray(pos_BxL), inv_freq, attention_factor=attention_factor
     )

@@ -22,13 +22,13 @@ def normal(*shape) -> jnp.ndarray:
   return jnp.asarray(RNG.standard_normal(shape, dtype=np.float32))
 
 
-def pair_score(q_D, k_D, inv_freq, m, n, *, gamma, layout="half") -> float:
+def pair_score(q_E, k_E, inv_freq, m, n, *, gamma, layout="half") -> float:
   """q at position m against k at position n, both rotated with the row positions [m, n]."""
   pos = jnp.array([m, n])
-  q_2x1xD = jnp.broadcast_to(q_D, (2, 1, q_D.shape[-1]))
-  k_2x1xD = jnp.broadcast_to(k_D, (2, 1, k_D.shape[-1]))
-  q_rot = apply_xpos(q_2x1xD, pos, inv_freq, is_query=True, gamma=gamma, layout=layout)
-  k_rot = apply_xpos(k_2x1xD, pos, inv_freq, is_query=False, gamma=gamma, layout=layout)
+  q_2x1xE = jnp.broadcast_to(q_E, (2, 1, q_E.shape[-1]))
+  k_2x1xE = jnp.broadcast_to(k_E, (2, 1, k_E.shape[-1]))
+  q_rot = apply_xpos(q_2x1xE, pos, inv_freq, is_query=True, gamma=gamma, layout=layout)
+  k_rot = apply_xpos(k_2x1xE, pos, inv_freq, is_query=False, gamma=gamma, layout=layout)
   return float(jnp.sum(q_rot[0] * k_rot[1]))
 
 
@@ -45,11 +45,11 @@ def test_single_pair_closed_form():
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_score_depends_only_on_relative_position(layout):
-  q_D, k_D = normal(8), normal(8)
+  q_E, k_E = normal(8), normal(8)
   inv_freq, _ = rope_frequencies(8, base=100.0)
   for delta in (0, 4, 9):
     scores = [
-      pair_score(q_D, k_D, inv_freq, n + delta, n, gamma=32.0, layout=layout) for n in (0, 7, 50)
+      pair_score(q_E, k_E, inv_freq, n + delta, n, gamma=32.0, layout=layout) for n in (0, 7, 50)
     ]
     np.testing.assert_allclose(scores, scores[0], rtol=1e-4, atol=1e-5)
 

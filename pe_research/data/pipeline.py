@@ -87,7 +87,7 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
 def eval_windows(
   budget: int, length: int, mode: str = "nonoverlapping", stride: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Window starts ``a_K`` and first scored positions ``c_K`` (see the module docstring)."""
+  """Window starts ``a_W`` and first scored positions ``c_W`` (see the module docstring)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
   if length < 1 or budget < 1:
@@ -95,37 +95,37 @@ def eval_windows(
   if mode == "nonoverlapping":
     if stride is not None:
       raise ValueError(f"stride is only for mode='sliding'; got stride={stride}")
-    starts_K = np.arange(0, budget, length)
-    return starts_K, np.zeros_like(starts_K)
+    starts_W = np.arange(0, budget, length)
+    return starts_W, np.zeros_like(starts_W)
   stride = max(1, length // 2) if stride is None else stride
   if not 1 <= stride <= length:
     raise ValueError(f"stride must lie in [1, length={length}]; got {stride}")
   num_windows = 1 + math.ceil(max(0, budget - length) / stride)
-  starts_K = np.arange(num_windows) * stride
-  score_from_K = np.where(starts_K == 0, 0, length - stride)
-  return starts_K, score_from_K
+  starts_W = np.arange(num_windows) * stride
+  score_from_W = np.where(starts_W == 0, 0, length - stride)
+  return starts_W, score_from_W
 
 
 class EvalBatches(Sequence):
   """Batches ``[batch_size, L]`` of evaluation windows over ``tokens`` (budget + 1 tokens)."""
 
-  def __init__(self, tokens, length: int, starts_K, score_from_K, batch_size: int):
+  def __init__(self, tokens, length: int, starts_W, score_from_W, batch_size: int):
     self.budget = len(tokens) - 1
     self.length, self.batch_size = length, batch_size
     self.tokens = np.concatenate([tokens, np.full(length, PAD_ID, np.int32)])
-    self.starts_K, self.score_from_K = starts_K, score_from_K
+    self.starts_W, self.score_from_W = starts_W, score_from_W
 
   def __len__(self) -> int:
-    return math.ceil(len(self.starts_K) / self.batch_size)
+    return math.ceil(len(self.starts_W) / self.batch_size)
 
   def __getitem__(self, j: int) -> batching.Example:
     if not 0 <= j < len(self):
       raise IndexError(j)
     rows = []
-    for k in range(j * self.batch_size, min(len(self.starts_K), (j + 1) * self.batch_size)):
-      a = int(self.starts_K[k])
+    for k in range(j * self.batch_size, min(len(self.starts_W), (j + 1) * self.batch_size)):
+      a = int(self.starts_W[k])
       example = batching.lm_example(self.tokens[a : a + self.length + 1])
-      example["weights"][: self.score_from_K[k]] = 0.0
+      example["weights"][: self.score_from_W[k]] = 0.0
       example["weights"][max(0, self.budget - a) :] = 0.0
       rows.append(example)
     return batching.stack(rows, self.batch_size)
@@ -157,11 +157,11 @@ def make_eval_batches(
     return synthetic.eval_batches(
       config.data, length=length, max_tokens=budget, batch_size=batch_size
     )
-  starts_K, score_from_K = eval_windows(budget, length, mode, stride)
+  starts_W, score_from_W = eval_windows(budget, length, mode, stride)
   stream = PackedStream(open_documents(config.data, "validation", tokenizer_of(config.data)))
   if stream.num_tokens < budget + 1:
     raise ValueError(
       f"data.eval_tokens={budget} exceeds the validation split of {config.data.name} "
       f"({stream.num_tokens} tokens, budget + 1 needed)"
     )
-  return EvalBatches(stream.slice(0, budget + 1), length, starts_K, score_from_K, batch_size)
+  return EvalBatches(stream.slice(0, budget + 1), length, starts_W, score_from_W, batch_size)

@@ -141,8 +141,8 @@ def train_dataset(data_cfg, *, seq_len: int, seed: int) -> grain.MapDataset:
 
 
 def eval_batches(data_cfg, *, length: int, max_tokens: int, batch_size: int):
-  """Batches of ``max(1, max_tokens // T)`` examples of task length ``length`` (``T`` positions
-  each: ``[batch_size, T]``, the last batch padded with weight-0 rows)."""
+  """Batches of ``max(1, max_tokens // L)`` examples of task length ``length`` (``L`` positions
+  each: ``[batch_size, L]``, the last batch padded with weight-0 rows)."""
   _check_task(data_cfg.task)
   count = max(1, max_tokens // sequence_length(data_cfg.task, length))
   examples = [

@@ -44,7 +44,7 @@ class Tokenizer(abc.ABC):
 
   @abc.abstractmethod
   def encode(self, text: str | bytes) -> np.ndarray:
-    """Returns the ids of ``text`` (str is UTF-8 encoded first): int32 ``[T]``."""
+    """Returns the ids of ``text`` (str is UTF-8 encoded first): int32 ``[N]``."""
 
   @abc.abstractmethod
   def decode(self, ids) -> str:
@@ -71,12 +71,12 @@ class ByteTokenizer(Tokenizer):
     return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
   def decode(self, ids) -> str:
-    ids_T = np.asarray(ids, dtype=np.int64).reshape(-1)
-    bad = ids_T[(ids_T < 0) | (ids_T >= VOCAB_SIZE)]
+    ids_N = np.asarray(ids, dtype=np.int64).reshape(-1)
+    bad = ids_N[(ids_N < 0) | (ids_N >= VOCAB_SIZE)]
     if bad.size:
       raise ValueError(f"token ids must lie in [0, {VOCAB_SIZE}), got {int(bad[0])}")
     parts, run = [], bytearray()
-    for i in ids_T.tolist():
+    for i in ids_N.tolist():
       if i < NUM_BYTES:
         run.append(i)
         continue
@@ -153,11 +153,11 @@ class HFTokenizer(Tokenizer):
     return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
 
   def decode(self, ids) -> str:
-    ids_T = np.asarray(ids, dtype=np.int64).reshape(-1)
-    bad = ids_T[(ids_T < 0) | (ids_T >= self.vocab_size)]
+    ids_N = np.asarray(ids, dtype=np.int64).reshape(-1)
+    bad = ids_N[(ids_N < 0) | (ids_N >= self.vocab_size)]
     if bad.size:
       raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {int(bad[0])}")
-    return self._tokenizer.decode(ids_T.tolist(), skip_special_tokens=False)
+    return self._tokenizer.decode(ids_N.tolist(), skip_special_tokens=False)
 
   def utf8_bytes_per_token(self) -> np.ndarray:
     """Byte-level vocabularies: exact (``len`` of the token's byte string, by

@@ -9,11 +9,11 @@ do-nothing default, so a new encoding is one new file plus one registry line:
     (the wrappers that change training positions around any encoding, randomized.py and
     pose.py, draw ``[B, L]`` from an ``nnx.Rngs`` they own, so the draw is model state);
   * ``embed(x_BxLxD, pos_BxL)``        -> embeddings with the encoding added (absolute PEs);
-  * ``rotate(x_BxLxHxK, pos_BxL, is_query=...)`` -> q or k transformed (RoPE, xPos);
+  * ``rotate(x_BxLxHxE, pos_BxL, is_query=...)`` -> q or k transformed (RoPE, xPos);
   * ``bias(q_pos_BxQ, k_pos_BxK)``     -> float32 ``[B or 1, H, Q, K]`` added to the logits
     (ALiBi, T5, KERPLE, FIRE), or ``None``. Blockwise attention calls it once per
     (query block, key block), so it must depend on positions only, never on L;
-  * ``rotate_far(x_BxLxHxK, pos_BxL, is_query=...)`` -> q or k of the far logit set, asked
+  * ``rotate_far(x_BxLxHxE, pos_BxL, is_query=...)`` -> q or k of the far logit set, asked
     only when ``window`` is an int W: query i and key j with ``i − j >= W`` (sequence
     indices) get the logit ``q_far_i . k_far_j`` instead of ``q_i . k_j``, merged before the
     softmax (Self-Extend, ReRoPE: ``rope_extension.py``).
@@ -58,12 +58,12 @@ class PositionalEncoding(nnx.Module):
     del pos_BxL
     return x_BxLxD
 
-  def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+  def rotate(self, x_BxLxHxE: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
     del pos_BxL, is_query
-    return x_BxLxHxK
+    return x_BxLxHxE
 
-  def rotate_far(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
-    return self.rotate(x_BxLxHxK, pos_BxL, is_query=is_query)
+  def rotate_far(self, x_BxLxHxE: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    return self.rotate(x_BxLxHxE, pos_BxL, is_query=is_query)
 
   def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array | None:
     del q_pos_BxQ, k_pos_BxK
@@ -92,11 +92,11 @@ class PositionsWrapper(PositionalEncoding):
   def embed(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
     return self.base.embed(x_BxLxD, pos_BxL)
 
-  def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
-    return self.base.rotate(x_BxLxHxK, pos_BxL, is_query=is_query)
+  def rotate(self, x_BxLxHxE: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    return self.base.rotate(x_BxLxHxE, pos_BxL, is_query=is_query)
 
-  def rotate_far(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
-    return self.base.rotate_far(x_BxLxHxK, pos_BxL, is_query=is_query)
+  def rotate_far(self, x_BxLxHxE: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    return self.base.rotate_far(x_BxLxHxE, pos_BxL, is_query=is_query)
 
   def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array | None:
     return self.base.bias(q_pos_BxQ, k_pos_BxK)

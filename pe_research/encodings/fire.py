@@ -43,15 +43,15 @@ def fire_bias(
   k_pos_BxK: jax.Array,
   c: jax.Array,
   l_thr: jax.Array,
-  w1_1xW: jax.Array,
-  b1_W: jax.Array,
-  w2_WxH: jax.Array,
+  w1_1xF: jax.Array,
+  b1_F: jax.Array,
+  w2_FxH: jax.Array,
   b2_H: jax.Array,
 ) -> jax.Array:
   """float32 ``[B, H, Q, K]``: MLP(x) = relu(x·w1 + b1)·w2 + b2 of the normalised distance x."""
   x_BxQxKx1 = fire_normalized_distance(q_pos_BxQ, k_pos_BxK, c, l_thr)[..., None]
-  h_BxQxKxW = jax.nn.relu(x_BxQxKx1 @ w1_1xW + b1_W)
-  return (h_BxQxKxW @ w2_WxH + b2_H).astype(jnp.float32).transpose(0, 3, 1, 2)
+  h_BxQxKxF = jax.nn.relu(x_BxQxKx1 @ w1_1xF + b1_F)
+  return (h_BxQxKxF @ w2_FxH + b2_H).astype(jnp.float32).transpose(0, 3, 1, 2)
 
 
 class Fire(PositionalEncoding):

@@ -18,18 +18,18 @@ from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field
 
 
 @jax.jit
-def learned_embedding(table_NxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
-  """Rows ``E[p]`` of ``table [N, D]`` for ``pos [..., L]`` -> ``[..., L, D]``.
+def learned_embedding(table_ZxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+  """Rows ``E[p]`` of ``table [Z, D]`` for ``pos [..., L]`` -> ``[..., L, D]``.
 
-  Rows for p outside [0, N) are NaN (never clamped); L > N raises ``ValueError``.
+  Rows for p outside [0, Z) are NaN (never clamped); L > Z raises ``ValueError``.
   """
-  num_rows = table_NxD.shape[0]
+  num_rows = table_ZxD.shape[0]
   if pos_BxL.shape[-1] > num_rows:
     raise ValueError(
       f"sequence length {pos_BxL.shape[-1]} exceeds pe.max_len={num_rows}; a learned "
       "table cannot represent longer sequences (raise pe.max_len or pick another pe.name)"
     )
-  return jnp.take(table_NxD, pos_BxL, axis=0, mode="fill", fill_value=jnp.nan)
+  return jnp.take(table_ZxD, pos_BxL, axis=0, mode="fill", fill_value=jnp.nan)
 
 
 class LearnedAbsolute(PositionalEncoding):

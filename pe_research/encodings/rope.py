@@ -56,7 +56,7 @@ def rope_tables(
 
 def rotate_pairs(x: jax.Array, cos_LxR: jax.Array, sin_LxR: jax.Array, layout: str) -> jax.Array:
   """``a' = a·cos − b·sin``, ``b' = b·cos + a·sin`` for the R pairs (a, b) of ``layout`` in the
-  first 2R dims of ``x`` ``[..., L, H, D]``; the rest pass through. Computed in float32, returned
+  first 2R dims of ``x`` ``[..., L, H, E]``; the rest pass through. Computed in float32, returned
   in ``x.dtype``."""
   _check_layout(layout)
   num_freq = cos_LxR.shape[-1]
@@ -88,14 +88,14 @@ def apply_rope(
   """Rotates the first ``2·len(inv_freq)`` dims of ``x``; the rest pass through.
 
   Args:
-    x: ``[..., L, H, D]`` queries or keys.
+    x: ``[..., L, H, E]`` queries or keys.
     positions: ``[..., L]`` positions (broadcast against the leading dims of ``x``).
-    inv_freq: float32 ``[R]`` frequencies θ_i, R ≤ D/2.
+    inv_freq: float32 ``[R]`` frequencies θ_i, R ≤ E/2.
     layout: "half" or "interleaved" (module docstring).
     attention_factor: c, multiplied onto cos and sin.
 
   Returns:
-    ``[..., L, H, D]`` in ``x.dtype``; angles and the rotation are computed in float32.
+    ``[..., L, H, E]`` in ``x.dtype``; angles and the rotation are computed in float32.
   """
   return rotate_pairs(x, *rope_tables(positions, inv_freq, attention_factor), layout)
 
@@ -120,10 +120,10 @@ ROTARY_PCT = Field(
 
 
 def rotary_dim_for(head_dim: int, rotary_pct: float) -> int:
-  """R = int(head_dim·rotary_pct), the rotated width of RoPE and xPos: the one definition.
+  """R2 = int(head_dim·rotary_pct), the rotated width of RoPE and xPos: the one definition.
 
   Raises ValueError (one line naming pe.rotary_pct or model.head_dim) unless rotary_pct is in
-  (0, 1] and R is even and >= 2 (dims rotate in pairs).
+  (0, 1] and R2 is even and >= 2 (dims rotate in pairs).
   """
   ROTARY_PCT.check(rotary_pct)
   width = int(head_dim * rotary_pct)
@@ -189,10 +189,10 @@ class RoPE(PositionalEncoding):
       seq_len=seq_len if self.scaling is not None and self.scaling.uses_seq_len else None,
     )
 
-  def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
-    return self._rotate_to(x_BxLxHxK, pos_BxL, pos_BxL, is_query)
+  def rotate(self, x_BxLxHxE: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    return self._rotate_to(x_BxLxHxE, pos_BxL, pos_BxL, is_query)
 
-  def rotate_far(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+  def rotate_far(self, x_BxLxHxE: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
     """q or k rotated to the far positions of Self-Extend or ReRoPE (``window`` set)."""
     if self.rerope:
       far_BxL = rerope_positions(pos_BxL, window=self.window, is_query=is_query)
@@ -200,18 +200,18 @@ class RoPE(PositionalEncoding):
       far_BxL = self_extend_positions(
         pos_BxL, window=self.window, group=self.self_extend_group, is_query=is_query
       )
-    return self._rotate_to(x_BxLxHxK, far_BxL, pos_BxL, is_query)
+    return self._rotate_to(x_BxLxHxE, far_BxL, pos_BxL, is_query)
 
-  def _rotate_to(self, x_BxLxHxK, angle_pos_BxL, pos_BxL, is_query: bool) -> jax.Array:
+  def _rotate_to(self, x_BxLxHxE, angle_pos_BxL, pos_BxL, is_query: bool) -> jax.Array:
     """``x`` rotated by the angles of ``angle_pos``; queries log-n scaled by their ``pos``."""
-    inv_freq, attention_factor = self.frequencies(x_BxLxHxK.shape[-3])
+    inv_freq, attention_factor = self.frequencies(x_BxLxHxE.shape[-3])
     # The same as apply_rope, with the tables computed once (backend.materialised).
     tables_LxR = backend.materialised(*rope_tables(angle_pos_BxL, inv_freq, attention_factor))
-    out_BxLxHxK = rotate_pairs(x_BxLxHxK, *tables_LxR, self.layout)
+    out_BxLxHxE = rotate_pairs(x_BxLxHxE, *tables_LxR, self.layout)
     if not (is_query and self.logn_len):
-      return out_BxLxHxK
+      return out_BxLxHxE
     scale_BxLx1x1 = logn_scale(pos_BxL, self.logn_len)[..., None, None]
-    return (out_BxLxHxK * scale_BxLx1x1).astype(out_BxLxHxK.dtype)
+    return (out_BxLxHxE * scale_BxLx1x1).astype(out_BxLxHxE.dtype)
 
 
 def rope_kwargs(pe_cfg) -> dict:

@@ -41,12 +41,12 @@ def sinusoidal(
   θ_i = base^(−2i/dim) for i < dim/2.
   """
   _validate(dim, layout)
-  theta_F = base ** (-2.0 * jnp.arange(dim // 2, dtype=jnp.float32) / dim)
-  angle_xF = jnp.asarray(positions, jnp.float32)[..., None] * theta_F
-  sin_xF, cos_xF = jnp.sin(angle_xF), jnp.cos(angle_xF)
+  theta_R = base ** (-2.0 * jnp.arange(dim // 2, dtype=jnp.float32) / dim)
+  angle_XxR = jnp.asarray(positions, jnp.float32)[..., None] * theta_R
+  sin_XxR, cos_XxR = jnp.sin(angle_XxR), jnp.cos(angle_XxR)
   if layout == "concat":
-    return jnp.concatenate([sin_xF, cos_xF], axis=-1)
-  return jnp.stack([sin_xF, cos_xF], axis=-1).reshape(*angle_xF.shape[:-1], dim)
+    return jnp.concatenate([sin_XxR, cos_XxR], axis=-1)
+  return jnp.stack([sin_XxR, cos_XxR], axis=-1).reshape(*angle_XxR.shape[:-1], dim)
 
 
 class Sinusoidal(PositionalEncoding):

@@ -80,7 +80,7 @@ class EncodingSpec:
   fields: the flat ``pe.*`` fields it owns (each field has exactly one owner).
   validate: ``validate(pe, model, train)`` raises on a cross-field rule; asked for the family
     named by ``pe.name`` and for every wrapper, after each field passed its own rule.
-  rotary_dim: ``rotary_dim(head_dim, pe)`` -> R, the rotated width of q and k (raises unless
+  rotary_dim: ``rotary_dim(head_dim, pe)`` -> R2, the rotated width of q and k (raises unless
     valid); None for encodings that rotate nothing.
   takes_rope_scaling: whether ``pe.rope_scaling`` may be set with this ``pe.name``.
   length_field: the ``pe`` field that caps the positions it can represent (learned:

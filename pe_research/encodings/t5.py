@@ -73,7 +73,7 @@ def t5_relative_position_bucket(
 def t5_bias(
   q_pos_BxQ: jax.Array,
   k_pos_BxK: jax.Array,
-  table_NxH: jax.Array,
+  table_ZxH: jax.Array,
   *,
   bidirectional: bool,
   num_buckets: int,
@@ -89,7 +89,7 @@ def t5_bias(
     num_buckets=num_buckets,
     max_distance=max_distance,
   )
-  return jnp.moveaxis(backend.lookup_columns(table_NxH, bucket_BxQxK), 0, 1)
+  return jnp.moveaxis(backend.lookup_columns(table_ZxH, bucket_BxQxK), 0, 1)
 
 
 class T5RelativeBias(PositionalEncoding):

@@ -80,10 +80,10 @@ class XPos(RoPE):
     super().__init__(head_dim, **rope_kwargs)
     self.gamma = float(gamma)
 
-  def rotate(self, x_BxLxHxK: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
-    inv_freq, attention_factor = self.frequencies(x_BxLxHxK.shape[-3])
+  def rotate(self, x_BxLxHxE: jax.Array, pos_BxL: jax.Array, *, is_query: bool) -> jax.Array:
+    inv_freq, attention_factor = self.frequencies(x_BxLxHxE.shape[-3])
     return apply_xpos(
-      x_BxLxHxK,
+      x_BxLxHxE,
       pos_BxL,
       inv_freq,
       is_query=is_query,
