@@ -241,6 +241,36 @@ def test_blockwise_skips_masked_blocks_in_both_passes(use_policy):
   assert forward.count("= abs ") == 10 and both.count("= abs ") == 20
 
 
+@pytest.mark.parametrize("impl", ["dense", "blockwise"])
+@pytest.mark.parametrize("pos_rows", [1, 4])
+def test_batch_pieces_change_nothing(use_policy, impl, pos_rows):
+  """Attention over 2 or 4 pieces of a batch of 4 equals one piece: outputs and the gradients
+  of q, k, v and of the bias parameters; shared positions (one row) serve every piece."""
+  keys = jax.random.split(jax.random.key(5), 4)
+  qkv = [jax.random.normal(k, (4, 10, H, E)) for k in keys[:3]]
+  cotangent = jax.random.normal(keys[3], (4, 10, H, E))
+  pos = _positions(10, pos_rows)
+  params = _bias_params()
+
+  def out_and_grads(pieces):
+    use_policy(attention_batch_pieces=pieces)
+
+    def loss(qkv, params):
+      out = attend(
+        *qkv, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=_bias_fn(params), impl=impl, block_size=4
+      )
+      return jnp.sum(out * cotangent), out
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(qkv, params)
+
+  (dqkv, dparams), out = out_and_grads(1)
+  for pieces in (2, 4):
+    (dqkv_p, dparams_p), out_p = out_and_grads(pieces)
+    np.testing.assert_allclose(out_p, out, atol=1e-6, rtol=1e-6)
+    for got, expected in zip([*dqkv_p, *dparams_p], [*dqkv, *dparams], strict=True):
+      np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
 GQA_HEADS = 4  # H in the grouped-query tests: G = 1 (multi-query), 2 and 4 (= H) divide it
 
 

@@ -13,7 +13,6 @@ from flax import nnx
 from configs import tiny
 from pe_research import backend, workdirs
 from pe_research import model as model_lib
-from pe_research.attention import attend
 
 CPU = backend.Policy.for_platform("cpu", cores=2, local_devices=1)
 
@@ -87,50 +86,6 @@ def test_split_has_jnp_split_values_and_gradient(use_policy, concat_grad, axis):
     np.testing.assert_array_equal(got, want)
   got = jax.jit(jax.grad(loss(lambda x: backend.split(x, 2, axis))))(x)
   np.testing.assert_allclose(got, jax.grad(loss(lambda x: jnp.split(x, 2, axis)))(x), rtol=1e-6)
-
-
-def _bias_fn(params):
-  """A learnable relative bias: ``-slope_h |i - j| + table[clip(i - j), h]``."""
-  slopes_H, table_ZxH = params
-
-  def bias(q_pos_BxQ, k_pos_BxK):
-    rel_BxQxK = q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :]
-    linear = -slopes_H[None, :, None, None] * jnp.abs(rel_BxQxK)[:, None]
-    lookup_BxQxKxH = table_ZxH[jnp.clip(rel_BxQxK, 0, table_ZxH.shape[0] - 1)]
-    return linear + jnp.moveaxis(lookup_BxQxKxH, -1, 1)
-
-  return bias
-
-
-@pytest.mark.parametrize("impl", ["dense", "blockwise"])
-@pytest.mark.parametrize("pos_rows", [1, 4])
-def test_batch_pieces_change_nothing(use_policy, impl, pos_rows):
-  """Attention over 2 or 4 pieces of a batch of 4 equals one piece: outputs and the gradients
-  of q, k, v and of the bias parameters; shared positions (one row) serve every piece."""
-  heads, width = 3, 8
-  keys = jax.random.split(jax.random.key(5), 4)
-  qkv = [jax.random.normal(k, (4, 10, heads, width)) for k in keys[:3]]
-  cotangent = jax.random.normal(keys[3], (4, 10, heads, width))
-  pos = jnp.broadcast_to(jnp.arange(10, dtype=jnp.int32), (pos_rows, 10))
-  params = (jnp.array([0.5, 0.25, 0.125]), jax.random.normal(jax.random.key(9), (6, heads)))
-
-  def out_and_grads(pieces):
-    use_policy(attention_batch_pieces=pieces)
-
-    def loss(qkv, params):
-      out = attend(
-        *qkv, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=_bias_fn(params), impl=impl, block_size=4
-      )
-      return jnp.sum(out * cotangent), out
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(qkv, params)
-
-  (dqkv, dparams), out = out_and_grads(1)
-  for pieces in (2, 4):
-    (dqkv_p, dparams_p), out_p = out_and_grads(pieces)
-    np.testing.assert_allclose(out_p, out, atol=1e-6, rtol=1e-6)
-    for got, expected in zip([*dqkv_p, *dparams_p], [*dqkv, *dparams], strict=True):
-      np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_batch_pieces_divide_the_batch_up_to_the_policy(use_policy):
