@@ -299,12 +299,14 @@ ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 def one_thread_per_process() -> None:
-  """Adds single-threaded XLA:CPU to ``XLA_FLAGS`` for processes started after this call (this
-  process's backend, already started, is unaffected): P worker processes on P cores then do not
-  oversubscribe them."""
+  """Single-threaded XLA:CPU for processes started after this call (this process's backend,
+  already started, is unaffected), so P worker processes on P cores do not oversubscribe them:
+  ``XLA_FLAGS`` for the compiled kernels, and ``PJRT_NPROC=1`` for the CPU client's task pool
+  ("XLAEigen"), which the flags leave at one thread per core."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "multi_thread_eigen" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {ONE_THREAD}".strip()
+  os.environ.setdefault("PJRT_NPROC", "1")
 
 
 def use_low_memory_schedule() -> None:

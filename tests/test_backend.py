@@ -167,3 +167,22 @@ def test_a_run_records_its_policy_and_resumes_under_another(tmp_path):
   config.train.lr = 0.5
   with pytest.raises(ValueError, match="train.lr"):
     workdirs.record_config(str(tmp_path), config, write=False)
+
+
+def test_one_thread_per_process_leaves_a_worker_one_xla_thread(monkeypatch):
+  """A process started after ``one_thread_per_process`` runs XLA on one thread: its CPU
+  client's task pool ("XLAEigen") has one thread, not one per core."""
+  import subprocess
+  import sys
+
+  monkeypatch.delenv("PJRT_NPROC", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  child = (
+    "import glob, jax, jax.numpy as jnp\n"
+    "jax.block_until_ready(jax.jit(lambda x: x @ x)(jnp.ones((256, 256))))\n"
+    "names = [open(p).read().strip() for p in glob.glob('/proc/self/task/*/comm')]\n"
+    "print(sum('XLAEigen' in n for n in names))\n"
+  )
+  count = lambda: int(subprocess.check_output([sys.executable, "-c", child], text=True).split()[-1])
+  backend.one_thread_per_process()
+  assert count() == 1
