@@ -72,10 +72,49 @@ def machine() -> dict:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return {
     "cpu": info.get("model name", "unknown"),
+    "vendor": info.get("vendor_id", "unknown"),
     "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
     "isa": isa,
     "cores": cores,
+    **_clock_mhz(info),
   }
+
+
+def _clock_mhz(cpuinfo: dict) -> dict:
+  """The clock: cpufreq's maximum (what ``lscpu`` calls max MHz) where the kernel exposes it,
+  else /proc/cpuinfo's "cpu MHz" of the first core (in a VM: the host's nominal clock)."""
+  try:
+    with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+      return {"mhz": int(f.read()) / 1000, "mhz_source": "cpufreq cpuinfo_max_freq"}
+  except (OSError, ValueError):
+    mhz = float(cpuinfo.get("cpu MHz", "nan"))
+    return {"mhz": mhz, "mhz_source": '/proc/cpuinfo "cpu MHz"'}
+
+
+def fp32_flop_per_cycle(info: dict) -> tuple[int, str]:
+  """``(FP32 FLOP per cycle per core, the assumption)`` from the vendor, family and ISA flags:
+  FMA pipes x fp32 lanes per pipe x 2 (multiply and add)."""
+  isa, family = info["isa"], info["family_model"].split("/")[0]
+  if "avx512f" in isa and info["vendor"] == "AuthenticAMD" and family == "25":
+    zen4 = "Zen 4 (AMD family 25, avx512f): 2 FMA pipes x 8 fp32 lanes (256-bit; AVX-512 double-"
+    return 32, zen4 + "pumped) x 2 = 32 FLOP/cycle/core assumed"
+  if "avx512f" in isa:
+    return (
+      64,
+      "avx512f: 2 FMA units x 16 fp32 lanes x 2 = 64 FLOP/cycle/core assumed (32 on one-FMA Xeons)",
+    )
+  if "avx2" in isa:
+    return 32, "avx2: 2 FMA units x 8 fp32 lanes x 2 = 32 FLOP/cycle/core assumed"
+  return 16, "no avx2: 2 SSE units x 4 fp32 lanes x 2 = 16 FLOP/cycle/core assumed"
+
+
+def cpu_peak_gflops(info: dict) -> dict:
+  """Theoretical FP32 peak of this CPU: ``cores x GHz x FLOP/cycle/core``, with how each
+  factor was read."""
+  flop_per_cycle, assumption = fp32_flop_per_cycle(info)
+  peak = info["cores"] * info["mhz"] / 1000 * flop_per_cycle
+  source = f"{info['cores']} cores x {info['mhz']:.0f} MHz ({info['mhz_source']}) x {assumption}"
+  return {"gflops": peak, "peak_source": source}
 
 
 def random_batch(seq_len: int, batch: int, vocab_size: int = 256) -> dict[str, np.ndarray]:

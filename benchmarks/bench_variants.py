@@ -2,15 +2,19 @@
 rounds that compare variants (``benchmarks/benchmark.py``).
 
 A variant is the project's compiled train step as ``pe_research.train`` runs it
-(``train.steps_per_call`` steps per call) or the same model in PyTorch eager
-(``benchmarks/torch_reference.py``) running as many steps per call.
+(``train.steps_per_call`` steps per call) or the same model in PyTorch, eager or under
+``torch.compile`` (``benchmarks/torch_reference.py``), running as many steps per call. A
+trainer returns ``(timed call, info)``: info records what the variant ran with (PyTorch's
+version, threads and AdamW implementation).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import multiprocessing
+import os
 import time
 
 import numpy as np
@@ -47,16 +51,19 @@ def jax_trainer(config):
 
   call()
   call()
-  return lambda: _timed(call, k)
+  return lambda: _timed(call, k), {}
 
 
-def torch_trainer(config):
-  """The same model and step in PyTorch eager, float32 (three warm-up steps); a call runs
-  ``train.steps_per_call`` steps, as the JAX one does."""
+def torch_trainer(config, compile_model: bool = False):
+  """The same model and step in PyTorch, float32, eager or ``torch.compile``-d (three warm-up
+  steps), on one thread per usable core; a call runs ``train.steps_per_call`` steps, as the
+  JAX one does."""
   import torch  # Here, not at the top: evaluation subprocesses must not pay torch's memory.
 
   from benchmarks.torch_reference import TorchTransformer, make_train_step
 
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)
   m = config.model
   model = TorchTransformer(
     vocab_size=m.vocab_size,
@@ -65,15 +72,25 @@ def torch_trainer(config):
     num_heads=m.num_heads,
     pe=config.pe.name,
   )
-  train_step = make_train_step(model, lr=config.train.lr, grad_clip=config.train.grad_clip)
+  train_step, optimizer = make_train_step(
+    torch.compile(model) if compile_model else model, config.train
+  )
   b = random_batch(config.train.seq_len, config.train.batch_size)
   inputs, targets = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
   weights = torch.from_numpy(b["weights"])
   step = lambda: train_step(inputs, targets, weights)
-  for _ in range(3):  # PyTorch's first steps on new shapes are slow.
+  for _ in range(3):  # PyTorch's first steps on new shapes are slow (and compile).
     step()
   k = config.train.steps_per_call
-  return lambda: _timed(lambda: [step() for _ in range(k)][-1], k)
+  info = {"torch": torch.__version__, "torch_threads": threads, "torch_optimizer": optimizer}
+  return lambda: _timed(lambda: [step() for _ in range(k)][-1], k), info
+
+
+TRAINERS = {
+  "jax": jax_trainer,
+  "torch": torch_trainer,
+  "torch_compile": functools.partial(torch_trainer, compile_model=True),
+}
 
 
 def _release_free_memory() -> None:
@@ -89,12 +106,12 @@ def _variant_worker(conn, framework: str, config) -> None:
   call (untimed): eleven processes that each kept what compiling or a step left free needed
   more than the 24 GB here at d512x8."""
   try:
-    step = {"jax": jax_trainer, "torch": torch_trainer}[framework](config)
+    step, info = TRAINERS[framework](config)
   except Exception as e:  # The parent names the variant; a traceback here would be lost.
-    conn.send(f"{type(e).__name__}: {e}")
+    conn.send(f"{type(e).__name__}: {e}".splitlines()[0])
     return
   _release_free_memory()
-  conn.send("ready")
+  conn.send(("ready", info))
   while conn.recv():
     result = step()
     _release_free_memory()
@@ -116,9 +133,11 @@ class VariantProcess:
     self.name, (self.conn, child) = name, context.Pipe()
     self.process = context.Process(target=_variant_worker, args=(child, framework, config))
     self.process.start()
-    if (reply := self._receive()) != "ready":
+    reply = self._receive()
+    if not (isinstance(reply, tuple) and reply[0] == "ready"):
       self.process.join()
       raise RuntimeError(f"benchmark variant {name} failed to build: {reply}")
+    self.info = reply[1]
 
   def _receive(self):
     try:
@@ -143,14 +162,16 @@ class VariantProcess:
     return peak
 
 
-def time_rounds(steps: dict, rounds: int) -> dict[str, dict[str, list[float]]]:
-  """Interleaved rounds: each variant runs one step per round; wall/CPU seconds and losses.
-  Round ``r`` starts at variant ``r`` (rotated order), so whatever a step leaves behind for the
-  next one does not always land on the same variant."""
+def time_rounds(steps: dict, rounds: int, probe=lambda: None) -> tuple[dict, list]:
+  """Interleaved rounds: each variant runs one step per round; wall/CPU seconds and losses,
+  and ``probe()`` (e.g. a matmul's GFLOP/s) once per round after the variants. Round ``r``
+  starts at variant ``r`` (rotated order), so whatever a step leaves behind for the next one
+  does not always land on the same variant."""
   out = {name: {"wall": [], "cpu": [], "loss": []} for name in steps}
-  names = list(steps)
+  names, probes = list(steps), []
   for r in range(rounds):
     for name in names[r % len(names) :] + names[: r % len(names)]:
       for key, value in zip(("wall", "cpu", "loss"), steps[name](), strict=True):
         out[name][key].append(value)
-  return out
+    probes.append(probe())
+  return out, probes

@@ -7,18 +7,17 @@ memory against length and compiles per evaluated length, measured in one run on 
   python -m benchmarks.benchmark --smoke --out=/tmp/bench   # tiny shapes, seconds (tests)
 
 Training: the project's train step (``pe_research.train``, blockwise attention) against the
-same model in PyTorch eager (``benchmarks/torch_reference.py``), both float32, on one fixed
+same model and optimizer in PyTorch, eager and ``torch.compile`` (NoPE, RoPE)
+(``benchmarks/torch_reference.py``; one thread per usable core), both float32, on one fixed
 batch. Each variant (framework, encoding, precision) is built in its own process, as a training
-run has it; once all are compiled they are timed in interleaved rounds, one turn each per
-round, so all of them see the same machine load; a ratio is the median over rounds of the
-per-round ratios. A JAX turn is one call of the size's ``train.steps_per_call`` steps, as the
-trainer runs them (one more JAX variant makes one step per call); a PyTorch turn is as many
-steps; times are per step. Tokens/s are wall-clock medians; the best step and CPU seconds per
-step (all threads) are kept too: on a shared machine PyTorch's OpenMP threads lose whole time
-slices at each barrier when another process holds a core, so the best step is the fairer
-comparison.
-MFU = tokens/s * ``flops_per_token`` / the matmul peak measured in the same run (fp32, or bf16
-inputs with fp32 accumulation for bf16).
+run has it; once all are built they are timed in interleaved rounds, one turn each per round,
+so all of them see the same machine load. A JAX turn is one call of the size's
+``train.steps_per_call`` steps (K), as the trainer runs them (NoPE and RoPE also at one step per
+call); a PyTorch turn is as many steps; times are per step. Every ratio is the median of the
+per-round ratios with their min and max; its verdict ("faster"/"slower", PASS/FAIL) is called
+only when the whole range is on one side, else "within noise" (``bench_report.py``).
+MFU = tokens/s * ``flops_per_token`` over two denominators: the CPU's theoretical fp32 peak
+(cores x clock x FLOP/cycle, the assumption recorded) and an fp32 matmul timed in each round.
 Evaluation: each (attention, length) is scored in a fresh subprocess that reports its peak RSS.
 Writes OUT/results.json and OUT/results.md (also printed); OUT defaults to runs/bench.
 """
@@ -39,14 +38,16 @@ from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
 from benchmarks.bench_lib import (
+  cpu_peak_gflops,
+  machine,
   matmul_peak_gflops,
   model_config,
   random_batch,
   rss_gib,
   write_results,
 )
+from benchmarks.bench_report import ratio_stats, report_lines, stats
 from benchmarks.bench_variants import VariantProcess, time_rounds
-from experiments.figure_report import markdown_table
 from pe_research import backend
 from pe_research.model import Transformer, flops_per_token
 
@@ -70,77 +71,140 @@ EVAL_LENGTHS = {  # attention -> lengths; dense beyond 8k needs > 4 GiB of score
 }
 
 
-def _median_ratio(numerator: list[float], denominator: list[float]) -> float:
-  return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
+COMPILED = ("nope", "rope")  # encodings that also get a torch.compile variant
 
 
-def train_size(spec: tuple, encodings: tuple[str, ...], peaks: dict[str, float]) -> dict:
-  """JAX (each encoding fp32, RoPE bf16, RoPE dense, RoPE one step per call) and PyTorch (each
-  encoding) at one size. A variant's turn in a round is one call of ``steps_per_call`` steps
-  (PyTorch: as many steps), timed per step."""
-  d, layers, seq_len, batch, rounds, steps_per_call, block = spec
+def build_variants(variants: dict) -> tuple[dict, dict]:
+  """``({name: VariantProcess}, {name: one-line error})``: built one at a time (compiles need
+  the cores); only a torch.compile variant may fail (a missing C compiler), and is recorded."""
+  steps, errors = {}, {}
+  try:
+    for name, (framework, cfg) in variants.items():
+      try:
+        steps[name] = VariantProcess(name, framework, cfg)
+      except RuntimeError as e:
+        if framework != "torch_compile":
+          raise
+        errors[name] = str(e).splitlines()[0]
+  except BaseException:
+    for process in steps.values():
+      process.close()
+    raise
+  return steps, errors
 
-  def config(pe, steps_per_call=steps_per_call, **model):
+
+def variant_configs(spec: tuple, encodings: tuple[str, ...]) -> dict:
+  """``{name: (framework, config)}``: JAX (each encoding fp32, RoPE bf16, RoPE dense, NoPE and
+  RoPE one step per call), PyTorch eager (each encoding), torch.compile (NoPE, RoPE)."""
+  d, layers, seq_len, batch, _, steps_per_call, block = spec
+
+  def config(pe, k=steps_per_call, **model):
     model = {"attention": "blockwise", "attention_block": block, **model}
     c = model_config(d, layers, seq_len, batch, pe, **model)
-    c.train.steps_per_call = steps_per_call
+    c.train.steps_per_call = k
     return c
 
   variants = {f"jax/{pe}": ("jax", config(pe)) for pe in encodings}
   variants["jax/rope/bf16"] = ("jax", config("rope", compute_dtype="bfloat16"))
   variants["jax/rope/dense"] = ("jax", config("rope", attention="dense"))
-  variants["jax/rope/1_step_per_call"] = ("jax", config("rope", steps_per_call=1))
+  variants |= {f"jax/{pe}/1_step_per_call": ("jax", config(pe, k=1)) for pe in COMPILED}
   variants |= {f"torch/{pe}": ("torch", config(pe)) for pe in encodings}
-  steps = {}
-  try:
-    for name, (framework, cfg) in variants.items():  # One at a time: compiles need the cores.
-      steps[name] = VariantProcess(name, framework, cfg)
-    times = time_rounds(steps, rounds)
-  finally:
-    peak_rss = {name: process.close() for name, process in steps.items()}
-  flops = flops_per_token(config("rope"), seq_len)
+  return variants | {f"torch_compile/{pe}": ("torch_compile", config(pe)) for pe in COMPILED}
+
+
+def train_rows(times, matmul, spec, flops: float, cpu_peak: float, processes) -> dict:
+  """Per variant: tokens/s (median, best), CPU s/step, MFU per round against the round's matmul
+  and against the CPU's peak (median [min, max]), peak RSS, and what it ran with."""
+  tokens = spec[3] * spec[2]
   rows = {}
   for name, t in times.items():
-    tokens_per_s = batch * seq_len / float(np.median(t["wall"]))
-    best_tokens_per_s = batch * seq_len / float(np.min(t["wall"]))
-    peak = peaks["bfloat16" if name.endswith("bf16") else "float32"]
-    mfu = tokens_per_s * flops / (peak * 1e9)
-    rows[name] = {"tokens_per_s": tokens_per_s, "best_tokens_per_s": best_tokens_per_s}
-    rows[name]["cpu_s_per_step"] = float(np.median(t["cpu"]))
-    rows[name]["peak_rss_gib"] = peak_rss[name]
-    rows[name] |= {"mfu": mfu, "wall_s": t["wall"], "loss": t["loss"]}
-  speed = lambda slow, fast, key="wall": _median_ratio(times[slow][key], times[fast][key])
-  by_pe = {pe: speed(f"torch/{pe}", f"jax/{pe}") for pe in encodings}
+    tokens_per_s_R = tokens / np.asarray(t["wall"])
+    row = {
+      "tokens_per_s": float(np.median(tokens_per_s_R)),
+      "best_tokens_per_s": max(tokens_per_s_R),
+    }
+    row["cpu_s_per_step"] = float(np.median(t["cpu"]))
+    if not name.endswith("bf16"):  # both denominators are fp32 peaks
+      row["mfu_vs_matmul"] = stats(tokens_per_s_R * flops / (np.asarray(matmul) * 1e9))
+      row["mfu_vs_cpu_peak"] = stats(tokens_per_s_R * flops / (cpu_peak * 1e9))
+    row |= {"peak_rss_gib": processes[name], "wall_s": t["wall"], "loss": t["loss"]}
+    rows[name] = row
+  return rows
+
+
+def train_size(spec: tuple, encodings: tuple[str, ...], cpu_peak: float) -> dict:
+  """Every variant of :func:`variant_configs` at one size, timed in interleaved rounds (a turn:
+  one call of ``steps_per_call`` steps, PyTorch as many steps), each round also timing an fp32
+  matmul; ratios as median [min, max] of per-round ratios, with verdicts."""
+  d, layers, seq_len, batch, rounds, steps_per_call, block = spec
+  variants = variant_configs(spec, encodings)
+  steps, errors = build_variants(variants)
+  n = 256 if d < 128 else 1024
+  try:
+    times, matmul = time_rounds(steps, rounds, lambda: matmul_peak_gflops(jnp.float32, n, 3))
+  finally:
+    peak_rss = {name: process.close() for name, process in steps.items()}
+  flops = flops_per_token(variants["jax/rope"][1], seq_len)
+  rows = train_rows(times, matmul, spec, flops, cpu_peak, peak_rss)
+  for name, process in steps.items():
+    rows[name]["info"] = process.info
+  rows |= {name: {"error": error} for name, error in errors.items()}
+  return (
+    {"train": rows, "matmul_gflops_per_round": matmul}
+    | train_ratios(times, encodings)
+    | {
+      "mfu": {k: rows["jax/rope"][f"mfu_{k}"] for k in ("vs_matmul", "vs_cpu_peak")},
+      "steps_per_call": steps_per_call,
+      "attention_block": block,
+    }
+  )
+
+
+def train_ratios(times: dict, encodings: tuple[str, ...]) -> dict:
+  """Speed ratios (a step time over another's, per round): JAX vs PyTorch, bf16, blockwise, K
+  steps per call, and each encoding's step overhead over NoPE."""
+  speed = lambda slow, fast, key="wall": ratio_stats(times[slow][key], times[fast][key])
+  vs_torch = {
+    pe: {
+      "1_step_per_call": speed(f"torch/{pe}", f"jax/{pe}/1_step_per_call"),
+      "k_steps_per_call": speed(f"torch/{pe}", f"jax/{pe}"),
+    }
+    for pe in COMPILED
+  }
+  built = [pe for pe in COMPILED if f"torch_compile/{pe}" in times]
   loss_gap = np.abs(np.subtract(times["jax/rope"]["loss"], times["jax/rope/bf16"]["loss"]))
+  overhead = lambda pe: ratio_stats(
+    times[f"jax/{pe}"]["wall"], times["jax/nope"]["wall"], 1.0, "slower", "faster"
+  )
   return {
-    "train": rows,
-    "train_ratio_vs_torch": by_pe["rope"],
+    "train_ratio_vs_torch": vs_torch,
+    "train_ratio_vs_torch_compile": {pe: speed(f"torch_compile/{pe}", f"jax/{pe}") for pe in built},
+    "train_ratio_vs_torch_by_encoding": {pe: speed(f"torch/{pe}", f"jax/{pe}") for pe in encodings},
     "train_ratio_vs_torch_cpu": speed("torch/rope", "jax/rope", "cpu"),
     "train_ratio_vs_torch_best": min(times["torch/rope"]["wall"]) / min(times["jax/rope"]["wall"]),
-    "train_ratio_vs_torch_by_encoding": by_pe,
-    "mfu": rows["jax/rope"]["mfu"],
     "bf16_speedup": speed("jax/rope", "jax/rope/bf16"),
     "bf16_max_loss_gap": float(loss_gap.max()),
     "blockwise_speedup_vs_dense": speed("jax/rope/dense", "jax/rope"),
-    "steps_per_call": steps_per_call,
-    "attention_block": block,
-    "steps_per_call_speedup": speed("jax/rope/1_step_per_call", "jax/rope"),
-    "pe_overhead_vs_nope": {pe: speed(f"jax/{pe}", "jax/nope") - 1 for pe in encodings[1:]},
+    "steps_per_call_speedup": {
+      pe: speed(f"jax/{pe}/1_step_per_call", f"jax/{pe}") for pe in COMPILED
+    },
+    "pe_overhead_vs_nope": {pe: overhead(pe) for pe in encodings[1:]},
   }
 
 
-def train_section(mode: str, peaks: dict[str, float], sizes: list[str]) -> dict:
-  """``{metric: {size: value}}``, except ``pe_overhead_vs_nope``: ``{encoding: {size: value}}``."""
+def train_section(mode: str, cpu_peak: float, sizes: list[str]) -> dict:
+  """``{metric: {size: value}}``."""
   results = {}
   for size in sizes:
-    spec = SIZES[mode][size]
-    for metric, value in train_size(spec, ENCODINGS[mode], peaks).items():
+    for metric, value in train_size(SIZES[mode][size], ENCODINGS[mode], cpu_peak).items():
       results.setdefault(metric, {})[size] = value
-  by_size = results.pop("pe_overhead_vs_nope")
-  results["pe_overhead_vs_nope"] = {
-    pe: {size: by_size[size][pe] for size in by_size} for pe in ENCODINGS[mode][1:]
-  }
   return results
+
+
+def torch_info(train: dict) -> dict:
+  """What the PyTorch variants ran with (version, threads, AdamW implementation)."""
+  infos = [row.get("info", {}) for rows in train.values() for row in rows.values()]
+  return next((info for info in infos if "torch" in info), {})
 
 
 def eval_child(length: int, attention: str, pe: str, mode: str) -> dict:
@@ -195,55 +259,6 @@ def compiles_per_eval_length(lengths=(64, 128, 256, 512)) -> dict:
   }
 
 
-def report_lines(results: dict) -> list[str]:
-  """The markdown report: training table per size, targets, evaluation table."""
-  lines = [
-    "# Benchmark",
-    "",
-    f"Machine: {results['machine']}",
-    "",
-    f"Matmul peak: {results['matmul_peak_gflops']} GFLOP/s",
-    "",
-  ]
-  for size, rows in results.get("train", {}).items():
-    k = results.get("steps_per_call", {}).get(size, 1)
-    lines += [f"## Training {size} ({k} steps per call and per turn)", ""]
-    lines += markdown_table(
-      ["variant", "tokens/s", "best tokens/s", "CPU s/step", "MFU", "peak RSS GiB"],
-      [
-        [n, r["tokens_per_s"], r["best_tokens_per_s"], r["cpu_s_per_step"], r["mfu"]]
-        + [r.get("peak_rss_gib")]
-        for n, r in rows.items()
-      ],
-    )
-    lines.append("")
-  checks = [
-    ("JAX / PyTorch, RoPE fp32, wall", "train_ratio_vs_torch", ">= 1.0"),
-    ("JAX / PyTorch, RoPE fp32, CPU s", "train_ratio_vs_torch_cpu", ">= 1.0"),
-    ("JAX / PyTorch, RoPE fp32, best step", "train_ratio_vs_torch_best", ">= 1.0"),
-    ("MFU, RoPE fp32", "mfu", ">= 0.6"),
-    ("bf16 / fp32 speed", "bf16_speedup", ">= 1.5"),
-    ("bf16 - fp32 max loss gap", "bf16_max_loss_gap", "noise"),
-    ("blockwise / dense speed", "blockwise_speedup_vs_dense", "> 1"),
-    ("steps_per_call K / 1 speed", "steps_per_call_speedup", "> 1"),
-  ]
-  rows = [[m, size, v, t] for m, key, t in checks for size, v in results.get(key, {}).items()]
-  for pe, by_size in results.get("pe_overhead_vs_nope", {}).items():
-    rows += [[f"{pe} step overhead vs NoPE", size, v, "<= 0.05"] for size, v in by_size.items()]
-  if "compiles_per_eval_length" in results:
-    rows.append(["compiles per eval length", "", results["compiles_per_eval_length"], "<= 1"])
-  lines += ["## Targets", ""] + markdown_table(["metric", "size", "value", "target"], rows)
-  if "eval_peak_rss_gib" not in results:
-    return lines
-  lines += ["", "## Evaluation (batch 1, RoPE; fresh process each)", ""]
-  lengths = sorted({n for v in results["eval_peak_rss_gib"].values() for n in v})
-  attentions = list(results["eval_peak_rss_gib"])
-  keys = {"peak GiB": "eval_peak_rss_gib", "base GiB": "eval_base_rss_gib", "s": "eval_seconds"}
-  table = [[n] + [results[k][a].get(n) for a in attentions for k in keys.values()] for n in lengths]
-  header = ["length"] + [f"{a} {column}" for a in attentions for column in keys]
-  return lines + markdown_table(header, table)
-
-
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="Small size only: under 5 minutes.")
@@ -269,17 +284,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.error(f"--sizes: unknown {', '.join(unknown)}; allowed: {', '.join(SIZES[mode])}")
   start = time.perf_counter()
   results = {
-    "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, jax "
-    f"{jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-    f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
+    "machine": f"Load {os.getloadavg()[0]:.1f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+    f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}.",
+    "machine_info": machine() | {"jax": jax.__version__},
   }
+  results["cpu_peak"] = cpu_peak_gflops(results["machine_info"])
   peaks = {
     dt: matmul_peak_gflops(getattr(jnp, dt), 256 if mode == "smoke" else 1024)
     for dt in ("float32", "bfloat16")
   }
   results["matmul_peak_gflops"] = {k: round(float(v), 1) for k, v in peaks.items()}
   if "train" in sections:
-    results |= train_section(mode, peaks, sizes)
+    results |= train_section(mode, results["cpu_peak"]["gflops"], sizes)
+    results["machine_info"] |= torch_info(results["train"])
   if "eval" in sections:
     results |= compiles_per_eval_length()
     results |= eval_section(mode)

@@ -1,22 +1,30 @@
-"""The benchmark's transformer in PyTorch eager (CPU), for a JAX/PyTorch throughput ratio.
+"""The benchmark's transformer in PyTorch (CPU), for a JAX/PyTorch throughput ratio.
 
 The same model as :class:`pe_research.model.Transformer` with its default choices: pre-norm
 LayerNorm (eps 1e-5, scale and bias), fused bias-free qkv projection, GELU (tanh
 approximation), MLP width 4D, tied input/output embeddings, fp32 logits. Encodings: NoPE, RoPE
 ("half" layout, base 10000), ALiBi (slopes of ``pe_research.encodings.alibi``) and T5 (causal
-buckets, a learned ``[buckets, H]`` table). Attention is ``F.scaled_dot_product_attention``,
-PyTorch's fastest eager path; a bias is passed as a ``[H, L, L]`` additive mask (the usual
-eager way: HF T5 and ALiBi models build it the same way). Things that do not depend on
-parameters (RoPE angles, T5 buckets, the causal mask, ALiBi's bias) are built once per length.
+buckets, a learned ``[buckets, H]`` table). Runs eager, or under ``torch.compile``.
 
-The training step is the project's (AdamW, decay on matrices only, global-norm clipping,
-weighted cross-entropy). :meth:`TorchTransformer.load_jax_params` copies a JAX model's
-parameters, so tests can check that both compute the same logits.
+Attention is ``F.scaled_dot_product_attention``. On the CPU it picks (torch 2.x): NoPE and RoPE,
+``is_causal=True``: the flash kernel, which skips the masked blocks; ALiBi, a constant
+``[1, H, L, L]`` additive mask (causal -inf included): the flash kernel, computing every block;
+T5, the same mask shape built each forward from the learned table: the math path whenever the
+mask needs a gradient (training), since the CPU flash kernel has no mask gradient. A 3-D
+``[H, L, L]`` mask would send ALiBi to the math path too. Things that do not depend on parameters
+(RoPE angles, T5 buckets, the causal mask, ALiBi's mask) are built once per length.
+
+The training step is the project's (``pe_research.train.make_optimizer``): AdamW (fused when
+this torch has it on the CPU, else foreach) with config.train's betas, decay on matrices only,
+global-norm clipping, the warmup + cosine schedule, weighted cross-entropy.
+:meth:`TorchTransformer.load_jax_params` copies a JAX model's parameters, so tests can check that
+both compute the same logits and gradients.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import numpy as np
@@ -28,6 +36,7 @@ from pe_research.encodings.alibi import alibi_slopes
 from pe_research.encodings.t5 import t5_relative_position_bucket
 
 ENCODINGS = ("nope", "rope", "alibi", "t5")
+_NORM = {"weight": "scale", "bias": "bias"}  # LayerNorm: torch name -> JAX name
 
 
 @functools.cache
@@ -58,6 +67,14 @@ def _distance(length: int) -> np.ndarray:
   return pos_L[None, :] - pos_L[:, None]
 
 
+@functools.cache
+def _alibi_mask(length: int, num_heads: int) -> torch.Tensor:
+  """``[1, H, L, L]``: ``slope_h * (k - q)`` plus the causal mask (broadcast over the batch)."""
+  slopes_H = torch.from_numpy(np.asarray(alibi_slopes(num_heads)))
+  distance_LxL = torch.from_numpy(_distance(length)).float()
+  return (slopes_H[:, None, None] * distance_LxL + _causal_mask(length))[None]
+
+
 class TorchBlock(nn.Module):
   def __init__(self, d: int, num_heads: int):
     super().__init__()
@@ -69,7 +86,7 @@ class TorchBlock(nn.Module):
     self.up = nn.Linear(d, 4 * d, bias=False)
     self.down = nn.Linear(4 * d, d, bias=False)
 
-  def forward(self, x_BxLxD, rope, mask_HxLxL):
+  def forward(self, x_BxLxD, rope, mask_1xHxLxL):
     b, length, d = x_BxLxD.shape
     h, k = self.num_heads, d // self.num_heads
     qkv_3xBxHxLxE = (
@@ -79,7 +96,7 @@ class TorchBlock(nn.Module):
     if rope is not None:
       q_BxHxLxE, k_BxHxLxE = _rotate(q_BxHxLxE, *rope), _rotate(k_BxHxLxE, *rope)
     y_BxHxLxE = F.scaled_dot_product_attention(
-      q_BxHxLxE, k_BxHxLxE, v_BxHxLxE, attn_mask=mask_HxLxL, is_causal=mask_HxLxL is None
+      q_BxHxLxE, k_BxHxLxE, v_BxHxLxE, attn_mask=mask_1xHxLxL, is_causal=mask_1xHxLxL is None
     )
     x_BxLxD = x_BxLxD + self.out(y_BxHxLxE.transpose(1, 2).reshape(b, length, d))
     mlp = self.down(F.gelu(self.up(self.mlp_norm(x_BxLxD)), approximate="tanh"))
@@ -132,52 +149,84 @@ class TorchTransformer(nn.Module):
     return torch.from_numpy(np.asarray(buckets, np.int64))
 
   def _mask(self, length: int) -> torch.Tensor | None:
-    """Additive ``[H, L, L]`` logit bias with the causal mask, or None (NoPE/RoPE)."""
+    """Additive ``[1, H, L, L]`` logit bias with the causal mask, or None (NoPE/RoPE)."""
     if self.pe == "alibi":
-      slopes_H = torch.from_numpy(np.asarray(alibi_slopes(self.num_heads)))
-      distance_LxL = torch.from_numpy(_distance(length)).float()
-      return slopes_H[:, None, None] * distance_LxL + _causal_mask(length)
+      return _alibi_mask(length, self.num_heads)
     if self.pe == "t5":
-      return self.t5_table[self._buckets(length)].permute(2, 0, 1) + _causal_mask(length)
+      bias_HxLxL = self.t5_table[self._buckets(length)].permute(2, 0, 1)
+      return (bias_HxLxL + _causal_mask(length))[None]
     return None
 
   def forward(self, inputs_BxL: torch.Tensor) -> torch.Tensor:
     length = inputs_BxL.shape[1]
     head_dim = self.embed.embedding_dim // self.num_heads
     rope = _rope_tables(length, head_dim, 10000.0) if self.pe == "rope" else None
-    mask_HxLxL = self._mask(length)
+    mask_1xHxLxL = self._mask(length)
     x_BxLxD = self.embed(inputs_BxL)
     for block in self.blocks:
-      x_BxLxD = block(x_BxLxD, rope, mask_HxLxL)
+      x_BxLxD = block(x_BxLxD, rope, mask_1xHxLxL)
     return self.final_norm(x_BxLxD) @ self.embed.weight.T
+
+  def jax_paths(self) -> dict[str, tuple[tuple, bool]]:
+    """``{torch parameter name: (path in the JAX pure param dict, transposed)}``."""
+    paths = {"embed.weight": (("embed", "embedding"), False)}
+    paths |= {f"final_norm.{w}": (("final_norm", j), False) for w, j in _NORM.items()}
+    for i in range(len(self.blocks)):
+      for norm in ("attn_norm", "mlp_norm"):
+        paths |= {
+          f"blocks.{i}.{norm}.{w}": (("blocks", i, norm, j), False) for w, j in _NORM.items()
+        }
+      for name, jax_name in (("qkv", "attn"), ("out", "attn"), ("up", "mlp"), ("down", "mlp")):
+        paths[f"blocks.{i}.{name}.weight"] = (("blocks", i, jax_name, name, "kernel"), True)
+    if self.t5_table is not None:
+      paths["t5_table"] = (("encodings", 0, "table"), False)
+    return paths
 
   @torch.no_grad()
   def load_jax_params(self, params: dict) -> None:
     """Copies ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` of a JAX Transformer."""
-    copy = lambda dst, src: dst.copy_(torch.from_numpy(np.array(src, np.float32)))
-    copy(self.embed.weight, params["embed"]["embedding"])
-    for norm, name in ((self.final_norm, "final_norm"),):
-      copy(norm.weight, params[name]["scale"])
-      copy(norm.bias, params[name]["bias"])
-    for i, block in enumerate(self.blocks):
-      p = params["blocks"][i]
-      for norm in ("attn_norm", "mlp_norm"):
-        copy(getattr(block, norm).weight, p[norm]["scale"])
-        copy(getattr(block, norm).bias, p[norm]["bias"])
-      for linear, kernel in ((block.qkv, p["attn"]["qkv"]), (block.out, p["attn"]["out"])):
-        copy(linear.weight, np.asarray(kernel["kernel"]).T)
-      copy(block.up.weight, np.asarray(p["mlp"]["up"]["kernel"]).T)
-      copy(block.down.weight, np.asarray(p["mlp"]["down"]["kernel"]).T)
-    if self.t5_table is not None:
-      copy(self.t5_table, params["encodings"][0]["table"])
+    named = dict(self.named_parameters())
+    for name, (path, transposed) in self.jax_paths().items():
+      value = np.array(functools.reduce(lambda tree, key: tree[key], path, params), np.float32)
+      named[name].copy_(torch.from_numpy(value.T if transposed else value))
 
 
-def make_train_step(model: TorchTransformer, *, lr: float = 1e-3, grad_clip: float = 1.0):
-  """``step(inputs, targets, weights) -> loss``: the project's AdamW step in PyTorch."""
+def lr_multiplier(train_cfg, step: int) -> float:
+  """``optax.warmup_cosine_decay_schedule(0, lr, warmup_steps, steps, lr * min_lr_ratio)`` / lr
+  at update ``step`` (0-based): ``step / warmup``, then ``r + (1 - r) (1 + cos(pi t / T)) / 2``
+  with ``t = step - warmup``, ``T = steps - warmup`` (``t`` capped at ``T``)."""
+  warmup, r = train_cfg.warmup_steps, train_cfg.min_lr_ratio
+  if step < warmup:
+    return step / warmup
+  decay_steps = max(train_cfg.steps - warmup, 1)
+  t = min(step - warmup, decay_steps)
+  return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * t / decay_steps))
+
+
+def make_optimizer(model: nn.Module, train_cfg) -> tuple[torch.optim.Optimizer, str]:
+  """``(AdamW, "fused" or "foreach")``: config.train's betas and decay (matrices only); fused if
+  this torch runs it on the CPU."""
   decay = [p for p in model.parameters() if p.ndim >= 2]
   no_decay = [p for p in model.parameters() if p.ndim < 2]
-  groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-  optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+  groups = [
+    {"params": decay, "weight_decay": train_cfg.weight_decay},
+    {"params": no_decay, "weight_decay": 0.0},
+  ]
+  kwargs = {"lr": train_cfg.lr, "betas": (train_cfg.b1, train_cfg.b2), "eps": 1e-8}  # optax's eps
+  if "fused" in inspect.signature(torch.optim.AdamW).parameters:
+    try:
+      return torch.optim.AdamW(groups, fused=True, **kwargs), "fused"
+    except (RuntimeError, ValueError):  # Older torch: fused needs CUDA tensors.
+      pass
+  return torch.optim.AdamW(groups, foreach=True, **kwargs), "foreach"
+
+
+def make_train_step(model: TorchTransformer, train_cfg):
+  """``(step(inputs, targets, weights) -> loss, optimizer kind)``: the project's train step."""
+  optimizer, kind = make_optimizer(model, train_cfg)
+  schedule = torch.optim.lr_scheduler.LambdaLR(
+    optimizer, functools.partial(lr_multiplier, train_cfg)
+  )
 
   def step(inputs_BxL, targets_BxL, weights_BxL) -> float:
     logits_BxLxV = model(inputs_BxL)
@@ -185,8 +234,10 @@ def make_train_step(model: TorchTransformer, *, lr: float = 1e-3, grad_clip: flo
     loss = (nll * weights_BxL.flatten()).sum() / weights_BxL.sum().clamp(min=1.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if train_cfg.grad_clip > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
     optimizer.step()
+    schedule.step()
     return loss.item()
 
-  return step
+  return step, kind

@@ -1,57 +1,215 @@
 """`make bench` runs end to end (smoke shapes, no timing assertions); the PyTorch reference is
 the same model as the JAX one."""
 
+import functools
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every family)
-from benchmarks import bench_lib, bench_variants, benchmark, gpu_benchmark
+from benchmarks import (
+  bench_lib,
+  bench_report,
+  bench_variants,
+  benchmark,
+  gpu_benchmark,
+  torch_reference,
+)
 from benchmarks.torch_reference import TorchTransformer
+from pe_research import train
 from pe_research.model import Transformer
 
 
-@pytest.mark.parametrize("pe", ["nope", "rope", "alibi", "t5"])
-def test_torch_reference_computes_the_jax_models_logits(pe):
-  config = bench_lib.model_config(64, 2, 32, 2, pe)
+def _jax_and_torch_models(pe: str, d: int = 128, length: int = 64, block: int = 32):
+  """The benchmark's JAX model (blockwise attention, heads of 64) and its PyTorch copy."""
+  config = bench_lib.model_config(d, 2, length, 2, pe, attention="blockwise", attention_block=block)
   model = Transformer(config, rngs=nnx.Rngs(0))
-  reference = TorchTransformer(vocab_size=260, model_dim=64, num_layers=2, num_heads=1, pe=pe)
+  m = config.model
+  reference = TorchTransformer(
+    vocab_size=m.vocab_size, model_dim=d, num_layers=2, num_heads=m.num_heads, pe=pe
+  )
   reference.load_jax_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  inputs_BxL = np.random.default_rng(0).integers(0, 260, (2, 40)).astype(np.int32)
+  return model, reference
+
+
+def _jax_loss_and_grads(model, batch):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params):
+    logits_BxLxV = nnx.merge(graphdef, params, rest)(batch["inputs"])
+    return train.weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+
+  return jax.value_and_grad(loss_fn)(params)
+
+
+def _torch_loss_and_grads(reference, batch):
+  inputs, targets = (torch.from_numpy(batch[k]).long() for k in ("inputs", "targets"))
+  nll = torch.nn.functional.cross_entropy(
+    reference(inputs).flatten(0, 1), targets.flatten(), reduction="none"
+  )
+  weights = torch.from_numpy(batch["weights"]).flatten()
+  loss = (nll * weights).sum() / weights.sum()
+  loss.backward()
+  return loss.item(), {n: p.grad.numpy() for n, p in reference.named_parameters()}
+
+
+@pytest.mark.parametrize("pe", ["nope", "rope", "alibi", "t5"])
+def test_torch_reference_has_the_jax_models_logits_and_gradients(pe):
+  """Two heads, two layers, the benchmark's blockwise attention (two blocks); every parameter's
+  gradient, matched through the mapping that loads the parameters."""
+  model, reference = _jax_and_torch_models(pe)
+  batch = bench_lib.random_batch(64, 2, vocab_size=260)
   with torch.no_grad():
-    expected = reference(torch.from_numpy(inputs_BxL).long()).numpy()
-  np.testing.assert_allclose(np.asarray(model(inputs_BxL)), expected, atol=2e-5, rtol=1e-5)
+    expected = reference(torch.from_numpy(batch["inputs"]).long()).numpy()
+  np.testing.assert_allclose(np.asarray(model(batch["inputs"])), expected, rtol=2e-4, atol=2e-5)
+  jax_loss, jax_grads = _jax_loss_and_grads(model, batch)
+  torch_loss, torch_grads = _torch_loss_and_grads(reference, batch)
+  np.testing.assert_allclose(float(jax_loss), torch_loss, rtol=1e-5)
+  jax_grads = nnx.to_pure_dict(jax_grads)
+  for name, (path, transposed) in reference.jax_paths().items():
+    grad = np.asarray(functools.reduce(lambda tree, key: tree[key], path, jax_grads))
+    scale = np.abs(grad).max()  # Gradients differ in size by orders of magnitude.
+    np.testing.assert_allclose(
+      grad.T if transposed else grad, torch_grads[name], rtol=2e-4, atol=2e-5 * scale, err_msg=name
+    )
+  assert set(reference.jax_paths()) == set(torch_grads)  # every parameter compared
+
+
+def test_logit_parity_detects_one_perturbed_parameter():
+  model, reference = _jax_and_torch_models("t5")
+  with torch.no_grad():
+    reference.t5_table[3, 1] += 1e-2  # one bucket of one head
+  inputs = torch.from_numpy(bench_lib.random_batch(64, 2, vocab_size=260)["inputs"])
+  with torch.no_grad():
+    perturbed = reference(inputs.long()).numpy()
+  with pytest.raises(AssertionError):
+    np.testing.assert_allclose(np.asarray(model(inputs.numpy())), perturbed, rtol=2e-4, atol=2e-5)
+
+
+def test_torch_schedule_is_the_jax_schedule():
+  train_cfg = bench_lib.model_config(64, 2, 32, 2, "rope").train
+  train_cfg.update(steps=50, warmup_steps=10, lr=3e-3, min_lr_ratio=0.2)
+  _, schedule = train.make_optimizer(train_cfg)
+  reference = TorchTransformer(vocab_size=260, model_dim=64, num_layers=1, num_heads=1, pe="nope")
+  optimizer, _ = torch_reference.make_optimizer(reference, train_cfg)
+  lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+    optimizer, functools.partial(torch_reference.lr_multiplier, train_cfg)
+  )
+  for step in range(60):
+    np.testing.assert_allclose(optimizer.param_groups[0]["lr"], schedule(step), rtol=1e-5)
+    optimizer.step()
+    lr_schedule.step()
+
+
+def test_torch_optimizer_uses_the_configs_hyperparameters():
+  train_cfg = bench_lib.model_config(64, 2, 32, 2, "rope").train
+  reference = TorchTransformer(vocab_size=260, model_dim=64, num_layers=1, num_heads=1, pe="nope")
+  optimizer, kind = torch_reference.make_optimizer(reference, train_cfg)
+  decay, no_decay = optimizer.param_groups
+  assert kind in ("fused", "foreach") and decay[kind]
+  assert decay["betas"] == (train_cfg.b1, train_cfg.b2)
+  assert decay["weight_decay"] == train_cfg.weight_decay and no_decay["weight_decay"] == 0.0
+  assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
 
 
 def test_smoke_benchmark_writes_every_required_key(tmp_path, no_compilation_cache):
   benchmark.main(["--smoke", "--out", str(tmp_path)])
   results = json.loads((tmp_path / "results.json").read_text())
   (size,) = benchmark.SIZES["smoke"]
-  for key in ("train_ratio_vs_torch", "mfu", "bf16_speedup", "blockwise_speedup_vs_dense"):
-    assert results[key][size] > 0
+  for pe in ("nope", "rope"):
+    for k in ("1_step_per_call", "k_steps_per_call"):
+      ratio = results["train_ratio_vs_torch"][size][pe][k]
+      assert 0 < ratio["lo"] <= ratio["median"] <= ratio["hi"]
+      assert ratio["verdict"] in ("faster", "slower", "within noise")
+  for key in ("bf16_speedup", "blockwise_speedup_vs_dense", "train_ratio_vs_torch_cpu"):
+    assert results[key][size]["median"] > 0
+  for denominator in ("vs_matmul", "vs_cpu_peak"):
+    assert results["mfu"][size][denominator]["median"] > 0
+  assert len(results["matmul_gflops_per_round"][size]) == benchmark.SIZES["smoke"][size][4]
   assert results["steps_per_call"][size] == benchmark.SIZES["smoke"][size][5] > 1
   assert results["attention_block"][size] == benchmark.SIZES["smoke"][size][6]
-  assert results["steps_per_call_speedup"][size] > 0
-  assert set(results["pe_overhead_vs_nope"]) == {"rope"}
+  assert set(results["steps_per_call_speedup"][size]) == {"nope", "rope"}
+  assert set(results["pe_overhead_vs_nope"][size]) == {"rope"}
+  machine = results["machine_info"]
+  assert machine["cores"] > 0 and machine["torch_threads"] == machine["cores"]
+  assert machine["torch_optimizer"] in ("fused", "foreach") and machine["jax"] and machine["torch"]
+  assert (
+    results["cpu_peak"]["gflops"] > 0 and "FLOP/cycle/core" in results["cpu_peak"]["peak_source"]
+  )
   rows = results["train"][size]
   assert set(rows) == {
     "jax/nope",
     "jax/rope",
     "jax/rope/bf16",
     "jax/rope/dense",
+    "jax/nope/1_step_per_call",
     "jax/rope/1_step_per_call",
     "torch/nope",
     "torch/rope",
+    "torch_compile/nope",
+    "torch_compile/rope",
   }
-  assert all(row["peak_rss_gib"] > 0 for row in rows.values())  # Each variant's own process.
-  assert len({row["peak_rss_gib"] for row in rows.values()}) > 1
+  built = {name: row for name, row in rows.items() if "error" not in row}
+  assert set(rows) - set(built) <= {"torch_compile/nope", "torch_compile/rope"}
+  assert all(row["peak_rss_gib"] > 0 for row in built.values())  # Each variant's own process.
+  assert len({row["peak_rss_gib"] for row in built.values()}) > 1
   for attention in ("dense", "blockwise"):
     assert results["eval_peak_rss_gib"][attention]["256"] > 0
   assert results["compiles_per_eval_length"] <= 1  # each length compiles once, rescoring never
-  assert "## Targets" in (tmp_path / "results.md").read_text()
+  report = (tmp_path / "results.md").read_text()
+  assert "## Targets" in report and machine["cpu"] in report
+
+
+@pytest.mark.parametrize(
+  "per_round,expected",
+  [
+    ([1.2, 1.5, 1.1], "faster"),
+    ([0.7, 0.9, 0.95], "slower"),
+    ([0.9, 1.2, 1.05], "within noise"),
+  ],
+)
+def test_ratio_verdict_calls_a_side_only_when_every_round_is_on_it(per_round, expected):
+  ratio = bench_report.ratio_stats(per_round, [1.0] * 3)
+  assert ratio["verdict"] == expected
+  assert ratio["lo"] == min(per_round) and ratio["hi"] == max(per_round)
+  assert ratio["median"] == sorted(per_round)[1]
+
+
+@pytest.mark.parametrize(
+  "lo,hi,target,expected",
+  [
+    (1.1, 1.3, ">= 1.0", "PASS"),
+    (0.5, 0.8, ">= 1.0", "FAIL"),
+    (0.9, 1.1, ">= 1.0", "within noise"),
+    (0.01, 0.03, "<= 0.05", "PASS"),
+    (0.06, 0.2, "<= 0.05", "FAIL"),
+    (0.02, 0.08, "<= 0.05", "within noise"),
+  ],
+)
+def test_target_verdict_uses_the_range_not_the_median(lo, hi, target, expected):
+  value = {"median": (lo + hi) / 2, "lo": lo, "hi": hi}
+  assert bench_report.target_verdict(value, target) == expected
+
+
+def test_encoding_overhead_is_slower_when_every_round_is_slower():
+  overhead = bench_report.ratio_stats([1.2, 1.3], [1.0, 1.0], 1.0, "slower", "faster")
+  assert overhead["verdict"] == "slower" and overhead["median"] == pytest.approx(0.25)
+  assert bench_report.target_verdict(overhead, "<= 0.05") == "FAIL"
+
+
+def test_report_warns_about_bf16_only_without_bf16_instructions():
+  info = {"cpu": "X", "vendor": "V", "family_model": "6/1", "cores": 2, "mhz": 2000.0}
+  info |= {"mhz_source": "test", "jax": "0", "isa": ["avx2"]}
+  results = {"machine": "", "machine_info": info, "matmul_peak_gflops": {}}
+  results["cpu_peak"] = bench_lib.cpu_peak_gflops(info)
+  assert results["cpu_peak"]["gflops"] == 2 * 2.0 * 32
+  assert any("bf16 is expected to be slower" in line for line in bench_report.report_lines(results))
+  info["isa"] = ["avx2", "avx512f", "avx512_bf16"]
+  assert not any("bf16 is expected" in line for line in bench_report.report_lines(results))
 
 
 def test_sections_select_what_runs(tmp_path):
@@ -73,8 +231,8 @@ def test_unknown_section_or_size_is_one_line(tmp_path, capsys, flag, message):
 
 
 def test_time_rounds_rotates_which_variant_goes_first():
-  """Round r starts at variant r, every variant steps once per round, results keep their
-  variant."""
+  """Round r starts at variant r, every variant steps once per round, then the probe runs;
+  results keep their variant."""
   order = []
 
   def step(name):
@@ -84,9 +242,10 @@ def test_time_rounds_rotates_which_variant_goes_first():
 
     return run
 
-  times = bench_variants.time_rounds({n: step(n) for n in "abc"}, rounds=4)
-  assert "".join(order) == "abc" + "bca" + "cab" + "abc"
-  assert times["b"]["loss"] == [2.0, 4.0, 9.0, 11.0] and times["a"]["wall"] == [0.1] * 4
+  probe = lambda: order.append("|") or len(order)
+  times, probes = bench_variants.time_rounds({n: step(n) for n in "abc"}, rounds=4, probe=probe)
+  assert "".join(order) == "abc|" + "bca|" + "cab|" + "abc|" and probes == [4, 8, 12, 16]
+  assert times["b"]["loss"] == [2.0, 5.0, 11.0, 14.0] and times["a"]["wall"] == [0.1] * 4
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu_and_records_a_failing_variant(tmp_path, monkeypatch):
