@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.figure_report import fmt, markdown_table
-
-BF16_ISA = ("avx512_bf16", "amx_bf16")
+from pe_research import backend
 
 
 def stats(values) -> dict:
@@ -73,7 +72,7 @@ def machine_lines(results: dict) -> list[str]:
     f"Matmul peak at start: {results['matmul_peak_gflops']} GFLOP/s; MFU vs matmul divides by "
     "an fp32 matmul re-measured in every round.",
   ]
-  if not set(BF16_ISA) & set(m["isa"]):
+  if not set(backend.BF16_DOT_ISA) & set(m["isa"]):
     lines.append(
       "bf16 is expected to be slower here: this CPU has neither avx512_bf16 nor amx_bf16, so "
       "bf16 matmuls are converted to fp32 (the measured ratio below decides the verdict)."

@@ -45,26 +45,26 @@ from pe_research.encodings.kerple import Kerple
 from pe_research.encodings.t5 import t5_relative_position_bucket
 
 
-def rope_relative_upper_bound(distance_R: np.ndarray, dim: int, base: float) -> np.ndarray:
+def rope_relative_upper_bound(distance_X: np.ndarray, dim: int, base: float) -> np.ndarray:
   """(1/(d/2)) · Σ_{j=1}^{d/2} |Σ_{k<j} e^{i·r·θ_k}| for each r, float64 ``[R]``."""
-  theta_F = base ** (-2.0 * np.arange(dim // 2) / dim)
-  partial_sums_RxF = np.cumsum(np.exp(1j * np.outer(distance_R, theta_F)), axis=1)
-  return np.abs(partial_sums_RxF).mean(axis=1)
+  theta_R = base ** (-2.0 * np.arange(dim // 2) / dim)
+  partial_sums_XxR = np.cumsum(np.exp(1j * np.outer(distance_X, theta_R)), axis=1)
+  return np.abs(partial_sums_XxR).mean(axis=1)
 
 
 PRESETS = {"smoke": (64, 128, 4), "cpu": (128, 512, 8), "paper": (128, 16384, 8)}  # d, r_max, H
 
 
-def per_head(encoding, distance_R: np.ndarray) -> np.ndarray:
+def per_head(encoding, distance_X: np.ndarray) -> np.ndarray:
   """``encoding.bias`` for a query at r_max and keys at r_max − r: ``[R, H]``."""
-  r_max = int(distance_R[-1])
+  r_max = int(distance_X[-1])
   q_pos_1x1 = jnp.full((1, 1), r_max, jnp.int32)
-  k_pos_1xR = jnp.asarray(r_max - distance_R, jnp.int32)[None, :]
-  return np.asarray(encoding.bias(q_pos_1x1, k_pos_1xR))[0, :, 0, :].T  # [1, H, 1, R] -> [R, H]
+  k_pos_1xK = jnp.asarray(r_max - distance_X, jnp.int32)[None, :]
+  return np.asarray(encoding.bias(q_pos_1x1, k_pos_1xK))[0, :, 0, :].T  # [1, H, 1, R] -> [R, H]
 
 
 def learned_curves(
-  workdirs: list[str], distance_R: np.ndarray
+  workdirs: list[str], distance_X: np.ndarray
 ) -> dict[str, tuple[str, np.ndarray]]:
   """``<workdir name>@<step>`` -> (pe.name, learned bias ``[R, H]``) from each latest checkpoint."""
   from pe_research.evaluate import load_model  # Heavy import; only with --checkpoints.
@@ -78,11 +78,11 @@ def learned_curves(
         "allowed: runs of alibi, t5, kerple, fire"
       )
     label = f"{os.path.basename(os.path.normpath(workdir))}@{step}"
-    curves[label] = (config.pe.name, per_head(model.encodings[0], distance_R))
+    curves[label] = (config.pe.name, per_head(model.encodings[0], distance_X))
   return curves
 
 
-def bias_curves(distance_R: np.ndarray, num_heads: int, seed: int) -> dict[str, np.ndarray]:
+def bias_curves(distance_X: np.ndarray, num_heads: int, seed: int) -> dict[str, np.ndarray]:
   """Per-encoding curves against distance r: name -> ``[R]`` or ``[R, H]`` (query at r_max)."""
   pe = get_config().pe
   rngs = nnx.Rngs(seed)
@@ -93,18 +93,18 @@ def bias_curves(distance_R: np.ndarray, num_heads: int, seed: int) -> dict[str, 
     l_thr_init=pe.fire_l_thr_init,
     rngs=rngs,
   )
-  bucket_R = t5_relative_position_bucket(
-    -jnp.asarray(distance_R),
+  bucket_X = t5_relative_position_bucket(
+    -jnp.asarray(distance_X),
     bidirectional=False,
     num_buckets=pe.t5_num_buckets,
     max_distance=pe.t5_max_distance,
   )
   return {
-    "alibi": -np.outer(distance_R, np.asarray(alibi_slopes(num_heads))),
-    "t5_bucket": np.asarray(bucket_R),
-    "kerple_log": per_head(Kerple(num_heads, variant="log", rngs=rngs), distance_R),
-    "kerple_power": per_head(Kerple(num_heads, variant="power", rngs=rngs), distance_R),
-    "fire": per_head(fire, distance_R),
+    "alibi": -np.outer(distance_X, np.asarray(alibi_slopes(num_heads))),
+    "t5_bucket": np.asarray(bucket_X),
+    "kerple_log": per_head(Kerple(num_heads, variant="log", rngs=rngs), distance_X),
+    "kerple_power": per_head(Kerple(num_heads, variant="power", rngs=rngs), distance_X),
+    "fire": per_head(fire, distance_X),
   }
 
 
@@ -123,7 +123,7 @@ def write_csv(path: pathlib.Path, first_columns: dict[str, np.ndarray], curves) 
       writer.writerow([f"{float(v) + 0.0:.6g}" for v in row])  # + 0.0: no "-0".
 
 
-def plot(path: pathlib.Path, distance_R, rope_R, curves, dim: int, base: float) -> None:
+def plot(path: pathlib.Path, distance_X, rope_X, curves, dim: int, base: float) -> None:
   fig = Figure(figsize=(15, 8))  # No pyplot: PNGs render with Agg, no display needed.
   axes = fig.subplots(2, 3)
   panels = [
@@ -135,21 +135,21 @@ def plot(path: pathlib.Path, distance_R, rope_R, curves, dim: int, base: float) 
     ("fire", "FIRE at init", "bias"),
   ]
   for ax, (name, title, ylabel) in zip(axes.flat, panels, strict=True):
-    values = rope_R if name == "rope" else curves[name]
-    ax.plot(distance_R, values, lw=1.2)
+    values = rope_X if name == "rope" else curves[name]
+    ax.plot(distance_X, values, lw=1.2)
     ax.set(title=title, xlabel="relative distance r", ylabel=ylabel)
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 
-def plot_learned(path: pathlib.Path, distance_R, learned) -> None:
+def plot_learned(path: pathlib.Path, distance_X, learned) -> None:
   """One panel per trained run, one line per head."""
   fig = Figure(figsize=(5 * len(learned), 4))
-  for ax, (label, (pe_name, bias_RxH)) in zip(
+  for ax, (label, (pe_name, bias_XxH)) in zip(
     fig.subplots(1, len(learned), squeeze=False).flat, learned.items(), strict=True
   ):
-    ax.plot(distance_R, bias_RxH, lw=1.0)
+    ax.plot(distance_X, bias_XxH, lw=1.0)
     ylabel = "bias (fixed slopes)" if pe_name == "alibi" else "learned bias"  # ALiBi: no params.
     ax.set(title=f"{pe_name}: {label}", xlabel="relative distance r", ylabel=ylabel)
     ax.grid(alpha=0.3)
@@ -157,17 +157,17 @@ def plot_learned(path: pathlib.Path, distance_R, learned) -> None:
   fig.savefig(path, dpi=120)
 
 
-def learned_lines(distance_R, learned) -> list[str]:
+def learned_lines(distance_X, learned) -> list[str]:
   """What each trained bias looks like against distance (query at r_max)."""
   if not learned:
     return ["No `--checkpoints` given: learned biases are not drawn (see the module docstring)."]
   lines = ["## Learned biases (`learned_bias.png`, `learned_bias_vs_distance.csv`)", ""]
-  r_max = int(distance_R[-1])
-  for label, (pe_name, bias_RxH) in learned.items():
-    mean_R = bias_RxH.mean(axis=1)
-    falling = int(np.sum(np.all(np.diff(bias_RxH, axis=0) <= 1e-6, axis=0)))
-    heads = bias_RxH.shape[1]
-    near_far = mean_R[0] > mean_R[-1]
+  r_max = int(distance_X[-1])
+  for label, (pe_name, bias_XxH) in learned.items():
+    mean_X = bias_XxH.mean(axis=1)
+    falling = int(np.sum(np.all(np.diff(bias_XxH, axis=0) <= 1e-6, axis=0)))
+    heads = bias_XxH.shape[1]
+    near_far = mean_X[0] > mean_X[-1]
     verdict = (
       "a recency bias in every head, as ALiBi imposes"
       if falling == heads
@@ -177,16 +177,16 @@ def learned_lines(distance_R, learned) -> list[str]:
     )
     kind = "alibi (fixed slopes, not learned)" if pe_name == "alibi" else pe_name
     lines.append(
-      f"- {label}, {kind}: head-mean bias {mean_R[0]:.3g} at r=0, {mean_R[min(64, r_max)]:.3g} "
-      f"at r={min(64, r_max)}, {mean_R[-1]:.3g} at r={r_max}; {falling} of {heads} "
+      f"- {label}, {kind}: head-mean bias {mean_X[0]:.3g} at r=0, {mean_X[min(64, r_max)]:.3g} "
+      f"at r={min(64, r_max)}, {mean_X[-1]:.3g} at r={r_max}; {falling} of {heads} "
       f"heads never increase with distance ({verdict})."
     )
   return lines
 
 
-def write_report(path: pathlib.Path, distance_R, rope_R, curves, learned, args) -> None:
-  at = {r: float(rope_R[r]) for r in (0, 10, 100, int(distance_R[-1]))}
-  tail = rope_R[len(rope_R) // 2 :]
+def write_report(path: pathlib.Path, distance_X, rope_X, curves, learned, args) -> None:
+  at = {r: float(rope_X[r]) for r in (0, 10, 100, int(distance_X[-1]))}
+  tail = rope_X[len(rope_X) // 2 :]
   pe = get_config().pe
   saturated = int(np.argmax(curves["t5_bucket"] == pe.t5_num_buckets - 1))
   kerple = ("kerple_log", "kerple_power")
@@ -206,7 +206,7 @@ def write_report(path: pathlib.Path, distance_R, rope_R, curves, learned, args) 
     f"- RoPE bound: r=0 {at[0]:.2f} (closed form (d/2 + 1)/2 = {(args.dim // 2 + 1) / 2:.2f}), "
     f"r=10 {at[10]:.2f}, r=100 {at[100]:.2f}, r={args.r_max} {at[args.r_max]:.2f}; "
     f"the bound at r=100 is {at[0] / at[100]:.1f}x smaller than at r=0, and the mean over "
-    f"r ≥ {int(distance_R[len(rope_R) // 2])} is {tail.mean():.2f}: "
+    f"r ≥ {int(distance_X[len(rope_X) // 2])} is {tail.mean():.2f}: "
     + ("it decays, as in RoFormer." if at[100] < at[0] / 2 else "NO DECAY: check the code."),
     f"- ALiBi: linear in r; slopes {', '.join(f'{m:.4g}' for m in alibi_slopes(args.num_heads))}.",
     f"- T5: exact buckets up to r = {pe.t5_num_buckets // 2 - 1}, logarithmic after, "
@@ -214,7 +214,7 @@ def write_report(path: pathlib.Path, distance_R, rope_R, curves, learned, args) 
     "- KERPLE (log and power) at init is "
     + ("monotone non-increasing in r for every head." if kerple_drops else "NOT monotone."),
     "",
-    *learned_lines(distance_R, learned),
+    *learned_lines(distance_X, learned),
   ]
   path.write_text("\n".join(lines) + "\n")
 
@@ -242,17 +242,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   out = pathlib.Path(figure_cli.out_dir(args, "rope_decay"))
-  distance_R = np.arange(args.r_max + 1)
-  rope_R = rope_relative_upper_bound(distance_R, args.dim, args.base)
-  curves = bias_curves(distance_R, args.num_heads, args.seed)
-  write_csv(out / "bias_vs_distance.csv", {"distance": distance_R, "rope_bound": rope_R}, curves)
-  plot(out / "rope_decay.png", distance_R, rope_R, curves, args.dim, args.base)
-  learned = learned_curves(list(filter(None, args.checkpoints.split(","))), distance_R)
+  distance_X = np.arange(args.r_max + 1)
+  rope_X = rope_relative_upper_bound(distance_X, args.dim, args.base)
+  curves = bias_curves(distance_X, args.num_heads, args.seed)
+  write_csv(out / "bias_vs_distance.csv", {"distance": distance_X, "rope_bound": rope_X}, curves)
+  plot(out / "rope_decay.png", distance_X, rope_X, curves, args.dim, args.base)
+  learned = learned_curves(list(filter(None, args.checkpoints.split(","))), distance_X)
   if learned:
-    columns = {label: bias_RxH for label, (_, bias_RxH) in learned.items()}
-    write_csv(out / "learned_bias_vs_distance.csv", {"distance": distance_R}, columns)
-    plot_learned(out / "learned_bias.png", distance_R, learned)
-  write_report(out / "REPORT.md", distance_R, rope_R, curves, learned, args)
+    columns = {label: bias_XxH for label, (_, bias_XxH) in learned.items()}
+    write_csv(out / "learned_bias_vs_distance.csv", {"distance": distance_X}, columns)
+    plot_learned(out / "learned_bias.png", distance_X, learned)
+  write_report(out / "REPORT.md", distance_X, rope_X, curves, learned, args)
   print(f"wrote {out}/rope_decay.png, bias_vs_distance.csv, REPORT.md")
 
 

@@ -37,6 +37,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,44 @@ def set_policy(new: Policy | None) -> None:
 def activation_dtype(compute_dtype):
   """The dtype of activations between matmuls for ``compute_dtype``."""
   return jnp.float32 if policy().float32_activations else compute_dtype
+
+
+# CPU instructions that multiply bf16 operands natively; without them XLA:CPU widens bf16 matmul
+# operands to float32, and bf16 training runs slower than float32 (0.79x on an AMD EPYC Zen 3,
+# AVX2 only; 1.55x on Zen 4 with avx512_bf16: docs/cpu_performance.md).
+BF16_DOT_ISA = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_isa_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+  """The first core's ISA flags (empty where ``cpuinfo`` cannot be read, e.g. not Linux)."""
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+          return frozenset(value.split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def slow_dtype_message(compute_dtype: str, platform: str, isa: frozenset[str]) -> str | None:
+  """The line to print when ``compute_dtype`` is bf16 on a CPU without bf16 dot instructions
+  (None otherwise, or when the flags are unknown)."""
+  if platform != "cpu" or compute_dtype != "bfloat16" or not isa or set(BF16_DOT_ISA) & isa:
+    return None
+  return (
+    "model.compute_dtype='bfloat16' on a CPU without bf16 dot instructions "
+    f"({' or '.join(BF16_DOT_ISA)}): XLA:CPU widens bf16 matmuls to float32 here, so expect "
+    "this run to be slower than with 'float32'"
+  )
+
+
+@functools.cache
+def warn_slow_dtype(compute_dtype: str) -> None:
+  """Logs :func:`slow_dtype_message` once per process and dtype."""
+  if message := slow_dtype_message(compute_dtype, policy().platform, cpu_isa_flags()):
+    logging.warning(message)
 
 
 # ---- matmul: x W with operands in a compute dtype, accumulated in float32 ----------------------

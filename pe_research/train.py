@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pe_research import checkpoint, signals
+from pe_research import backend, checkpoint, signals
 from pe_research.metrics import MetricsLogger
 from pe_research.model import Transformer
 
@@ -126,6 +126,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh, tx) -> tuple[Any
   """``(graphdef, state)`` placed on ``mesh``. With ``fsdp > 1`` it is initialised by a jitted
   function directly into its shards (no device holds the whole state at start-up); with
   ``fsdp = 1`` every device holds all of it anyway, and eager initialisation saves a compile."""
+  backend.warn_slow_dtype(config.model.compute_dtype)
   if mesh.shape["fsdp"] == 1:
     graphdef, state = init_train_state(config, tx)
     return graphdef, jax.device_put(state, jax.tree.map(lambda x: array_sharding(x, mesh), state))

@@ -8,9 +8,9 @@ from experiments import rope_decay
 
 
 def test_rope_bound_closed_form_at_zero_and_decay():
-  bound_R = rope_decay.rope_relative_upper_bound(np.arange(301), 128, 10000.0)
-  assert bound_R[0] == 32.5  # S_j(0) = j: mean of 1..64.
-  assert bound_R[100] < bound_R[0] / 2 and bound_R[200:].mean() < bound_R[:20].mean() / 2
+  bound_X = rope_decay.rope_relative_upper_bound(np.arange(301), 128, 10000.0)
+  assert bound_X[0] == 32.5  # S_j(0) = j: mean of 1..64.
+  assert bound_X[100] < bound_X[0] / 2 and bound_X[200:].mean() < bound_X[:20].mean() / 2
 
 
 def test_experiment_writes_png_csv_report(tmp_path):
@@ -34,10 +34,10 @@ def test_experiment_writes_png_csv_report(tmp_path):
 
 
 def test_learned_lines_call_alibi_slopes_fixed_not_learned():
-  distance_R = np.arange(129)
-  falling_RxH = -np.outer(distance_R, [0.5, 0.25])
+  distance_X = np.arange(129)
+  falling_XxH = -np.outer(distance_X, [0.5, 0.25])
   lines = rope_decay.learned_lines(
-    distance_R, {"a@1": ("alibi", falling_RxH), "k@1": ("kerple", falling_RxH)}
+    distance_X, {"a@1": ("alibi", falling_XxH), "k@1": ("kerple", falling_XxH)}
   )
   (alibi,) = [line for line in lines if line.startswith("- a@1")]
   (kerple,) = [line for line in lines if line.startswith("- k@1")]
