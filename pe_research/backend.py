@@ -108,7 +108,7 @@ def activation_dtype(compute_dtype):
 
 # CPU instructions that multiply bf16 operands natively; without them XLA:CPU widens bf16 matmul
 # operands to float32, and bf16 training runs slower than float32 (0.79x on an AMD EPYC Zen 3,
-# AVX2 only; 1.55x on Zen 4 with avx512_bf16: docs/cpu_performance.md).
+# AVX2 only; 1.64x on Zen 4 with avx512_bf16: docs/cpu_performance.md).
 BF16_DOT_ISA = ("avx512_bf16", "amx_bf16")
 
 
