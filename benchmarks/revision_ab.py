@@ -21,6 +21,8 @@ import statistics
 import subprocess
 import sys
 
+from benchmarks.bench_report import ratio_stats
+
 WORKER = r"""
 import json, os, statistics, sys
 root, pe, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -41,10 +43,6 @@ print("ready", flush=True)
 for _ in sys.stdin:
   print(json.dumps(statistics.median(timed()[0] for _ in range(calls))), flush=True)
 """
-
-
-def verdict(lo: float, hi: float) -> str:
-  return "slower" if lo > 1 else "faster" if hi < 1 else "within noise"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,19 +83,17 @@ def main(argv: list[str] | None = None) -> dict:
       p.wait()
   results = {}
   for pe in encodings:
-    ratios = [n / o for n, o in zip(times[pe, "new"], times[pe, "old"], strict=True)]
-    lo, hi = min(ratios), max(ratios)
+    ratio = ratio_stats(times[pe, "new"], times[pe, "old"], above="slower", below="faster")
     results[pe] = {
       "old_ms": 1e3 * statistics.median(times[pe, "old"]),
       "new_ms": 1e3 * statistics.median(times[pe, "new"]),
-      "new_over_old": {"median": statistics.median(ratios), "lo": lo, "hi": hi},
-      "verdict": verdict(lo, hi),
+      "new_over_old": ratio,
     }
     r = results[pe]
     print(
       f"{pe:11s} old {r['old_ms']:.1f} ms/step, new {r['new_ms']:.1f}; new/old "
-      f"{r['new_over_old']['median']:.3f} [{lo:.3f}, {hi:.3f}] over {args.rounds} rounds: "
-      f"{r['verdict']}",
+      f"{ratio['median']:.3f} [{ratio['lo']:.3f}, {ratio['hi']:.3f}] over {args.rounds} rounds: "
+      f"{ratio['verdict']}",
       flush=True,
     )
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
