@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 import pe_research.encodings  # noqa: F401  (registers every family)
-from benchmarks import bench_lib, bench_report, bench_variants, benchmark, gpu_benchmark
+from benchmarks import (
+  bench_lib,
+  bench_report,
+  bench_variants,
+  benchmark,
+  gpu_benchmark,
+  pretrained_prefill,
+)
 
 
 def test_smoke_benchmark_writes_every_required_training_key(tmp_path, no_compilation_cache):
@@ -190,3 +197,38 @@ def test_a_variant_that_fails_to_build_is_named_in_one_line():
   config = bench_lib.model_config(64, 2, 32, 2, "no_such_encoding")
   with pytest.raises(RuntimeError, match="variant jax/bad failed to build: .*no_such_encoding"):
     bench_variants.VariantProcess("jax/bad", "jax", config)
+
+
+def _prefill_row(system, length, calls, rss, nll=1.0):
+  return {
+    "system": system,
+    "length": length,
+    "calls": calls,
+    "compile_seconds": 0.0,
+    "peak_rss_gib": rss,
+    "nll": nll,
+  }
+
+
+def test_prefill_comparison_uses_warm_calls_and_calls_each_target():
+  rows = [
+    # 2k: the first call is slow (temporaries); warm calls 1 s vs HF's 2 s -> 2x, memory 0.4x.
+    _prefill_row("pe_research", 2048, [9.0, 1.2, 1.0, 0.9], rss=1.0),
+    _prefill_row("transformers", 2048, [2.5, 2.0, 2.0, 2.1], rss=2.5),
+    # 32k, one call each: 0.84x the speed (FAIL), 0.15x the memory (PASS).
+    _prefill_row("pe_research", 32768, [424.2], rss=2.11, nll=5.0949),
+    _prefill_row("transformers", 32768, [354.5], rss=13.93, nll=5.0948),
+    _prefill_row("pe_research", 8192, [40.0], rss=1.9),  # no HF row: not compared
+  ]
+  assert pretrained_prefill.call_seconds(rows[0]) == 1.0
+  assert pretrained_prefill.call_seconds(rows[2]) == 424.2
+  short, long = pretrained_prefill.comparisons(rows)
+  assert (short["length"], long["length"]) == (2048, 32768)
+  assert short["speed"] == pytest.approx(2.0) and short["speed_pass"]
+  assert short["memory"] == pytest.approx(0.4) and short["memory_pass"]
+  assert long["speed"] == pytest.approx(354.5 / 424.2) and not long["speed_pass"]
+  assert long["memory_pass"] and long["nll_diff"] == pytest.approx(1e-4)
+  results = {"workdir": "w", "machine": bench_lib.machine(), "rows": rows}
+  report = "\n".join(pretrained_prefill.report_lines(results))
+  assert "| 32768 | 0.84 | FAIL | 0.15 | PASS |" in report
+  assert "| 2048 | 2.00 | PASS | 0.40 | PASS |" in report
