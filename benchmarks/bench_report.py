@@ -142,14 +142,37 @@ def report_lines(results: dict) -> list[str]:
   if "compiles_per_eval_length" in results:
     value = results["compiles_per_eval_length"]
     rows.append(["compiles per eval length", "", value, "<= 1", target_verdict(value, "<= 1")])
-  lines += ["## Targets (median [min, max] over rounds)", ""]
-  lines += markdown_table(["metric", "size", "value", "target", "verdict"], rows)
-  if "eval_peak_rss_gib" not in results:
-    return lines
-  lines += ["", "## Evaluation (batch 1, RoPE; fresh process each)", ""]
-  lengths = sorted({n for v in results["eval_peak_rss_gib"].values() for n in v})
-  attentions = list(results["eval_peak_rss_gib"])
-  keys = {"peak GiB": "eval_peak_rss_gib", "base GiB": "eval_base_rss_gib", "s": "eval_seconds"}
-  table = [[n] + [results[k][a].get(n) for a in attentions for k in keys.values()] for n in lengths]
-  header = ["length"] + [f"{a} {column}" for a in attentions for column in keys]
-  return lines + markdown_table(header, table)
+  if rows:
+    lines += ["## Targets (median [min, max] over rounds)", ""]
+    lines += markdown_table(["metric", "size", "value", "target", "verdict"], rows)
+  if "eval_peak_rss_gib" in results:
+    lines += ["", "## Evaluation (batch 1, RoPE; fresh process each)", ""]
+    lengths = sorted({n for v in results["eval_peak_rss_gib"].values() for n in v})
+    attentions = list(results["eval_peak_rss_gib"])
+    keys = {"peak GiB": "eval_peak_rss_gib", "base GiB": "eval_base_rss_gib", "s": "eval_seconds"}
+    table = [
+      [n] + [results[k][a].get(n) for a in attentions for k in keys.values()] for n in lengths
+    ]
+    header = ["length"] + [f"{a} {column}" for a in attentions for column in keys]
+    lines += markdown_table(header, table)
+  if "attention" in results:
+    lines += attention_lines(results["attention"])
+  return lines
+
+
+def attention_lines(attention: dict) -> list[str]:
+  """Forward attention: GFLOP/s per variant and JAX/PyTorch speed with its verdict."""
+  lines = [
+    "",
+    "## Forward attention (batch 1, 9 query / 3 KV heads, head dim 64; median [min, max])",
+    "",
+  ]
+  table = []
+  for length, row in attention.items():
+    for name, gflops in row["gflops"].items():
+      ratio = row["ratio_vs_torch"].get(name)
+      verdict = ratio["verdict"] if ratio else "–"
+      table.append([length, name, interval(gflops), interval(ratio) if ratio else "–", verdict])
+    table[-1].append(f"{row['output_max_diff']:.1e}")
+  header = ["length", "variant", "GFLOP/s", "JAX / PyTorch speed", "verdict", "output diff"]
+  return lines + markdown_table(header, [r + [""] * (len(header) - len(r)) for r in table])

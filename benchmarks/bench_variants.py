@@ -3,9 +3,10 @@ rounds that compare variants (``benchmarks/benchmark.py``).
 
 A variant is the project's compiled train step as ``pe_research.train`` runs it
 (``train.steps_per_call`` steps per call) or the same model in PyTorch, eager or under
-``torch.compile`` (``benchmarks/torch_reference.py``), running as many steps per call. A
-trainer returns ``(timed call, info)``: info records what the variant ran with (PyTorch's
-version, threads and AdamW implementation).
+``torch.compile`` (``benchmarks/torch_reference.py``), running as many steps per call; or one
+forward causal attention call at an evaluation shape, the project's blockwise attention or
+PyTorch's ``scaled_dot_product_attention``. A trainer returns ``(timed call, info)``: info
+records what the variant ran with (PyTorch's version, threads and AdamW implementation).
 """
 
 from __future__ import annotations
@@ -86,10 +87,62 @@ def torch_trainer(config, compile_model: bool = False):
   return lambda: _timed(lambda: [step() for _ in range(k)][-1], k), info
 
 
+def _attention_inputs(spec) -> tuple[np.ndarray, ...]:
+  """q ``[1, L, H, E]``, k, v ``[1, L, G, E]``, float32, the same in every process."""
+  length, heads, kv_heads, dim, _ = spec
+  rng = np.random.default_rng(0)
+  shapes = [(1, length, h, dim) for h in (heads, kv_heads, kv_heads)]
+  return tuple(rng.standard_normal(shape, np.float32) for shape in shapes)
+
+
+def jax_attention(spec):
+  """Forward causal grouped-query attention as evaluation runs it: the project's blockwise
+  attention (``spec`` = (L, H, G, E, block)), jit-compiled, one warm-up call. The "loss" slot
+  carries ``out[0, L - 1, 0, 0]``, which the PyTorch variant must reproduce."""
+  import jax
+  import jax.numpy as jnp
+
+  from pe_research.attention import attend
+
+  block = spec[4]
+  q, k, v = (jnp.asarray(x) for x in _attention_inputs(spec))
+  pos_BxL = jnp.arange(spec[0])[None]
+  fn = jax.jit(
+    lambda q, k, v: attend(
+      q, k, v, q_pos_BxL=pos_BxL, k_pos_BxL=pos_BxL, impl="blockwise", block_size=block
+    )
+  )
+  call = lambda: float(fn(q, k, v)[0, -1, 0, 0])
+  call()
+  return lambda: _timed(call), {}
+
+
+def torch_attention(spec):
+  """The same call in PyTorch: ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)``
+  on ``[1, H, L, E]`` (its fused CPU flash kernel), one thread per usable core."""
+  import torch
+
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)
+  q, k, v = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in _attention_inputs(spec))
+
+  def call() -> float:
+    with torch.inference_mode():
+      out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True
+      )
+    return float(out[0, 0, -1, 0])
+
+  call()
+  return lambda: _timed(call), {"torch": torch.__version__, "torch_threads": threads}
+
+
 TRAINERS = {
   "jax": jax_trainer,
   "torch": torch_trainer,
   "torch_compile": functools.partial(torch_trainer, compile_model=True),
+  "jax_attention": jax_attention,
+  "torch_attention": torch_attention,
 }
 
 

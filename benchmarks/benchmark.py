@@ -19,6 +19,10 @@ only when the whole range is on one side, else "within noise" (``bench_report.py
 MFU = tokens/s * ``flops_per_token`` over two denominators: the CPU's theoretical fp32 peak
 (cores x clock x FLOP/cycle, the assumption recorded) and an fp32 matmul timed in each round.
 Evaluation: each (attention, length) is scored in a fresh subprocess that reports its peak RSS.
+Attention: one forward causal attention call at SmolLM2-135M's head shape (9 query heads, 3 KV
+heads, head dim 64, batch 1) as evaluation runs it, the project's blockwise attention at two
+block sizes against PyTorch's fused CPU ``scaled_dot_product_attention``, in interleaved rounds,
+each in its own process; GFLOP/s counts the causal half (``4 H E L (L + 1) / 2``).
 Writes OUT/results.json and OUT/results.md (also printed); OUT defaults to runs/bench.
 """
 
@@ -70,6 +74,13 @@ EVAL_LENGTHS = {  # attention -> lengths; dense beyond 8k needs > 4 GiB of score
   "smoke": {"dense": [256], "blockwise": [256]},
 }
 
+
+# Forward attention (evaluation's batch 1) at SmolLM2-135M's shape: heads, KV heads, head dim;
+# lengths and rounds per mode; the blockwise block sizes compared (256: imports' default).
+ATTENTION_SHAPE = (9, 3, 64)
+ATTENTION_LENGTHS = {"full": (4096, 16384), "quick": (4096,), "smoke": (256,)}
+ATTENTION_ROUNDS = {"full": 5, "quick": 5, "smoke": 1}
+ATTENTION_BLOCKS = {"full": (256, 512), "quick": (256, 512), "smoke": (64, 128)}
 
 HEADLINE = ("nope", "rope")  # encodings with a one-step-per-call row and JAX/PyTorch headlines
 # Encodings that also get a torch.compile row (inductor compiles for about 30 s per variant even
@@ -249,6 +260,41 @@ def eval_section(mode: str, pe: str = "rope") -> dict:
   return {"eval_peak_rss_gib": rss, "eval_base_rss_gib": base, "eval_seconds": seconds}
 
 
+def attention_section(mode: str) -> dict:
+  """Per length: GFLOP/s of each variant (median [min, max] over rounds), JAX/PyTorch speed per
+  block size from per-round ratios, and the largest difference of the checked output element."""
+  heads, kv_heads, dim = ATTENTION_SHAPE
+  out = {}
+  for length in ATTENTION_LENGTHS[mode]:
+    variants = {
+      f"jax/block{b}": ("jax_attention", (length, heads, kv_heads, dim, b))
+      for b in ATTENTION_BLOCKS[mode]
+    }
+    variants["torch/sdpa"] = ("torch_attention", (length, heads, kv_heads, dim, 0))
+    steps, _ = build_variants(variants)
+    try:
+      times, _ = time_rounds(steps, ATTENTION_ROUNDS[mode])
+    finally:
+      info = {name: process.info for name, process in steps.items()}
+      for process in steps.values():
+        process.close()
+    flops = 4 * heads * dim * length * (length + 1) / 2
+    gflops = {name: stats(flops / np.asarray(t["wall"]) / 1e9) for name, t in times.items()}
+    checks = np.concatenate([t["loss"] for t in times.values()])
+    out[length] = {
+      "gflops": gflops,
+      "ratio_vs_torch": {
+        name: ratio_stats(times["torch/sdpa"]["wall"], t["wall"])
+        for name, t in times.items()
+        if name.startswith("jax/")
+      },
+      "output_max_diff": float(checks.max() - checks.min()),
+      "torch": info["torch/sdpa"],
+    }
+    print(f"attention {length}: " + ", ".join(f"{n} {g['median']:.1f}" for n, g in gflops.items()))
+  return {"attention": out}
+
+
 def compiles_per_eval_length(lengths=(64, 128, 256, 512)) -> dict:
   """Backend compiles while a fresh evaluator scores each length twice, per length."""
   from pe_research import eval_lib  # Here: it imports the data stack (TFDS, grain).
@@ -270,7 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--smoke", action="store_true", help="Tiny shapes: seconds (tests).")
   parser.add_argument("--out", default="runs/bench", help="Output folder.")
   parser.add_argument(
-    "--sections", default="train,eval", help="Comma-separated subset of: train, eval."
+    "--sections",
+    default="train,eval,attention",
+    help="Comma-separated subset of: train, eval, attention.",
   )
   parser.add_argument(
     "--sizes", default="", help="Comma-separated training sizes (default: all of the mode's)."
@@ -283,8 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
   mode = "smoke" if args.smoke else "quick" if args.quick else "full"
   sections = args.sections.split(",")
   sizes = args.sizes.split(",") if args.sizes else list(SIZES[mode])
-  if unknown := sorted(set(sections) - {"train", "eval"}):
-    parser.error(f"--sections: unknown {', '.join(unknown)}; allowed: train, eval")
+  if unknown := sorted(set(sections) - {"train", "eval", "attention"}):
+    parser.error(f"--sections: unknown {', '.join(unknown)}; allowed: train, eval, attention")
   if unknown := [s for s in sizes if s not in SIZES[mode]]:
     parser.error(f"--sizes: unknown {', '.join(unknown)}; allowed: {', '.join(SIZES[mode])}")
   start = time.perf_counter()
@@ -305,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
   if "eval" in sections:
     results |= compiles_per_eval_length()
     results |= eval_section(mode)
+  if "attention" in sections:
+    results |= attention_section(mode)
   results["seconds"] = time.perf_counter() - start
   write_results(args.out, results, report_lines(results))
   return results

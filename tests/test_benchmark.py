@@ -117,6 +117,18 @@ def test_smoke_evaluation_section_alone(tmp_path, no_compilation_cache):
   assert "## Evaluation" in (tmp_path / "results.md").read_text()
 
 
+def test_smoke_attention_section_matches_torch(tmp_path):
+  benchmark.main(["--smoke", "--sections=attention", "--out", str(tmp_path)])
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert set(results) >= {"attention", "machine_info"} and "train" not in results
+  row = results["attention"]["256"]
+  assert set(row["gflops"]) == {"jax/block64", "jax/block128", "torch/sdpa"}
+  assert set(row["ratio_vs_torch"]) == {"jax/block64", "jax/block128"}
+  assert row["output_max_diff"] < 1e-5  # the same output element in every process
+  assert row["gflops"]["torch/sdpa"]["median"] > 0 and row["torch"]["torch_threads"] > 0
+  assert "## Forward attention" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize(
   "flag,message",
   [("--sections=train,speed", "--sections: unknown speed"), ("--sizes=huge", "--sizes: unknown")],
