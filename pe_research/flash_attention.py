@@ -49,7 +49,7 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # they are ``lax`` loops (program size independent of L). A forward pass without a gradient
 # (evaluation) always takes the ``lax`` loops. Measured on XLA:CPU (Zen 4, 2 cores): d512x8
 # T=1024 train step with 128-blocks (8 per side), unrolled 1.07x the lax loops; forward
-# attention at batch 1 (9 / 3 heads), lax 1.36x unrolled at 2k (256-blocks), 1.8x at 4k
+# attention at batch 1 (9 / 3 heads), lax 1.4x unrolled at 2k (256-blocks), 1.7-2.1x at 4k
 # (512-blocks).
 _UNROLL_BLOCKS = 8
 
