@@ -262,6 +262,7 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
     residuals
   )
   q_sets, k_sets = (q_BxGxMxE, *far[:1]), (k_BxGxLxE, *far[1:])
+  q_scaled_sets = tuple(_scaled(x) for x in q_sets)  # once, as in the forward pass
   b, g, length, d = k_BxGxLxE.shape
   n = length // block
   rows = q_BxGxMxE.shape[2] // n
@@ -295,14 +296,14 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
     def query_block(kind, masked, a, state):
       dks, dv_BxGxPxE, dqs, dconsts = state  # dk per set, dv: [B, G, E, P] if transposed
       dks, dqs = list(dks), list(dqs)
-      q_blocks = {i: _block(q_sets[i], a, rows, 2) for i in _SETS[kind]}
+      q_blocks = {i: _block(q_scaled_sets[i], a, rows, 2) for i in _SETS[kind]}
       dout_BxGxTxE = _block(dout_BxGxMxE, a, rows, 2)
       bias, bias_vjp = None, None
       if bias_fn is not None:
         q_pos_BxP = _block(q_pos_BxL, a, block, 1)
         block_bias = lambda *cs: _grouped_bias(bias_fn, g, q_pos_BxP, k_pos_BxP, *cs)
         bias, bias_vjp = jax.vjp(block_bias, *consts)
-      pairs = [(_scaled(q_blocks[i]), k_blocks[i]) for i in _SETS[kind]]
+      pairs = [(q_blocks[i], k_blocks[i]) for i in _SETS[kind]]
       masked = a == c if masked is None else masked
       s_BxGxTxP = _block_scores(pairs, bias, a, c, masked, window)
       p_BxGxTxP = jnp.exp(s_BxGxTxP - _block(lse_BxGxM, a, rows, 2)[..., None])
