@@ -324,6 +324,37 @@ def test_smollm2_config(smollm2):
   assert config["rope_theta"] == 100000.0 and config["tie_word_embeddings"] is True
 
 
+# The GGUF -> HF names this reader used before it asked gguf's TensorNameMap (written by hand).
+_OLD_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_OLD_LAYER = {
+  "attn_norm": "input_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_norm": "post_attention_layernorm",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+}
+
+
+def _old_hf_name(name: str) -> str:
+  stem, suffix = name.rsplit(".", 1)
+  if stem in _OLD_GLOBAL:
+    return f"{_OLD_GLOBAL[stem]}.{suffix}"
+  _, layer, stem = stem.split(".")
+  return f"model.layers.{layer}.{_OLD_LAYER[stem]}.{suffix}"
+
+
+@pytest.mark.slow
+def test_smollm2_tensor_names_map_as_the_hand_written_map_did(smollm2):
+  path, (_, tensors, _) = smollm2
+  names = [t.name for t in gguf.GGUFReader(path).tensors]
+  assert len(names) == 272
+  assert sorted(tensors) == sorted(_old_hf_name(name) for name in names)
+
+
 @pytest.mark.slow
 def test_smollm2_tensors_equal_transformers_gguf_loader(smollm2):
   from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

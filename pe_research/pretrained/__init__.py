@@ -2,7 +2,8 @@
 
 hf_folder.py   HF folders <-> (config dict, float32 tensors, tokenizer.json)
 gguf_file.py   .gguf files -> the same triple (dequantized, llama.cpp's Q/K permutation undone)
-convert.py     HF config/tensors <-> our config and parameters
+convert.py     HF config <-> our config; HF tensors <-> our parameters (via layout.py)
+layout.py      the one table: our parameter paths <-> HF tensor names, shapes, concat/transpose
 importer.py    import into a run workdir; export a run to an HF folder
 __main__.py    python -m pe_research.pretrained import|export
 """

@@ -6,15 +6,7 @@ An HF ``config.json`` (Llama, Mistral, Qwen2; ``rope_parameters`` of transformer
 (half layout) with the checkpoint's base, partial rotary and ``rope_scaling``, ``qkv_bias`` for
 Qwen2, tied or untied output; ``train.seq_len`` is the trained context L
 (``original_max_position_embeddings`` if the checkpoint is already extended, else
-``max_position_embeddings``). Parameters map one to one (HF linear weights are ``[out, in]``,
-ours ``[in, out]``)::
-
-  blocks[i].attn.qkv.kernel  = [W_q | W_k | W_v]^T      (+ .bias = [b_q | b_k | b_v])
-  blocks[i].attn.out.kernel  = W_o^T
-  blocks[i].mlp.up.kernel    = [W_gate | W_up]^T         (SwiGLU: silu(x W_gate) * x W_up)
-  blocks[i].mlp.down.kernel  = W_down^T
-  blocks[i].attn_norm.scale  = input_layernorm,  blocks[i].mlp_norm.scale = post_attention_layernorm
-  embed.embedding = embed_tokens,  final_norm.scale = norm,  unembed.kernel = lm_head^T (untied)
+``max_position_embeddings``). Parameters map by the table in layout.py.
 
 What the model cannot represent (MoE, sliding-window attention, another activation, biases
 beyond q/k/v) is a one-line ``ValueError`` naming the config field.
@@ -27,6 +19,8 @@ import math
 
 import ml_collections
 import numpy as np
+
+from pe_research.pretrained import layout
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 _HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -114,60 +108,9 @@ def config_from_hf(hf: dict, *, tokenizer: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _layer(i: int) -> str:
-  return f"model.layers.{i}."
-
-
 def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
   """Our parameter pure dict (``nnx.to_pure_dict`` of ``nnx.Param`` state) from HF tensors."""
-  m = config.model
-
-  def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name not in tensors:
-      raise ValueError(f"tensor {name} is missing from the checkpoint; allowed: a complete one")
-    x = np.asarray(tensors[name], np.float32)
-    if x.shape != shape:
-      raise ValueError(f"tensor {name} has shape {list(x.shape)}; the config needs {list(shape)}")
-    return x
-
-  d, k, f = m.model_dim, m.head_dim, m.mlp_dim
-  h, g = m.num_heads, m.num_kv_heads
-  blocks = {}
-  for i in range(m.num_layers):
-    p = _layer(i)
-    heads = dict(zip("qkv", (h, g, g), strict=True))
-    qkv = [get(f"{p}self_attn.{n}_proj.weight", (c * k, d)) for n, c in heads.items()]
-    attn = {
-      "qkv": {"kernel": np.concatenate(qkv, axis=0).T},
-      "out": {"kernel": get(f"{p}self_attn.o_proj.weight", (d, h * k)).T},
-    }
-    if m.qkv_bias:
-      biases = [get(f"{p}self_attn.{n}_proj.bias", (c * k,)) for n, c in heads.items()]
-      attn["qkv"]["bias"] = np.concatenate(biases)
-    gate_up = [get(f"{p}mlp.{n}_proj.weight", (f, d)) for n in ("gate", "up")]
-    blocks[i] = {
-      "attn": attn,
-      "attn_norm": {"scale": get(f"{p}input_layernorm.weight", (d,))},
-      "mlp": {
-        "up": {"kernel": np.concatenate(gate_up, axis=0).T},
-        "down": {"kernel": get(f"{p}mlp.down_proj.weight", (d, f)).T},
-      },
-      "mlp_norm": {"scale": get(f"{p}post_attention_layernorm.weight", (d,))},
-    }
-  params = {
-    "blocks": blocks,
-    "embed": {"embedding": get("model.embed_tokens.weight", (m.vocab_size, d))},
-    "final_norm": {"scale": get("model.norm.weight", (d,))},
-  }
-  if not m.tie_embeddings:
-    params["unembed"] = {"kernel": get("lm_head.weight", (m.vocab_size, d)).T}
-  return {name: _contiguous(x) for name, x in params.items()}
-
-
-def _contiguous(tree):
-  if isinstance(tree, dict):
-    return {key: _contiguous(x) for key, x in tree.items()}
-  return np.ascontiguousarray(tree)
+  return layout.params_from(tensors.__getitem__, config.model)
 
 
 def _check_exportable(config) -> None:
@@ -253,29 +196,5 @@ def hf_config_from(config, source: dict | None = None) -> dict:
 
 
 def hf_tensors_from(params: dict, config) -> dict[str, np.ndarray]:
-  """HF tensors from our parameter pure dict: the inverse of :func:`params_from_hf`."""
-  m = config.model
-  h, g = m.num_heads, m.num_kv_heads or m.num_heads
-  k = m.head_dim or m.model_dim // m.num_heads
-  tensors = {
-    "model.embed_tokens.weight": params["embed"]["embedding"],
-    "model.norm.weight": params["final_norm"]["scale"],
-  }
-  if not m.tie_embeddings:
-    tensors["lm_head.weight"] = params["unembed"]["kernel"].T
-  for i, block in params["blocks"].items():
-    p = _layer(int(i))
-    qkv = np.asarray(block["attn"]["qkv"]["kernel"]).T
-    for name, part in zip("qkv", np.split(qkv, (h * k, (h + g) * k)), strict=True):
-      tensors[f"{p}self_attn.{name}_proj.weight"] = part
-    if "bias" in block["attn"]["qkv"]:
-      bias = np.asarray(block["attn"]["qkv"]["bias"])
-      for name, part in zip("qkv", np.split(bias, (h * k, (h + g) * k)), strict=True):
-        tensors[f"{p}self_attn.{name}_proj.bias"] = part
-    tensors[f"{p}self_attn.o_proj.weight"] = block["attn"]["out"]["kernel"].T
-    gate, up = np.split(np.asarray(block["mlp"]["up"]["kernel"]).T, 2)
-    tensors[f"{p}mlp.gate_proj.weight"], tensors[f"{p}mlp.up_proj.weight"] = gate, up
-    tensors[f"{p}mlp.down_proj.weight"] = block["mlp"]["down"]["kernel"].T
-    tensors[f"{p}input_layernorm.weight"] = block["attn_norm"]["scale"]
-    tensors[f"{p}post_attention_layernorm.weight"] = block["mlp_norm"]["scale"]
-  return {name: np.ascontiguousarray(np.asarray(x, np.float32)) for name, x in tensors.items()}
+  """HF float32 tensors from our parameter pure dict: the inverse of :func:`params_from_hf`."""
+  return dict(layout.hf_tensors(params, config.model))

@@ -7,11 +7,11 @@ else raises a one-line `ValueError` naming the field and what is allowed.
 """
 
 import os
-import re
 
 import gguf
 import numpy as np
 
+from pe_research.pretrained import convert, layout
 from pe_research.pretrained.gguf_tokenizer import tokenizer_json
 
 _MODEL_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -28,27 +28,6 @@ _ROPE_SCALING_KEYS = {
   "yarn_beta_slow": "beta_slow",
 }
 _ROPE_SCALING_TYPES = ("none", "linear", "yarn")
-_GLOBAL_TENSORS = {
-  "token_embd": "model.embed_tokens",
-  "output_norm": "model.norm",
-  "output": "lm_head",
-}
-_LAYER_TENSORS = {
-  "attn_norm": "input_layernorm",
-  "attn_q": "self_attn.q_proj",
-  "attn_k": "self_attn.k_proj",
-  "attn_v": "self_attn.v_proj",
-  "attn_output": "self_attn.o_proj",
-  "ffn_norm": "post_attention_layernorm",
-  "ffn_gate": "mlp.gate_proj",
-  "ffn_up": "mlp.up_proj",
-  "ffn_down": "mlp.down_proj",
-}
-# Projections with a bias when the config says attention_bias (HF Llama biases o_proj too).
-_BIASED = {
-  "llama": ("attn_q", "attn_k", "attn_v", "attn_output"),
-  "qwen2": ("attn_q", "attn_k", "attn_v"),
-}
 _MISSING = object()
 
 
@@ -168,60 +147,33 @@ def _rope_scaling(metadata: dict, arch: str) -> dict | None:
   return scaling
 
 
-def _layout(config: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
-  """GGUF tensor name -> (HF parameter name, HF shape) of every tensor the model needs."""
-  v, d, f, e = (config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "head_dim"))
-  he, ge = config["num_attention_heads"] * e, config["num_key_value_heads"] * e
-  layout = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
-  if not config["tie_word_embeddings"]:
-    layout["output.weight"] = (v, d)
-  layer = {
-    "attn_norm": (d,),
-    "attn_q": (he, d),
-    "attn_k": (ge, d),
-    "attn_v": (ge, d),
-    "attn_output": (d, he),
-    "ffn_norm": (d,),
-    "ffn_gate": (f, d),
-    "ffn_up": (f, d),
-    "ffn_down": (d, f),
-  }
-  biased = _BIASED[config["model_type"]] if config["attention_bias"] else ()
-  for i in range(config["num_hidden_layers"]):
-    layout |= {f"blk.{i}.{stem}.weight": shape for stem, shape in layer.items()}
-    layout |= {f"blk.{i}.{stem}.bias": layer[stem][:1] for stem in biased}
-  return {name: (_hf_name(name), shape) for name, shape in layout.items()}
-
-
-def _hf_name(name: str) -> str:
-  """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
-  stem, suffix = name.rsplit(".", 1)
-  if stem in _GLOBAL_TENSORS:
-    return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
-  layer, stem = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem).groups()
-  return f"model.layers.{layer}.{_LAYER_TENSORS[stem]}.{suffix}"
+def _gguf_names(config: dict, hf_names) -> dict[str, str]:
+  """GGUF tensor name -> HF name, by the ``gguf`` package's own HF -> GGUF name map (the one
+  llama.cpp's converter writes with)."""
+  arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[config["model_type"]]
+  names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+  return {names.get_name(name, try_suffixes=(".weight", ".bias")): name for name in hf_names}
 
 
 def _read_tensors(reader_tensors: list, config: dict) -> dict[str, np.ndarray]:
-  """Every tensor of `_layout(config)`, dequantized to float32 and un-permuted, by HF name."""
-  layout = _layout(config)
+  """Every tensor of the model (layout.py's table), dequantized to float32, shape-checked and
+  (llama) un-permuted, by HF name."""
+  specs = layout.hf_specs(convert.config_from_hf(config, tokenizer="bytes").model)
+  hf_names = _gguf_names(config, specs)
   tensors = {}
   for tensor in reader_tensors:
-    if tensor.name not in layout:
+    if tensor.name not in hf_names:
       raise ValueError(
         f"tensor {tensor.name} is not part of this {config['model_type']} model; allowed: "
-        f"{', '.join(_GLOBAL_TENSORS)}, blk.N.{{{', '.join(_LAYER_TENSORS)}}}"
+        f"its {len(hf_names)} tensors ({', '.join(list(hf_names)[:3])}, ...)"
       )
-    hf_name, shape = layout[tensor.name]
-    w = _dequantize(tensor)
-    if w.shape != shape:
-      raise ValueError(f"tensor {tensor.name} has HF shape {w.shape}; allowed: {shape}")
-    if config["model_type"] == "llama" and ".attn_q." in tensor.name:
-      w = _unpermute_rows(w, config["num_attention_heads"])
-    elif config["model_type"] == "llama" and ".attn_k." in tensor.name:
-      w = _unpermute_rows(w, config["num_key_value_heads"])
+    hf_name = hf_names[tensor.name]
+    shape, rope_heads = specs[hf_name]
+    w = layout.check_shape(tensor.name, _dequantize(tensor), shape)
+    if config["model_type"] == "llama" and rope_heads:
+      w = _unpermute_rows(w, rope_heads)
     tensors[hf_name] = w
-  for name, (hf_name, _) in layout.items():
+  for name, hf_name in hf_names.items():
     if hf_name not in tensors:
       raise ValueError(f"tensor {name} is missing")
   return tensors
