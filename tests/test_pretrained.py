@@ -144,6 +144,32 @@ def test_export_carries_the_runs_rope_scaling(tmp_path, rope_type):
   assert_close(np.asarray(model(jnp.asarray(ids(), jnp.int32))), hf_logits(reloaded, ids()))
 
 
+@pytest.mark.parametrize(
+  "changes, refused",
+  [
+    ({}, None),
+    ({"self_extend_group": 4}, None),  # The group alone switches nothing on.
+    ({"pose_target_len": 256}, None),  # PoSE changes training positions only.
+    ({"rope_scaling": json.dumps(ROPE_TYPES["yarn"])}, None),
+    ({"self_extend_window": 16, "self_extend_group": 4}, "pe.self_extend_window=16"),
+    ({"rerope_window": 16}, "pe.rerope_window=16"),
+    ({"logn_len": 32}, "pe.logn_len=32"),
+  ],
+  ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_export_refuses_what_hf_llama_cannot_represent(changes, refused):
+  """Self-Extend, ReRoPE and log-n change attention beyond HF's RoPE: export must refuse, not
+  write a plain-RoPE model that evaluates differently."""
+  config = convert.config_from_hf(_config(), tokenizer="bytes")
+  config.pe.update(changes)
+  if refused is None:
+    assert convert.hf_config_from(config)["model_type"] == "llama"
+    return
+  with pytest.raises(ValueError, match=rf"^{refused} has no HF Llama equivalent") as error:
+    convert.hf_config_from(config)
+  assert "\n" not in str(error.value)
+
+
 def _config(**changes) -> dict:
   hf = transformers.LlamaConfig(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2

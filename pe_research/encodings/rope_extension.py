@@ -91,6 +91,14 @@ def check_extension(**settings: int) -> None:
   )
 
 
+def switched_on(pe_cfg) -> dict[str, int]:
+  """``{"pe.<field>": value}`` of each method switched on (Self-Extend, ReRoPE, log-n)."""
+  settings = extension_kwargs(pe_cfg)
+  return {
+    f"pe.{f.name}": settings[f.name] for f in FIELDS if f.switch and settings[f.name] != f.default
+  }
+
+
 def extension_kwargs(pe_cfg) -> dict:
   """The extension settings read from ``config.pe`` (absent in older runs: off)."""
   return {field.name: pe_cfg.get(field.name, field.default) for field in FIELDS}

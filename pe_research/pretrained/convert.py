@@ -20,6 +20,7 @@ import math
 import ml_collections
 import numpy as np
 
+from pe_research.encodings import rope_extension
 from pe_research.pretrained import layout
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -126,6 +127,11 @@ def _check_exportable(config) -> None:
   for field, (value, allowed) in needed.items():
     if value != allowed:
       raise ValueError(f"{field}={value!r} has no HF Llama equivalent; allowed: {allowed!r}")
+  for field, value in rope_extension.switched_on(pe).items():
+    raise ValueError(
+      f"{field}={value!r} has no HF Llama equivalent (transformers cannot represent Self-Extend, "
+      "ReRoPE or log-n scaling); allowed: 0 (export the run without it)"
+    )
 
 
 def _hf_rope(config) -> tuple[dict, int]:
