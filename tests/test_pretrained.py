@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def test_rope_types_equal_transformers_beyond_original_length(tmp_path, rope_typ
 def test_import_writes_a_run_that_evaluates_and_exports_back(tmp_path):
   model = hf_model("qwen2")
   workdir = tmp_path / "run"
-  importer.import_checkpoint(save(model, tmp_path / "hf"), str(workdir))
+  importer.import_checkpoint(save(model, tmp_path / "hf", max_shard_size="40KB"), str(workdir))
   assert sorted(os.listdir(workdir)) == [
     "checkpoints",
     "config.json",
@@ -168,6 +169,72 @@ def test_export_refuses_what_hf_llama_cannot_represent(changes, refused):
   with pytest.raises(ValueError, match=rf"^{refused} has no HF Llama equivalent") as error:
     convert.hf_config_from(config)
   assert "\n" not in str(error.value)
+
+
+def _shard_files(folder: str) -> list[str]:
+  with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+    return sorted(set(json.load(f)["weight_map"].values()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_sharded_folder_equals_the_whole_dict_import(tmp_path, dtype):
+  """A folder of several shards + index, read a tensor at a time (each of ours placed as a jax
+  array when built), gives bit for bit the parameters of every tensor loaded at once."""
+  from safetensors.numpy import load_file
+
+  model = hf_model("qwen2").to(getattr(torch, dtype))
+  folder = save(model, tmp_path / "hf", max_shard_size="40KB")
+  assert len(_shard_files(folder)) >= 3
+  hf_config, tensors, _, fmt = importer.read_source(folder)
+  assert fmt == "hf" and isinstance(tensors, hf_folder.SafetensorsFolder)
+  config = convert.config_from_hf(hf_config, tokenizer="bytes")
+  streamed = convert.params_from_hf(tensors, config, importer.placer())
+  whole = {}
+  for file in _shard_files(folder):
+    whole |= load_file(os.path.join(folder, file))
+  expected = convert.params_from_hf({k: v.astype(np.float32) for k, v in whole.items()}, config)
+  assert jax.tree.structure(streamed) == jax.tree.structure(expected)
+  for ours, reference in zip(jax.tree.leaves(streamed), jax.tree.leaves(expected), strict=True):
+    assert isinstance(ours, jax.Array) and ours.dtype == reference.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(ours), reference)
+
+
+_SHARDED_IMPORT = """
+import json, sys
+import jax, numpy as np
+from pe_research import train
+from pe_research.pretrained import convert, hf_folder, importer
+folder = sys.argv[1]
+mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+hf_config, tensors, _, _ = importer.read_source(folder)
+config = convert.config_from_hf(hf_config, tokenizer="bytes")
+placed = convert.params_from_hf(tensors, config, importer.placer(mesh))
+expected = convert.params_from_hf(hf_folder.read_hf_folder(folder)[1], config)
+split = 0
+for ours, reference in zip(jax.tree.leaves(placed), jax.tree.leaves(expected), strict=True):
+  assert ours.sharding == train.array_sharding(reference, mesh), ours.sharding
+  np.testing.assert_array_equal(np.asarray(ours), reference)
+  split += ours.addressable_shards[0].data.shape != ours.shape
+print(json.dumps({"leaves": len(jax.tree.leaves(placed)), "split": split}))
+"""
+
+
+def test_streamed_import_places_each_tensor_sharded_on_a_mesh(tmp_path):
+  """On 8 fake CPU devices (data 2 x fsdp 4) each tensor lands with training's FSDP sharding."""
+  folder = save(hf_model(), tmp_path / "hf", max_shard_size="40KB")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=repo)
+  result = subprocess.run(
+    [sys.executable, "-c", _SHARDED_IMPORT, folder],
+    cwd=repo,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  counts = json.loads(result.stdout.strip().splitlines()[-1])
+  assert counts["leaves"] == 15 and counts["split"] >= 10, counts
 
 
 def _config(**changes) -> dict:

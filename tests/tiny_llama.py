@@ -51,8 +51,10 @@ def hf_model(kind: str = "llama", *, tied: bool = False, rope: dict | None = Non
   return model.eval()
 
 
-def save(model, path) -> str:
-  model.save_pretrained(path)
+def save(model, path, **kwargs) -> str:
+  """``model`` as an HF folder with a byte-level tokenizer; kwargs go to ``save_pretrained``
+  (``max_shard_size="40KB"``: several shards and an index)."""
+  model.save_pretrained(path, **kwargs)
   with open(os.path.join(path, "tokenizer.json"), "w") as f:
     f.write(byte_level_tokenizer())
   return str(path)

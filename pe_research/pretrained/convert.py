@@ -109,9 +109,11 @@ def config_from_hf(hf: dict, *, tokenizer: str) -> ml_collections.ConfigDict:
   return config
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], config) -> dict:
-  """Our parameter pure dict (``nnx.to_pure_dict`` of ``nnx.Param`` state) from HF tensors."""
-  return layout.params_from(tensors.__getitem__, config.model)
+def params_from_hf(tensors, config, place=None) -> dict:
+  """Our parameter pure dict (``nnx.to_pure_dict`` of ``nnx.Param`` state) from HF tensors
+  (a dict, or ``hf_folder.SafetensorsFolder`` to read them one at a time); each of our tensors
+  is stored as ``place(path, x)`` as soon as it is built (default: the numpy array ``x``)."""
+  return layout.params_from(tensors.__getitem__, config.model, place)
 
 
 def _check_exportable(config) -> None:

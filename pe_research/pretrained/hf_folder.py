@@ -1,6 +1,7 @@
 """HF model folders: ``config.json``, safetensors weights (one file or a sharded index) and
 ``tokenizer.json``, read into and written from plain numpy (no torch).
 
+  open_hf_folder(path)  -> (hf_config, tensors read one at a time, tokenizer_json)
   read_hf_folder(path)  -> (hf_config, tensors, tokenizer_json)
   write_hf_folder(out, hf_config, tensors, tokenizer_json, tokenizer_config)
 
@@ -34,58 +35,76 @@ def _read_json(path: str) -> dict:
   return value
 
 
-def _weight_files(path: str) -> list[str]:
-  """The safetensors files of the folder: the index's shards, or the single file."""
-  index = os.path.join(path, WEIGHTS_INDEX)
-  if os.path.isfile(index):
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise ValueError(f"{index} has no weight_map; allowed: an HF sharded-checkpoint index")
-    return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-  single = os.path.join(path, WEIGHTS)
-  if os.path.isfile(single):
-    return [single]
-  raise ValueError(
-    f"--source={path!r} has neither {WEIGHTS} nor {WEIGHTS_INDEX}; allowed: an HF model folder "
-    "saved with safetensors (save_pretrained(..., safe_serialization=True))"
-  )
+def _unreadable(path: str, error: Exception) -> ValueError:
+  msg = " ".join(str(error).split())
+  return ValueError(f"{path} is not a readable safetensors file ({msg}); allowed: an intact file")
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of one file as float32 numpy (bf16/f16 widened exactly; numpy reads bf16
-  through ml_dtypes)."""
-  from safetensors import SafetensorError, safe_open
+class SafetensorsFolder:
+  """The tensors of an HF folder (``model.safetensors`` or the shards of its index), read one
+  at a time as float32 (``folder[name]``; bf16/f16 widened exactly, numpy reads bf16 through
+  ml_dtypes). Each read opens its file with ``safe_open`` and closes it, so no file stays
+  mapped: host memory holds the tensor being read, not the checkpoint."""
 
-  try:
-    with safe_open(path, framework="numpy") as f:
-      return {name: np.asarray(f.get_tensor(name), np.float32) for name in f.keys()}  # noqa: SIM118
-  except (SafetensorError, OSError, ValueError) as e:
-    msg = " ".join(str(e).split())
-    raise ValueError(
-      f"{path} is not a readable safetensors file ({msg}); allowed: an intact file"
-    ) from None
+  def __init__(self, path: str):
+    index = os.path.join(path, WEIGHTS_INDEX)
+    single = os.path.join(path, WEIGHTS)
+    if os.path.isfile(index):
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no weight_map; allowed: an HF sharded-checkpoint index")
+      self.files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+      for file in sorted(set(self.files.values())):
+        if not os.path.isfile(file):
+          raise ValueError(f"{file} is missing (listed in {WEIGHTS_INDEX}); allowed: every shard")
+    elif os.path.isfile(single):
+      self.files = dict.fromkeys(self._read(single, lambda f: list(f.keys())), single)
+    else:
+      raise ValueError(
+        f"--source={path!r} has neither {WEIGHTS} nor {WEIGHTS_INDEX}; allowed: an HF model "
+        "folder saved with safetensors (save_pretrained(..., safe_serialization=True))"
+      )
+
+  @staticmethod
+  def _read(file: str, fn):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+      with safe_open(file, framework="numpy") as f:
+        return fn(f)
+    except (SafetensorError, OSError, ValueError) as e:
+      raise _unreadable(file, e) from None
+
+  def names(self) -> list[str]:
+    return list(self.files)
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    """float32 tensor ``name``; KeyError when the folder has none."""
+    return self._read(self.files[name], lambda f: np.asarray(f.get_tensor(name), np.float32))
 
 
-def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray], str | None]:
-  """``(hf_config, tensors, tokenizer_json)`` of an HF model folder (tokenizer_json is None when
-  the folder has no ``tokenizer.json``)."""
+def open_hf_folder(path: str) -> tuple[dict, SafetensorsFolder, str | None]:
+  """``(hf_config, tensors read on demand, tokenizer_json)`` of an HF model folder
+  (tokenizer_json is None when the folder has no ``tokenizer.json``)."""
   if not os.path.isdir(path):
     raise ValueError(f"--source={path!r} is not a folder or a .gguf file; allowed: either")
   config_path = os.path.join(path, CONFIG)
   if not os.path.isfile(config_path):
     raise ValueError(f"--source={path!r} has no {CONFIG}; allowed: an HF model folder")
   hf_config = _read_json(config_path)
-  tensors: dict[str, np.ndarray] = {}
-  for file in _weight_files(path):
-    if not os.path.isfile(file):
-      raise ValueError(f"{file} is missing (listed in {WEIGHTS_INDEX}); allowed: every shard")
-    tensors |= _read_safetensors(file)
+  tensors = SafetensorsFolder(path)
   tokenizer_path = os.path.join(path, TOKENIZER)
   tokenizer_json = None
   if os.path.isfile(tokenizer_path):
     with open(tokenizer_path) as f:
       tokenizer_json = f.read()
   return hf_config, tensors, tokenizer_json
+
+
+def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray], str | None]:
+  """``(hf_config, tensors, tokenizer_json)`` of an HF model folder, every tensor read."""
+  hf_config, folder, tokenizer_json = open_hf_folder(path)
+  return hf_config, {name: folder[name] for name in folder.names()}, tokenizer_json
 
 
 def write_hf_folder(

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,15 +47,16 @@ def smollm2_gguf() -> str:
   return path
 
 
-def read_source(source: str) -> tuple[dict, dict[str, np.ndarray], str | None, str]:
-  """``(hf_config, tensors, tokenizer_json, format)`` of an HF folder or a ``.gguf`` file."""
+def read_source(source: str) -> tuple[dict, Any, str | None, str]:
+  """``(hf_config, tensors, tokenizer_json, format)`` of an HF folder (its tensors read one at a
+  time, ``hf_folder.SafetensorsFolder``) or a ``.gguf`` file (a dict, dequantized)."""
   if os.path.isfile(source):
     if not source.endswith(".gguf"):
       raise ValueError(f"--source={source!r} is a file but not .gguf; allowed: a folder or .gguf")
     from pe_research.pretrained.gguf_file import read_gguf
 
     return (*read_gguf(source), "gguf")
-  return (*hf_folder.read_hf_folder(source), "hf")
+  return (*hf_folder.open_hf_folder(source), "hf")
 
 
 def _check_tokenizer(tokenizer_json: str | None, vocab_size: int, source: str) -> None:
@@ -78,6 +81,18 @@ def _check_empty(workdir: str) -> None:
     raise ValueError(f"--workdir={workdir!r} exists and is not empty; allowed: a new folder")
 
 
+def placer(mesh: jax.sharding.Mesh | None = None) -> Callable[[tuple, np.ndarray], jax.Array]:
+  """``place(path, x)`` for ``convert.params_from_hf``: ``x`` onto the default device, or split
+  over ``mesh`` as training shards it (``train.array_sharding``)."""
+  from pe_research import train
+
+  def place(path: tuple, x: np.ndarray) -> jax.Array:
+    del path
+    return jax.device_put(x, None if mesh is None else train.array_sharding(x, mesh))
+
+  return place
+
+
 def _save_params(workdir: str, config, params: dict) -> None:
   """Step 0 of ``workdir``: the parameters, no optimizer state (see the module docstring)."""
   from pe_research.train import TrainState
@@ -95,15 +110,17 @@ def _save_params(workdir: str, config, params: dict) -> None:
     saver.close()
 
 
-def import_checkpoint(source: str, workdir: str):
-  """Writes the run workdir of ``source``; returns its config."""
+def import_checkpoint(source: str, workdir: str, mesh: jax.sharding.Mesh | None = None):
+  """Writes the run workdir of ``source``; returns its config. An HF folder is read one tensor
+  at a time, each of our tensors placed on the device (split over ``mesh`` when given) as soon
+  as it is built: the host holds one layer's tensors, not the checkpoint."""
   workdir = os.path.abspath(workdir)
   _check_empty(workdir)
   hf_config, tensors, tokenizer_json, fmt = read_source(source)
   final_tokenizer = os.path.join(workdir, TOKENIZER_FILE)
   config = convert.config_from_hf(hf_config, tokenizer=final_tokenizer)
   _check_tokenizer(tokenizer_json, config.model.vocab_size, source)
-  params = convert.params_from_hf(tensors, config)
+  params = convert.params_from_hf(tensors, config, placer(mesh))
   del tensors
   staging = f"{workdir}.importing-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
