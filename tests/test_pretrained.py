@@ -24,7 +24,7 @@ from flax import nnx  # noqa: E402
 from tiny_llama import L_ORIG, LENGTH, VOCAB, byte_level_tokenizer, hf_model, save  # noqa: E402
 
 from pe_research.model import Transformer  # noqa: E402
-from pe_research.pretrained import convert, hf_folder, importer  # noqa: E402
+from pe_research.pretrained import convert, hf_folder, importer, shards  # noqa: E402
 from pe_research.runs import load_model  # noqa: E402
 
 _LONGROPE = dict(
@@ -115,6 +115,17 @@ def test_import_writes_a_run_that_evaluates_and_exports_back(tmp_path):
   assert (
     tokenizer.decode(tokenizer("def f(x):\n  return x")["input_ids"]) == "def f(x):\n  return x"
   )
+
+  # Sharded and bf16, over the first export: the same weights (rounded) in shards + index.
+  importer.export_run(str(workdir), str(out), dtype="bfloat16", max_shard_size="40KB")
+  assert len(_shard_files(str(out))) >= 3 and not (out / "model.safetensors").exists()
+  assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  halved = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+  expected = {k: v.to(torch.bfloat16).float() for k, v in reloaded.state_dict().items()}
+  assert sorted(halved.state_dict()) == sorted(expected)
+  for name, w in halved.state_dict().items():
+    assert torch.equal(w, expected[name]), name
+  assert not torch.equal(halved.lm_head.weight, reloaded.lm_head.weight)  # really rounded
 
 
 @pytest.mark.parametrize("rope_type", ["yarn", "ntk"])
@@ -235,6 +246,25 @@ def test_streamed_import_places_each_tensor_sharded_on_a_mesh(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   counts = json.loads(result.stdout.strip().splitlines()[-1])
   assert counts["leaves"] == 15 and counts["split"] >= 10, counts
+
+
+@pytest.mark.parametrize(
+  "text, size",
+  [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("40kb", 40_000), (123, 123)]
+  + [(bad, None) for bad in ("", "0", "5 TB", "-1GB", "1.5GB", "GB")],
+)
+def test_max_shard_size_parses_hf_units_and_refuses_others(text, size):
+  if size is not None:
+    assert shards.parse_size(text) == size
+    return
+  with pytest.raises(ValueError, match=r"^--max_shard_size=.* is invalid; allowed: a size"):
+    shards.parse_size(text)
+
+
+def test_shards_close_before_the_limit_and_a_large_tensor_gets_its_own():
+  shapes = {"a": (10,), "b": (10,), "c": (100,), "d": (5,), "e": (5,)}
+  assert shards.plan(shapes, 4, 80) == [["a", "b"], ["c"], ["d", "e"]]
+  assert shards.plan(shapes, 4, 10**6) == [list(shapes)]
 
 
 def _config(**changes) -> dict:

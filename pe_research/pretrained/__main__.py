@@ -1,7 +1,8 @@
 r"""Import pretrained Llama-family checkpoints as runs, and export runs to HF folders.
 
   python -m pe_research.pretrained import --source=PATH --workdir=DIR
-  python -m pe_research.pretrained export --workdir=DIR --out=HF_DIR
+  python -m pe_research.pretrained export --workdir=DIR --out=HF_DIR \
+      [--dtype=bfloat16] [--max_shard_size=5GB]
 
 PATH is an HF model folder (config.json, model.safetensors or a sharded index, tokenizer.json)
 or a .gguf file. DIR then evaluates like any run (``python -m pe_research.evaluate
@@ -18,6 +19,10 @@ from pe_research.metrics import quiet_library_logging
 _SOURCE = flags.DEFINE_string("source", None, "import: an HF model folder or a .gguf file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory written (import) or read.")
 _OUT = flags.DEFINE_string("out", None, "export: the HF folder to write.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "export: weights as float32 or bfloat16.")
+_MAX_SHARD_SIZE = flags.DEFINE_string(
+  "max_shard_size", "5GB", "export: largest safetensors shard (5GB, 500MB, 2GiB; HF's units)."
+)
 COMMANDS = ("import", "export")
 
 
@@ -44,8 +49,8 @@ def main(argv: list[str]) -> None:
       )
     else:
       workdir, out = _required(_WORKDIR, "export"), _required(_OUT, "export")
-      importer.export_run(workdir, out)
-      print(f"exported {workdir} -> {out}")
+      importer.export_run(workdir, out, dtype=_DTYPE.value, max_shard_size=_MAX_SHARD_SIZE.value)
+      print(f"exported {workdir} -> {out} ({_DTYPE.value})")
   except ValueError as e:
     cli.exit_with_error(e)
 

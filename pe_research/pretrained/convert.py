@@ -192,7 +192,6 @@ def hf_config_from(config, source: dict | None = None) -> dict:
     "max_position_embeddings": max_positions,
     "rope_parameters": rope,
     "initializer_range": m.init_std,
-    "torch_dtype": "float32",
   }
   hf.pop("rope_theta", None)
   if model_type == "llama":

@@ -3,7 +3,7 @@
 
   open_hf_folder(path)  -> (hf_config, tensors read one at a time, tokenizer_json)
   read_hf_folder(path)  -> (hf_config, tensors, tokenizer_json)
-  write_hf_folder(out, hf_config, tensors, tokenizer_json, tokenizer_config)
+  write_hf_folder(out, hf_config, tensors, tokenizer_json, tokenizer_config, ...)  sharded, bf16
 
 ``tensors`` maps HF parameter names (``model.layers.0.self_attn.q_proj.weight``) to float32
 arrays in HF's layouts (linear weights ``[out, in]``). Every bad input is a ``ValueError`` of
@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 
 import numpy as np
+
+from pe_research.pretrained import shards
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS, WEIGHTS_INDEX = shards.WEIGHTS, shards.WEIGHTS_INDEX
 
 
 def _read_json(path: str) -> dict:
@@ -110,22 +112,30 @@ def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray], str | None]:
 def write_hf_folder(
   out: str,
   hf_config: dict,
-  tensors: dict[str, np.ndarray],
+  tensors: dict[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
   tokenizer_json: str | None,
   tokenizer_config: dict | None = None,
-) -> None:
-  """Writes ``config.json``, ``model.safetensors`` (float32) and the tokenizer files to ``out``
-  (created; existing files of these names are replaced)."""
-  from safetensors.numpy import save_file
-
+  *,
+  shapes: dict[str, tuple[int, ...]] | None = None,
+  dtype: str = "float32",
+  max_shard_size: str | int = "5GB",
+) -> list[str]:
+  """Writes ``config.json``, the weights as ``dtype`` (``model.safetensors``, or shards of at
+  most ``max_shard_size`` and their index: shards.py) and the tokenizer files to ``out``
+  (created; earlier weights and files of these names are replaced). ``tensors`` is a dict, or
+  ``(name, array)`` pairs in the order of ``shapes``, written one at a time. Returns the weight
+  files."""
+  if shapes is None:
+    shapes = {name: np.shape(x) for name, x in tensors.items()}
+    tensors = tensors.items()
   os.makedirs(out, exist_ok=True)
+  files = shards.write_shards(out, shapes, tensors, dtype, max_shard_size)
   with open(os.path.join(out, CONFIG), "w") as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
-  arrays = {name: np.ascontiguousarray(x, np.float32) for name, x in tensors.items()}
-  save_file(arrays, os.path.join(out, WEIGHTS), metadata={"format": "pt"})
+    json.dump(hf_config | {"torch_dtype": dtype}, f, indent=2, sort_keys=True)
   if tokenizer_json is not None:
     with open(os.path.join(out, TOKENIZER), "w") as f:
       f.write(tokenizer_json)
   if tokenizer_config is not None:
     with open(os.path.join(out, TOKENIZER_CONFIG), "w") as f:
       json.dump(tokenizer_config, f, indent=2, sort_keys=True)
+  return files

@@ -2,8 +2,9 @@
 
   import_checkpoint(source, workdir)   HF folder or .gguf file -> DIR/{config.json,
                                        tokenizer.json, imported.json, checkpoints/0/...}
-  export_run(workdir, out)             DIR -> HF folder (config.json, model.safetensors,
-                                       tokenizer files) that transformers loads
+  export_run(workdir, out)             DIR -> HF folder (config.json, model.safetensors or
+                                       shards + index, float32 or bfloat16, tokenizer files)
+                                       that transformers loads
 
 The imported workdir is an ordinary run: ``pe_research.evaluate`` and ``init_from`` read it. Its
 one checkpoint (step 0) holds parameters only (no optimizer state), so it is fine-tuned from a
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pe_research import checkpoint, config_lib, workdirs
-from pe_research.pretrained import convert, hf_folder
+from pe_research.pretrained import convert, hf_folder, layout, shards
 
 IMPORTED_FILE = checkpoint.IMPORTED_FILE
 TOKENIZER_FILE = "tokenizer.json"
@@ -158,12 +159,16 @@ def _tokenizer_config(tokenizer_json: str, hf_config: dict) -> dict:
   return result
 
 
-def export_run(workdir: str, out: str) -> dict:
-  """Writes the HF folder of the run in ``workdir`` to ``out``; returns its ``config.json``."""
+def export_run(
+  workdir: str, out: str, *, dtype: str = "float32", max_shard_size: str | int = "5GB"
+) -> dict:
+  """Writes the HF folder of the run in ``workdir`` to ``out`` (weights as ``dtype``, in shards
+  of at most ``max_shard_size``, one tensor at a time); returns its ``config.json``."""
   from flax import nnx
 
   from pe_research.runs import load_model
 
+  shards.options(dtype, max_shard_size)
   model, config, _ = load_model(workdir)
   source = {}
   provenance_path = os.path.join(workdir, IMPORTED_FILE)
@@ -171,13 +176,21 @@ def export_run(workdir: str, out: str) -> dict:
     with open(provenance_path) as f:
       source = json.load(f).get("hf_config", {})
   hf_config = convert.hf_config_from(config, source)
-  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  tensors = convert.hf_tensors_from(params, config)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   tokenizer_json = tokenizer_config = None
   spec = config.data.get("tokenizer", "bytes")
   if spec != "bytes":
     with open(spec) as f:
       tokenizer_json = f.read()
     tokenizer_config = _tokenizer_config(tokenizer_json, hf_config)
-  hf_folder.write_hf_folder(out, hf_config, tensors, tokenizer_json, tokenizer_config)
+  hf_folder.write_hf_folder(
+    out,
+    hf_config,
+    layout.hf_tensors(params, config.model),
+    tokenizer_json,
+    tokenizer_config,
+    shapes={name: shape for name, (shape, _) in layout.hf_specs(config.model).items()},
+    dtype=dtype,
+    max_shard_size=max_shard_size,
+  )
   return hf_config

@@ -156,13 +156,13 @@ class Entry:
       start = rows.stop
     return out
 
-  def to_hf(self, x: np.ndarray, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
-    """``(name, HF tensor)`` of each part of our tensor ``x`` (C-contiguous, ``dtype``)."""
+  def to_hf(self, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, float32 HF tensor)`` of each part of our tensor ``x`` (C-contiguous)."""
     x = check_shape("/".join(map(str, self.path)), x, self.shape)
     x = x.T if self.transpose else x
     start = 0
     for name, shape in zip(self.names, self.shapes, strict=True):
-      yield name, np.ascontiguousarray(x[start : start + shape[0]], dtype)
+      yield name, np.ascontiguousarray(x[start : start + shape[0]], np.float32)
       start += shape[0]
 
 
@@ -227,10 +227,10 @@ def params_from(read: Callable[[str], np.ndarray], model_cfg, place=None) -> dic
   return params
 
 
-def hf_tensors(params: dict, model_cfg, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(params: dict, model_cfg) -> Iterator[tuple[str, np.ndarray]]:
   """``(HF name, tensor)`` of our parameters, one at a time, in :func:`entries` order."""
   for entry in entries(model_cfg):
     node = params
     for key in entry.path:
       node = node[key] if key in node else node[str(key)]
-    yield from entry.to_hf(np.asarray(node, np.float32), dtype)
+    yield from entry.to_hf(np.asarray(node, np.float32))
