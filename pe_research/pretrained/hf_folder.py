@@ -44,9 +44,10 @@ def _unreadable(path: str, error: Exception) -> ValueError:
 
 class SafetensorsFolder:
   """The tensors of an HF folder (``model.safetensors`` or the shards of its index), read one
-  at a time as float32 (``folder[name]``; bf16/f16 widened exactly, numpy reads bf16 through
-  ml_dtypes). Each read opens its file with ``safe_open`` and closes it, so no file stays
-  mapped: host memory holds the tensor being read, not the checkpoint."""
+  at a time in their stored dtype (``folder[name]``; numpy reads bf16 through ml_dtypes; the
+  layout widens them to float32 exactly as it places them). Each read opens its file with
+  ``safe_open`` and closes it, so no file stays mapped: host memory holds the tensor being
+  read, not the checkpoint."""
 
   def __init__(self, path: str):
     index = os.path.join(path, WEIGHTS_INDEX)
@@ -81,8 +82,8 @@ class SafetensorsFolder:
     return list(self.files)
 
   def __getitem__(self, name: str) -> np.ndarray:
-    """float32 tensor ``name``; KeyError when the folder has none."""
-    return self._read(self.files[name], lambda f: np.asarray(f.get_tensor(name), np.float32))
+    """Tensor ``name`` as stored; KeyError when the folder has none."""
+    return self._read(self.files[name], lambda f: f.get_tensor(name))
 
 
 def open_hf_folder(path: str) -> tuple[dict, SafetensorsFolder, str | None]:
@@ -104,9 +105,11 @@ def open_hf_folder(path: str) -> tuple[dict, SafetensorsFolder, str | None]:
 
 
 def read_hf_folder(path: str) -> tuple[dict, dict[str, np.ndarray], str | None]:
-  """``(hf_config, tensors, tokenizer_json)`` of an HF model folder, every tensor read."""
+  """``(hf_config, tensors, tokenizer_json)`` of an HF model folder, every tensor read as
+  float32 (bf16/f16 widened exactly)."""
   hf_config, folder, tokenizer_json = open_hf_folder(path)
-  return hf_config, {name: folder[name] for name in folder.names()}, tokenizer_json
+  tensors = {name: np.asarray(folder[name], np.float32) for name in folder.names()}
+  return hf_config, tensors, tokenizer_json
 
 
 def write_hf_folder(

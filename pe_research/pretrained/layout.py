@@ -143,7 +143,8 @@ class Entry:
     return stacked[::-1] if self.transpose else stacked
 
   def to_ours(self, read: Callable[[str], np.ndarray]) -> np.ndarray:
-    """Our float32 tensor; ``read(name)`` gives each HF part, one at a time."""
+    """Our float32 tensor; ``read(name)`` gives each HF part, one at a time (any float dtype:
+    widened as it is copied in)."""
     out = np.empty(self.shape, np.float32)
     start = 0
     for name, shape in zip(self.names, self.shapes, strict=True):
