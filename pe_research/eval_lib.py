@@ -275,7 +275,7 @@ def lm_sweep(
   bytes_per_token_V = tokenizer_of(config.data).utf8_bytes_per_token()
   rows, per_position = [], {}
   for length in lengths:
-    step = length if mode == "nonoverlapping" else stride or max(1, length // 2)
+    step = length if mode != "sliding" else stride or max(1, length // 2)
     size = batch_size or backend.eval_batch_size(length)
     batches = make_eval_batches(
       config,
@@ -290,6 +290,8 @@ def lm_sweep(
     )
     row = {"length": length, "mode": mode, "stride": step, "attention": totals.attention}
     row |= totals.lm_row()
+    if mode == "documents":  # Which units the windows are, and why there are fewer if so.
+      row |= {"units": ";".join(batches.windows.units), "units_note": batches.windows.note}
     if synthetic:
       row |= {
         "seq_len": len(totals.nll_sum_L),
