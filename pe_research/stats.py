@@ -10,6 +10,11 @@ bootstrap resamples the units with replacement ``reps`` times::
 Accuracies (passkey, synthetic exact match) use the same bootstrap over examples (a mean of 0/1).
 Two methods are ranked only when their intervals do not overlap; otherwise they are tied.
 
+Counts of successes (needle retrieval, ``clopper_pearson``) get the exact binomial interval of
+Clopper & Pearson (1934): with k of n correct and α = 1 − level,
+``lo = B⁻¹(α/2; k, n − k + 1)`` (0 when k = 0) and ``hi = B⁻¹(1 − α/2; k + 1, n − k)`` (1 when
+k = n), B⁻¹ the Beta quantile; its coverage is at least ``level`` for every true rate.
+
 Across training seeds (``seed_interval``) the unit is the run: the mean of U per-seed values
 with a Student-t interval ``mean ± t_{0.975, U-1} · sd / sqrt(U)`` (U = 1 gives a point).
 """
@@ -92,6 +97,22 @@ def seed_interval(values_U: Sequence[float], level: float = LEVEL) -> tuple[floa
   half = scipy_stats.t.ppf(0.5 + level / 2, len(values_U) - 1) * values_U.std(ddof=1)
   half /= math.sqrt(len(values_U))
   return mean, mean - float(half), mean + float(half)
+
+
+def clopper_pearson(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
+  """The exact (Clopper–Pearson) interval of a binomial rate from ``successes`` of ``trials``."""
+  from scipy import stats as scipy_stats  # A JAX dependency; imported here, when needed.
+
+  if not 0 <= successes <= trials or trials < 1:
+    raise ValueError(f"need 0 <= successes <= trials and trials >= 1; got {successes}/{trials}")
+  alpha = 1 - level
+  lo = scipy_stats.beta.ppf(alpha / 2, successes, trials - successes + 1) if successes else 0.0
+  hi = (
+    scipy_stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes)
+    if successes < trials
+    else 1.0
+  )
+  return float(lo), float(hi)
 
 
 def _exp(x: float) -> float:
