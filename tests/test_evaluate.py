@@ -252,6 +252,17 @@ def test_passkey_control_verdict_says_when_the_grid_is_not_evidence():
   assert "the grid is not evidence" in passkey.control_verdict([], 64)
 
 
+def test_figure_titles_name_the_method_briefly_and_captions_hold_the_spec():
+  spec = json.dumps({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+  fields = dict(name="n", workdir="w", step=1, pe="rope", train_len=64, mode="nonoverlapping")
+  fields |= dict(synthetic=False, rows=[], per_position={}, compiles=0, programs=0)
+  result = eval_report.EvalResult(rope_scaling=spec, overrides={"pe.logn_len": 64}, **fields)
+  assert result.label == "rope YaRN s=4"  # Was the whole JSON, running off the figure.
+  assert result.caption == f"rope_scaling={spec}; pe.logn_len=64"
+  plain = eval_report.EvalResult(rope_scaling="", overrides={}, **fields)
+  assert plain.label == "rope" and plain.caption == ""
+
+
 def test_init_from_copies_parameters_but_not_optimizer_state(tmp, rope_run):
   source = nnx.to_pure_dict(nnx.state(evaluate.load_model(str(rope_run))[0], nnx.Param))
   config = _config(tmp, train__lr=1e-9)
