@@ -292,6 +292,8 @@ def lm_sweep(
     row |= totals.lm_row()
     if mode == "documents":  # Which units the windows are, and why there are fewer if so.
       row |= {"units": ";".join(batches.windows.units), "units_note": batches.windows.note}
+      if batches.windows.note:
+        tqdm.tqdm.write(f"length {length:>7}: {batches.windows.note}")
     if synthetic:
       row |= {
         "seq_len": len(totals.nll_sum_L),

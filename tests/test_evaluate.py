@@ -97,6 +97,13 @@ def test_every_mode_scores_exactly_the_budgeted_tokens(rope, mode, stride):
   assert rows[0]["bits_per_byte"] == pytest.approx(rows[0]["loss"] / np.log(2))
 
 
+def test_documents_mode_rows_name_their_units_and_say_when_there_are_too_few(rope):
+  evaluator, config = rope
+  (row,), _ = eval_lib.lm_sweep(evaluator, config, [64], mode="documents", max_tokens=128)
+  assert row["tokens"] == 64 and row["windows"] == 1 and row["units"] == "validation/a.txt"
+  assert "has 1 of the 2 requested units holding 65 tokens" in row["units_note"]
+
+
 def test_sliding_with_stride_equal_to_length_is_nonoverlapping(rope):
   evaluator, config = rope
   _, slide = eval_lib.lm_sweep(

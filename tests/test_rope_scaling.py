@@ -206,6 +206,7 @@ def test_bad_base_or_seq_len(kwargs, key):
     (json.dumps({"rope_type": "yarn", "factor": 4.0, "beta_fast": 16, L: 8192}), "YaRN s=4"),
     (RopeScaling("llama3", 8.0, 8192, low_freq_factor=1.0, high_freq_factor=4.0), "Llama-3 s=8"),
     ({"rope_type": "ntk", "factor": 1.5}, "NTK s=1.5"),
+    ('{"rope_type":"yarn","factor":8}', "YaRN s=8"),  # L comes from pe.train_len.
   ],
 )
 def test_short_label_names_the_method_and_factor_only(spec, label):

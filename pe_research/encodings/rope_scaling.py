@@ -100,8 +100,9 @@ _SHORT_NAMES = {
 
 def short_label(spec: str | dict | RopeScaling | None) -> str:
   """The method in a few words for a figure title: ``"none"``, ``"PI s=2"``, ``"YaRN s=4"``,
-  ``"dynamic NTK s=4"`` (s = factor); the full spec belongs in the caption or report."""
-  scaling = parse_rope_scaling(spec)
+  ``"dynamic NTK s=4"`` (s = factor); the full spec belongs in the caption or report. A spec
+  may leave out L, which the model fills in from ``pe.train_len`` (the label does not show it)."""
+  scaling = parse_rope_scaling(spec, original_max_position_embeddings=1)
   if scaling is None or scaling.rope_type == "default":
     return "none"
   return f"{_SHORT_NAMES[scaling.rope_type]} s={scaling.factor:g}"
