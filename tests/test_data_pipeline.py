@@ -192,6 +192,17 @@ def test_documents_mode_scores_each_window_of_one_document_whole(config):
     make_eval_batches(config, length=500, mode="documents", max_tokens=500)
 
 
+def test_units_command_lists_each_lengths_units_and_the_shortfall(config, capsys):
+  from pe_research.data.__main__ import main
+
+  flags = [f"--local_dir={config.data.local_dir}", f"--data_dir={config.data.data_dir}"]
+  assert main(["units", "--dataset=local_text", "--lengths=30,500", "--count=2", *flags]) == 0
+  out = capsys.readouterr().out
+  assert "local_text validation length 30: " in out and "length 500: 0 units long enough" in out
+  assert "has 0 of the 2 requested units holding 501 tokens" in out
+  assert out.strip().endswith("units: each document alone")
+
+
 def test_eval_rejects_bad_arguments(config):
   with pytest.raises(ValueError, match="data.eval_tokens=100000 exceeds the validation split"):
     make_eval_batches(config, length=8, max_tokens=100_000)

