@@ -65,11 +65,16 @@ def position_blocks(
 
 
 def loss_units(
-  nll_W: np.ndarray, weight_W: np.ndarray, nll_L: np.ndarray, weight_L: np.ndarray
+  nll_W: np.ndarray,
+  weight_W: np.ndarray,
+  nll_L: np.ndarray,
+  weight_L: np.ndarray,
+  min_windows: int = MIN_UNITS,
 ) -> tuple[np.ndarray, np.ndarray, str]:
   """The bootstrap units of one evaluated length: its windows when there are at least
-  ``MIN_UNITS`` scored ones, else ``MIN_UNITS`` blocks of positions (summed over windows)."""
-  if int(np.sum(np.asarray(weight_W) > 0)) >= MIN_UNITS:
+  ``min_windows`` scored ones, else ``MIN_UNITS`` blocks of positions (summed over windows).
+  Windows that are documents are the unit whatever their number (``min_windows=2``)."""
+  if int(np.sum(np.asarray(weight_W) > 0)) >= min_windows:
     return np.asarray(nll_W), np.asarray(weight_W), "windows"
   return (*position_blocks(nll_L, weight_L), "position blocks")
 

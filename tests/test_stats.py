@@ -104,3 +104,11 @@ def test_clopper_pearson_matches_closed_forms_and_published_values():
   assert stats.clopper_pearson(1, 2, level=0.5)[1] < stats.clopper_pearson(1, 2)[1]
   with pytest.raises(ValueError, match="successes <= trials"):
     stats.clopper_pearson(3, 2)
+
+
+def test_documents_are_the_bootstrap_units_however_few():
+  nll_W, weight_W = np.array([10.0, 20.0, 30.0]), np.array([5.0, 5.0, 5.0])
+  nll_L, weight_L = np.arange(40.0), np.ones(40)
+  assert stats.loss_units(nll_W, weight_W, nll_L, weight_L)[2] == "position blocks"
+  nll_U, weight_U, units = stats.loss_units(nll_W, weight_W, nll_L, weight_L, min_windows=2)
+  assert units == "windows" and list(nll_U) == [10.0, 20.0, 30.0]
