@@ -103,8 +103,9 @@ def grid(
   seed: int = 0,
 ) -> list[dict]:
   """Rows of the control (``n = train_len``, every depth) and of each ``n`` of ``lengths`` at
-  its :func:`beyond_depths`; haystacks from ``data_cfg``'s corpus when given. ``evaluator`` is
-  an ``eval_lib.Evaluator`` (``score_all`` gives ``correct`` of ``examples``)."""
+  its :func:`beyond_depths`; haystacks from ``data_cfg``'s corpus when given (the filler at a
+  length where it has no long unit; ``note`` says so). ``evaluator`` is an
+  ``eval_lib.Evaluator`` (``score_all`` gives ``correct`` of ``examples``)."""
   rows = []
   for n in (train_len, *(n for n in lengths if n != train_len)):
     control = n == train_len
@@ -129,8 +130,8 @@ def grid(
           "accuracy_hi": hi,
           "gap_min": gap_min,
           "beyond": gap_min >= train_len,
-          "haystack": f"{data_cfg.name} {split}" if found else "filler",
-          "haystacks": len({w.unit for w in found.windows}) if found else 1,
+          "haystack": f"{data_cfg.name} {split}" if haystacks else "filler",
+          "haystacks": len(haystacks) or 1,  # Distinct: one unit per window.
           "note": found.note if found else "",
         }
       )

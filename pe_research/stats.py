@@ -106,17 +106,13 @@ def seed_interval(values_U: Sequence[float], level: float = LEVEL) -> tuple[floa
 
 def clopper_pearson(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
   """The exact (Clopper–Pearson) interval of a binomial rate from ``successes`` of ``trials``."""
-  from scipy import stats as scipy_stats  # A JAX dependency; imported here, when needed.
+  from scipy.special import betaincinv  # The Beta quantile; scipy.stats costs 2 s to import.
 
   if not 0 <= successes <= trials or trials < 1:
     raise ValueError(f"need 0 <= successes <= trials and trials >= 1; got {successes}/{trials}")
-  alpha = 1 - level
-  lo = scipy_stats.beta.ppf(alpha / 2, successes, trials - successes + 1) if successes else 0.0
-  hi = (
-    scipy_stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes)
-    if successes < trials
-    else 1.0
-  )
+  k, n, alpha = successes, trials, 1 - level
+  lo = betaincinv(k, n - k + 1, alpha / 2) if k else 0.0
+  hi = betaincinv(k + 1, n - k, 1 - alpha / 2) if k < n else 1.0
   return float(lo), float(hi)
 
 

@@ -11,6 +11,7 @@ from pe_research.data import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
 L = 300  # Training length of the pretend model.
+DEPTHS = (0.0, 0.2, 1.0)  # At 700 tokens, 0 and 0.2 are beyond L.
 
 
 def test_beyond_depths_put_the_needle_more_than_L_before_the_question():
@@ -85,10 +86,14 @@ def corpus(tmp_path_factory):
 
 
 def test_grid_has_a_control_at_L_and_only_beyond_L_cells_past_it(corpus):
-  rows = niah.grid(_Reach(L), TOKENIZER, [700], L, trials=10, data_cfg=corpus, batch_size=4)
+  kwargs = dict(trials=10, depths=DEPTHS, data_cfg=corpus, batch_size=4)
+  rows = niah.grid(_Reach(L), TOKENIZER, [700, 1500], L, **kwargs)
+  long = [r for r in rows if r["length"] == 1500]  # No document that long: the filler, said so.
+  assert long and all(r["haystack"] == "filler" and "has 0 of the 10" in r["note"] for r in long)
+  rows = [r for r in rows if r["length"] != 1500]
   control = [r for r in rows if r["control"]]
   beyond = [r for r in rows if not r["control"]]
-  assert {r["length"] for r in control} == {L} and len(control) == len(niah.DEPTHS)
+  assert {r["length"] for r in control} == {L} and [r["depth"] for r in control] == list(DEPTHS)
   assert beyond and all(r["length"] == 700 and r["gap_min"] >= L and r["beyond"] for r in beyond)
   assert all(r["trials"] == 10 and r["haystacks"] == 10 for r in rows)
   assert all(r["haystack"] == "local_text validation" and r["note"] == "" for r in rows)
@@ -96,7 +101,7 @@ def test_grid_has_a_control_at_L_and_only_beyond_L_cells_past_it(corpus):
   assert rows[0]["accuracy_lo"] == pytest.approx(0.025**0.1)  # Clopper–Pearson at 10/10.
   lines = niah.verdicts(rows, L, "short reach")
   assert "control at L=300 passed" in lines[0] and "fails beyond L (evidence" in lines[1]
-  far = niah.grid(_Reach(10_000), TOKENIZER, [700], L, trials=10, data_cfg=corpus)
+  far = niah.grid(_Reach(10_000), TOKENIZER, [700], L, **kwargs)
   lines = niah.verdicts(far, L, "far", base=("short reach", rows))
   assert "retrieves beyond L (evidence" in lines[1]
   assert "above short reach (evidence: the intervals separate)" in lines[2]
