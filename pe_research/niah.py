@@ -103,17 +103,24 @@ def grid(
   seed: int = 0,
 ) -> list[dict]:
   """Rows of the control (``n = train_len``, every depth) and of each ``n`` of ``lengths`` at
-  its :func:`beyond_depths`; haystacks from ``data_cfg``'s corpus when given (the filler at a
+  its :func:`beyond_depths`, all prompts with ``passkey.control_header`` (no control when no
+  prompt fits in ``train_len``); haystacks from ``data_cfg``'s corpus when given (the filler at a
   length where it has no long unit; ``note`` says so). ``evaluator`` is an
   ``eval_lib.Evaluator`` (``score_all`` gives ``correct`` of ``examples``)."""
   rows = []
-  for n in (train_len, *(n for n in lengths if n != train_len)):
+  fits = passkey.control_header(tokenizer.encode, train_len)
+  header = passkey.HEADER if fits is None else fits  # Every cell: the same kind of prompt.
+  for n in ([] if fits is None else [train_len]) + [n for n in lengths if n != train_len]:
     control = n == train_len
-    cell_depths = depths if control else beyond_depths(n, train_len, tokenizer.encode, depths)
+    cell_depths = (
+      depths if control else beyond_depths(n, train_len, tokenizer.encode, depths, header=header)
+    )
     found = long_windows(data_cfg, tokenizer, n, trials, split) if data_cfg else None
     haystacks = [w.tokens for w in found.windows] if found else []
     for depth in cell_depths:
-      examples = cell_examples(n, depth, tokenizer, trials=trials, haystacks=haystacks, seed=seed)
+      examples = cell_examples(
+        n, depth, tokenizer, trials=trials, haystacks=haystacks, seed=seed, header=header
+      )
       batches = passkey.stack_rows([e.as_batch_row() for e in examples], batch_size)
       totals = evaluator.score_all(batches, batch_size=batch_size, desc=f"niah {n}@{depth}")
       lo, hi = stats.clopper_pearson(totals.correct, totals.examples)

@@ -107,6 +107,15 @@ def test_grid_has_a_control_at_L_and_only_beyond_L_cells_past_it(corpus):
   assert "above short reach (evidence: the intervals separate)" in lines[2]
 
 
+def test_a_short_training_length_drops_the_header_or_has_no_control():
+  rows = niah.grid(_Reach(128), TOKENIZER, [400], 128, trials=2, depths=(0.0,))
+  assert [(r["length"], r["control"]) for r in rows] == [(128, True), (400, False)]
+  assert rows[1]["gap_min"] >= 128 and rows[0]["correct"] == 2  # The 103-token prompt fits.
+  rows = niah.grid(_Reach(64), TOKENIZER, [400], 64, trials=2, depths=(0.0,))
+  assert [r["control"] for r in rows] == [False]
+  assert "no positive control" in niah.verdicts(rows, 64, "m")[0]
+
+
 def _rows(control, beyond, trials=10):
   """One control cell and one beyond-L cell at 700 with the given numbers correct."""
   return [
