@@ -128,6 +128,28 @@ def test_import_writes_a_run_that_evaluates_and_exports_back(tmp_path):
   assert not torch.equal(halved.lm_head.weight, reloaded.lm_head.weight)  # really rounded
 
 
+def test_scan_layers_run_reads_the_import_and_exports_the_same_weights(tmp_path):
+  """The per-layer tree is the canonical form: a ``model.scan_layers=True`` run loads the
+  imported checkpoint stacked and exports it unstacked, every HF weight unchanged."""
+  from pe_research.stacking import layers_stacked
+
+  model = hf_model()
+  workdir = tmp_path / "run"
+  importer.import_checkpoint(save(model, tmp_path / "hf"), str(workdir))
+  path = workdir / "config.json"
+  saved = json.loads(path.read_text())
+  saved["model"]["scan_layers"] = True
+  path.write_text(json.dumps(saved))
+  ours, config, _ = load_model(str(workdir))
+  assert config.model.scan_layers and layers_stacked(nnx.to_pure_dict(nnx.state(ours, nnx.Param)))
+  importer.export_run(str(workdir), str(tmp_path / "out"))
+  exported = hf_folder.read_hf_folder(str(tmp_path / "out"))[1]
+  expected = {name: w.numpy() for name, w in model.state_dict().items()}
+  assert sorted(exported) == sorted(expected)
+  for name, w in exported.items():
+    np.testing.assert_array_equal(w, expected[name], err_msg=name)
+
+
 @pytest.mark.parametrize("rope_type", ["yarn", "ntk"])
 def test_export_carries_the_runs_rope_scaling(tmp_path, rope_type):
   """A run evaluated or fine-tuned with rope_scaling leaves with it: HF's logits beyond L equal

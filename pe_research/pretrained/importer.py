@@ -27,6 +27,7 @@ import numpy as np
 
 from pe_research import checkpoint, config_lib, workdirs
 from pe_research.pretrained import convert, hf_folder, layout, shards
+from pe_research.stacking import layers_stacked, unstack_layers
 
 IMPORTED_FILE = checkpoint.IMPORTED_FILE
 TOKENIZER_FILE = "tokenizer.json"
@@ -177,6 +178,8 @@ def export_run(
       source = json.load(f).get("hf_config", {})
   hf_config = convert.hf_config_from(config, source)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if layers_stacked(params):  # model.scan_layers: the layout table reads the per-layer tree.
+    params = unstack_layers(params, not config.pe.share_across_layers)
   tokenizer_json = tokenizer_config = None
   spec = config.data.get("tokenizer", "bytes")
   if spec != "bytes":
