@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers", reason="HF parity tests need 
 torch = pytest.importorskip("torch", reason="HF parity tests need torch")
 tokenizers = pytest.importorskip("tokenizers", reason="tokenizer tests need tokenizers")
 
-from pe_research.pretrained.gguf_file import read_gguf  # noqa: E402
+from pe_research.pretrained.gguf_file import read_gguf, tensor_names  # noqa: E402
 
 _T = gguf.GGMLQuantizationType
 _V = gguf.GGUFValueType
@@ -349,10 +349,16 @@ def _old_hf_name(name: str) -> str:
 
 @pytest.mark.slow
 def test_smollm2_tensor_names_map_as_the_hand_written_map_did(smollm2):
-  path, (_, tensors, _) = smollm2
-  names = [t.name for t in gguf.GGUFReader(path).tensors]
-  assert len(names) == 272
-  assert sorted(tensors) == sorted(_old_hf_name(name) for name in names)
+  config, tensors, _ = smollm2[1]
+  names = tensor_names(config)
+  assert len(names) == 272 and sorted(names.values()) == sorted(tensors)
+  assert {name: _old_hf_name(name) for name in names} == names
+  for tied, model_type in ((False, "llama"), (False, "qwen2")):
+    changed = config | {"tie_word_embeddings": tied, "model_type": model_type}
+    changed["attention_bias"] = model_type == "qwen2"
+    names = tensor_names(changed)
+    assert len(names) == 273 + 90 * (model_type == "qwen2")
+    assert {name: _old_hf_name(name) for name in names} == names
 
 
 @pytest.mark.slow

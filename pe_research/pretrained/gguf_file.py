@@ -11,7 +11,7 @@ import os
 import gguf
 import numpy as np
 
-from pe_research.pretrained import convert, layout
+from pe_research.pretrained import layout
 from pe_research.pretrained.gguf_tokenizer import tokenizer_json
 
 _MODEL_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -147,19 +147,28 @@ def _rope_scaling(metadata: dict, arch: str) -> dict | None:
   return scaling
 
 
-def _gguf_names(config: dict, hf_names) -> dict[str, str]:
-  """GGUF tensor name -> HF name, by the ``gguf`` package's own HF -> GGUF name map (the one
-  llama.cpp's converter writes with)."""
+def _model_cfg(config: dict):
+  from pe_research.pretrained import convert
+
+  return convert.config_from_hf(config, tokenizer="bytes").model
+
+
+def tensor_names(config: dict) -> dict[str, str]:
+  """GGUF name -> HF name of every tensor of the model (layout.py's table), by the ``gguf``
+  package's own HF -> GGUF name map (the one llama.cpp's converter writes with)."""
   arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[config["model_type"]]
   names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-  return {names.get_name(name, try_suffixes=(".weight", ".bias")): name for name in hf_names}
+  return {
+    names.get_name(name, try_suffixes=(".weight", ".bias")): name
+    for name in layout.hf_specs(_model_cfg(config))
+  }
 
 
 def _read_tensors(reader_tensors: list, config: dict) -> dict[str, np.ndarray]:
-  """Every tensor of the model (layout.py's table), dequantized to float32, shape-checked and
-  (llama) un-permuted, by HF name."""
-  specs = layout.hf_specs(convert.config_from_hf(config, tokenizer="bytes").model)
-  hf_names = _gguf_names(config, specs)
+  """Every tensor of the model, dequantized to float32, shape-checked and (llama) un-permuted,
+  by HF name."""
+  specs = layout.hf_specs(_model_cfg(config))
+  hf_names = tensor_names(config)
   tensors = {}
   for tensor in reader_tensors:
     if tensor.name not in hf_names:
