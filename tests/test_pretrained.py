@@ -283,6 +283,12 @@ def test_max_shard_size_parses_hf_units_and_refuses_others(text, size):
     shards.parse_size(text)
 
 
+def test_export_refuses_a_bad_dtype_before_reading_the_run(tmp_path):
+  with pytest.raises(ValueError, match=r"^--dtype='float16' is invalid; allowed: float32 or bf"):
+    importer.export_run(str(tmp_path / "nowhere"), str(tmp_path / "out"), dtype="float16")
+  assert not (tmp_path / "out").exists()
+
+
 def test_shards_close_before_the_limit_and_a_large_tensor_gets_its_own():
   shapes = {"a": (10,), "b": (10,), "c": (100,), "d": (5,), "e": (5,)}
   assert shards.plan(shapes, 4, 80) == [["a", "b"], ["c"], ["d", "e"]]

@@ -115,7 +115,8 @@ def _save_params(workdir: str, config, params: dict) -> None:
 def import_checkpoint(source: str, workdir: str, mesh: jax.sharding.Mesh | None = None):
   """Writes the run workdir of ``source``; returns its config. An HF folder is read one tensor
   at a time, each of our tensors placed on the device (split over ``mesh`` when given) as soon
-  as it is built: the host holds one layer's tensors, not the checkpoint."""
+  as it is built: beyond the placed arrays the host holds about one layer, not the checkpoint
+  (docs/benchmarks/import_memory)."""
   workdir = os.path.abspath(workdir)
   _check_empty(workdir)
   hf_config, tensors, tokenizer_json, fmt = read_source(source)
