@@ -272,8 +272,15 @@ def test_streamed_import_places_each_tensor_sharded_on_a_mesh(tmp_path):
 
 @pytest.mark.parametrize(
   "text, size",
-  [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("40kb", 40_000), (123, 123)]
-  + [(bad, None) for bad in ("", "0", "5 TB", "-1GB", "1.5GB", "GB")],
+  [
+    ("5GB", 5 * 10**9),
+    ("500MB", 5 * 10**8),
+    ("2GiB", 2 * 2**30),
+    ("40kb", 40_000),
+    ("1 TB", 10**12),
+    (123, 123),
+  ]
+  + [(bad, None) for bad in ("", "0", "5XB", "-1GB", "1.5GB", "GB")],
 )
 def test_max_shard_size_parses_hf_units_and_refuses_others(text, size):
   if size is not None:
