@@ -50,14 +50,14 @@ def smollm2_gguf() -> str:
 
 
 def read_source(source: str) -> tuple[dict, Any, str | None, str]:
-  """``(hf_config, tensors, tokenizer_json, format)`` of an HF folder (its tensors read one at a
-  time, ``hf_folder.SafetensorsFolder``) or a ``.gguf`` file (a dict, dequantized)."""
+  """``(hf_config, tensors, tokenizer_json, format)`` of an HF folder or a ``.gguf`` file, the
+  tensors read one at a time (``hf_folder.SafetensorsFolder``, ``gguf_file.GGUFTensors``)."""
   if os.path.isfile(source):
     if not source.endswith(".gguf"):
       raise ValueError(f"--source={source!r} is a file but not .gguf; allowed: a folder or .gguf")
-    from pe_research.pretrained.gguf_file import read_gguf
+    from pe_research.pretrained.gguf_file import open_gguf
 
-    return (*read_gguf(source), "gguf")
+    return (*open_gguf(source), "gguf")
   return (*hf_folder.open_hf_folder(source), "hf")
 
 
