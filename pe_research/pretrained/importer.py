@@ -83,14 +83,30 @@ def _check_empty(workdir: str) -> None:
     raise ValueError(f"--workdir={workdir!r} exists and is not empty; allowed: a new folder")
 
 
-def placer(mesh: jax.sharding.Mesh | None = None) -> Callable[[tuple, np.ndarray], jax.Array]:
-  """``place(path, x)`` for ``convert.params_from_hf``: ``x`` onto the default device, or split
-  over ``mesh`` as training shards it (``train.array_sharding``)."""
-  from pe_research import train
+def placer(
+  config, mesh: jax.sharding.Mesh | None = None
+) -> Callable[[tuple, np.ndarray], jax.Array]:
+  """``place(path, x)`` for ``convert.params_from_hf``: ``x`` onto the default device, or onto
+  ``mesh`` in the layout training stores it in (its logical axis names through
+  ``sharding.param_specs``, on the per-layer tree)."""
+  if mesh is None:
+    return lambda path, x: jax.device_put(x)
+  from flax import nnx
+  from jax.sharding import NamedSharding
+
+  from pe_research import sharding
+  from pe_research.model import Transformer
+
+  per_layer = config.copy_and_resolve_references()
+  per_layer.model.scan_layers = False
+  model = nnx.eval_shape(lambda: Transformer(per_layer, rngs=nnx.Rngs(0)))
+  specs = sharding.param_specs(nnx.state(model, nnx.Param), mesh)
 
   def place(path: tuple, x: np.ndarray) -> jax.Array:
-    del path
-    return jax.device_put(x, None if mesh is None else train.array_sharding(x, mesh))
+    spec = specs
+    for key in path:
+      spec = spec[key]
+    return jax.device_put(x, NamedSharding(mesh, spec))
 
   return place
 
@@ -123,7 +139,7 @@ def import_checkpoint(source: str, workdir: str, mesh: jax.sharding.Mesh | None 
   final_tokenizer = os.path.join(workdir, TOKENIZER_FILE)
   config = convert.config_from_hf(hf_config, tokenizer=final_tokenizer)
   _check_tokenizer(tokenizer_json, config.model.vocab_size, source)
-  params = convert.params_from_hf(tensors, config, placer(mesh))
+  params = convert.params_from_hf(tensors, config, placer(config, mesh))
   del tensors
   staging = f"{workdir}.importing-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
@@ -180,7 +196,7 @@ def export_run(
   hf_config = convert.hf_config_from(config, source)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if layers_stacked(params):  # model.scan_layers: the layout table reads the per-layer tree.
-    params = unstack_layers(params, not config.pe.share_across_layers)
+    params = unstack_layers(params)
   tokenizer_json = tokenizer_config = None
   spec = config.data.get("tokenizer", "bytes")
   if spec != "bytes":
