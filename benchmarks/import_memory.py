@@ -105,10 +105,10 @@ def run_mode(mode: str, folder: str) -> dict:
     params = jax.block_until_ready(jax.tree.map(jnp.asarray, params))
   elif mode == "streaming":
     tensors = hf_folder.SafetensorsFolder(folder)
-    params = convert.params_from_hf(tensors, config, importer.placer())
+    params = convert.params_from_hf(tensors, config, importer.placer(config))
     jax.block_until_ready(params)
   elif mode == "streaming_host":
-    place = importer.placer()
+    place = importer.placer(config)
 
     def place_and_free(path, x):
       place(path, x).delete()

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,7 +17,7 @@ transformers = pytest.importorskip("transformers", reason="HF parity tests need 
 torch = pytest.importorskip("torch", reason="HF parity tests need torch")
 tokenizers = pytest.importorskip("tokenizers", reason="tokenizer tests need tokenizers")
 
-from pe_research.pretrained.gguf_file import read_gguf  # noqa: E402
+from pe_research.pretrained.gguf_file import open_gguf, read_gguf, tensor_names  # noqa: E402
 
 _T = gguf.GGMLQuantizationType
 _V = gguf.GGUFValueType
@@ -181,6 +182,22 @@ def test_f32_file_gives_the_exact_state_dict_and_config(
   assert (config["rms_norm_eps"], config["rope_theta"]) == (1e-5, 500000.0)
   assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
   assert "rope_scaling" not in config
+
+
+def test_tensors_read_one_at_a_time_convert_as_the_whole_dict(tmp_path, trained_tokenizer):
+  """open_gguf (tensors dequantized as they are read, as the importer streams them) gives our
+  parameters bit for bit as read_gguf's dict does."""
+  from pe_research.pretrained import convert
+
+  model = _tiny_model("llama", trained_tokenizer.get_vocab_size(), tied=False)
+  path = _write_gguf(tmp_path / "m.gguf", model, trained_tokenizer, _T.Q8_0)
+  config, tensors, _ = open_gguf(path)
+  run_config = convert.config_from_hf(config, tokenizer="bytes")
+  streamed = convert.params_from_hf(tensors, run_config)
+  whole = convert.params_from_hf(read_gguf(path)[1], run_config)
+  assert jax.tree.structure(streamed) == jax.tree.structure(whole)
+  for ours, reference in zip(jax.tree.leaves(streamed), jax.tree.leaves(whole), strict=True):
+    np.testing.assert_array_equal(ours, reference)
 
 
 @pytest.mark.parametrize("qtype", [_T.Q8_0, _T.Q4_1], ids=lambda t: t.name)
@@ -349,10 +366,16 @@ def _old_hf_name(name: str) -> str:
 
 @pytest.mark.slow
 def test_smollm2_tensor_names_map_as_the_hand_written_map_did(smollm2):
-  path, (_, tensors, _) = smollm2
-  names = [t.name for t in gguf.GGUFReader(path).tensors]
-  assert len(names) == 272
-  assert sorted(tensors) == sorted(_old_hf_name(name) for name in names)
+  config, tensors, _ = smollm2[1]
+  names = tensor_names(config)
+  assert len(names) == 272 and sorted(names.values()) == sorted(tensors)
+  assert {name: _old_hf_name(name) for name in names} == names
+  for tied, model_type in ((False, "llama"), (False, "qwen2")):
+    changed = config | {"tie_word_embeddings": tied, "model_type": model_type}
+    changed["attention_bias"] = model_type == "qwen2"
+    names = tensor_names(changed)
+    assert len(names) == 273 + 90 * (model_type == "qwen2")
+    assert {name: _old_hf_name(name) for name in names} == names
 
 
 @pytest.mark.slow

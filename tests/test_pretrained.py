@@ -128,6 +128,28 @@ def test_import_writes_a_run_that_evaluates_and_exports_back(tmp_path):
   assert not torch.equal(halved.lm_head.weight, reloaded.lm_head.weight)  # really rounded
 
 
+def test_scan_layers_run_reads_the_import_and_exports_the_same_weights(tmp_path):
+  """The per-layer tree is the canonical form: a ``model.scan_layers=True`` run loads the
+  imported checkpoint stacked and exports it unstacked, every HF weight unchanged."""
+  from pe_research.stacking import layers_stacked
+
+  model = hf_model()
+  workdir = tmp_path / "run"
+  importer.import_checkpoint(save(model, tmp_path / "hf"), str(workdir))
+  path = workdir / "config.json"
+  saved = json.loads(path.read_text())
+  saved["model"]["scan_layers"] = True
+  path.write_text(json.dumps(saved))
+  ours, config, _ = load_model(str(workdir))
+  assert config.model.scan_layers and layers_stacked(nnx.to_pure_dict(nnx.state(ours, nnx.Param)))
+  importer.export_run(str(workdir), str(tmp_path / "out"))
+  exported = hf_folder.read_hf_folder(str(tmp_path / "out"))[1]
+  expected = {name: w.numpy() for name, w in model.state_dict().items()}
+  assert sorted(exported) == sorted(expected)
+  for name, w in exported.items():
+    np.testing.assert_array_equal(w, expected[name], err_msg=name)
+
+
 @pytest.mark.parametrize("rope_type", ["yarn", "ntk"])
 def test_export_carries_the_runs_rope_scaling(tmp_path, rope_type):
   """A run evaluated or fine-tuned with rope_scaling leaves with it: HF's logits beyond L equal
@@ -199,7 +221,7 @@ def test_streamed_sharded_folder_equals_the_whole_dict_import(tmp_path, dtype):
   hf_config, tensors, _, fmt = importer.read_source(folder)
   assert fmt == "hf" and isinstance(tensors, hf_folder.SafetensorsFolder)
   config = convert.config_from_hf(hf_config, tokenizer="bytes")
-  streamed = convert.params_from_hf(tensors, config, importer.placer())
+  streamed = convert.params_from_hf(tensors, config, importer.placer(config))
   whole = {}
   for file in _shard_files(folder):
     whole |= load_file(os.path.join(folder, file))
@@ -213,25 +235,31 @@ def test_streamed_sharded_folder_equals_the_whole_dict_import(tmp_path, dtype):
 _SHARDED_IMPORT = """
 import json, sys
 import jax, numpy as np
+import optax
 from pe_research import train
 from pe_research.pretrained import convert, hf_folder, importer
 folder = sys.argv[1]
-mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
 hf_config, tensors, _, _ = importer.read_source(folder)
 config = convert.config_from_hf(hf_config, tokenizer="bytes")
-placed = convert.params_from_hf(tensors, config, importer.placer(mesh))
+config.mesh.fsdp = 4
+mesh = train.make_mesh(config.mesh)
+placed = convert.params_from_hf(tensors, config, importer.placer(config, mesh))
 expected = convert.params_from_hf(hf_folder.read_hf_folder(folder)[1], config)
+_, abstract = train.abstract_train_state(config, mesh, optax.sgd(0.1))
+stored = jax.tree.leaves(abstract.params)
 split = 0
-for ours, reference in zip(jax.tree.leaves(placed), jax.tree.leaves(expected), strict=True):
-  assert ours.sharding == train.array_sharding(reference, mesh), ours.sharding
+leaves = jax.tree.leaves(placed), jax.tree.leaves(expected), stored
+for ours, reference, like in zip(*leaves, strict=True):
+  assert ours.sharding.is_equivalent_to(like.sharding, ours.ndim), (ours.sharding, like.sharding)
   np.testing.assert_array_equal(np.asarray(ours), reference)
   split += ours.addressable_shards[0].data.shape != ours.shape
-print(json.dumps({"leaves": len(jax.tree.leaves(placed)), "split": split}))
+print(json.dumps({"leaves": len(stored), "split": split}))
 """
 
 
 def test_streamed_import_places_each_tensor_sharded_on_a_mesh(tmp_path):
-  """On 8 fake CPU devices (data 2 x fsdp 4) each tensor lands with training's FSDP sharding."""
+  """On 8 fake CPU devices (data 2 x fsdp 4) each tensor lands in the sharding training stores
+  it in (``train.abstract_train_state``)."""
   folder = save(hf_model(), tmp_path / "hf", max_shard_size="40KB")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=repo)
@@ -250,8 +278,15 @@ def test_streamed_import_places_each_tensor_sharded_on_a_mesh(tmp_path):
 
 @pytest.mark.parametrize(
   "text, size",
-  [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("40kb", 40_000), (123, 123)]
-  + [(bad, None) for bad in ("", "0", "5 TB", "-1GB", "1.5GB", "GB")],
+  [
+    ("5GB", 5 * 10**9),
+    ("500MB", 5 * 10**8),
+    ("2GiB", 2 * 2**30),
+    ("40kb", 40_000),
+    ("1 TB", 10**12),
+    (123, 123),
+  ]
+  + [(bad, None) for bad in ("", "0", "5XB", "-1GB", "1.5GB", "GB")],
 )
 def test_max_shard_size_parses_hf_units_and_refuses_others(text, size):
   if size is not None:
@@ -259,6 +294,12 @@ def test_max_shard_size_parses_hf_units_and_refuses_others(text, size):
     return
   with pytest.raises(ValueError, match=r"^--max_shard_size=.* is invalid; allowed: a size"):
     shards.parse_size(text)
+
+
+def test_export_refuses_a_bad_dtype_before_reading_the_run(tmp_path):
+  with pytest.raises(ValueError, match=r"^--dtype='float16' is invalid; allowed: float32 or bf"):
+    importer.export_run(str(tmp_path / "nowhere"), str(tmp_path / "out"), dtype="float16")
+  assert not (tmp_path / "out").exists()
 
 
 def test_shards_close_before_the_limit_and_a_large_tensor_gets_its_own():

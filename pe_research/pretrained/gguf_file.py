@@ -2,7 +2,8 @@
 
 `read_gguf(path)` returns what a HF checkpoint folder holds for the same model: the `config.json`
 dict of a `LlamaForCausalLM` (or `Qwen2ForCausalLM`), its state dict as float32 numpy arrays, and
-the `tokenizer.json` text. Dense models with a byte-level BPE ("gpt2") vocabulary only; anything
+the `tokenizer.json` text; `open_gguf(path)` the same with the tensors read one at a time
+(`GGUFTensors`). Dense models with a byte-level BPE ("gpt2") vocabulary only; anything
 else raises a one-line `ValueError` naming the field and what is allowed.
 """
 
@@ -11,7 +12,7 @@ import os
 import gguf
 import numpy as np
 
-from pe_research.pretrained import convert, layout
+from pe_research.pretrained import layout
 from pe_research.pretrained.gguf_tokenizer import tokenizer_json
 
 _MODEL_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -31,17 +32,23 @@ _ROPE_SCALING_TYPES = ("none", "linear", "yarn")
 _MISSING = object()
 
 
+def open_gguf(path: str) -> tuple[dict, "GGUFTensors", str]:
+  """(hf_config, tensors, tokenizer_json) of a llama-architecture GGUF file, its tensors
+  dequantized one at a time as they are read (:class:`GGUFTensors`)."""
+  reader = _open(path)
+  metadata = {key: field.contents() for key, field in reader.fields.items()}
+  config = _hf_config(metadata, {t.name: t for t in reader.tensors})
+  return config, GGUFTensors(reader.tensors, config), tokenizer_json(metadata)
+
+
 def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray], str]:
   """(hf_config, tensors, tokenizer_json) of a llama-architecture GGUF file.
 
   `tensors` maps HF parameter names to float32 arrays in HF shapes (Linear weights [out, in]):
   dequantized, and for llama files with llama.cpp's Q/K row interleave undone.
   """
-  reader = _open(path)
-  metadata = {key: field.contents() for key, field in reader.fields.items()}
-  config = _hf_config(metadata, {t.name: t for t in reader.tensors})
-  tensors = _read_tensors(reader.tensors, config)
-  return config, tensors, tokenizer_json(metadata)
+  config, tensors, tokenizer = open_gguf(path)
+  return config, {name: tensors[name] for name in tensors.names()}, tokenizer
 
 
 def _open(path: str) -> gguf.GGUFReader:
@@ -147,43 +154,61 @@ def _rope_scaling(metadata: dict, arch: str) -> dict | None:
   return scaling
 
 
-def _gguf_names(config: dict, hf_names) -> dict[str, str]:
-  """GGUF tensor name -> HF name, by the ``gguf`` package's own HF -> GGUF name map (the one
-  llama.cpp's converter writes with)."""
+def _model_cfg(config: dict):
+  from pe_research.pretrained import convert
+
+  return convert.config_from_hf(config, tokenizer="bytes").model
+
+
+def tensor_names(config: dict) -> dict[str, str]:
+  """GGUF name -> HF name of every tensor of the model (layout.py's table), by the ``gguf``
+  package's own HF -> GGUF name map (the one llama.cpp's converter writes with)."""
   arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[config["model_type"]]
   names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-  return {names.get_name(name, try_suffixes=(".weight", ".bias")): name for name in hf_names}
+  return {
+    names.get_name(name, try_suffixes=(".weight", ".bias")): name
+    for name in layout.hf_specs(_model_cfg(config))
+  }
 
 
-def _read_tensors(reader_tensors: list, config: dict) -> dict[str, np.ndarray]:
-  """Every tensor of the model (layout.py's table), dequantized to float32, shape-checked and
-  (llama) un-permuted, by HF name."""
-  specs = layout.hf_specs(convert.config_from_hf(config, tokenizer="bytes").model)
-  hf_names = _gguf_names(config, specs)
-  tensors = {}
-  for tensor in reader_tensors:
-    if tensor.name not in hf_names:
-      raise ValueError(
-        f"tensor {tensor.name} is not part of this {config['model_type']} model; allowed: "
-        f"its {len(hf_names)} tensors ({', '.join(list(hf_names)[:3])}, ...)"
-      )
-    hf_name = hf_names[tensor.name]
-    shape, rope_heads = specs[hf_name]
+class GGUFTensors:
+  """The file's tensors by HF name (``tensors[name]``): each dequantized to float32, shape-checked
+  and (llama) un-permuted when read. Names and types are checked on opening; the file stays
+  memory-mapped by the reader, so host memory holds the tensor being converted."""
+
+  def __init__(self, reader_tensors: list, config: dict):
+    self._specs = layout.hf_specs(_model_cfg(config))
+    self._permuted = config["model_type"] == "llama"
+    hf_names = tensor_names(config)
+    self._tensors = {}
+    for tensor in reader_tensors:
+      if tensor.name not in hf_names:
+        raise ValueError(
+          f"tensor {tensor.name} is not part of this {config['model_type']} model; allowed: "
+          f"its {len(hf_names)} tensors ({', '.join(list(hf_names)[:3])}, ...)"
+        )
+      if tensor.tensor_type not in _DEQUANTIZABLE:
+        allowed = ", ".join(t.name for t in _DEQUANTIZABLE)
+        raise ValueError(
+          f"tensor {tensor.name} has type {tensor.tensor_type.name}; allowed: {allowed}"
+        )
+      self._tensors[hf_names[tensor.name]] = tensor
+    for name, hf_name in hf_names.items():
+      if hf_name not in self._tensors:
+        raise ValueError(f"tensor {name} is missing")
+
+  def names(self) -> list[str]:
+    return list(self._tensors)
+
+  def __getitem__(self, hf_name: str) -> np.ndarray:
+    tensor = self._tensors[hf_name]
+    shape, rope_heads = self._specs[hf_name]
     w = layout.check_shape(tensor.name, _dequantize(tensor), shape)
-    if config["model_type"] == "llama" and rope_heads:
-      w = _unpermute_rows(w, rope_heads)
-    tensors[hf_name] = w
-  for name, hf_name in hf_names.items():
-    if hf_name not in tensors:
-      raise ValueError(f"tensor {name} is missing")
-  return tensors
+    return _unpermute_rows(w, rope_heads) if self._permuted and rope_heads else w
 
 
 def _dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
   """float32 copy of a tensor in HF order (the reader reverses GGML's [in, out] to [out, in])."""
-  if tensor.tensor_type not in _DEQUANTIZABLE:
-    allowed = ", ".join(t.name for t in _DEQUANTIZABLE)
-    raise ValueError(f"tensor {tensor.name} has type {tensor.tensor_type.name}; allowed: {allowed}")
   return np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from pe_research import checkpoint, config_lib, workdirs
 from pe_research.pretrained import convert, hf_folder, layout, shards
+from pe_research.stacking import layers_stacked, unstack_layers
 
 IMPORTED_FILE = checkpoint.IMPORTED_FILE
 TOKENIZER_FILE = "tokenizer.json"
@@ -49,14 +50,14 @@ def smollm2_gguf() -> str:
 
 
 def read_source(source: str) -> tuple[dict, Any, str | None, str]:
-  """``(hf_config, tensors, tokenizer_json, format)`` of an HF folder (its tensors read one at a
-  time, ``hf_folder.SafetensorsFolder``) or a ``.gguf`` file (a dict, dequantized)."""
+  """``(hf_config, tensors, tokenizer_json, format)`` of an HF folder or a ``.gguf`` file, the
+  tensors read one at a time (``hf_folder.SafetensorsFolder``, ``gguf_file.GGUFTensors``)."""
   if os.path.isfile(source):
     if not source.endswith(".gguf"):
       raise ValueError(f"--source={source!r} is a file but not .gguf; allowed: a folder or .gguf")
-    from pe_research.pretrained.gguf_file import read_gguf
+    from pe_research.pretrained.gguf_file import open_gguf
 
-    return (*read_gguf(source), "gguf")
+    return (*open_gguf(source), "gguf")
   return (*hf_folder.open_hf_folder(source), "hf")
 
 
@@ -82,14 +83,30 @@ def _check_empty(workdir: str) -> None:
     raise ValueError(f"--workdir={workdir!r} exists and is not empty; allowed: a new folder")
 
 
-def placer(mesh: jax.sharding.Mesh | None = None) -> Callable[[tuple, np.ndarray], jax.Array]:
-  """``place(path, x)`` for ``convert.params_from_hf``: ``x`` onto the default device, or split
-  over ``mesh`` as training shards it (``train.array_sharding``)."""
-  from pe_research import train
+def placer(
+  config, mesh: jax.sharding.Mesh | None = None
+) -> Callable[[tuple, np.ndarray], jax.Array]:
+  """``place(path, x)`` for ``convert.params_from_hf``: ``x`` onto the default device, or onto
+  ``mesh`` in the layout training stores it in (its logical axis names through
+  ``sharding.param_specs``, on the per-layer tree)."""
+  if mesh is None:
+    return lambda path, x: jax.device_put(x)
+  from flax import nnx
+  from jax.sharding import NamedSharding
+
+  from pe_research import sharding
+  from pe_research.model import Transformer
+
+  per_layer = config.copy_and_resolve_references()
+  per_layer.model.scan_layers = False
+  model = nnx.eval_shape(lambda: Transformer(per_layer, rngs=nnx.Rngs(0)))
+  specs = sharding.param_specs(nnx.state(model, nnx.Param), mesh)
 
   def place(path: tuple, x: np.ndarray) -> jax.Array:
-    del path
-    return jax.device_put(x, None if mesh is None else train.array_sharding(x, mesh))
+    spec = specs
+    for key in path:
+      spec = spec[key]
+    return jax.device_put(x, NamedSharding(mesh, spec))
 
   return place
 
@@ -114,14 +131,15 @@ def _save_params(workdir: str, config, params: dict) -> None:
 def import_checkpoint(source: str, workdir: str, mesh: jax.sharding.Mesh | None = None):
   """Writes the run workdir of ``source``; returns its config. An HF folder is read one tensor
   at a time, each of our tensors placed on the device (split over ``mesh`` when given) as soon
-  as it is built: the host holds one layer's tensors, not the checkpoint."""
+  as it is built: beyond the placed arrays the host holds about one layer, not the checkpoint
+  (docs/benchmarks/import_memory)."""
   workdir = os.path.abspath(workdir)
   _check_empty(workdir)
   hf_config, tensors, tokenizer_json, fmt = read_source(source)
   final_tokenizer = os.path.join(workdir, TOKENIZER_FILE)
   config = convert.config_from_hf(hf_config, tokenizer=final_tokenizer)
   _check_tokenizer(tokenizer_json, config.model.vocab_size, source)
-  params = convert.params_from_hf(tensors, config, placer(mesh))
+  params = convert.params_from_hf(tensors, config, placer(config, mesh))
   del tensors
   staging = f"{workdir}.importing-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
@@ -177,6 +195,8 @@ def export_run(
       source = json.load(f).get("hf_config", {})
   hf_config = convert.hf_config_from(config, source)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if layers_stacked(params):  # model.scan_layers: the layout table reads the per-layer tree.
+    params = unstack_layers(params)
   tokenizer_json = tokenizer_config = None
   spec = config.data.get("tokenizer", "bytes")
   if spec != "bytes":
