@@ -38,7 +38,9 @@ class PasskeyResult:
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
   """One evaluation of one run: ``rows`` (``eval_lib.lm_sweep``'s, one per length),
-  ``per_position`` (length -> ``(nll_sum_L, weight_sum_L)``), and the passkey grid if asked."""
+  ``per_position`` (length -> ``(nll_sum_L, weight_sum_L)``), ``per_window`` (length ->
+  ``{"nll_WxR", "weight_WxR"}``: each window's sums inside / beyond ``train_len``) and the
+  passkey grid if asked."""
 
   name: str
   workdir: str
@@ -54,6 +56,7 @@ class EvalResult:
   compiles: int  # XLA compilations measured while scoring (JAX monitoring events).
   programs: int  # Programs in the evaluator's cache.
   passkey: PasskeyResult | None = None
+  per_window: dict[int, dict[str, list]] = dataclasses.field(default_factory=dict)
 
   @property
   def lengths(self) -> list[int]:
@@ -91,12 +94,16 @@ class EvalResult:
 def write_results(
   result: EvalResult, out_dir: str, *, extra: Mapping[str, Any] | None = None
 ) -> None:
-  """Writes ``out_dir/<name>.csv/.json/.png``, ``<name>_per_position.csv/.json/.png`` and,
+  """Writes ``out_dir/<name>.csv/.json/.png``, ``<name>_per_position.csv/.json/.png``,
+  ``<name>_windows.json`` (each window's NLL and tokens inside / beyond L, per length) and,
   with a passkey grid, ``<name>_passkey.csv/.json/.png`` (see ``pe_research.evaluate``).
   ``extra`` keys follow ``rows`` in ``<name>.json`` (the sweep's cache key)."""
   stem, title = os.path.join(out_dir, result.name), f"{result.workdir}: {result.name}"
   position_rows = [r for n in result.lengths for r in per_position_rows(n, *result.per_position[n])]
   write_table(f"{stem}_per_position", position_rows, result.meta())
+  with open(f"{stem}_windows.json", "w") as f:
+    windows = {str(n): v for n, v in result.per_window.items()}
+    json.dump(result.meta() | {"regions": ["inside", "beyond"], "lengths": windows}, f)
   plot_per_position(
     f"{stem}_per_position.png", result.per_position, title=title, train_len=result.train_len
   )
