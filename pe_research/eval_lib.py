@@ -145,7 +145,7 @@ class Totals:
   def lm_row(self) -> dict[str, float]:
     loss = self.loss
     ppl_lo, ppl_hi, units = self.ppl_interval()
-    return (self.region_row() if self.nll_WxR else {}) | {
+    return {
       "tokens": self.tokens,
       "loss": loss,
       "ppl": math.exp(loss) if loss < 700 else math.inf,
@@ -157,7 +157,7 @@ class Totals:
       "bits_per_byte": self.bits_per_byte,
       "seconds": self.seconds,
       "compile_seconds": self.compile_seconds,
-    }
+    } | (self.region_row() if self.nll_WxR else {})
 
 
 class Evaluator:

@@ -354,6 +354,7 @@ def test_cli_writes_tables_plots_and_compile_count(rope_run, no_compilation_cach
     "smoke.png",
     "smoke_per_position.csv",
     "smoke_per_position.png",
+    "smoke_windows.json",
     "smoke_passkey.png",
   ):
     assert (out / name).stat().st_size > 0
