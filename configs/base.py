@@ -79,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.local_dir = ""  # Folder of text files for the local_text dataset.
   config.data.tokenizer = "bytes"  # "bytes" or the path of a HF tokenizers tokenizer.json.
   config.data.eval_tokens = 65536  # Tokens per evaluation length.
+  # Split evaluated: "validation", or "train" (zero-shot on a model not trained on this corpus).
+  config.data.eval_split = "validation"
   config.data.task = "copy"  # Algorithmic task for the synthetic dataset.
   config.data.train_min_len = 1  # Synthetic task: shortest training instance.
   config.data.train_max_len = 20  # Synthetic task: longest training instance.

@@ -34,15 +34,25 @@ class Preset:
   data: dict  # text kind -> data overrides (first kind: the long lengths and fine-tuning)
 
 
-_TEXTS = {"python": {"data.name": "pystdlib"}, "prose": {"data.name": "sotu"}}
+# Windows of one document each (docs/long_context_data.md): pystdlib's validation split holds
+# exactly 8 units of 12,288 tokens (9 at 8k, 6 at 16k, 1 at 32k) and is what a model fine-tuned
+# here (on the train split) may be evaluated on; sotu's validation split holds 4, so the prose
+# (zero-shot only: the imported model never trained on either split) reads its train split.
+_TEXTS = {
+  "python": {"data.name": "pystdlib", "data.eval_split": "validation"},
+  "prose": {"data.name": "sotu", "data.eval_split": "train"},
+}
 _FREQUENCY = ("none", "PI", "NTK", "YaRN")
-_TRAINING_FREE = ("none", "Self-Extend", "ReRoPE", "ReRoPE (clip only)", "dynamic NTK")
+_TRAINING_FREE = ("none", "Self-Extend", "ReRoPE")
+_MORE = ("none", "dynamic NTK", "log-n", "ReRoPE (clip only)")
 _NO_NIAH = dict(niah_lengths=(), niah_depths=(), niah_trials=0, niah_methods=())
 _NO_FT = dict(ft_methods=(), ft_steps=0, ft_seq_len=0, pose_seq_len=0)
 # The cpu presets: measured per-window cost of one SmolLM2 evaluation here (AMD EPYC Zen 4, 2
-# cores): 2k 6 s, 8k 53 s, 12k ~100 s, 16k 130-240 s, 32k 11.5 min (a Zen 3 is 1.5-2x slower).
-# Each preset fits 60 min on a Zen 4 at 12k windows (s = 1.5): 8 documents × 4 methods × ~100 s
-# ≈ 53 min; the base model's evaluations are cached and shared between presets (same workdir).
+# cores): 2k 6 s, 8k 53 s, 12k ~100 s, 16k 130-240 s (the upper end: two logit sets, Self-Extend
+# and ReRoPE), 32k 11.5 min (a Zen 3 is 1.5-2x slower). Each preset is planned for <= 60 min on a
+# Zen 4 at 12k windows (s = 1.5), 8 documents per length, with Self-Extend / ReRoPE at up to
+# ~185 s a window; the base model's evaluations are cached and shared between presets (same
+# workdir). Estimates per preset: docs/pretrained_extension/PROTOCOL.md.
 _CPU = dict(
   factor=4,
   lengths=(12288,),
@@ -91,12 +101,15 @@ PRESETS = {
     **_NO_NIAH,
     **_NO_FT,
   ),
-  # The training-free methods (the base model's rows cached from `cpu`): ~53 min.
+  # The training-free methods with two logit sets (the base model's rows cached from `cpu`):
+  # 8 × 2 × 100-185 s ≈ 27-49 min.
   "cpu-free": Preset(**_CPU, methods=_TRAINING_FREE, inside_lengths=(), **_NO_NIAH, **_NO_FT),
-  # English prose: the base, YaRN, Self-Extend and ReRoPE (~53 min).
+  # Dynamic NTK, log-n and ReRoPE without log-n: 8 × (2 × 100 + 100-185 s) ≈ 40-51 min.
+  "cpu-more": Preset(**_CPU, methods=_MORE, inside_lengths=(), **_NO_NIAH, **_NO_FT),
+  # English prose: the base, YaRN and Self-Extend: 8 × (2 × 100 + 100-185 s) ≈ 40-51 min.
   "cpu-prose": Preset(
     **(_CPU | {"data": {"prose": _TEXTS["prose"]}}),
-    methods=("none", "YaRN", "Self-Extend", "ReRoPE"),
+    methods=("none", "YaRN", "Self-Extend"),
     inside_lengths=(),
     **_NO_NIAH,
     **_NO_FT,

@@ -116,7 +116,7 @@ def follows_recipe(row: dict, train_len: int, factor: int) -> tuple[bool, str]:
 def findings(rows: list[dict], train_len: int, factor: int, niah_rows: dict) -> list[str]:
   """Verdicts on the published shapes from one text kind's non-overlapping rows, each paired
   on the same windows or tokens (module docstring); ends with what the paper measured."""
-  at = {(r["method"], r["length"]): r for r in rows if r["mode"] == "nonoverlapping"}
+  at = {(r["method"], r["length"]): r for r in rows if r["mode"] != "sliding"}
   regions = {key: windows(r) for key, r in at.items()}
   out = []
 
@@ -229,7 +229,7 @@ def _regions_table(kind_rows: list[dict], train_len: int) -> list[str]:
   table = []
   for r in kind_rows:
     regions = windows(r)
-    if r["mode"] != "nonoverlapping" or r["length"] <= train_len or regions is None:
+    if r["mode"] == "sliding" or r["length"] <= train_len or regions is None:
       continue
     ratio = beyond_over_inside(regions)
     to_base = None if r["method"] == "none" else versus(regions, base.get(r["length"]), 1)
@@ -356,7 +356,7 @@ def _curves(kind_rows: list[dict]) -> dict:
   points: dict[str, list] = {}
   for r in kind_rows:
     regions = windows(r)
-    if r["mode"] == "nonoverlapping" and regions is not None:
+    if r["mode"] != "sliding" and regions is not None:
       points.setdefault(label(r), []).append((r["length"], *region_ppl(regions, None)))
   return {k: tuple(zip(*sorted(v), strict=True)) for k, v in points.items()}
 
@@ -401,6 +401,10 @@ def write_outputs(out, args, preset, rows, niah_rows, train_len, wall) -> None:
       "construction at that length):",
       "",
       *_regions_table(kind_rows, train_len),
+      "",
+      *sorted(
+        {f"Windows at {r['length']}: {r['units_note']}" for r in kind_rows if r.get("units_note")}
+      ),
       "",
       *_inside_table(kind_rows, train_len),
       *_sliding_table(kind_rows, preset.stride),

@@ -15,8 +15,9 @@ per step for every method): PI and YaRN at the preset's window, PoSE on its shor
 positions over s·L (YaRN frequencies). Where a method is the base model by construction at a
 length (the encoding answers: ``RoPE.unchanged_up_to``), the base model's evaluation is reused.
 
-Measured on ``windows`` windows per length (the seam for documents as windows: the ``data.*``
-overrides of each text kind choose the windows): every window's NLL inside L and beyond L
+Measured on ``windows`` windows per length, each the start of one document or stated series
+(``pe_research.data.long_windows``; the ``data.*`` overrides of each text kind choose the corpus
+and ``data.eval_split``): every window's NLL inside L and beyond L
 (``eval_lib``'s regions, ``<eval>_windows.json``), from which ``extension_report`` writes the
 paired verdicts with intervals over windows; a needle-in-a-haystack grid (``pe_research.passkey``)
 with the base model inside L as its positive control. Writes OUT/results.csv, OUT/niah.csv,
@@ -44,9 +45,10 @@ NAME = "pretrained_extension"
 
 
 def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, stride=None, split=None):
-  """One cached evaluation per length (each length has its own token budget ``budget(n)``);
-  with ``stride``, sliding windows instead, scoring the first window and 4 strides after it;
-  ``split``: the L of the regions (a fine-tune's base model's)."""
+  """One cached evaluation per length: ``budget(n) / n`` windows of one document each
+  (``mode="documents"``: ``data.long_windows``); with ``stride``, sliding windows of the packed
+  stream instead, scoring the first window and 4 strides after it; ``split``: the L of the
+  regions (a fine-tune's base model's)."""
   rows = []
   for n in lengths:
     step = None if stride is None else min(stride, n // 2)
@@ -57,7 +59,7 @@ def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, stride=No
       max_tokens=budget(n) if step is None else n + 4 * step,
       rope_scaling=rope_scaling,
       overrides=overrides,
-      mode="nonoverlapping" if step is None else "sliding",
+      mode="documents" if step is None else "sliding",
       stride=step,
       split=split,
     )

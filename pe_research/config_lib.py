@@ -26,6 +26,7 @@ _RULES: dict[str, Rule] = {
   "model.attention": one_of("dense", "blockwise", "xla"),
   "model.compute_dtype": one_of("float32", "bfloat16"),
   "train.nan_policy": one_of("stop", "skip"),
+  "data.eval_split": one_of("validation", "train"),
   **dict.fromkeys(
     (
       *("model.vocab_size", "model.num_layers", "model.model_dim", "model.num_heads"),

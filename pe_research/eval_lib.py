@@ -21,7 +21,8 @@ host, ``bytes = Σ_b,l w[b,l] · bytes_per_token[targets[b,l]]`` (from the token
 so byte-level and BPE models are compared on one axis. Host-side sums are float64.
 Every ppl and accuracy comes with a 95% bootstrap interval (``pe_research.stats``): ppl over the
 scored windows (``nll_sum_B``, ``scored_B``; contiguous blocks of positions when there are fewer
-than 16 windows, ``interval_units`` says which), accuracy over examples.
+than 16 windows, except in documents mode, where the documents are the units from 2 on;
+``interval_units`` says which), accuracy over examples.
 
 Regions: given a ``split`` position (the training length L), every scored window's NLL and
 token count are also summed inside (positions l < split) and beyond (l >= split), per window
@@ -121,11 +122,11 @@ class Totals:
       return math.nan
     return float(self.nll_sum_L.sum() / math.log(2) / self.scored_bytes)
 
-  def ppl_interval(self) -> tuple[float, float, str]:
+  def ppl_interval(self, min_windows: int = bootstrap.MIN_UNITS) -> tuple[float, float, str]:
     """``(lo, hi, units)``: the 95% bootstrap interval of ppl (``pe_research.stats``) over the
-    scored windows, or over blocks of positions when there are few windows."""
+    scored windows, or over blocks of positions when there are fewer than ``min_windows``."""
     nll_U, weight_U, units = bootstrap.loss_units(
-      np.array(self.nll_W), np.array(self.weight_W), self.nll_sum_L, self.weight_sum_L
+      np.array(self.nll_W), np.array(self.weight_W), self.nll_sum_L, self.weight_sum_L, min_windows
     )
     return (*bootstrap.ppl_interval(nll_U, weight_U), units)
 
@@ -142,9 +143,9 @@ class Totals:
       row[f"loss_{region}"] = float(nll_R[r] / weight_R[r]) if weight_R[r] else math.nan
     return row
 
-  def lm_row(self) -> dict[str, float]:
+  def lm_row(self, min_windows: int = bootstrap.MIN_UNITS) -> dict[str, float]:
     loss = self.loss
-    ppl_lo, ppl_hi, units = self.ppl_interval()
+    ppl_lo, ppl_hi, units = self.ppl_interval(min_windows)
     return {
       "tokens": self.tokens,
       "loss": loss,
@@ -308,7 +309,7 @@ def lm_sweep(
   bytes_per_token_V = tokenizer_of(config.data).utf8_bytes_per_token()
   rows, per_position, per_window = [], {}, {}
   for length in lengths:
-    step = length if mode == "nonoverlapping" else stride or max(1, length // 2)
+    step = length if mode != "sliding" else stride or max(1, length // 2)
     size = batch_size or backend.eval_batch_size(length)
     batches = make_eval_batches(
       config,
@@ -326,7 +327,11 @@ def lm_sweep(
       split=split,
     )
     row = {"length": length, "mode": mode, "stride": step, "attention": totals.attention}
-    row |= totals.lm_row()
+    row |= totals.lm_row(min_windows=2 if mode == "documents" else bootstrap.MIN_UNITS)
+    if mode == "documents":  # Which units the windows are, and why there are fewer if so.
+      row |= {"units": ";".join(batches.windows.units), "units_note": batches.windows.note}
+      if batches.windows.note:
+        tqdm.tqdm.write(f"length {length:>7}: {batches.windows.note}")
     if synthetic:
       row |= {
         "seq_len": len(totals.nll_sum_L),

@@ -13,12 +13,15 @@ import dataclasses
 import json
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+
+from pe_research.encodings.rope_scaling import short_label
 
 # (xs, ys) or (xs, ys, lo, hi): a curve, optionally with its interval band.
 Curve = tuple[Sequence[float], ...]
@@ -64,7 +67,14 @@ class EvalResult:
 
   @property
   def label(self) -> str:
-    return self.pe + (f" {self.rope_scaling}" if self.rope_scaling else "")
+    """The run in a few words, for titles and legends: ``rope``, ``rope YaRN s=4``."""
+    return self.pe + (f" {short_label(self.rope_scaling)}" if self.rope_scaling else "")
+
+  @property
+  def caption(self) -> str:
+    """What the title leaves out: the rope_scaling spec and the evaluation's overrides."""
+    parts = [f"rope_scaling={self.rope_scaling}"] if self.rope_scaling else []
+    return "; ".join(parts + [f"{k}={v}" for k, v in sorted(self.overrides.items())])
 
   def meta(self) -> dict[str, Any]:
     """The run and request: the header of every JSON table."""
@@ -98,14 +108,20 @@ def write_results(
   ``<name>_windows.json`` (each window's NLL and tokens inside / beyond L, per length) and,
   with a passkey grid, ``<name>_passkey.csv/.json/.png`` (see ``pe_research.evaluate``).
   ``extra`` keys follow ``rows`` in ``<name>.json`` (the sweep's cache key)."""
-  stem, title = os.path.join(out_dir, result.name), f"{result.workdir}: {result.name}"
+  stem = os.path.join(out_dir, result.name)
+  title = f"{result.workdir}: {result.label}, {result.mode}"
+  caption = result.caption
   position_rows = [r for n in result.lengths for r in per_position_rows(n, *result.per_position[n])]
   write_table(f"{stem}_per_position", position_rows, result.meta())
   with open(f"{stem}_windows.json", "w") as f:
     windows = {str(n): v for n, v in result.per_window.items()}
     json.dump(result.meta() | {"regions": ["inside", "beyond"], "lengths": windows}, f)
   plot_per_position(
-    f"{stem}_per_position.png", result.per_position, title=title, train_len=result.train_len
+    f"{stem}_per_position.png",
+    result.per_position,
+    title=title,
+    train_len=result.train_len,
+    caption=caption,
   )
   if result.passkey is not None:
     write_table(f"{stem}_passkey", result.passkey.rows, result.meta())
@@ -115,6 +131,7 @@ def write_results(
       lengths=result.passkey.lengths,
       depths=result.passkey.depths,
       title=f"passkey accuracy: {result.label}",
+      caption=caption,
     )
   key = "accuracy" if result.synthetic else "ppl"
   plot_curves(
@@ -124,6 +141,7 @@ def write_results(
     title=title,
     train_len=result.train_len,
     logy=not result.synthetic,
+    caption=caption,
   )
   write_table(stem, result.rows, result.meta() | result.compile_counts(), extra)
 
@@ -146,17 +164,31 @@ def write_table(
     f.write("\n")
 
 
-def _finish(fig: Figure, ax, path: str, train_len: int | None, title: str) -> None:
+def _save(fig: Figure, ax, path: str, title: str, caption: str) -> None:
+  """Saves with ``title`` wrapped to the figure's width and ``caption`` (the details a title
+  leaves out) in small grey type below the axes."""
+  inches = fig.get_figwidth()
+  ax.set_title(textwrap.fill(title, max(20, int(inches * 8))))  # ~8 characters of 12 pt/inch.
+  bottom = 0.0
+  if caption:
+    text = textwrap.fill(caption, int(inches * 14))  # 7 pt type.
+    fig.text(0.01, 0.01, text, fontsize=7, color="dimgray", ha="left", va="bottom")
+    bottom = (text.count("\n") + 1) * 7 * 1.3 / 72 / fig.get_figheight() + 0.02
+  fig.tight_layout(rect=(0, bottom, 1, 1))
+  fig.savefig(path, dpi=120)
+
+
+def _finish(
+  fig: Figure, ax, path: str, train_len: int | None, title: str, caption: str = ""
+) -> None:
   if train_len:
     ax.axvline(train_len, color="gray", linestyle="--", linewidth=1, label=f"train_len={train_len}")
-  ax.set_title(title)
   ax.grid(True, which="both", alpha=0.3)
   if len(ax.get_legend_handles_labels()[1]) > 4:  # Many curves: legend beside the axes.
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
   else:
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, ax, path, title, caption)
 
 
 def plot_curves(
@@ -167,9 +199,10 @@ def plot_curves(
   title: str,
   train_len: int | None = None,
   logy: bool = True,
+  caption: str = "",
 ) -> None:
   """One line per curve against evaluation length (log₂ x axis); non-finite y is dropped. A
-  curve ``(xs, ys, lo, hi)`` also draws its interval as a band."""
+  curve ``(xs, ys, lo, hi)`` also draws its interval as a band; ``caption`` goes below."""
   fig = Figure(figsize=(8.5 if len(curves) > 3 else 7, 4.5))
   ax = fig.subplots()
   colors = matplotlib.colormaps["tab10" if len(curves) <= 10 else "tab20"].colors
@@ -186,7 +219,7 @@ def plot_curves(
     ax.set_yscale("log")
   ax.set_xlabel("evaluation length (tokens)")
   ax.set_ylabel(ylabel)
-  _finish(fig, ax, path, train_len, title)
+  _finish(fig, ax, path, train_len, title, caption)
 
 
 def per_position_rows(
@@ -207,6 +240,7 @@ def plot_per_position(
   title: str,
   train_len: int | None = None,
   bins: int = 64,
+  caption: str = "",
 ) -> None:
   """Mean NLL against position within the window, one line per length.
 
@@ -226,7 +260,7 @@ def plot_per_position(
   ax.set_xscale("log", base=2)
   ax.set_xlabel("position in window (1-based)")
   ax.set_ylabel("mean NLL (nats)")
-  _finish(fig, ax, path, train_len, title)
+  _finish(fig, ax, path, train_len, title, caption)
 
 
 def plot_grid(
@@ -236,9 +270,10 @@ def plot_grid(
   lengths: Sequence[int],
   depths: Sequence[float],
   title: str,
+  caption: str = "",
 ) -> None:
   """Heat map of accuracy (0..1) with lengths as rows and needle depths as columns."""
-  fig = Figure(figsize=(1.2 + 0.9 * len(depths), 1.2 + 0.5 * len(lengths)))
+  fig = Figure(figsize=(max(4.0, 1.2 + 0.9 * len(depths)), max(2.8, 1.2 + 0.5 * len(lengths))))
   ax = fig.subplots()
   image = ax.imshow(accuracy_grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
   ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
@@ -247,7 +282,5 @@ def plot_grid(
     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
   ax.set_xlabel("needle depth")
   ax.set_ylabel("evaluation length")
-  ax.set_title(title)
   fig.colorbar(image, ax=ax, label="accuracy")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, ax, path, title, caption)

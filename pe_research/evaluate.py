@@ -2,6 +2,7 @@ r"""Evaluates a trained run at many lengths: "how does this encoding behave beyo
 
   python -m pe_research.evaluate --workdir=runs/rope --lengths=128,256,512,1024,2048
   python -m pe_research.evaluate --workdir=runs/rope --mode=sliding --stride=64
+  python -m pe_research.evaluate --workdir=runs/rope --mode=documents  # one document per window
   python -m pe_research.evaluate --workdir=runs/rope \
       --rope_scaling='{"rope_type":"yarn","factor":8}'          # zero-shot extension
   python -m pe_research.evaluate --workdir=runs/rope \
@@ -27,7 +28,10 @@ into ``DIR/eval/``:
 
 Defaults: lengths ``train_len · 2^k`` for k = 0..4 (synthetic tasks: the task length doubling
 from ``data.train_max_len // 2`` up to ``data.test_max_len``), non-overlapping windows (sliding:
-``--stride`` defaults to L // 2), the same ``data.eval_tokens`` targets at every length.
+``--stride`` defaults to L // 2), the same ``data.eval_tokens`` targets at every length
+(documents: ``⌈data.eval_tokens / L⌉`` windows, each the start of one document or stated series,
+``data.long_windows``; rows name them in ``units`` and say in ``units_note`` when fewer exist).
+Figure titles name the method briefly (``rope YaRN s=8``); the full spec is the caption.
 Dense attention switches to blockwise (``backend.eval_attention``) from 1024 positions on, or
 when its ``B·H·L²·4`` score bytes exceed ``--dense_budget_gib``. One program is compiled per
 length: ``compiles`` in the JSON counts XLA compilations from JAX's monitoring events while

@@ -53,12 +53,14 @@ def needle(key: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PasskeyExample:
-  """One prompt. ``tokens``: int32 ``[length + 1]``; the answer is ``tokens[answer_start:]``."""
+  """One prompt. ``tokens``: int32 ``[length + 1]``; the answer is ``tokens[answer_start:]``;
+  ``gap`` tokens of filler lie between the needle's end and the question."""
 
   tokens: np.ndarray
   key: int
   needle_start: int
   answer_start: int
+  gap: int
 
   def as_batch_row(self) -> dict[str, np.ndarray]:
     """``inputs``/``targets`` int32 ``[length]``, ``weights`` float32 ``[length]``."""
@@ -113,9 +115,16 @@ def control_verdict(rows: Sequence[dict], train_len: int) -> str:
 
 
 def make_example(
-  length: int, depth: float, key: int, encode: Encode, header: str = HEADER
+  length: int,
+  depth: float,
+  key: int,
+  encode: Encode,
+  header: str = HEADER,
+  haystack: np.ndarray | None = None,
 ) -> PasskeyExample:
-  """The passkey prompt whose model input is exactly ``length`` tokens (see module doc)."""
+  """The passkey prompt whose model input is exactly ``length`` tokens (see module doc); with
+  ``haystack`` (int32 tokens of a real text, at least the filler budget) its first tokens
+  stand in for the repeated filler."""
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f"passkey depth={depth} must be in [0, 1]")
   if key < 0:
@@ -124,8 +133,13 @@ def make_example(
   budget = length - min_length(encode, key, header)
   if budget < 0:
     raise ValueError(f"passkey length={length} is too short: at least {length - budget} needed")
-  unit = np.asarray(encode(FILLER), np.int32)
-  filler = np.tile(unit, budget // len(unit) + 1)[:budget]
+  if haystack is None:
+    unit = np.asarray(encode(FILLER), np.int32)
+    filler = np.tile(unit, budget // len(unit) + 1)[:budget]
+  elif len(haystack) < budget:
+    raise ValueError(f"haystack of {len(haystack)} tokens is shorter than the {budget} needed")
+  else:
+    filler = np.asarray(haystack[:budget], np.int32)
   k = round(depth * budget)
   tokens = np.concatenate([head, filler[:k], mark, filler[k:], question, answer])
   return PasskeyExample(
@@ -133,6 +147,7 @@ def make_example(
     key=key,
     needle_start=len(head) + k,
     answer_start=len(tokens) - len(answer),
+    gap=budget - k,
   )
 
 
@@ -156,8 +171,14 @@ def make_batches(
     make_example(length, depth, int(rng.integers(10_000, 100_000)), encode, header).as_batch_row()
     for _ in range(trials)
   ]
+  return stack_rows(rows, batch_size)
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]], batch_size: int) -> list[dict]:
+  """Prompt rows (``as_batch_row``) stacked into batches of ``batch_size``, the last padded
+  with zero-weight rows."""
   pad = {name: np.zeros_like(value) for name, value in rows[0].items()}
-  rows += [pad] * (-len(rows) % batch_size)
+  rows = [*rows, *[pad] * (-len(rows) % batch_size)]
   return [
     {name: np.stack([r[name] for r in rows[i : i + batch_size]]) for name in pad}
     for i in range(0, len(rows), batch_size)

@@ -10,6 +10,11 @@ bootstrap resamples the units with replacement ``reps`` times::
 Accuracies (passkey, synthetic exact match) use the same bootstrap over examples (a mean of 0/1).
 Two methods are ranked only when their intervals do not overlap; otherwise they are tied.
 
+Counts of successes (needle retrieval, ``clopper_pearson``) get the exact binomial interval of
+Clopper & Pearson (1934): with k of n correct and α = 1 − level,
+``lo = B⁻¹(α/2; k, n − k + 1)`` (0 when k = 0) and ``hi = B⁻¹(1 − α/2; k + 1, n − k)`` (1 when
+k = n), B⁻¹ the Beta quantile; its coverage is at least ``level`` for every true rate.
+
 Across training seeds (``seed_interval``) the unit is the run: the mean of U per-seed values
 with a Student-t interval ``mean ± t_{0.975, U-1} · sd / sqrt(U)`` (U = 1 gives a point).
 
@@ -74,11 +79,16 @@ def position_blocks(
 
 
 def loss_units(
-  nll_W: np.ndarray, weight_W: np.ndarray, nll_L: np.ndarray, weight_L: np.ndarray
+  nll_W: np.ndarray,
+  weight_W: np.ndarray,
+  nll_L: np.ndarray,
+  weight_L: np.ndarray,
+  min_windows: int = MIN_UNITS,
 ) -> tuple[np.ndarray, np.ndarray, str]:
   """The bootstrap units of one evaluated length: its windows when there are at least
-  ``MIN_UNITS`` scored ones, else ``MIN_UNITS`` blocks of positions (summed over windows)."""
-  if int(np.sum(np.asarray(weight_W) > 0)) >= MIN_UNITS:
+  ``min_windows`` scored ones, else ``MIN_UNITS`` blocks of positions (summed over windows).
+  Windows that are documents are the unit whatever their number (``min_windows=2``)."""
+  if int(np.sum(np.asarray(weight_W) > 0)) >= min_windows:
     return np.asarray(nll_W), np.asarray(weight_W), "windows"
   return (*position_blocks(nll_L, weight_L), "position blocks")
 
@@ -106,6 +116,18 @@ def seed_interval(values_U: Sequence[float], level: float = LEVEL) -> tuple[floa
   half = scipy_stats.t.ppf(0.5 + level / 2, len(values_U) - 1) * values_U.std(ddof=1)
   half /= math.sqrt(len(values_U))
   return mean, mean - float(half), mean + float(half)
+
+
+def clopper_pearson(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
+  """The exact (Clopper–Pearson) interval of a binomial rate from ``successes`` of ``trials``."""
+  from scipy.special import betaincinv  # The Beta quantile; scipy.stats costs 2 s to import.
+
+  if not 0 <= successes <= trials or trials < 1:
+    raise ValueError(f"need 0 <= successes <= trials and trials >= 1; got {successes}/{trials}")
+  k, n, alpha = successes, trials, 1 - level
+  lo = betaincinv(k, n - k + 1, alpha / 2) if k else 0.0
+  hi = betaincinv(k + 1, n - k, 1 - alpha / 2) if k < n else 1.0
+  return float(lo), float(hi)
 
 
 def _exp(x: float) -> float:

@@ -176,6 +176,33 @@ def test_sliding_with_stride_equal_to_length_is_nonoverlapping(config):
   )
 
 
+def test_documents_mode_scores_each_window_of_one_document_whole(config):
+  docs = open_documents(config.data, "validation", TOKENIZER)
+  long_docs = {bytes(docs[k][:31].astype(np.uint8)) for k in np.flatnonzero(docs.lengths > 30)}
+  batches = make_eval_batches(config, length=30, mode="documents", max_tokens=61, batch_size=2)
+  assert 0 < len(batches.windows.windows) <= 3  # ceil(61 / 30) windows asked for.
+  rows = [(b["inputs"][i], b["targets"][i], b["weights"][i]) for b in batches for i in range(2)]
+  seen = set()
+  for inputs, targets, weights in rows[: len(batches.windows.windows)]:
+    assert weights.sum() == 30 and EOS_ID not in inputs  # One document, all positions scored.
+    seen.add(bytes(np.append(inputs, targets[-1]).astype(np.uint8)))
+  assert seen <= long_docs and len(seen) == len(batches.windows.windows)
+  assert (len(long_docs) < 3) == bool(batches.windows.note)
+  with pytest.raises(ValueError, match="no evaluation window at length 500: .* has 0 of the 1"):
+    make_eval_batches(config, length=500, mode="documents", max_tokens=500)
+
+
+def test_units_command_lists_each_lengths_units_and_the_shortfall(config, capsys):
+  from pe_research.data.__main__ import main
+
+  flags = [f"--local_dir={config.data.local_dir}", f"--data_dir={config.data.data_dir}"]
+  assert main(["units", "--dataset=local_text", "--lengths=30,500", "--count=2", *flags]) == 0
+  out = capsys.readouterr().out
+  assert "local_text validation length 30: " in out and "length 500: 0 units long enough" in out
+  assert "has 0 of the 2 requested units holding 501 tokens" in out
+  assert out.strip().endswith("units: each document alone")
+
+
 def test_eval_rejects_bad_arguments(config):
   with pytest.raises(ValueError, match="data.eval_tokens=100000 exceeds the validation split"):
     make_eval_batches(config, length=8, max_tokens=100_000)

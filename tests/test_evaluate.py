@@ -107,6 +107,13 @@ def test_every_mode_scores_exactly_the_budgeted_tokens(rope, mode, stride):
   assert rows[0]["bits_per_byte"] == pytest.approx(rows[0]["loss"] / np.log(2))
 
 
+def test_documents_mode_rows_name_their_units_and_say_when_there_are_too_few(rope):
+  evaluator, config = rope
+  (row,), _, _ = eval_lib.lm_sweep(evaluator, config, [64], mode="documents", max_tokens=128)
+  assert row["tokens"] == 64 and row["windows"] == 1 and row["units"] == "validation/a.txt"
+  assert "has 1 of the 2 requested units holding 65 tokens" in row["units_note"]
+
+
 def test_sliding_with_stride_equal_to_length_is_nonoverlapping(rope):
   evaluator, config = rope
   _, slide, _ = eval_lib.lm_sweep(
@@ -260,6 +267,17 @@ def test_passkey_control_verdict_says_when_the_grid_is_not_evidence():
   assert "FAILED" in passkey.control_verdict(failed, 128)
   assert "the grid is not evidence" in passkey.control_verdict(failed, 128)
   assert "the grid is not evidence" in passkey.control_verdict([], 64)
+
+
+def test_figure_titles_name_the_method_briefly_and_captions_hold_the_spec():
+  spec = json.dumps({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+  fields = dict(name="n", workdir="w", step=1, pe="rope", train_len=64, mode="nonoverlapping")
+  fields |= dict(synthetic=False, rows=[], per_position={}, compiles=0, programs=0)
+  result = eval_report.EvalResult(rope_scaling=spec, overrides={"pe.logn_len": 64}, **fields)
+  assert result.label == "rope YaRN s=4"  # Was the whole JSON, running off the figure.
+  assert result.caption == f"rope_scaling={spec}; pe.logn_len=64"
+  plain = eval_report.EvalResult(rope_scaling="", overrides={}, **fields)
+  assert plain.label == "rope" and plain.caption == ""
 
 
 def test_init_from_copies_parameters_but_not_optimizer_state(tmp, rope_run):

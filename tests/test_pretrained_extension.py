@@ -91,7 +91,7 @@ def _row(tmp_path, method, inside, beyond, *, n=N, noise=0.0, seed=0, **extra):
     "text": "t",
     "method": method,
     "length": n,
-    "mode": "nonoverlapping",
+    "mode": "documents",
     "eval": path,
   } | extra
 
@@ -162,9 +162,9 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
 
   workdir = tmp_path / "run"
   importer.import_checkpoint(save(hf_model(), tmp_path / "hf"), str(workdir))
-  for split, source in (("train", "model.py"), ("validation", "attention.py")):
-    os.makedirs(tmp_path / "text" / split)
-    shutil.copy(os.path.join(REPO, "pe_research", source), tmp_path / "text" / split / "a.txt")
+  for split, source in (("train", "model"), ("validation", "attention"), ("validation", "stats")):
+    os.makedirs(tmp_path / "text" / split, exist_ok=True)  # Each file: one document.
+    shutil.copy(f"{REPO}/pe_research/{source}.py", tmp_path / "text" / split / f"{source}.txt")
   data = {"data.name": "local_text", "data.local_dir": str(tmp_path / "text")}
   data["data.data_dir"] = str(tmp_path / "tfds")
   config = json.loads((workdir / "config.json").read_text())
@@ -178,8 +178,12 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   methods = {r["method"] for r in rows}
   assert methods == {*extension_methods.ZERO_SHOT, "YaRN (ft)", "PoSE (ft)"}
   assert all(float(r["ppl_lo"]) <= float(r["ppl"]) <= float(r["ppl_hi"]) for r in rows)
-  beyond = [r for r in rows if int(r["length"]) > L and r["mode"] == "nonoverlapping"]
+  beyond = [r for r in rows if int(r["length"]) > L and r["mode"] == "documents"]
   assert beyond and all(int(r["tokens_beyond"]) > 0 < int(r["tokens_inside"]) for r in beyond)
+  assert all(
+    set(r["units"].split(";")) == {"validation/attention.txt", "validation/stats.txt"}
+    for r in beyond
+  )
   tuned = [r for r in rows if r["fine_tuned"] == "True"]
   assert all(r["train_loss"] and int(r["ft_warmup"]) <= int(r["ft_steps"]) // 10 for r in tuned)
   assert len({r["ft_tokens"] for r in tuned}) == 1  # The same tokens per step for every method.

