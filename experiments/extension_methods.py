@@ -48,6 +48,13 @@ class ExtensionMethod:
   pe: Callable[[Any, int], dict] = lambda preset, train_len: {}  # pe.* overrides.
   fine_tune: FineTune | None = None
   published: str = ""  # What the paper measured (the verdicts' reference).
+  # The published shape its rows are checked for (extension_report.findings): "explodes"
+  # (beyond L against inside L, the base), "hurts inside L" (against the base at n <= L),
+  # "holds" (beyond L against its own inside L), or "" (rows shown, no verdict).
+  claim: str = ""
+  # A claim against another method on the same beyond-L tokens: (its label, the readings of
+  # stats.compare that confirm it, the sentence).
+  rival: tuple[str, tuple[str, ...], str] | None = None
   note: str = ""  # How this implementation runs it (the report's method notes).
 
   def scale(self, n: int, train_len: int, target: float) -> float:
@@ -82,19 +89,22 @@ METHODS = (
   ExtensionMethod(
     "none",
     "none",
+    claim="explodes",
     published="PI (LLaMA-7B, L = 2048, PG19): no extension, ppl 7.20 at 2048, > 1e3 at 4096",
   ),
   ExtensionMethod("PI", "pi", "linear"),
-  ExtensionMethod("NTK", "ntk", "ntk", published=_HOLDS),
+  ExtensionMethod("NTK", "ntk", "ntk", claim="holds", published=_HOLDS),
   ExtensionMethod(
     "dynamic NTK",
     "dynamic_ntk",
     "dynamic",
     target_factor=True,
+    claim="holds",
+    rival=("NTK", ("lower",), "dynamic NTK beats static NTK zero-shot"),
     published=_HOLDS,
     note="HF's per-call α = s·n/L − (s − 1) with s the target factor (module docstring)",
   ),
-  ExtensionMethod("YaRN", "yarn", "yarn", published=_HOLDS),
+  ExtensionMethod("YaRN", "yarn", "yarn", claim="holds", published=_HOLDS),
   ExtensionMethod(
     "Llama-3",
     "llama3",
@@ -109,6 +119,7 @@ METHODS = (
       "pe.self_extend_window": preset.self_extend[0],
       "pe.self_extend_group": preset.self_extend[1],
     },
+    claim="holds",
     published="Self-Extend (Llama-2-7B-chat, L = 4k): PG19 ppl flat to 16k (4× L) without training",
   ),
   ExtensionMethod(
@@ -124,6 +135,7 @@ METHODS = (
       "pe.rerope_window": preset.rerope_window,
       "pe.logn_len": train_len,
     },
+    claim="holds",
     published="ReRoPE (Su 2023, with log-n): ppl keeps falling past L without training",
     note="Su's reference: distances >= W clipped to W, and log-n scaling of every query",
   ),
@@ -138,6 +150,7 @@ METHODS = (
     f"pi_s{FIXED_S}",
     "linear",
     factor=FIXED_S,
+    claim="hurts inside L",
     published="PI at step 0 (no fine-tuning), s = 4: ppl 16.10 at 8192 against 7.20 at 2048",
   ),
   ExtensionMethod(f"YaRN (s={FIXED_S})", f"yarn_s{FIXED_S}", "yarn", factor=FIXED_S),
@@ -145,18 +158,26 @@ METHODS = (
     "PI (ft)",
     "pi_ft",
     fine_tune=FineTune("pi", False, "PI: 1,000 steps at the target window, lr 2e-5, warmup 20"),
+    claim="holds",
     published=_FT,
   ),
   ExtensionMethod(
     "YaRN (ft)",
     "yarn_ft",
     fine_tune=FineTune("yarn", False, "YaRN: 400 steps at the target window, lr 2e-5, warmup 20"),
+    claim="holds",
     published=_FT,
   ),
   ExtensionMethod(
     "PoSE (ft)",
     "pose_ft",
     fine_tune=FineTune("yarn", True, "PoSE: 1,000 steps on 2k windows, positions over s·L"),
+    claim="holds",
+    rival=(
+      "YaRN (ft)",
+      ("equivalent", "lower"),
+      "PoSE matches full-window fine-tuning on equal training tokens",
+    ),
     published="PoSE (LLaMA-7B, 2k windows): ppl close to full-length fine-tuning at the target",
   ),
 )

@@ -26,7 +26,6 @@ from experiments.extension_methods import BY_LABEL, FIXED_S, METHODS, RECIPE_MIN
 from pe_research import eval_report, passkey, stats
 
 EXPLODES = 2.0  # "Explodes past L": ppl beyond L more than twice ppl inside L, same windows.
-_HOLDS = ("NTK", "dynamic NTK", "YaRN", "Self-Extend", "ReRoPE")  # Labels with a "holds" claim.
 _READING = {
   "higher": "worse",
   "lower": "better",
@@ -125,68 +124,61 @@ def findings(rows: list[dict], train_len: int, factor: int, niah_rows: dict) -> 
     published = BY_LABEL[method].published
     out.append(line + (f" (published: {published})" if published else ""))
 
-  beyond = sorted(n for m, n in at if m == "none" and n > train_len and regions[("none", n)])
-  if beyond:
-    n = beyond[-1]
-    ratio = beyond_over_inside(regions[("none", n)])
-    exploded = figure_report.exceeds(interval_row(ratio), {"ppl": EXPLODES})
-    claim = f"no extension explodes past L: at {n}, ppl beyond L > {EXPLODES:g}× ppl inside L"
-    check(claim, exploded, f"ratio {fmt_ratio(ratio)} on the same windows", "none")
-  pi = f"PI (s={FIXED_S})"
-  inside = sorted(n for m, n in at if m == pi and n <= train_len and (("none", n) in regions))
-  if inside:
-    n = inside[-1]
-    ratio = versus(regions[(pi, n)], regions[("none", n)], 0)
-    if ratio is not None:
-      word = stats.compare(*ratio[1:])
-      ok = {"higher": True, "lower": False, "equivalent": False}.get(word)
-      claim = f"{pi} zero-shot hurts inside L (at {n}, ppl / ppl(none) on the same tokens)"
-      check(claim, ok, f"{fmt_ratio(ratio)}: {_READING[word]}", pi)
-  tuned = [r["method"] for r in rows if is_fine_tuned(r)]
-  for method in dict.fromkeys((*_HOLDS, *tuned)):
-    held = [n for m, n in at if m == method and train_len < n <= factor * train_len]
-    if not held:
+  def minimal(claim: str, ratio, *tuned: dict) -> bool:
+    """Writes the no-verdict line when a fine-tune among ``tuned`` is not the recipe."""
+    recipes = {r["method"]: follows_recipe(r, train_len, factor) for r in tuned if is_fine_tuned(r)}
+    why = "; ".join(f"{m}: {w}" for m, (followed, w) in recipes.items() if not followed)
+    if why:
+      out.append(f"- {claim}: {fmt_ratio(ratio)} — no verdict: minimal adaptation ({why})")
+    return bool(why)
+
+  present = dict.fromkeys(m for m, _ in at)
+  for method in (BY_LABEL[m] for m in present):
+    lengths = sorted(n for m, n in at if m == method.label and regions[(m, n)] is not None)
+    if method.claim == "explodes" and (beyond := [n for n in lengths if n > train_len]):
+      n = beyond[-1]
+      ratio = beyond_over_inside(regions[(method.label, n)])
+      exploded = figure_report.exceeds(interval_row(ratio), {"ppl": EXPLODES})
+      claim = f"no extension explodes past L: at {n}, ppl beyond L > {EXPLODES:g}× ppl inside L"
+      check(claim, exploded, f"ratio {fmt_ratio(ratio)} on the same windows", method.label)
+    inside = [n for n in lengths if n <= train_len and regions.get(("none", n)) is not None]
+    if method.claim == "hurts inside L" and inside:
+      n = inside[-1]
+      ratio = versus(regions[(method.label, n)], regions[("none", n)], 0)
+      if ratio is not None:
+        word = stats.compare(*ratio[1:])
+        ok = {"higher": True, "lower": False, "equivalent": False}.get(word)
+        claim = f"{method.label} zero-shot hurts inside L (at {n}, ppl / ppl(none), same tokens)"
+        check(claim, ok, f"{fmt_ratio(ratio)}: {_READING[word]}", method.label)
+    held = [n for n in lengths if train_len < n <= factor * train_len]
+    if method.claim == "holds" and held:
+      n, row = held[-1], at[(method.label, held[-1])]
+      ratio = beyond_over_inside(regions[(method.label, n)])
+      claim = (
+        f"{label(row)} holds to {n} ({n / train_len:g}×L): ppl beyond L ≤ "
+        f"{1 + stats.EQUIVALENCE:g}× its own ppl inside L"
+      )
+      if not minimal(claim, ratio, row):
+        rises = figure_report.exceeds(interval_row(ratio), {"ppl": 1 + stats.EQUIVALENCE})
+        ok = None if rises is None else not rises
+        check(claim, ok, f"ratio {fmt_ratio(ratio)}", method.label)
+    if method.rival is None:
       continue
-    n = max(held)
-    row, ratio = at[(method, n)], None
-    if regions[(method, n)] is not None:
-      ratio = beyond_over_inside(regions[(method, n)])
-    if ratio is None:
-      continue
-    claim = (
-      f"{label(row)} holds to {n} ({n / train_len:g}×L): ppl beyond L ≤ "
-      f"{1 + stats.EQUIVALENCE:g}× its own ppl inside L"
+    rival, confirming, sentence = method.rival
+    common = [n for n in lengths if n > train_len and regions.get((rival, n)) is not None]
+    ratio = (
+      versus(regions[(method.label, common[-1])], regions[(rival, common[-1])], 1)
+      if common
+      else None
     )
-    if BY_LABEL[method].fine_tune is not None:
-      ok, why = follows_recipe(row, train_len, factor)
-      if not ok:
-        out.append(f"- {claim}: {fmt_ratio(ratio)} — no verdict: minimal adaptation ({why})")
-        continue
-    rises = figure_report.exceeds(interval_row(ratio), {"ppl": 1 + stats.EQUIVALENCE})
-    check(claim, None if rises is None else not rises, f"ratio {fmt_ratio(ratio)}", method)
-  for a, b, published_by, expect in (
-    ("dynamic NTK", "NTK", "dynamic NTK", "lower"),
-    ("PoSE (ft)", "YaRN (ft)", "PoSE (ft)", "equivalent or lower"),
-  ):
-    common = sorted(n for m, n in at if m == a and (b, n) in at and n > train_len)
-    if not common:
-      continue
-    n = common[-1]
-    ratio = versus(regions[(a, n)], regions[(b, n)], 1)
     if ratio is None:
       continue
-    word = stats.compare(*ratio[1:])
-    ok = None if word == "not separated" else word in expect
-    names = f"{label(at[(a, n)])} vs {label(at[(b, n)])} beyond L at {n}, same tokens"
-    claim = f"{a} beats {b} ({names})"
-    if a == "PoSE (ft)":
-      claim = f"PoSE matches full-window fine-tuning on equal training tokens ({names})"
-      recipes = {m: follows_recipe(at[(m, n)], train_len, factor) for m in (a, b)}
-      if not all(followed for followed, _ in recipes.values()):
-        why = "; ".join(f"{m}: {w}" for m, (_, w) in recipes.items() if w)
-        out.append(f"- {claim}: {fmt_ratio(ratio)} — no verdict: minimal adaptation ({why})")
-        continue
-    check(claim, ok, f"{fmt_ratio(ratio)}: {_READING[word]}", published_by)
+    n, word = common[-1], stats.compare(*ratio[1:])
+    rows_n = (at[(method.label, n)], at[(rival, n)])
+    claim = f"{sentence} ({label(rows_n[0])} vs {label(rows_n[1])} beyond L at {n}, same tokens)"
+    if not minimal(claim, ratio, *rows_n):
+      ok = None if word == "not separated" else word in confirming
+      check(claim, ok, f"{fmt_ratio(ratio)}: {_READING[word]}", method.label)
   control = [r for r in niah_rows.get("none", []) if r["length"] <= train_len]
   if control:  # Pooled over the control's cells, an exact interval (one prompt proves nothing).
     k = sum(round(r["accuracy"] * r["trials"]) for r in control)
