@@ -60,6 +60,7 @@ class EvalResult:
   programs: int  # Programs in the evaluator's cache.
   passkey: PasskeyResult | None = None
   per_window: dict[int, dict[str, list]] = dataclasses.field(default_factory=dict)
+  split: int = 0  # Where per_window's regions divide (the run's or its base model's L).
 
   @property
   def lengths(self) -> list[int]:
@@ -115,7 +116,8 @@ def write_results(
   write_table(f"{stem}_per_position", position_rows, result.meta())
   with open(f"{stem}_windows.json", "w") as f:
     windows = {str(n): v for n, v in result.per_window.items()}
-    json.dump(result.meta() | {"regions": ["inside", "beyond"], "lengths": windows}, f)
+    regions = {"split": result.split, "regions": ["inside", "beyond"], "lengths": windows}
+    json.dump(result.meta() | regions, f)
   plot_per_position(
     f"{stem}_per_position.png",
     result.per_position,

@@ -216,6 +216,7 @@ def evaluate(
     rows=rows,
     per_position=per_position,
     per_window=per_window,
+    split=split or train_len,
     compiles=evaluator.backend_compiles,
     programs=evaluator.num_compiles,
     passkey=passkey_result,

@@ -368,6 +368,8 @@ def test_cli_writes_tables_plots_and_compile_count(rope_run, no_compilation_cach
   passkey_rows = json.loads((out / "smoke_passkey.json").read_text())["rows"]
   assert passkey_rows and not any(r["control"] for r in passkey_rows)
   assert (out / "smoke.csv").read_text().startswith("length,mode,stride,attention,tokens,loss,ppl")
+  windows = json.loads((out / "smoke_windows.json").read_text())
+  assert windows["split"] == 32 and len(windows["lengths"]["256"]["weight_WxR"]) >= 1
   for name in (
     "smoke.png",
     "smoke_per_position.csv",
