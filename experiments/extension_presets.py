@@ -1,24 +1,24 @@
-"""The presets and zero-shot methods of ``experiments/pretrained_extension.py``: what each scale
-evaluates, and which method is one config value (``pe.rope_scaling`` or a ``pe.*`` field)."""
+"""The presets of ``experiments/pretrained_extension.py``: what each scale evaluates (the methods
+themselves: ``extension_methods.METHODS``)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-_L = "original_max_position_embeddings"
+from experiments.extension_methods import BY_LABEL, FINE_TUNED, FIXED_S, ZERO_SHOT
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  factor: int  # s: the target context is s·L.
-  methods: tuple[str, ...]  # Zero-shot methods evaluated (labels of ZERO_SHOT).
+  factor: int  # s of the target context s·L (fine-tunes, dynamic NTK, PoSE's positions).
+  methods: tuple[str, ...]  # Zero-shot methods evaluated (labels of extension_methods).
   lengths: tuple[int, ...]  # Every zero-shot method, first text kind.
-  base_lengths: tuple[int, ...]  # Also for "none" (every text kind): the reference at/below L.
-  windows: int  # Windows per length up to L; one window beyond L.
+  inside_lengths: tuple[int, ...]  # Also for "none" and the fixed-s rows (at/below L).
+  windows: int  # Windows (documents) per length, at every length.
   long_lengths: tuple[int, ...]  # Only long_methods and the fine-tuned models (first text kind).
   long_methods: tuple[str, ...]
-  sliding_lengths: tuple[int, ...]  # Also sliding windows with stride 256 (first text kind).
-  stride: int
+  sliding_lengths: tuple[int, ...]  # Also sliding windows (first text kind) ...
+  stride: int  # ... scoring the first window whole, then `stride` targets per window.
   self_extend: tuple[int, int]  # (W, G)
   rerope_window: int
   niah_lengths: tuple[int, ...]
@@ -27,35 +27,56 @@ class Preset:
   niah_methods: tuple[str, ...]
   other_methods: tuple[str, ...]  # Text kinds after the first: these methods ...
   other_lengths: tuple[int, ...]  # ... at these lengths.
-  ft_methods: tuple[str, ...]
+  ft_methods: tuple[str, ...]  # Labels of the fine-tuned methods ("PI (ft)", ...).
   ft_steps: int
-  ft_seq_len: int  # PI/YaRN fine-tuning window.
+  ft_seq_len: int  # PI/YaRN fine-tuning window (the recipes: the target s·L, beyond L).
   pose_seq_len: int  # PoSE's training window (L in the paper), positions over s·L.
   data: dict  # text kind -> data overrides (first kind: the long lengths and fine-tuning)
 
 
-ZERO_SHOT = (
-  "none",
-  "PI",
-  "NTK",
-  "dynamic NTK",
-  "YaRN",
-  "Llama-3",
-  "Self-Extend",
-  "log-n",
-  "ReRoPE",
+# Windows of one document each (docs/long_context_data.md): pystdlib's validation split holds
+# exactly 8 units of 12,288 tokens (9 at 8k, 6 at 16k, 1 at 32k) and is what a model fine-tuned
+# here (on the train split) may be evaluated on; sotu's validation split holds 4, so the prose
+# (zero-shot only: the imported model never trained on either split) reads its train split.
+_TEXTS = {
+  "python": {"data.name": "pystdlib", "data.eval_split": "validation"},
+  "prose": {"data.name": "sotu", "data.eval_split": "train"},
+}
+_FREQUENCY = ("none", "PI", "NTK", "YaRN")
+_TRAINING_FREE = ("none", "Self-Extend", "ReRoPE")
+_MORE = ("none", "dynamic NTK", "log-n", "ReRoPE (clip only)")
+_NO_NIAH = dict(niah_lengths=(), niah_depths=(), niah_trials=0, niah_methods=())
+_NO_FT = dict(ft_methods=(), ft_steps=0, ft_seq_len=0, pose_seq_len=0)
+# The cpu presets: measured per-window cost of one SmolLM2 evaluation here (AMD EPYC Zen 4, 2
+# cores): 2k 6 s, 8k 53 s, 12k ~100 s, 16k 130-240 s (the upper end: two logit sets, Self-Extend
+# and ReRoPE), 32k 11.5 min (a Zen 3 is 1.5-2x slower). Each preset is planned for <= 60 min on a
+# Zen 4 at 12k windows (s = 1.5), 8 documents per length, with Self-Extend / ReRoPE at up to
+# ~185 s a window; the base model's evaluations are cached and shared between presets (same
+# workdir). Estimates per preset: docs/pretrained_extension/PROTOCOL.md.
+_CPU = dict(
+  factor=4,
+  lengths=(12288,),
+  windows=8,
+  long_lengths=(),
+  long_methods=(),
+  sliding_lengths=(),
+  stride=256,
+  self_extend=(1024, 8),
+  rerope_window=4096,
+  other_methods=(),
+  other_lengths=(),
+  data={"python": _TEXTS["python"]},
 )
-_TEXTS = {"python": {"data.name": "pystdlib"}, "prose": {"data.name": "sotu"}}
 PRESETS = {
   "smoke": Preset(
     factor=4,
     methods=ZERO_SHOT,
-    lengths=(32, 128),
-    base_lengths=(64,),
+    lengths=(128,),
+    inside_lengths=(32,),
     windows=2,
-    long_lengths=(256,),
-    long_methods=("YaRN", "Self-Extend"),
-    sliding_lengths=(64,),
+    long_lengths=(),
+    long_methods=(),
+    sliding_lengths=(32,),
     stride=16,
     self_extend=(16, 4),
     rerope_window=32,
@@ -65,76 +86,59 @@ PRESETS = {
     niah_methods=("none", "YaRN"),
     other_methods=(),
     other_lengths=(),
-    ft_methods=("PI", "YaRN", "PoSE"),
+    ft_methods=("YaRN (ft)", "PoSE (ft)"),  # PI (ft) runs YaRN (ft)'s code path.
     ft_steps=2,
     ft_seq_len=128,
     pose_seq_len=64,
     data={"text": {}},
   ),
-  # Measured here (AMD EPYC Zen 4, 2 cores), one SmolLM2 window: 2k 6 s, 8k 53 s, 12k ~100 s,
-  # 32k 11.5 min (attention at ~65 GFLOP/s). The budget (60 min) buys every method at 16k
-  # with the base at 8k, the shorter lengths by sliding windows at 2k, Self-Extend at 32k,
-  # the prose at 12k for three methods and a small NIAH grid; fine-tunes are `cpu-ft`.
+  # The frequency methods at s = n / L (53 min), plus PI at the fixed s = 4 inside L on 2k
+  # windows against the base (8 × 2 × 6 s: PI's published cost inside L).
   "cpu": Preset(
-    factor=4,
-    methods=ZERO_SHOT,
-    lengths=(16384,),
-    base_lengths=(8192,),
-    windows=1,
-    long_lengths=(32768,),
-    long_methods=("Self-Extend",),
-    sliding_lengths=(2048,),
-    stride=256,
-    self_extend=(1024, 8),
-    rerope_window=4096,
-    niah_lengths=(2048, 12288),
-    niah_depths=(0.5,),
-    niah_trials=1,
-    niah_methods=("none", "YaRN", "Self-Extend"),
-    other_methods=("none", "YaRN", "Self-Extend"),
-    other_lengths=(12288,),
-    ft_methods=(),
-    ft_steps=0,
-    ft_seq_len=0,
-    pose_seq_len=0,
-    data=_TEXTS,
+    **_CPU,
+    methods=(*_FREQUENCY, f"PI (s={FIXED_S})"),
+    inside_lengths=(2048,),
+    **_NO_NIAH,
+    **_NO_FT,
   ),
-  # The fine-tunes that do not fit beside `cpu`: 10 steps of 2,048 tokens each (a step ~22 s
-  # here, the first ~90 s with compilation; peak RSS ~11 GB), PoSE on the same 2,048-token
-  # window with positions over s·L. The zero-shot rows it shows are `cpu`'s cached ones.
+  # The training-free methods with two logit sets (the base model's rows cached from `cpu`):
+  # 8 × 2 × 100-185 s ≈ 27-49 min.
+  "cpu-free": Preset(**_CPU, methods=_TRAINING_FREE, inside_lengths=(), **_NO_NIAH, **_NO_FT),
+  # Dynamic NTK, log-n and ReRoPE without log-n: 8 × (2 × 100 + 100-185 s) ≈ 40-51 min.
+  "cpu-more": Preset(**_CPU, methods=_MORE, inside_lengths=(), **_NO_NIAH, **_NO_FT),
+  # English prose: the base, YaRN and Self-Extend: 8 × (2 × 100 + 100-185 s) ≈ 40-51 min.
+  "cpu-prose": Preset(
+    **(_CPU | {"data": {"prose": _TEXTS["prose"]}}),
+    methods=("none", "YaRN", "Self-Extend"),
+    inside_lengths=(),
+    **_NO_NIAH,
+    **_NO_FT,
+  ),
+  # PoSE against YaRN fine-tuning on equal tokens: both 20 steps of 2,048 tokens (warmup 2;
+  # ~22 s a step, ~90 s the first), YaRN without skips (positions < 2,048 only), PoSE with
+  # positions over s·L: minimal adaptation, not the recipes (RECIPE_MIN_STEPS); evaluated on
+  # `cpu`'s windows: ~15 min of training + 2 × 8 × ~100 s ≈ 42 min.
   "cpu-ft": Preset(
-    factor=4,
-    methods=("none", "PI", "YaRN"),
-    lengths=(16384,),
-    base_lengths=(8192,),
-    windows=1,
-    long_lengths=(),
-    long_methods=(),
-    sliding_lengths=(2048,),
-    stride=256,
-    self_extend=(1024, 8),
-    rerope_window=4096,
-    niah_lengths=(),
-    niah_depths=(),
-    niah_trials=0,
-    niah_methods=(),
-    other_methods=(),
-    other_lengths=(),
-    ft_methods=("PI", "YaRN", "PoSE"),
-    ft_steps=10,
+    **_CPU,
+    methods=("none",),
+    inside_lengths=(),
+    **_NO_NIAH,
+    ft_methods=("YaRN (ft)", "PoSE (ft)"),
+    ft_steps=20,
     ft_seq_len=2048,
     pose_seq_len=2048,
-    data={"python": _TEXTS["python"]},
   ),
+  # An accelerator: every method on 16 documents per length, both text kinds; the recipes'
+  # windows (PI/YaRN at the target 4·L, beyond L; PoSE at L) and 400 steps.
   "paper": Preset(
     factor=4,
     methods=ZERO_SHOT,
-    lengths=(1024, 2048, 4096, 8192, 16384, 32768),
-    base_lengths=(),
+    lengths=(4096, 8192, 12288, 16384, 24576, 32768),
+    inside_lengths=(2048, 4096, 8192),
     windows=16,
     long_lengths=(65536,),
     long_methods=ZERO_SHOT,
-    sliding_lengths=(1024, 2048, 4096, 8192),
+    sliding_lengths=(2048, 8192),
     stride=256,
     self_extend=(1024, 8),
     rerope_window=4096,
@@ -143,8 +147,8 @@ PRESETS = {
     niah_trials=10,
     niah_methods=ZERO_SHOT,
     other_methods=ZERO_SHOT,
-    other_lengths=(1024, 2048, 4096, 8192, 16384, 32768),
-    ft_methods=("PI", "YaRN", "PoSE"),
+    other_lengths=(4096, 8192, 12288, 16384, 24576, 32768),
+    ft_methods=FINE_TUNED,
     ft_steps=400,
     ft_seq_len=32768,
     pose_seq_len=8192,
@@ -153,55 +157,21 @@ PRESETS = {
 }
 
 
-def same_as_none(label: str, n: int, preset: Preset, train_len: int) -> bool:
-  """Whether ``label`` on windows of ``n`` tokens is the base model by construction (tested):
-  dynamic NTK and log-n change nothing up to L, Self-Extend and ReRoPE nothing up to their W."""
-  limit = {
-    "dynamic NTK": train_len,
-    "log-n": train_len,
-    "Self-Extend": preset.self_extend[0],
-    "ReRoPE": preset.rerope_window,
-  }.get(label)
-  return label == "none" or (limit is not None and n <= limit)
-
-
-def zero_shot_methods(preset: Preset, train_len: int) -> dict[str, tuple[dict | None, dict]]:
-  """Label -> (rope_scaling or None, pe overrides) extending ``train_len`` by the factor."""
-  s, (window, group) = float(preset.factor), preset.self_extend
-  return {
-    "none": (None, {}),
-    "PI": ({"rope_type": "linear", "factor": s}, {}),
-    "NTK": ({"rope_type": "ntk", "factor": s}, {}),
-    "dynamic NTK": ({"rope_type": "dynamic", "factor": s, _L: train_len}, {}),
-    "YaRN": ({"rope_type": "yarn", "factor": s, _L: train_len}, {}),
-    "Llama-3": (
-      {"rope_type": "llama3", "factor": s, _L: train_len}
-      | {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
-      {},
-    ),
-    "Self-Extend": (None, {"pe.self_extend_window": window, "pe.self_extend_group": group}),
-    "log-n": (None, {"pe.logn_len": train_len}),
-    "ReRoPE": (None, {"pe.rerope_window": preset.rerope_window}),
-  }
-
-
 def subset(preset: Preset, methods: str, lengths: str) -> Preset:
-  """The preset restricted to ``methods`` (zero-shot labels; fine-tunes are "PI (ft)"...) and
-  with ``lengths`` in place of its lengths (a quick look; the report says what ran)."""
+  """The preset restricted to ``methods`` (labels of ``extension_methods``) and with
+  ``lengths`` in place of its lengths (a quick look; the report says what ran)."""
   if methods:
     chosen = [m.strip() for m in methods.split(",")]
-    known = (*ZERO_SHOT, *(f"{m} (ft)" for m in ("PI", "YaRN", "PoSE")))
-    if unknown := [m for m in chosen if m not in known]:
-      raise ValueError(f"--methods: {', '.join(unknown)} unknown; allowed: {', '.join(known)}")
+    if unknown := [m for m in chosen if m not in BY_LABEL]:
+      raise ValueError(f"--methods: {', '.join(unknown)} unknown; allowed: {', '.join(BY_LABEL)}")
     keep = lambda names: tuple(m for m in names if m in chosen)  # noqa: E731
-    ft = tuple(m for m in preset.ft_methods if f"{m} (ft)" in chosen)
     preset = dataclasses.replace(
       preset,
       methods=keep(preset.methods),
       long_methods=keep(preset.long_methods),
       niah_methods=keep(preset.niah_methods),
       other_methods=keep(preset.other_methods),
-      ft_methods=ft,
+      ft_methods=keep(preset.ft_methods),
     )
   if lengths:
     try:

@@ -1,42 +1,42 @@
-r"""Extending a pretrained RoPE model's context (SmolLM2-135M, trained at L = 8192) past L: every
-zero-shot method and short fine-tunes, side by side on the same tokens.
+r"""Extending a pretrained RoPE model's context (SmolLM2-135M-Instruct, trained at L = 8192)
+past L: every zero-shot method and short fine-tunes, side by side on the same tokens.
 
   make pretrained && python -m experiments.pretrained_extension --preset=cpu
   python -m experiments.pretrained_extension --preset=paper --workdir=runs/pretrained/NAME
   python -m experiments.pretrained_extension --preset=smoke --workdir=DIR --data='{"text": {...}}'
 
-Zero-shot (one config value each, applied at evaluation to the same parameters): none, PI
-(linear), static NTK, dynamic NTK, YaRN, Llama-3 (rope_scaling, factor s) and three methods HF's
-vocabulary lacks: Self-Extend (``pe.self_extend_window`` W, ``pe.self_extend_group`` G), log-n
-attention scaling (``pe.logn_len`` = L) and ReRoPE (``pe.rerope_window``). Fine-tuned (from the
-imported parameters, ``configs/finetune.py``, the same tokens per method): PI and YaRN at the
-preset's fine-tuning window, and PoSE (the original window, positions over s·L, YaRN
-frequencies). Measured: perplexity against length per text kind (non-overlapping windows; the
-shorter lengths also sliding with stride 256 as in PI/YaRN), a 95% bootstrap interval on each
-(``pe_research.stats``), and a needle-in-a-haystack grid (the passkey prompt, greedy exact
-retrieval of the key's tokens, ``pe_research.passkey``) with the base model inside L as its
-positive control. Writes OUT/results.csv, OUT/niah.csv, OUT/<text>.png, OUT/REPORT.md; every
-evaluation is cached in the run's eval/ (re-running resumes).
+The methods (``extension_methods.METHODS``, one record each): none; the frequency methods PI,
+NTK, YaRN and Llama-3 at s = n / L (``rope_scaling``), with fixed-s rows labelled "(s=4)";
+dynamic NTK (HF's per-call form); and three methods HF's vocabulary lacks: Self-Extend
+(``pe.self_extend_window`` W, ``pe.self_extend_group`` G), log-n attention scaling
+(``pe.logn_len`` = L), ReRoPE (``pe.rerope_window``, with log-n as Su's reference; "clip only"
+without). Fine-tuned (from the imported parameters, ``configs/finetune.py``, the same tokens
+per step for every method): PI and YaRN at the preset's window, PoSE on its short window with
+positions over s·L (YaRN frequencies). Where a method is the base model by construction at a
+length (the encoding answers: ``RoPE.unchanged_up_to``), the base model's evaluation is reused.
+
+Measured on ``windows`` windows per length, each the start of one document or stated series
+(``pe_research.data.long_windows``; the ``data.*`` overrides of each text kind choose the corpus
+and ``data.eval_split``): every window's NLL inside L and beyond L
+(``eval_lib``'s regions, ``<eval>_windows.json``), from which ``extension_report`` writes the
+paired verdicts with intervals over windows; a needle-in-a-haystack grid (``pe_research.passkey``)
+with the base model inside L as its positive control. Writes OUT/results.csv, OUT/niah.csv,
+OUT/<text>.png, OUT/REPORT.md; every evaluation is cached in the run's eval/ (re-running
+resumes).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 
 from experiments import figure_cli
-from experiments.extension_presets import (  # noqa: F401 (the presets are this script's API)
-  _L,
-  PRESETS,
-  ZERO_SHOT,
-  Preset,
-  same_as_none,
-  subset,
-  zero_shot_methods,
-)
+from experiments.extension_methods import BY_LABEL, BY_SLUG, ExtensionMethod
+from experiments.extension_presets import PRESETS, Preset, subset
 from experiments.extension_report import write_outputs
 from pe_research import backend, cli, config_lib
 from pe_research.launch import sweep
@@ -44,13 +44,11 @@ from pe_research.launch import sweep
 NAME = "pretrained_extension"
 
 
-def _slug(label: str) -> str:
-  return label.lower().replace(" ", "_").replace("-", "")
-
-
-def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, stride=None):
-  """One cached evaluation per length (each length has its own token budget ``budget(n)``);
-  with ``stride``, sliding windows instead, scoring the first window and 4 strides after it."""
+def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, stride=None, split=None):
+  """One cached evaluation per length: ``budget(n) / n`` windows of one document each
+  (``mode="documents"``: ``data.long_windows``); with ``stride``, sliding windows of the packed
+  stream instead, scoring the first window and 4 strides after it; ``split``: the L of the
+  regions (a fine-tune's base model's)."""
   rows = []
   for n in lengths:
     step = None if stride is None else min(stride, n // 2)
@@ -61,10 +59,11 @@ def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, stride=No
       max_tokens=budget(n) if step is None else n + 4 * step,
       rope_scaling=rope_scaling,
       overrides=overrides,
-      mode="nonoverlapping" if step is None else "sliding",
+      mode="documents" if step is None else "sliding",
       stride=step,
+      split=split,
     )
-    path = os.path.join(workdir, "eval", f"{name}_{n}")  # Its per-position losses: _per_position.
+    path = os.path.join(workdir, "eval", f"{name}_{n}")  # Its per-window regions: _windows.json.
     rows += [r | {"eval": path} for r in summary["rows"]]
   return rows
 
@@ -106,21 +105,51 @@ def niah(workdir: str, name: str, preset: Preset, rope_scaling, overrides) -> li
   return rows
 
 
-def fine_tune_config(workdir: str, label: str, preset: Preset, train_len: int):
-  """PI / YaRN at the fine-tuning window, or PoSE (window L, positions over s·L, YaRN)."""
+def configured(config, rope_scaling: dict | None, overrides: dict):
+  """A copy of ``config`` with ``rope_scaling`` and the ``pe.*`` ``overrides`` of a method."""
+  config = config_lib.config_from_saved(config_lib.config_to_dict(config))
+  config.pe.rope_scaling = json.dumps(rope_scaling) if rope_scaling else ""
+  config_lib.override_for_eval(config, overrides, "--methods")
+  return config
+
+
+def unchanged_up_to(config, rope_scaling: dict | None, overrides: dict) -> float:
+  """The longest window at which the run ``config`` with ``rope_scaling`` and ``pe.*``
+  ``overrides`` is the base model, as its encoding answers (``RoPE.unchanged_up_to``; 0 for an
+  encoding that does not say)."""
+  from flax import nnx
+
+  from pe_research.encodings.registry import build_encoding
+  from pe_research.model import resolved_dims
+
+  config = configured(config, rope_scaling, overrides)
+  model = config.model
+  encoding = build_encoding(
+    config.pe,
+    num_heads=model.num_heads,
+    head_dim=resolved_dims(model)[0],
+    model_dim=model.model_dim,
+    rngs=nnx.Rngs(0),
+  )
+  return getattr(encoding, "unchanged_up_to", 0)
+
+
+def fine_tune_config(workdir: str, method: ExtensionMethod, preset: Preset, train_len: int):
+  """PI / YaRN at the fine-tuning window, or PoSE (its short window, positions over s·L, YaRN
+  frequencies): the target s = the preset's factor, the same tokens per step for every method,
+  warmup 10% of the steps."""
   from configs import finetune
 
-  seq_len = preset.pose_seq_len if label == "PoSE" else preset.ft_seq_len
+  recipe = method.fine_tune
+  seq_len = preset.pose_seq_len if recipe.pose else preset.ft_seq_len
   config = finetune.get_config(f"init_from={workdir},seq_len={seq_len},steps={preset.ft_steps}")
-  s = float(preset.factor)
-  scaling = {"rope_type": "linear", "factor": s}
-  if label != "PI":
-    scaling = {"rope_type": "yarn", "factor": s, _L: train_len}
+  scaling = BY_SLUG[recipe.base].rope_scaling(float(preset.factor), train_len)
   config.pe.rope_scaling = json.dumps(scaling)
-  if label == "PoSE":
+  if recipe.pose:
     config.pe.pose_target_len = preset.factor * train_len
-  # The same tokens per step for every method (PoSE's window may be shorter than ft_seq_len).
+    config.pe.pose_first_chunk = "official"
   config.train.batch_size = max(1, preset.ft_seq_len // seq_len)
+  config.train.warmup_steps = preset.ft_steps // 10
   return config
 
 
@@ -151,76 +180,72 @@ def main(argv: list[str] | None = None) -> None:
   train_len = base.train.seq_len
   texts = json.loads(args.data) if args.data else preset.data
   first = next(iter(texts))
+  none = BY_LABEL["none"]
 
   def budget(n):
-    return n * (preset.windows if n <= train_len else 1)
+    return n * preset.windows
 
-  table: dict[str, dict[str, dict]] = {kind: {} for kind in texts}  # kind -> label -> n -> ppl
-  rows = []
-  methods = zero_shot_methods(preset, train_len)
-
-  def run(label, kind, lengths, stride=None):
-    """Rows of ``label`` at ``lengths`` (sliding with ``stride``); lengths where it is the base
-    model by construction are the base model's (cached) evaluation, marked ``same_as``."""
+  def run(method: ExtensionMethod, kind: str, lengths, stride=None) -> list[dict]:
+    """Rows of ``method`` at ``lengths`` (sliding with ``stride``); at a length where it is
+    the base model (its encoding says so) the base model's cached evaluation, ``same_as``."""
     suffix = "" if stride is None else "_sliding"
     out_rows = []
-    for who in dict.fromkeys(("none", label)):
-      mine = [n for n in lengths if same_as_none(label, n, preset, train_len) == (who == "none")]
-      if not mine:
-        continue
-      scaling, pe = methods[who]
-      name = f"px_{_slug(who)}_{kind}{suffix}"
-      overrides = pe | texts[kind]
-      for r in _evaluate(args.workdir, name, mine, budget, scaling, overrides, stride):
-        out_rows.append(r | ({"same_as": "none"} if who != label else {}))
+    for n in lengths:
+      scaling, pe = method.at(n, preset, train_len)
+      same = method is not none and n <= unchanged_up_to(base, scaling, pe)
+      who = none if same else method
+      scaling, pe = who.at(n, preset, train_len)
+      name = f"px_{who.slug}_{kind}{suffix}"
+      for r in _evaluate(args.workdir, name, [n], budget, scaling, pe | texts[kind], stride):
+        s = method.scale(n, train_len, preset.factor) if method.rope_type else None
+        out_rows.append(r | {"s": s} | ({"same_as": "none"} if same else {}))
     return out_rows
 
-  for label in methods:
+  rows = []
+  for label in dict.fromkeys((*preset.methods, *preset.other_methods)):
+    method = BY_LABEL[label]
     for kind in texts:
       if label not in (preset.methods if kind == first else preset.other_methods):
         continue
       lengths = preset.lengths if kind == first else preset.other_lengths
-      lengths += preset.base_lengths if label == "none" else ()
+      fixed = method is none or method.factor is not None
+      lengths += preset.inside_lengths if fixed and kind == first else ()
       lengths += preset.long_lengths if kind == first and label in preset.long_methods else ()
-      evaluated = run(label, kind, tuple(sorted(set(lengths))))
+      evaluated = run(method, kind, tuple(sorted(set(lengths))))
       if kind == first and preset.sliding_lengths:
-        evaluated += run(label, kind, preset.sliding_lengths, stride=preset.stride)
-      for r in evaluated:
-        rows.append({"text": kind, "method": label, "fine_tuned": False} | r)
-        if r["mode"] == "nonoverlapping":
-          table[kind].setdefault(label, {})[r["length"]] = (r["ppl"], r["ppl_lo"], r["ppl_hi"])
+        evaluated += run(method, kind, preset.sliding_lengths, stride=preset.stride)
+      rows += [{"text": kind, "method": label, "fine_tuned": False} | r for r in evaluated]
       print(f"== {label} on {kind}: done ({(time.time() - start) / 60:.1f} min)", flush=True)
   losses = {}
   for label in preset.ft_methods:
-    config = fine_tune_config(args.workdir, label, preset, train_len)
-    ft_dir = os.path.join(out, "runs", _slug(label))
+    method = BY_LABEL[label]
+    config = fine_tune_config(args.workdir, method, preset, train_len)
+    ft_dir = os.path.join(out, "runs", method.slug)
     sweep.train_run(config, ft_dir)
     losses[label] = final_train_loss(ft_dir)
-    lengths = preset.lengths + preset.base_lengths + preset.long_lengths
-    ft_rows = _evaluate(ft_dir, f"px_ft_{first}", sorted(lengths), budget, None, texts[first])
-    ft_rows += _evaluate(
-      ft_dir,
-      f"px_ft_{first}_sliding",
-      preset.sliding_lengths,
-      budget,
-      None,
-      texts[first],
-      preset.stride,
+    lengths = sorted({*preset.lengths, *preset.long_lengths})
+    evaluate = functools.partial(_evaluate, ft_dir, split=train_len)
+    ft_rows = evaluate(f"px_ft_{first}", lengths, budget, None, texts[first])
+    if preset.sliding_lengths:
+      ft_rows += evaluate(
+        f"px_ft_{first}_sliding", preset.sliding_lengths, budget, None, texts[first], preset.stride
+      )
+    trained = {
+      "ft_steps": config.train.steps,
+      "ft_tokens": config.train.batch_size * config.train.seq_len,
+      "ft_window": config.train.seq_len,
+      "ft_warmup": config.train.warmup_steps,
+      "ft_positions": config.pe.pose_target_len or config.train.seq_len,
+      "train_loss": losses[label],
+    }
+    rows += [{"text": first, "method": label, "fine_tuned": True} | r | trained for r in ft_rows]
+  niah_rows = {}
+  for label in preset.niah_methods:  # rope_scaling at the grid's longest length.
+    method = BY_LABEL[label]
+    niah_rows[label] = niah(
+      args.workdir, method.slug, preset, *method.at(max(preset.niah_lengths), preset, train_len)
     )
-    for r in ft_rows:
-      rows.append({"text": first, "method": f"{label} (ft)", "fine_tuned": True} | r)
-      rows[-1]["train_loss"] = losses[label]
-      if r["mode"] == "nonoverlapping":
-        table[first].setdefault(f"{label} (ft)", {})[r["length"]] = (
-          r["ppl"],
-          r["ppl_lo"],
-          r["ppl_hi"],
-        )
-  niah_rows = {
-    label: niah(args.workdir, _slug(label), preset, *methods[label])
-    for label in preset.niah_methods
-  }
-  write_outputs(out, args, preset, table, rows, niah_rows, losses, train_len, time.time() - start)
+  write_outputs(out, args, preset, rows, niah_rows, train_len, time.time() - start)
 
 
 if __name__ == "__main__":

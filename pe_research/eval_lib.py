@@ -8,6 +8,7 @@ batches ``{"inputs", "targets", "weights"}`` of shape ``[B, L]`` with one step t
   exact_B[b]      = ∀l: w[b,l] = 0 or argmax(logits[b,l]) = targets[b,l]
   scored_B[b]     = Σ_l w[b,l]
   nll_sum_B[b]    = Σ_l w[b,l] · NLL[b,l]
+  nll_BxL[b,l]    = w[b,l] · NLL[b,l]
 
 from which loss = Σ nll_sum / Σ weight_sum (nats per token), ppl = exp(loss), and exact-match
 accuracy = mean of exact_B over rows with scored_B > 0 (greedy decoding of the targets, see
@@ -22,6 +23,12 @@ Every ppl and accuracy comes with a 95% bootstrap interval (``pe_research.stats`
 scored windows (``nll_sum_B``, ``scored_B``; contiguous blocks of positions when there are fewer
 than 16 windows, except in documents mode, where the documents are the units from 2 on;
 ``interval_units`` says which), accuracy over examples.
+
+Regions: given a ``split`` position (the training length L), every scored window's NLL and
+token count are also summed inside (positions l < split) and beyond (l >= split), per window
+(``nll_WxR``, ``weight_WxR``, R = 2), so a report can compare the two regions of the same
+windows and bootstrap over windows (documents) as the unit; rows add ``loss_inside``,
+``loss_beyond`` and their token counts.
 
 Long lengths: dense attention materialises ``B·H·L²`` float32 scores per layer; from
 ``backend.EVAL_BLOCKWISE_FROM`` positions on, or when that exceeds ``dense_budget_bytes``, a
@@ -65,6 +72,7 @@ def token_stats(nll_BxL: jax.Array, hit_BxL: jax.Array, batch: Batch) -> dict[st
     "nll_sum_L": jnp.sum(w_BxL * nll_BxL, axis=0),
     "weight_sum_L": jnp.sum(w_BxL, axis=0),
     "nll_sum_B": jnp.sum(w_BxL * nll_BxL, axis=1),
+    "nll_BxL": w_BxL * nll_BxL,
     "exact_B": jnp.all(hit_BxL | (w_BxL == 0), axis=1),
     "scored_B": jnp.sum(w_BxL, axis=1),
   }
@@ -85,6 +93,9 @@ class Totals:
   nll_W: list[float] = dataclasses.field(default_factory=list)  # Per scored window (row).
   weight_W: list[float] = dataclasses.field(default_factory=list)
   exact_W: list[bool] = dataclasses.field(default_factory=list)  # Per scored window (example).
+  # Per scored window, inside / beyond the split (score_all's ``split``; empty without one).
+  nll_WxR: list[list[float]] = dataclasses.field(default_factory=list)
+  weight_WxR: list[list[float]] = dataclasses.field(default_factory=list)
   scored_bytes: float = 0.0
   correct: int = 0
   examples: int = 0
@@ -123,6 +134,15 @@ class Totals:
     """The 95% bootstrap interval of the exact-match accuracy over examples."""
     return bootstrap.accuracy_interval(self.exact_W)
 
+  def region_row(self) -> dict[str, float]:
+    """``loss_inside``/``loss_beyond`` (nan where a region has no tokens) and token counts."""
+    nll_R, weight_R = np.sum(self.nll_WxR, axis=0), np.sum(self.weight_WxR, axis=0)
+    row = {}
+    for r, region in enumerate(("inside", "beyond")):
+      row[f"tokens_{region}"] = int(round(weight_R[r]))
+      row[f"loss_{region}"] = float(nll_R[r] / weight_R[r]) if weight_R[r] else math.nan
+    return row
+
   def lm_row(self, min_windows: int = bootstrap.MIN_UNITS) -> dict[str, float]:
     loss = self.loss
     ppl_lo, ppl_hi, units = self.ppl_interval(min_windows)
@@ -138,7 +158,7 @@ class Totals:
       "bits_per_byte": self.bits_per_byte,
       "seconds": self.seconds,
       "compile_seconds": self.compile_seconds,
-    }
+    } | (self.region_row() if self.nll_WxR else {})
 
 
 class Evaluator:
@@ -207,11 +227,13 @@ class Evaluator:
     batch_size: int,
     desc: str,
     bytes_per_token_V: np.ndarray | None = None,
+    split: int | None = None,
   ) -> Totals:
     """Scores every batch (short ones padded with zero-weight rows) with a progress bar.
 
     With ``bytes_per_token_V`` (int ``[V]``) also counts the scored UTF-8 bytes on the host,
-    ``Σ w · bytes_per_token_V[targets]`` per batch (the compiled step is unchanged).
+    ``Σ w · bytes_per_token_V[targets]`` per batch (the compiled step is unchanged). With
+    ``split``, each window's sums inside and beyond it (module docstring: regions).
     """
     totals = None
     start = time.perf_counter()
@@ -233,12 +255,21 @@ class Evaluator:
       totals.exact_W += stats["exact_B"][scored_B].tolist()
       totals.nll_W += stats["nll_sum_B"][scored_B].tolist()
       totals.weight_W += stats["scored_B"][scored_B].tolist()
+      if split is not None:
+        totals.nll_WxR += region_sums(stats["nll_BxL"][scored_B], split)
+        totals.weight_WxR += region_sums(batch["weights"][scored_B], split)
       totals.compile_seconds += compile_seconds
       totals.attention = self.attention_for(batch_size, length)
     if totals is None:
       raise ValueError(f"{desc}: the evaluation data produced no batches")
     totals.seconds = time.perf_counter() - start - totals.compile_seconds
     return totals
+
+
+def region_sums(x_BxL: np.ndarray, split: int) -> list[list[float]]:
+  """Per row ``[Σ_{l < split} x, Σ_{l >= split} x]`` in float64."""
+  x_BxL = np.asarray(x_BxL, np.float64)
+  return np.stack([x_BxL[:, :split].sum(1), x_BxL[:, split:].sum(1)], axis=1).tolist()
 
 
 def pad_batch(batch: Batch, batch_size: int) -> Batch:
@@ -262,19 +293,21 @@ def lm_sweep(
   stride: int | None = None,
   max_tokens: int | None = None,
   batch_size: int = 1,
-) -> tuple[list[dict], dict[int, tuple[np.ndarray, np.ndarray]]]:
+  split: int | None = None,
+) -> tuple[list[dict], dict[int, tuple[np.ndarray, np.ndarray]], dict[int, dict]]:
   """Loss/ppl/bits per byte at each length over one token budget (``data.make_eval_batches``),
   ``batch_size`` windows per call (0: ``backend.eval_batch_size(length)``).
 
   Bytes are those of ``data.tokenizer``'s ``utf8_bytes_per_token`` (see the module docstring).
-  Returns one row per length and, per length, ``(nll_sum_L, weight_sum_L)`` for the
-  per-position diagnostic. Sliding mode uses ``stride`` (default ``length // 2``);
+  Returns one row per length, per length ``(nll_sum_L, weight_sum_L)`` for the per-position
+  diagnostic and, with ``split``, per length ``{"nll_WxR", "weight_WxR"}`` (the regions of the
+  module docstring; ``{}`` without). Sliding mode uses ``stride`` (default ``length // 2``);
   non-overlapping rows report ``stride = length``. Synthetic data (``length`` = task length)
   adds ``seq_len``, ``examples`` and exact-match ``accuracy``.
   """
   synthetic = config.data.name == "synthetic"
   bytes_per_token_V = tokenizer_of(config.data).utf8_bytes_per_token()
-  rows, per_position = [], {}
+  rows, per_position, per_window = [], {}, {}
   for length in lengths:
     step = length if mode != "sliding" else stride or max(1, length // 2)
     size = batch_size or backend.eval_batch_size(length)
@@ -287,7 +320,11 @@ def lm_sweep(
       batch_size=size,
     )
     totals = evaluator.score_all(
-      batches, batch_size=size, desc=f"length {length}", bytes_per_token_V=bytes_per_token_V
+      batches,
+      batch_size=size,
+      desc=f"length {length}",
+      bytes_per_token_V=bytes_per_token_V,
+      split=split,
     )
     row = {"length": length, "mode": mode, "stride": step, "attention": totals.attention}
     row |= totals.lm_row(min_windows=2 if mode == "documents" else bootstrap.MIN_UNITS)
@@ -304,12 +341,14 @@ def lm_sweep(
       }
     rows.append(row)
     per_position[length] = (totals.nll_sum_L, totals.weight_sum_L)
+    if split is not None:
+      per_window[length] = {"nll_WxR": totals.nll_WxR, "weight_WxR": totals.weight_WxR}
     tqdm.tqdm.write(
       f"length {length:>7}: loss {row['loss']:.4f}  ppl {row['ppl']:.3f}  "
       f"bits/byte {row['bits_per_byte']:.4f}  "
       f"({row['tokens']} tokens, {row['seconds']:.1f}s + {row['compile_seconds']:.1f}s compile)"
     )
-  return rows, per_position
+  return rows, per_position, per_window
 
 
 def passkey_sweep(

@@ -41,7 +41,9 @@ class PasskeyResult:
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
   """One evaluation of one run: ``rows`` (``eval_lib.lm_sweep``'s, one per length),
-  ``per_position`` (length -> ``(nll_sum_L, weight_sum_L)``), and the passkey grid if asked."""
+  ``per_position`` (length -> ``(nll_sum_L, weight_sum_L)``), ``per_window`` (length ->
+  ``{"nll_WxR", "weight_WxR"}``: each window's sums inside / beyond ``train_len``) and the
+  passkey grid if asked."""
 
   name: str
   workdir: str
@@ -57,6 +59,8 @@ class EvalResult:
   compiles: int  # XLA compilations measured while scoring (JAX monitoring events).
   programs: int  # Programs in the evaluator's cache.
   passkey: PasskeyResult | None = None
+  per_window: dict[int, dict[str, list]] = dataclasses.field(default_factory=dict)
+  split: int = 0  # Where per_window's regions divide (the run's or its base model's L).
 
   @property
   def lengths(self) -> list[int]:
@@ -101,7 +105,8 @@ class EvalResult:
 def write_results(
   result: EvalResult, out_dir: str, *, extra: Mapping[str, Any] | None = None
 ) -> None:
-  """Writes ``out_dir/<name>.csv/.json/.png``, ``<name>_per_position.csv/.json/.png`` and,
+  """Writes ``out_dir/<name>.csv/.json/.png``, ``<name>_per_position.csv/.json/.png``,
+  ``<name>_windows.json`` (each window's NLL and tokens inside / beyond L, per length) and,
   with a passkey grid, ``<name>_passkey.csv/.json/.png`` (see ``pe_research.evaluate``).
   ``extra`` keys follow ``rows`` in ``<name>.json`` (the sweep's cache key)."""
   stem = os.path.join(out_dir, result.name)
@@ -109,6 +114,10 @@ def write_results(
   caption = result.caption
   position_rows = [r for n in result.lengths for r in per_position_rows(n, *result.per_position[n])]
   write_table(f"{stem}_per_position", position_rows, result.meta())
+  with open(f"{stem}_windows.json", "w") as f:
+    windows = {str(n): v for n, v in result.per_window.items()}
+    regions = {"split": result.split, "regions": ["inside", "beyond"], "lengths": windows}
+    json.dump(result.meta() | regions, f)
   plot_per_position(
     f"{stem}_per_position.png",
     result.per_position,

@@ -19,6 +19,8 @@ into ``DIR/eval/``:
                                    seconds (+ accuracy for synthetic tasks); the figure is
                                    ppl against length
   <name>_per_position.csv/.png     mean NLL against position within the window
+  <name>_windows.json              per length, each window's NLL sum and scored tokens inside
+                                   the training length L (positions < L) and beyond it
   <name>_passkey.csv/.json/.png    passkey accuracy, length × depth (``--passkey_trials > 0``),
                                    plus the positive control's rows (``control`` true): the
                                    prompt at the training length, needle inside it (printed
@@ -152,9 +154,11 @@ def evaluate(
   dense_budget_gib: float = 1.0,
   passkey_trials: int = 0,
   passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+  split: int | None = None,
 ) -> eval_report.EvalResult:
   """Evaluates the run in ``workdir`` (see the module docstring); writes nothing
-  (``eval_report.write_results`` does)."""
+  (``eval_report.write_results`` does). ``split``: where the per-window regions divide
+  (default the run's training length; a fine-tuned run passes its base model's)."""
   if batch_size < 0 or (max_tokens is not None and max_tokens < 1) or passkey_trials < 0:
     raise ValueError(
       "--batch_size must be >= 0 (0: the backend's choice per length), --max_tokens >= 1 and "
@@ -171,7 +175,8 @@ def evaluate(
   evaluator = eval_lib.Evaluator(
     model, attention=attention, dense_budget_bytes=int(dense_budget_gib * 2**30)
   )
-  rows, per_position = eval_lib.lm_sweep(
+  train_len = config.data.train_max_len if synthetic else config.train.seq_len
+  rows, per_position, per_window = eval_lib.lm_sweep(
     evaluator,
     config,
     lengths,
@@ -179,8 +184,8 @@ def evaluate(
     stride=stride,
     max_tokens=max_tokens,
     batch_size=batch_size,
+    split=split or train_len,
   )
-  train_len = config.data.train_max_len if synthetic else config.train.seq_len
   passkey_result = None
   if passkey_trials and not synthetic:
     score_passkeys = functools.partial(
@@ -210,6 +215,8 @@ def evaluate(
     synthetic=synthetic,
     rows=rows,
     per_position=per_position,
+    per_window=per_window,
+    split=split or train_len,
     compiles=evaluator.backend_compiles,
     programs=evaluator.num_compiles,
     passkey=passkey_result,

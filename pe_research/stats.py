@@ -17,6 +17,17 @@ k = n), B⁻¹ the Beta quantile; its coverage is at least ``level`` for every t
 
 Across training seeds (``seed_interval``) the unit is the run: the mean of U per-seed values
 with a Student-t interval ``mean ± t_{0.975, U-1} · sd / sqrt(U)`` (U = 1 gives a point).
+
+Paired comparisons (``paired_ratio``) resample the units (documents) jointly for two
+quantities measured on the same units, a and b, and report the ratio of their perplexities::
+
+  ratio*_r = exp(Σ_u c_ru a_u / Σ_u c_ru w^a_u − Σ_u c_ru b_u / Σ_u c_ru w^b_u)
+
+On the same tokens (w^a = w^b: one method against another) this is the ratio on those tokens;
+on the same documents but other tokens (the region beyond L against the region inside L) the
+documents' own difficulty is shared by both terms of every draw. ``compare`` reads such an
+interval with a margin of practical equivalence: within ``1 ± EQUIVALENCE`` is "equivalent",
+whatever its width on the other side.
 """
 
 from __future__ import annotations
@@ -30,6 +41,9 @@ LEVEL = 0.95
 REPS = 2000
 # Fewer windows than this: the units are MIN_UNITS contiguous blocks of scored positions.
 MIN_UNITS = 16
+# Margin of practical equivalence of two perplexities: a ratio whose 95% interval lies within
+# [1 / (1 + EQUIVALENCE), 1 + EQUIVALENCE] is "equivalent" even when it excludes 1.
+EQUIVALENCE = 0.02
 
 
 def ratio_interval(
@@ -152,3 +166,45 @@ def best(intervals: Mapping[str, tuple[float, float]], lower_is_better: bool = T
     return order[0] if order else None
   top = order[0]
   return top if all(separated(intervals[top], intervals[k]) for k in order[1:]) else None
+
+
+def paired_ratio(
+  a_U: np.ndarray,
+  wa_U: np.ndarray,
+  b_U: np.ndarray,
+  wb_U: np.ndarray,
+  *,
+  reps: int = REPS,
+  seed: int = 0,
+  level: float = LEVEL,
+) -> tuple[float, float, float]:
+  """``(ratio, lo, hi)``: ``exp(Σa/Σw^a − Σb/Σw^b)`` and its percentile bootstrap interval,
+  the units (documents) resampled jointly for a and b (module docstring). Units scored in
+  neither are dropped; one unit gives a point."""
+  a_U, wa_U, b_U, wb_U = (np.asarray(x, np.float64) for x in (a_U, wa_U, b_U, wb_U))
+  keep = (wa_U > 0) | (wb_U > 0)
+  a_U, wa_U, b_U, wb_U = a_U[keep], wa_U[keep], b_U[keep], wb_U[keep]
+  if not len(a_U) or not wa_U.sum() or not wb_U.sum():
+    return math.nan, math.nan, math.nan
+  ratio = _exp(a_U.sum() / wa_U.sum() - b_U.sum() / wb_U.sum())
+  if len(a_U) < 2:
+    return ratio, ratio, ratio
+  rng = np.random.default_rng(seed)
+  counts_IxU = rng.multinomial(len(a_U), np.full(len(a_U), 1 / len(a_U)), size=reps)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    log_I = (counts_IxU @ a_U) / (counts_IxU @ wa_U) - (counts_IxU @ b_U) / (counts_IxU @ wb_U)
+  log_I = log_I[np.isfinite(log_I)]  # A draw without a's (or b's) tokens has no ratio.
+  tail = (1 - level) / 2 * 100
+  lo, hi = np.percentile(log_I, [tail, 100 - tail])
+  return ratio, _exp(float(lo)), _exp(float(hi))
+
+
+def compare(lo: float, hi: float, margin: float = EQUIVALENCE) -> str:
+  """An interval of a ratio a/b read with a margin: "equivalent" when it lies within
+  ``[1/(1+margin), 1+margin]``, "higher" when it lies above 1, "lower" below 1, else
+  "not separated" (it spans 1 and leaves the margin)."""
+  if any(math.isnan(x) for x in (lo, hi)):
+    return "not separated"
+  if 1 / (1 + margin) <= lo and hi <= 1 + margin:
+    return "equivalent"
+  return "higher" if lo > 1 else "lower" if hi < 1 else "not separated"

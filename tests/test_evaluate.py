@@ -27,6 +27,7 @@ from pe_research.data import ByteTokenizer, make_eval_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = 300  # Not a multiple of any length: the last window is partly scored.
+SPLIT = 20  # The regions (inside / beyond) of the per-window sums.
 ENCODE = ByteTokenizer().encode
 
 
@@ -86,11 +87,20 @@ def rope(rope_run):
 @pytest.mark.parametrize("mode,stride", [("nonoverlapping", None), ("sliding", 8)])
 def test_every_mode_scores_exactly_the_budgeted_tokens(rope, mode, stride):
   evaluator, config = rope
-  rows, per_position = eval_lib.lm_sweep(
-    evaluator, config, [32, 64], mode=mode, stride=stride, max_tokens=BUDGET
+  rows, per_position, per_window = eval_lib.lm_sweep(
+    evaluator, config, [32, 64], mode=mode, stride=stride, max_tokens=BUDGET, split=SPLIT
   )
   assert [r["tokens"] for r in rows] == [BUDGET, BUDGET]
   assert [per_position[n][1].sum() for n in (32, 64)] == [BUDGET, BUDGET]
+  # Regions: each window's sums inside / beyond position SPLIT add up to the per-position ones.
+  for row, n in zip(rows, (32, 64), strict=True):
+    nll_L, weight_L = per_position[n]
+    nll_WxR, weight_WxR = (np.array(per_window[n][k]) for k in ("nll_WxR", "weight_WxR"))
+    assert len(weight_WxR) == row["windows"] and weight_WxR.sum() == BUDGET
+    np.testing.assert_allclose(nll_WxR.sum(0), [nll_L[:SPLIT].sum(), nll_L[SPLIT:].sum()])
+    assert row["tokens_inside"] == weight_L[:SPLIT].sum() > 0
+    assert row["tokens_beyond"] == weight_L[SPLIT:].sum() > 0
+    assert row["loss_beyond"] == pytest.approx(nll_L[SPLIT:].sum() / weight_L[SPLIT:].sum())
   assert all(np.isfinite(r["loss"]) and r["ppl"] == pytest.approx(np.exp(r["loss"])) for r in rows)
   # Bits per byte of the scored UTF-8 bytes; the budget holds no EOS, so bytes = tokens here.
   assert [r["bytes"] for r in rows] == [BUDGET, BUDGET]
@@ -99,17 +109,17 @@ def test_every_mode_scores_exactly_the_budgeted_tokens(rope, mode, stride):
 
 def test_documents_mode_rows_name_their_units_and_say_when_there_are_too_few(rope):
   evaluator, config = rope
-  (row,), _ = eval_lib.lm_sweep(evaluator, config, [64], mode="documents", max_tokens=128)
+  (row,), _, _ = eval_lib.lm_sweep(evaluator, config, [64], mode="documents", max_tokens=128)
   assert row["tokens"] == 64 and row["windows"] == 1 and row["units"] == "validation/a.txt"
   assert "has 1 of the 2 requested units holding 65 tokens" in row["units_note"]
 
 
 def test_sliding_with_stride_equal_to_length_is_nonoverlapping(rope):
   evaluator, config = rope
-  _, slide = eval_lib.lm_sweep(
+  _, slide, _ = eval_lib.lm_sweep(
     evaluator, config, [32], mode="sliding", stride=32, max_tokens=BUDGET
   )
-  _, plain = eval_lib.lm_sweep(evaluator, config, [32], max_tokens=BUDGET)
+  _, plain, _ = eval_lib.lm_sweep(evaluator, config, [32], max_tokens=BUDGET)
   np.testing.assert_array_equal(slide[32][1], plain[32][1])
   np.testing.assert_allclose(slide[32][0], plain[32][0], rtol=1e-6)
 
@@ -129,7 +139,7 @@ def test_blockwise_and_dense_evaluation_agree(rope):
   losses = {}
   for attention in ("dense", "blockwise"):
     forced = eval_lib.Evaluator(evaluator.model, attention=attention)
-    _, per_position = eval_lib.lm_sweep(forced, config, [64], max_tokens=BUDGET)
+    _, per_position, _ = eval_lib.lm_sweep(forced, config, [64], max_tokens=BUDGET)
     losses[attention] = per_position[64][0]
   np.testing.assert_allclose(losses["blockwise"], losses["dense"], rtol=1e-5, atol=1e-5)
 
@@ -358,10 +368,13 @@ def test_cli_writes_tables_plots_and_compile_count(rope_run, no_compilation_cach
   passkey_rows = json.loads((out / "smoke_passkey.json").read_text())["rows"]
   assert passkey_rows and not any(r["control"] for r in passkey_rows)
   assert (out / "smoke.csv").read_text().startswith("length,mode,stride,attention,tokens,loss,ppl")
+  windows = json.loads((out / "smoke_windows.json").read_text())
+  assert windows["split"] == 32 and len(windows["lengths"]["256"]["weight_WxR"]) >= 1
   for name in (
     "smoke.png",
     "smoke_per_position.csv",
     "smoke_per_position.png",
+    "smoke_windows.json",
     "smoke_passkey.png",
   ):
     assert (out / name).stat().st_size > 0

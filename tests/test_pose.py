@@ -52,6 +52,18 @@ def test_pose_positions_cover_the_target_length():
   assert len(set(split_B.tolist())) > 16  # The split point varies over the window.
 
 
+def test_official_first_chunk_is_at_most_half_the_window_and_uniform_is_not():
+  """The official code's c_1 ~ U{1..(L_c+1)//2}; the uniform split reaches past the half."""
+  first_B = {}
+  for mode in ("official", "uniform"):
+    pos_BxL = np.asarray(pose_positions(jax.random.key(5), 2048, 33, 4096, 2, mode))
+    first_B[mode] = 1 + np.argmax(np.diff(pos_BxL, axis=1) > 1, axis=1)  # u_1 > 0 here
+  assert first_B["official"].min() == 1 and first_B["official"].max() == 17
+  assert first_B["uniform"].max() > 17  # Must differ: the uniform draw is not the official one.
+  with pytest.raises(ValueError, match="pe.pose_chunks=3"):
+    pose_positions(jax.random.key(0), 1, 9, 64, 3, "official")
+
+
 @pytest.mark.parametrize(("chunks", "target_len"), [(1, 16), (1, 200), (4, 16)])
 def test_pose_without_room_or_with_one_chunk_is_sequential(chunks, target_len):
   pos_BxL = pose_positions(jax.random.key(0), 3, 16, target_len, chunks)
@@ -139,6 +151,8 @@ def _pose_config(**pe):
     ({"pose_target_len": 64, "randomized": True}, "pe.pose_target_len"),
     ({"pose_chunks": 0}, "pe.pose_chunks"),
     ({"pose_target_len": 64, "pose_chunks": 33}, "pe.pose_chunks"),
+    ({"pose_target_len": 64, "pose_chunks": 3, "pose_first_chunk": "official"}, "pe.pose_chunks"),
+    ({"pose_first_chunk": "halves"}, "pe.pose_first_chunk"),
     ({"name": "learned", "max_len": 128, "pose_target_len": 256}, "pe.max_len"),
   ],
 )
@@ -150,6 +164,7 @@ def test_invalid_pose_config_is_one_line_error_naming_the_field(pe, field):
 
 def test_valid_pose_configs_pass():
   config_lib.validate(_pose_config(pose_target_len=32, pose_chunks=32), device_count=8)
+  config_lib.validate(_pose_config(pose_target_len=64, pose_first_chunk="official"), device_count=8)
   config_lib.validate(
     _pose_config(name="learned", max_len=128, pose_target_len=128), device_count=8
   )

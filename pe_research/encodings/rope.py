@@ -17,6 +17,8 @@ in ``rope_extension.py``; it combines with any ``rope_scaling`` (frequencies).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,6 +181,14 @@ class RoPE(PositionalEncoding):
     # Parsed and validated once, here; frozen, so a static attribute of the module.
     self.scaling = parse_rope_scaling(scaling, original_max_position_embeddings=train_len)
     self.frequencies(1)  # validates dim-dependent keys (longrope list lengths) at build time
+
+  @property
+  def unchanged_up_to(self) -> float:
+    """The longest call length n at which this encoding gives plain RoPE's logits (inf: any):
+    ``rope_scaling``'s own limit (``RopeScaling.unchanged_up_to``), a far window's W (every
+    distance of a call of n <= W tokens is < W) and log-n's L (s_p = 1 for p < L)."""
+    limits = [self.window or math.inf, self.logn_len or math.inf]
+    return min(limits + ([self.scaling.unchanged_up_to] if self.scaling else []))
 
   def frequencies(self, seq_len: int) -> tuple[np.ndarray, float]:
     """(θ' float32 ``[rotary_dim // 2]``, attention factor) for a call of length seq_len."""

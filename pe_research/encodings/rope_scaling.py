@@ -80,6 +80,12 @@ class RopeScaling:
     """Whether the frequencies depend on the length of the call (dynamic, longrope)."""
     return self.rope_type in ("dynamic", "longrope")
 
+  @property
+  def unchanged_up_to(self) -> float:
+    """The longest call length at which the frequencies are the unscaled ones: L for dynamic
+    (its base is b while n <= L), 0 for the other types (scaled at every length)."""
+    return self.original_max_position_embeddings if self.rope_type == "dynamic" else 0
+
   def as_dict(self) -> dict:
     """HF's dict: the given keys only, the factor lists as lists."""
     given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

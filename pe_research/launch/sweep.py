@@ -75,13 +75,15 @@ def evaluate(
   stride: int | None = None,
   batch_size: int = 1,
   passkey_trials: int = 0,
+  split: int | None = None,
 ) -> dict:
   """The summary of ``workdir/eval/<name>.json`` (``rows``, and ``passkey`` rows when
   ``passkey_trials > 0``), computed unless one exists for the same request and checkpoint.
 
   ``rope_scaling`` (a dict in HF vocabulary) and ``overrides`` (``pe.*``/``data.*`` fields)
   replace the run's at evaluation only (zero-shot). The request includes :func:`code_version`,
-  so an evaluation computed by other code (an encoding fixed since) is not reused.
+  so an evaluation computed by other code (an encoding fixed since) is not reused. ``split``:
+  where the per-window regions divide (``pe_research.evaluate``; default the run's L).
   """
   request = {
     "step": checkpoint.latest_intact_step(workdir),
@@ -92,6 +94,7 @@ def evaluate(
     "mode": mode,
     "stride": stride,
     "passkey_trials": passkey_trials,
+    "split": split,
     "code": code_version(),
   }
   path = os.path.join(workdir, "eval", f"{name}.json")
@@ -111,6 +114,7 @@ def evaluate(
     name=name,
     batch_size=batch_size,
     passkey_trials=passkey_trials,
+    split=split,
   )
   cache = {"passkey": result.passkey.rows} if result.passkey else {}
   cache["request"] = request
