@@ -104,10 +104,12 @@ def grid(
 ) -> list[dict]:
   """Rows of the control (``n = train_len``, every depth) and of each ``n`` of ``lengths`` at
   its :func:`beyond_depths`; haystacks from ``data_cfg``'s corpus when given (the filler at a
-  length where it has no long unit; ``note`` says so). ``evaluator`` is an
-  ``eval_lib.Evaluator`` (``score_all`` gives ``correct`` of ``examples``)."""
+  length where it has no long unit; ``note`` says so). No control rows when no prompt fits in
+  ``train_len`` tokens (:func:`verdicts` then says the grid is not evidence). ``evaluator`` is
+  an ``eval_lib.Evaluator`` (``score_all`` gives ``correct`` of ``examples``)."""
   rows = []
-  for n in (train_len, *(n for n in lengths if n != train_len)):
+  fits = passkey.min_length(tokenizer.encode) <= train_len
+  for n in (*((train_len,) if fits else ()), *(n for n in lengths if n != train_len)):
     control = n == train_len
     cell_depths = depths if control else beyond_depths(n, train_len, tokenizer.encode, depths)
     found = long_windows(data_cfg, tokenizer, n, trials, split) if data_cfg else None
