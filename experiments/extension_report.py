@@ -419,8 +419,9 @@ def _niah_table(preset, niah_rows: dict, train_len: int) -> list[str]:
   cells = {(m, r["length"], r["depth"]): r for m, rs in niah_rows.items() for r in rs}
   columns = sorted({(n, d) for _, n, d in cells})
   first = next(iter(niah_rows.values()))
-  haystacks = sorted({f"{r['length']}: {r['haystacks']} × {r['haystack']}" for r in first})
-  notes = sorted({r["note"] for rs in niah_rows.values() for r in rs if r["note"]})
+  by_length = {r["length"]: r for r in first}
+  haystacks = [f"{n}: {r['haystacks']} from {r['haystack']}" for n, r in sorted(by_length.items())]
+  notes = [f"Haystacks at {n}: {r['note']}" for n, r in sorted(by_length.items()) if r["note"]]
   return [
     "## Needle in a haystack",
     "",
@@ -430,8 +431,8 @@ def _niah_table(preset, niah_rows: dict, train_len: int) -> list[str]:
     f"cells at n = L = {train_len} are the positive control; beyond L only the depths that "
     "put the needle more than L tokens before the question (``niah.beyond_depths``). One "
     "model per method: its s at the grid's longest length, the control included.",
-    *notes,
     "",
+    *(f"{note}\n" for note in notes),
     *figure_report.markdown_table(
       ["method", *(f"{n}@{d}" for n, d in columns)],
       [[m, *(_acc(cells.get((m, n, d))) for n, d in columns)] for m in niah_rows],
