@@ -21,9 +21,9 @@ class Preset:
   stride: int  # ... scoring the first window whole, then `stride` targets per window.
   self_extend: tuple[int, int]  # (W, G)
   rerope_window: int
-  niah_lengths: tuple[int, ...]
-  niah_depths: tuple[float, ...]
-  niah_trials: int
+  niah_lengths: tuple[int, ...]  # NIAH beyond L (``pe_research.niah``; the control at L added).
+  niah_depths: tuple[float, ...]  # The control's depths; beyond L those of them beyond L.
+  niah_trials: int  # Keys per cell, each on its own document of the first text kind.
   niah_methods: tuple[str, ...]
   other_methods: tuple[str, ...]  # Text kinds after the first: these methods ...
   other_lengths: tuple[int, ...]  # ... at these lengths.
@@ -45,7 +45,7 @@ _TEXTS = {
 _FREQUENCY = ("none", "PI", "NTK", "YaRN")
 _TRAINING_FREE = ("none", "Self-Extend", "ReRoPE")
 _MORE = ("none", "dynamic NTK", "log-n", "ReRoPE (clip only)")
-_NO_NIAH = dict(niah_lengths=(), niah_depths=(), niah_trials=0, niah_methods=())
+_NO_NIAH = dict(niah_lengths=(), niah_depths=(), niah_trials=0, niah_methods=())  # cpu-niah
 _NO_FT = dict(ft_methods=(), ft_steps=0, ft_seq_len=0, pose_seq_len=0)
 # The cpu presets: measured per-window cost of one SmolLM2 evaluation here (AMD EPYC Zen 4, 2
 # cores): 2k 6 s, 8k 53 s, 12k ~100 s, 16k 130-240 s (the upper end: two logit sets, Self-Extend
@@ -80,9 +80,9 @@ PRESETS = {
     stride=16,
     self_extend=(16, 4),
     rerope_window=32,
-    niah_lengths=(256,),
+    niah_lengths=(512,),  # No prompt fits in L = 64 bytes: no control, "not evidence".
     niah_depths=(0.0, 1.0),
-    niah_trials=1,
+    niah_trials=2,  # Tiny: the wiring, not a measurement.
     niah_methods=("none", "YaRN"),
     other_methods=(),
     other_lengths=(),
@@ -128,6 +128,21 @@ PRESETS = {
     ft_seq_len=2048,
     pose_seq_len=2048,
   ),
+  # Needle in a haystack beyond L: the base and YaRN (s = 1.5), 10 keys per cell, each on one
+  # of pystdlib validation's documents (8 hold 12,288 tokens: 2 repeat with other keys), the
+  # control at L = 8,192 and 12,288 at depth 0 (the needle ~12.2k tokens before the question;
+  # depth <= 0.33 is beyond L there). One prompt costs about one window: 2 × 10 × (53 + 100 s)
+  # ≈ 51 min.
+  "cpu-niah": Preset(
+    **_CPU,
+    methods=(),
+    inside_lengths=(),
+    niah_lengths=(12288,),
+    niah_depths=(0.0,),
+    niah_trials=10,
+    niah_methods=("none", "YaRN"),
+    **_NO_FT,
+  ),
   # An accelerator: every method on 16 documents per length, both text kinds; the recipes'
   # windows (PI/YaRN at the target 4·L, beyond L; PoSE at L) and 400 steps.
   "paper": Preset(
@@ -142,9 +157,9 @@ PRESETS = {
     stride=256,
     self_extend=(1024, 8),
     rerope_window=4096,
-    niah_lengths=(2048, 8192, 16384, 32768),
+    niah_lengths=(12288, 16384, 32768),  # Beyond: depths <= 0.25, 0.25 and 0.75.
     niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
-    niah_trials=10,
+    niah_trials=20,
     niah_methods=ZERO_SHOT,
     other_methods=ZERO_SHOT,
     other_lengths=(4096, 8192, 12288, 16384, 24576, 32768),

@@ -11,6 +11,8 @@ A verdict is stated only where the interval decides it (``figure_report.exceeds`
 gives a point and no verdict. Fine-tunes earn a published-shape verdict only when they follow
 the recipe (``extension_methods.RECIPE_MIN_STEPS`` steps or more, the recipe's window, warmup
 at most 10% of the steps); otherwise their rows are "minimal adaptation" and shown without one.
+The needle grid's lines are ``pe_research.niah.verdicts`` (each method's control at L, its
+beyond-L cells, and the comparison with the base on the same prompts, exact intervals).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from experiments import figure_report
 from experiments.extension_methods import BY_LABEL, FIXED_S, METHODS, RECIPE_MIN_STEPS
-from pe_research import eval_report, passkey, stats
+from pe_research import eval_report, niah, stats
 
 EXPLODES = 2.0  # "Explodes past L": ppl beyond L more than twice ppl inside L, same windows.
 _READING = {
@@ -179,21 +181,10 @@ def findings(rows: list[dict], train_len: int, factor: int, niah_rows: dict) -> 
     if not minimal(claim, ratio, *rows_n):
       ok = None if word == "not separated" else word in confirming
       check(claim, ok, f"{fmt_ratio(ratio)}: {_READING[word]}", method.label)
-  control = [r for r in niah_rows.get("none", []) if r["length"] <= train_len]
-  if control:  # Pooled over the control's cells, an exact interval (one prompt proves nothing).
-    k = sum(round(r["accuracy"] * r["trials"]) for r in control)
-    m = sum(r["trials"] for r in control)
-    lo, hi = stats.clopper_pearson(k, m)
-    passed = lo >= passkey.CONTROL_MIN_ACCURACY
-    out.append(
-      f"- Positive control (base model, needle inside L): {k}/{m} retrieved, 95% Clopper-Pearson "
-      f"[{lo:.2f}, {hi:.2f}] — "
-      + (
-        f"passes (lower bound >= {passkey.CONTROL_MIN_ACCURACY})"
-        if passed
-        else "**does not pass: the grid is not evidence**"
-      )
-    )
+  base = ("none", niah_rows["none"]) if "none" in niah_rows else None
+  for method, cells in niah_rows.items():  # Control at L, beyond-L cells, exact intervals.
+    versus_base = None if method == "none" else base
+    out += [f"- NIAH: {line}" for line in niah.verdicts(cells, train_len, method, versus_base)]
   return out
 
 
@@ -409,22 +400,8 @@ def write_outputs(out, args, preset, rows, niah_rows, train_len, wall) -> None:
       *_sliding_table(kind_rows, preset.stride),
     ]
   text += _fine_tune_table(rows, train_len, preset.factor)
-  if niah_rows:
-    text += [
-      "## Needle in a haystack (greedy exact retrieval; accuracy [95% bootstrap interval over "
-      f"{preset.niah_trials} prompt(s) per cell: with one prompt the interval is the point])",
-      "",
-    ]
-    cells = {(m, r["length"], r["depth"]): r for m, rs in niah_rows.items() for r in rs}
-    header = [f"{n}@{d}" for n in preset.niah_lengths for d in preset.niah_depths]
-    text += figure_report.markdown_table(
-      ["method", *header],
-      [
-        [m, *(_acc(cells.get((m, n, d))) for n in preset.niah_lengths for d in preset.niah_depths)]
-        for m in niah_rows
-      ],
-    )
-  first = [r for r in rows if r["text"] == texts[0]]
+  text += _niah_table(preset, niah_rows, train_len)
+  first = [r for r in rows if r["text"] == texts[0]] if texts else []  # cpu-niah: NIAH only.
   figure_report.write_report(out, text, findings(first, train_len, preset.factor, niah_rows))
   print(f"wrote {out}/REPORT.md")
 
@@ -434,7 +411,38 @@ def _eval_minutes(rows) -> float:
   return sum(seconds.values()) / 60
 
 
+def _niah_table(preset, niah_rows: dict, train_len: int) -> list[str]:
+  """Retrieved / trials per cell (the control at L, the lengths beyond L at the depths beyond
+  L) with exact intervals; the verdicts are among the findings."""
+  if not niah_rows:
+    return []
+  cells = {(m, r["length"], r["depth"]): r for m, rs in niah_rows.items() for r in rs}
+  columns = sorted({(n, d) for _, n, d in cells})
+  first = next(iter(niah_rows.values()))
+  by_length = {r["length"]: r for r in first}
+  haystacks = [f"{n}: {r['haystacks']} from {r['haystack']}" for n, r in sorted(by_length.items())]
+  notes = [f"Haystacks at {n}: {r['note']}" for n, r in sorted(by_length.items()) if r["note"]]
+  return [
+    "## Needle in a haystack",
+    "",
+    f"Greedy exact retrieval of a 5-digit key, {preset.niah_trials} prompts per cell, each "
+    "with its own key and haystack (distinct haystacks per length: "
+    f"{'; '.join(haystacks)}); n@depth, retrieved / prompts [95% Clopper–Pearson]. The "
+    f"cells at n = L = {train_len} are the positive control; beyond L only the depths that "
+    "put the needle more than L tokens before the question (``niah.beyond_depths``). One "
+    "model per method: its s at the grid's longest length, the control included.",
+    "",
+    *(f"{note}\n" for note in notes),
+    *figure_report.markdown_table(
+      ["method", *(f"{n}@{d}" for n, d in columns)],
+      [[m, *(_acc(cells.get((m, n, d))) for n, d in columns)] for m in niah_rows],
+    ),
+    "",
+  ]
+
+
 def _acc(row) -> str:
   if row is None:
     return "–"
-  return f"{row['accuracy']:.2f} [{row['accuracy_lo']:.2f}, {row['accuracy_hi']:.2f}]"
+  lo, hi = row["accuracy_lo"], row["accuracy_hi"]
+  return f"{row['correct']}/{row['trials']} [{lo:.2f}, {hi:.2f}]"

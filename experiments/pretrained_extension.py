@@ -19,8 +19,10 @@ Measured on ``windows`` windows per length, each the start of one document or st
 (``pe_research.data.long_windows``; the ``data.*`` overrides of each text kind choose the corpus
 and ``data.eval_split``): every window's NLL inside L and beyond L
 (``eval_lib``'s regions, ``<eval>_windows.json``), from which ``extension_report`` writes the
-paired verdicts with intervals over windows; a needle-in-a-haystack grid (``pe_research.passkey``)
-with the base model inside L as its positive control. Writes OUT/results.csv, OUT/niah.csv,
+paired verdicts with intervals over windows; a needle-in-a-haystack grid (``pe_research.niah``:
+``niah_trials`` keys per cell, each on its own document of the first text kind, at depths that
+put the needle more than L tokens before the question, and each method's positive control at
+L, with Clopper–Pearson intervals). Writes OUT/results.csv, OUT/niah.csv,
 OUT/<text>.png, OUT/REPORT.md; every evaluation is cached in the run's eval/ (re-running
 resumes).
 """
@@ -68,16 +70,21 @@ def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, stride=No
   return rows
 
 
-def niah(workdir: str, name: str, preset: Preset, rope_scaling, overrides) -> list[dict]:
-  """Passkey grid rows (length, depth, accuracy with its interval), cached in the run's eval/."""
+def niah(workdir: str, name: str, preset: Preset, train_len: int, rope_scaling, overrides):
+  """One method's needle grid (``pe_research.niah.grid``): the positive control at L and each
+  of ``preset.niah_lengths`` at the depths beyond L, ``preset.niah_trials`` keys per cell, each
+  on its own haystack (the documents of ``overrides``' corpus and ``data.eval_split``);
+  cached in the run's eval/."""
   from pe_research import eval_lib
   from pe_research.data import tokenizer_of
+  from pe_research.niah import grid
   from pe_research.runs import load_model
 
   request = {
     "lengths": list(preset.niah_lengths),
     "depths": list(preset.niah_depths),
     "trials": preset.niah_trials,
+    "train_len": train_len,
     "rope_scaling": rope_scaling,
     "overrides": overrides,
     "code": sweep.code_version(),
@@ -91,13 +98,15 @@ def niah(workdir: str, name: str, preset: Preset, rope_scaling, overrides) -> li
   model, config, _ = load_model(
     workdir, rope_scaling=json.dumps(rope_scaling) if rope_scaling else None, overrides=overrides
   )
-  rows, _ = eval_lib.passkey_sweep(
+  rows = grid(
     eval_lib.Evaluator(model),
+    tokenizer_of(config.data),
     preset.niah_lengths,
-    preset.niah_depths,
+    train_len,
     trials=preset.niah_trials,
-    batch_size=1,
-    encode=tokenizer_of(config.data).encode,
+    depths=preset.niah_depths,
+    data_cfg=config.data,
+    split=config.data.eval_split,
   )
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
@@ -240,10 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     rows += [{"text": first, "method": label, "fine_tuned": True} | r | trained for r in ft_rows]
   niah_rows = {}
-  for label in preset.niah_methods:  # rope_scaling at the grid's longest length.
-    method = BY_LABEL[label]
+  for label in preset.niah_methods:  # One model per method: s at the grid's longest length.
+    scaling, pe = BY_LABEL[label].at(max(preset.niah_lengths), preset, train_len)
     niah_rows[label] = niah(
-      args.workdir, method.slug, preset, *method.at(max(preset.niah_lengths), preset, train_len)
+      args.workdir, BY_LABEL[label].slug, preset, train_len, scaling, pe | texts[first]
     )
   write_outputs(out, args, preset, rows, niah_rows, train_len, time.time() - start)
 

@@ -146,3 +146,11 @@ def test_comparison_with_the_base_needs_separated_intervals():
   lines = niah.verdicts(_rows(10, 0), L, "m", base=("none", _rows(10, 9)))
   assert "below none (evidence" in lines[2]
   assert "no positive control" in niah.verdicts(_rows(10, 10)[1:], L, "m")[0]
+
+
+def test_grid_without_room_for_a_prompt_at_L_has_no_control_and_is_not_evidence():
+  short = passkey.min_length(TOKENIZER.encode) - 1  # One token too few for the control.
+  rows = niah.grid(_Reach(10_000), TOKENIZER, [short + 400], short, trials=2, depths=(0.0,))
+  assert rows and not any(r["control"] for r in rows) and all(r["beyond"] for r in rows)
+  assert all(r["correct"] == 2 for r in rows)  # Retrieved, yet:
+  assert "no positive control" in niah.verdicts(rows, short, "m")[0]

@@ -148,16 +148,29 @@ def test_fine_tunes_earn_a_verdict_only_by_the_recipe(tmp_path):
   assert any("window 64 < s·L = 256" in x for x in short), short
 
 
-def test_positive_control_passes_only_on_an_exact_interval_above_one_half(tmp_path):
+def test_niah_findings_need_each_methods_control_and_separated_intervals(tmp_path):
   rows = [_row(tmp_path, "none", 2.0, 3.0)]
 
-  def control(accuracy, trials):
-    cell = {"length": 32, "depth": 0.0, "accuracy": accuracy, "trials": trials}
-    return extension_report.findings(rows, L, 4, {"none": [cell]})[-1]
+  def cells(control, beyond, trials=10):  # niah.grid rows: the control at L, one beyond L.
+    return [
+      {"length": n, "depth": 0.0, "control": c, "beyond": not c, "gap_min": n - 20}
+      | {"correct": k, "trials": trials}
+      for n, c, k in ((L, True, control), (3 * L, False, beyond))
+    ]
 
-  assert "passes" in control(1.0, 10) and "10/10" in control(1.0, 10)
-  assert "the grid is not evidence" in control(0.0, 10)
-  assert "the grid is not evidence" in control(1.0, 1)  # One prompt: CP [0.03, 1.00].
+  def niah_lines(**grids):
+    return [x for x in extension_report.findings(rows, L, 4, grids) if x.startswith("- NIAH")]
+
+  lines = niah_lines(none=cells(10, 0), YaRN=cells(10, 10))
+  assert "none: positive control at L=64 passed: 10/10" in lines[0]
+  assert "fails beyond L (evidence" in lines[1] and "retrieves beyond L (evidence" in lines[3]
+  assert "above none (evidence: the intervals separate)" in lines[4], lines
+  lines = niah_lines(none=cells(10, 0), YaRN=cells(1, 1, trials=1))  # One prompt: CP [0.03, 1].
+  assert "YaRN: positive control at L=64 FAILED: 1/1" in lines[2]
+  assert "not evidence, the control failed" in lines[3] and len(lines) == 4
+  lines = niah_lines(none=cells(10, 3), YaRN=cells(10, 6))
+  assert "inconclusive" in lines[3] and "not separated from none" in lines[4]
+  assert not any("(evidence" in x for x in lines[2:]), lines
 
 
 def test_report_names_model_quantization_and_tokenizer(tmp_path):
@@ -205,4 +218,10 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   report = (out / "REPORT.md").read_text()
   assert "Does the published shape appear?" in report and "Needle in a haystack" in report
   assert "tokenizer: the source's own" in report and "minimal adaptation" in report
-  assert (out / "text.png").is_file() and (out / "niah.csv").is_file()
+  assert (out / "text.png").is_file()
+  with open(out / "niah.csv") as f:
+    niah_rows = list(csv.DictReader(f))
+  assert {r["method"] for r in niah_rows} == {"none", "YaRN"}
+  assert all(r["trials"] == "2" and r["haystacks"] == "2" for r in niah_rows)
+  assert all(r["beyond"] == "True" and int(r["gap_min"]) >= L for r in niah_rows)
+  assert "NIAH: YaRN: no positive control at L=64" in report  # No prompt fits in 64 bytes.
