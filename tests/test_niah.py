@@ -149,7 +149,8 @@ def test_comparison_with_the_base_needs_separated_intervals():
 
 
 def test_grid_without_room_for_a_prompt_at_L_has_no_control_and_is_not_evidence():
-  short = passkey.min_length(TOKENIZER.encode) - 1  # One token too few for the control.
+  # One token too few for the control, even without the header (passkey.control_header).
+  short = passkey.min_length(TOKENIZER.encode, header="") - 1
   rows = niah.grid(_Reach(10_000), TOKENIZER, [short + 400], short, trials=2, depths=(0.0,))
   assert rows and not any(r["control"] for r in rows) and all(r["beyond"] for r in rows)
   assert all(r["correct"] == 2 for r in rows)  # Retrieved, yet:
