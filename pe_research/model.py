@@ -128,6 +128,8 @@ class Attention(nnx.Module):
     use_bias = model_cfg.get("qkv_bias", False)
     self.qkv = Linear(d, width, std=model_cfg.init_std, dtype=dtype, rngs=rngs, use_bias=use_bias)
     self.out = Linear(hk, d, std=out_std, dtype=dtype, rngs=rngs)
+    # Strategy under a "context" mesh axis (attention.attend); runs saved before it: all_gather.
+    self.context_parallel = model_cfg.get("context_parallel", "all_gather")
 
   def __call__(self, x_BxLxD, pos_BxL, enc: PositionalEncoding, *, impl: str, block_size: int):
     b, length, _ = x_BxLxD.shape
@@ -155,6 +157,7 @@ class Attention(nnx.Module):
       impl=impl,
       block_size=block_size,
       operand_dtype=self.qkv.dtype,
+      context_strategy=self.context_parallel,
       **far,
     )
     return self.out(y_BxLxHxE.reshape(b, length, -1))
