@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pe_research import backend
+from pe_research import backend, context_parallel
 from pe_research.flash_attention import MASK_VALUE, blockwise_attention, pack_heads
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array | None]
@@ -57,13 +57,16 @@ def attend(
   q_far_BxLxHxE: jax.Array | None = None,
   k_far_BxLxGxE: jax.Array | None = None,
   window: int | None = None,
+  context_strategy: str | None = None,
 ) -> jax.Array:
   """Causal attention of q ``[B, L, H, E]`` over k, v ``[B, L, G, E]`` (``G`` dividing ``H``)
   -> ``[B, L, H, E]`` with the implementation ``impl`` (over the backend's pieces of the batch,
   :func:`~pe_research.backend.over_batch_pieces`). ``operand_dtype`` (default: ``q``'s dtype):
   q, k and v are rounded to it, and the output is in it; their
   gradients come back in their own dtype. ``window`` W with ``q_far``, ``k_far`` (shaped as q,
-  k): the far logit set of pairs with ``i − j >= W`` (module docstring)."""
+  k): the far logit set of pairs with ``i − j >= W`` (module docstring). Under a mesh with a
+  "context" axis of size > 1, ``dense`` and ``blockwise`` run context-parallel
+  (``context_parallel.py``) with ``context_strategy``: "all_gather" (None) or "ring"."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
   far = None
@@ -78,6 +81,18 @@ def attend(
     )
   dtype = operand_dtype or q_BxLxHxE.dtype
   q_far_BxLxHxE, k_far_BxLxGxE = far or (None, None)
+  if impl != "xla" and context_parallel.context_size() > 1:
+    cast = lambda x: x.astype(dtype)
+    return context_parallel.attention(
+      *map(cast, (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE)),
+      q_pos_BxL,
+      k_pos_BxL,
+      bias_fn,
+      block_size,
+      None if far is None else tuple(map(cast, far)),
+      window,
+      context_strategy or "all_gather",
+    )
 
   def attend_rows(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, q_pos_BxL, k_pos_BxL, q_far, k_far):
     q_BxLxHxE, k_BxLxGxE, v_BxLxGxE = (x.astype(dtype) for x in (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE))

@@ -28,6 +28,13 @@ body: near and far blocks cost what a block costs without a far set, mixed ones 
 score matmuls and select (and split ``ds`` between the sets in the backward pass). The ranges
 are static in the unrolled path and traced loop bounds in the ``lax`` path, so neither pays a
 ``cond`` or a discarded matmul. ``dq_far`` is a second ``[B, G, M, E]`` float32 accumulator.
+
+Chunks (context parallelism, ``context_parallel.py``): :func:`flash_forward` and
+:func:`flash_backward` also take a query chunk over a key chunk of another part of the sequence,
+the queries ``shift`` blocks after the keys (possibly a traced value, e.g. from the shard's
+``axis_index``): the mask and the window rule then read ``δ = a + shift − c``, the block loops
+stop at the causal edge (a fully masked chunk pair runs no block), and the forward returns the
+log-sum-exp that merges partial softmaxes; the backward takes the merged ``out`` and ``lse``.
 """
 
 from __future__ import annotations
@@ -116,28 +123,29 @@ def _clamp(x, lo, hi, static: bool):
   return min(max(x, lo), hi) if static else jnp.clip(x, lo, hi)
 
 
-def _pair_ranges(x, n: int, block: int, window: int | None, static: bool, *, query_major: bool):
+def _pair_ranges(x, n: int, block: int, window, static: bool, *, query_major: bool, shift=0):
   """``[(kind, lo, hi, masked)]``: the other block index's ranges per kind (module docstring)
-  for query block ``x`` over key blocks ``0..x`` (``query_major``), or key block ``x`` over query
-  blocks ``x..n-1``. ``masked``: whether the range's blocks need the causal mask; None when
+  for query block ``a`` over key blocks ``c <= a + shift``, ``c < n`` (``query_major``, ``x = a +
+  shift``: the query block in key-block units), or key block ``x = c`` over query blocks ``a >= c
+  − shift``, ``a < n``. ``masked``: whether the range's blocks need the causal mask; None when
   static (the body compares the block indices). Without a far set the ``lax`` path gives the
   diagonal block a range of its own, so the blocks below it skip the mask's pass over the
   scores (forward at 8k, batch 1: 1.08x with the pre-scaled q below, measured)."""
+  diagonal = x if query_major else x - shift  # the other block index at δ = 0
+  lo, hi = (0, _clamp(x + 1, 0, n, static)) if query_major else (_clamp(diagonal, 0, n, static), n)
   if window is None:
     if static:
-      return [(_NEAR, 0, x + 1, None)] if query_major else [(_NEAR, x, n, None)]
-    below, diagonal = (_NEAR, 0, x, False), (_NEAR, x, x + 1, True)
-    return [below, diagonal] if query_major else [diagonal, (_NEAR, x + 1, n, False)]
+      return [(_NEAR, lo, hi, None)]
+    cut = _clamp(diagonal + (0 if query_major else 1), lo, hi, static)
+    return [(_NEAR, lo, cut, not query_major), (_NEAR, cut, hi, query_major)]  # diagonal masked
   masked = None if static else True
   near_deltas = max(0, -(-(window - block + 1) // block))  # δ below it: every pair near
   far_delta = (window + 2 * block - 2) // block  # δ from it on: every visible pair far (>= 1)
-  if query_major:  # c = a − δ
-    lo, hi = 0, x + 1
-    cuts = [_clamp(x - d + 1, lo, hi, static) for d in (far_delta, near_deltas)]
+  if query_major:  # c = a + shift − δ
+    cuts = [_clamp(diagonal - d + 1, lo, hi, static) for d in (far_delta, near_deltas)]
     kinds = [(_FAR, lo, cuts[0]), (_MIXED, cuts[0], cuts[1]), (_NEAR, cuts[1], hi)]
-  else:  # a = c + δ
-    lo, hi = x, n
-    cuts = [_clamp(x + d, lo, hi, static) for d in (near_deltas, far_delta)]
+  else:  # a = c − shift + δ
+    cuts = [_clamp(diagonal + d, lo, hi, static) for d in (near_deltas, far_delta)]
     kinds = [(_NEAR, lo, cuts[0]), (_MIXED, cuts[0], cuts[1]), (_FAR, cuts[1], hi)]
   return [(*r, masked) for r in kinds]
 
@@ -186,47 +194,53 @@ def _block_scores(pairs, bias_BxGxTxP, a, c, masked: bool, window: int | None) -
   return jnp.where(query_T[:, None] >= key_P, s_BxGxTxP, MASK_VALUE)
 
 
-def _flash_forward(
+def flash_forward(
   bias_fn,
   block,
   window,
   q_BxGxMxE,
-  k_BxGxLxE,
-  v_BxGxLxE,
-  q_pos_BxL,
-  k_pos_BxL,
+  k_BxGxKxE,
+  v_BxGxKxE,
+  q_pos_BxQ,
+  k_pos_BxK,
   consts,
   far,
+  shift,
   *,
   unroll: bool,
 ):
-  """Online softmax per query block over key blocks ``0..a``: ``(out_BxGxMxE, lse_BxGxM)``.
-  ``far``: ``()`` or ``(q_far_BxGxMxE, k_far_BxGxLxE)``, used where ``i − j >= window``."""
-  b, g, length, d = k_BxGxLxE.shape
-  n = length // block
-  rows = q_BxGxMxE.shape[2] // n
-  static = unroll and n <= _UNROLL_BLOCKS
-  q_sets, k_sets = tuple(_scaled(x) for x in (q_BxGxMxE, *far[:1])), (k_BxGxLxE, *far[1:])
+  """Online softmax per query block ``a`` over key blocks ``0..a + s``: ``(out_BxGxMxE,
+  lse_BxGxM)``. ``far``: ``()`` or ``(q_far_BxGxMxE, k_far_BxGxKxE)``, used where ``i − j >=
+  window``. ``shift``: ``()`` (q and k are one sequence: ``s = 0``) or ``(s,)``, an int32
+  scalar (may be traced): the queries start ``s`` blocks after the keys, so ``i − j`` in the
+  mask and the window rule is ``(a + s − c) P`` plus the offsets within the blocks. A query
+  row that sees no key gets out 0 and lse ``MASK_VALUE`` (a key chunk after a query chunk)."""
+  b, g, _, d = k_BxGxKxE.shape
+  nq, nk = q_pos_BxQ.shape[1] // block, k_pos_BxK.shape[1] // block
+  rows = q_BxGxMxE.shape[2] // nq
+  s = shift[0] if shift else 0
+  static = unroll and not shift and nq <= _UNROLL_BLOCKS
+  q_sets, k_sets = tuple(_scaled(x) for x in (q_BxGxMxE, *far[:1])), (k_BxGxKxE, *far[1:])
 
   def query_block(a, carry):
     q_blocks = tuple(_block(x, a, rows, 2) for x in q_sets)
-    q_pos_BxP = _block(q_pos_BxL, a, block, 1)
+    q_pos_BxP = _block(q_pos_BxQ, a, block, 1)
 
     def key_block(kind, masked, c, state):
       m_BxGxT, l_BxGxT, o_BxGxTxE = state
-      k_pos_BxP = _block(k_pos_BxL, c, block, 1)
+      k_pos_BxP = _block(k_pos_BxK, c, block, 1)
       bias = None if bias_fn is None else _grouped_bias(bias_fn, g, q_pos_BxP, k_pos_BxP, *consts)
       pairs = [(q_blocks[i], _block(k_sets[i], c, block, 2)) for i in _SETS[kind]]
-      masked = a == c if masked is None else masked
-      s_BxGxTxP = _block_scores(pairs, bias, a, c, masked, window)
+      masked = a + s == c if masked is None else masked
+      s_BxGxTxP = _block_scores(pairs, bias, a + s, c, masked, window)
       m_new = jnp.maximum(m_BxGxT, s_BxGxTxP.max(axis=-1))
       correction_BxGxT = jnp.exp(m_BxGxT - m_new)
       p_BxGxTxP = jnp.exp(s_BxGxTxP - m_new[..., None])
       l_new = l_BxGxT * correction_BxGxT + p_BxGxTxP.sum(axis=-1)
       pv_BxGxTxE = jnp.einsum(
         "bgqk,bgkd->bgqd",
-        p_BxGxTxP.astype(v_BxGxLxE.dtype),
-        _block(v_BxGxLxE, c, block, 2),
+        p_BxGxTxP.astype(v_BxGxKxE.dtype),
+        _block(v_BxGxKxE, c, block, 2),
         preferred_element_type=jnp.float32,
       )
       return m_new, l_new, o_BxGxTxE * correction_BxGxT[..., None] + pv_BxGxTxE
@@ -237,19 +251,22 @@ def _flash_forward(
       jnp.zeros((b, g, rows, d), jnp.float32),
     )
     state = init
-    for kind, lo, hi, masked in _pair_ranges(a, n, block, window, static, query_major=True):
+    for kind, lo, hi, masked in _pair_ranges(a + s, nk, block, window, static, query_major=True):
       state = _loop(lo, hi, functools.partial(key_block, kind, masked), state, static)
     m_BxGxT, l_BxGxT, o_BxGxTxE = state
+    l_BxGxT = jnp.maximum(l_BxGxT, np.finfo(np.float32).tiny)  # 0 only where no key is visible
     out_BxGxTxE = (o_BxGxTxE / l_BxGxT[..., None]).astype(q_BxGxMxE.dtype)
     return (out_BxGxTxE, m_BxGxT + jnp.log(l_BxGxT)), carry
 
-  (out_JxBxGxTxE, lse_JxBxGxT), _ = _map(n, query_block, (), static)
-  out_BxGxMxE = jnp.moveaxis(out_JxBxGxTxE, 0, 2).reshape(b, g, n * rows, d)
-  return out_BxGxMxE, jnp.moveaxis(lse_JxBxGxT, 0, 2).reshape(b, g, n * rows)
+  (out_JxBxGxTxE, lse_JxBxGxT), _ = _map(nq, query_block, (), static)
+  out_BxGxMxE = jnp.moveaxis(out_JxBxGxTxE, 0, 2).reshape(b, g, nq * rows, d)
+  return out_BxGxMxE, jnp.moveaxis(lse_JxBxGxT, 0, 2).reshape(b, g, nq * rows)
 
 
-def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
-  """FlashAttention-2 backward: per key block ``c``, query blocks ``a >= c``.
+def flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
+  """FlashAttention-2 backward: per key block ``c``, query blocks ``a >= c − s``. ``residuals``:
+  :func:`flash_forward`'s arguments, then ``out`` and ``lse`` of the whole softmax (those of a
+  query chunk over every key chunk when the keys come in chunks: ring attention).
 
   With ``p = exp(s - lse)``, ``D_i = sum_d dout_i out_i``:  ``dv_c += p^T dout_a``,
   ``ds = p (dout_a v_c^T - D_a)``, ``dq_a += ds k_c / sqrt(E)``, ``dk_c += ds^T q_a / sqrt(E)``
@@ -258,18 +275,18 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
   of the far pairs goes to ``dq_far``, ``dk_far`` instead. In bf16 on the CPU ``dk`` and ``dv``
   are accumulated transposed (see ``transposed`` below).
   """
-  q_BxGxMxE, k_BxGxLxE, v_BxGxLxE, q_pos_BxL, k_pos_BxL, consts, far, out_BxGxMxE, lse_BxGxM = (
-    residuals
-  )
-  q_sets, k_sets = (q_BxGxMxE, *far[:1]), (k_BxGxLxE, *far[1:])
+  q_BxGxMxE, k_BxGxKxE, v_BxGxKxE, q_pos_BxQ, k_pos_BxK, consts, far, shift = residuals[:8]
+  out_BxGxMxE, lse_BxGxM = residuals[8:]
+  q_sets, k_sets = (q_BxGxMxE, *far[:1]), (k_BxGxKxE, *far[1:])
   q_scaled_sets = tuple(_scaled(x) for x in q_sets)  # once, as in the forward pass
-  b, g, length, d = k_BxGxLxE.shape
-  n = length // block
-  rows = q_BxGxMxE.shape[2] // n
-  static = n <= _UNROLL_BLOCKS
+  b, g, length, d = k_BxGxKxE.shape
+  nq, nk = q_pos_BxQ.shape[1] // block, length // block
+  rows = q_BxGxMxE.shape[2] // nq
+  s = shift[0] if shift else 0
+  static = not shift and nk <= _UNROLL_BLOCKS
   scale = float(d) ** -0.5
   delta_BxGxM = jnp.sum(dout_BxGxMxE.astype(jnp.float32) * out_BxGxMxE.astype(jnp.float32), -1)
-  dout_BxGxMxE = dout_BxGxMxE.astype(v_BxGxLxE.dtype)
+  dout_BxGxMxE = dout_BxGxMxE.astype(v_BxGxKxE.dtype)
 
   # dk += ds^T q and dv += p^T dout contract the query axis; where the backend asks for it
   # (bf16 on XLA:CPU) they are computed transposed, dk^T += q^T ds with q^T copied.
@@ -290,8 +307,8 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
 
   def key_block(c, carry):
     k_blocks = tuple(_block(x, c, block, 2) for x in k_sets)
-    v_BxGxPxE = _block(v_BxGxLxE, c, block, 2)
-    k_pos_BxP = _block(k_pos_BxL, c, block, 1)
+    v_BxGxPxE = _block(v_BxGxKxE, c, block, 2)
+    k_pos_BxP = _block(k_pos_BxK, c, block, 1)
 
     def query_block(kind, masked, a, state):
       dks, dv_BxGxPxE, dqs, dconsts = state  # dk per set, dv: [B, G, E, P] if transposed
@@ -300,14 +317,14 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
       dout_BxGxTxE = _block(dout_BxGxMxE, a, rows, 2)
       bias, bias_vjp = None, None
       if bias_fn is not None:
-        q_pos_BxP = _block(q_pos_BxL, a, block, 1)
+        q_pos_BxP = _block(q_pos_BxQ, a, block, 1)
         block_bias = lambda *cs: _grouped_bias(bias_fn, g, q_pos_BxP, k_pos_BxP, *cs)
         bias, bias_vjp = jax.vjp(block_bias, *consts)
       pairs = [(q_blocks[i], k_blocks[i]) for i in _SETS[kind]]
-      masked = a == c if masked is None else masked
-      s_BxGxTxP = _block_scores(pairs, bias, a, c, masked, window)
+      masked = a + s == c if masked is None else masked
+      s_BxGxTxP = _block_scores(pairs, bias, a + s, c, masked, window)
       p_BxGxTxP = jnp.exp(s_BxGxTxP - _block(lse_BxGxM, a, rows, 2)[..., None])
-      p_cast = p_BxGxTxP.astype(v_BxGxLxE.dtype)
+      p_cast = p_BxGxTxP.astype(v_BxGxKxE.dtype)
       dv_BxGxPxE = dv_BxGxPxE + pull_to_keys(p_cast, dout_BxGxMxE, dout_t_JxBxGxExT, a)
       dp_BxGxTxP = jnp.einsum(
         "bgqd,bgkd->bgqk", dout_BxGxTxE, v_BxGxPxE, preferred_element_type=jnp.float32
@@ -316,7 +333,7 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
       ds_scaled = (ds_BxGxTxP * scale).astype(q_BxGxMxE.dtype)
       ds_sets = {kind: ds_scaled}
       if kind == _MIXED:
-        near_TxP, zero = _near_mask(a, c, rows, block, window), jnp.zeros((), ds_scaled.dtype)
+        near_TxP, zero = _near_mask(a + s, c, rows, block, window), jnp.zeros((), ds_scaled.dtype)
         ds_sets = {
           _NEAR: jnp.where(near_TxP, ds_scaled, zero),
           _FAR: jnp.where(near_TxP, zero, ds_scaled),
@@ -335,7 +352,8 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
 
     zeros = jnp.zeros((b, g, d, block) if transposed else (b, g, block, d), jnp.float32)
     state = ((zeros,) * len(k_sets), zeros, *carry)
-    for kind, lo, hi, masked in _pair_ranges(c, n, block, window, static, query_major=False):
+    ranges = _pair_ranges(c, nq, block, window, static, query_major=False, shift=s)
+    for kind, lo, hi, masked in ranges:
       state = _loop(lo, hi, functools.partial(query_block, kind, masked), state, static)
     dks, dv, dqs, dconsts = state
     return (dks, dv), (dqs, dconsts)
@@ -344,7 +362,7 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
     tuple(jnp.zeros(x.shape, jnp.float32) for x in q_sets),
     tuple(jnp.zeros_like(x) for x in consts),
   )
-  (dks_JxBxGxPxE, dv_JxBxGxPxE), (dqs_BxGxMxE, dconsts) = _map(n, key_block, init, static)
+  (dks_JxBxGxPxE, dv_JxBxGxPxE), (dqs_BxGxMxE, dconsts) = _map(nk, key_block, init, static)
   if transposed:
     dks_JxBxGxPxE = tuple(jnp.swapaxes(x, -1, -2) for x in dks_JxBxGxPxE)
     dv_JxBxGxPxE = jnp.swapaxes(dv_JxBxGxPxE, -1, -2)
@@ -357,23 +375,37 @@ def _flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
       dqs_BxGxMxE[1].astype(far[0].dtype),
       to_full(dks_JxBxGxPxE[1]).astype(far[1].dtype),
     )
-  return (*grads, None, None, dconsts, far_grads)
+  return (*grads, None, None, dconsts, far_grads, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _flash(
-  bias_fn, block, window, q_BxGxMxE, k_BxGxLxE, v_BxGxLxE, q_pos_BxL, k_pos_BxL, consts, far
+def flash(
+  bias_fn, block, window, q_BxGxMxE, k_BxGxKxE, v_BxGxKxE, q_pos_BxQ, k_pos_BxK, consts, far, shift
 ):
-  args = (q_BxGxMxE, k_BxGxLxE, v_BxGxLxE, q_pos_BxL, k_pos_BxL, consts, far)
-  return _flash_forward(bias_fn, block, window, *args, unroll=False)[0]
+  """Attention of packed q over k, v (:func:`flash_forward`'s arguments) with the custom VJP."""
+  args = (q_BxGxMxE, k_BxGxKxE, v_BxGxKxE, q_pos_BxQ, k_pos_BxK, consts, far, shift)
+  return flash_forward(bias_fn, block, window, *args, unroll=False)[0]
 
 
 def _flash_fwd(bias_fn, block, window, *args):
-  out_BxGxMxE, lse_BxGxM = _flash_forward(bias_fn, block, window, *args, unroll=True)
+  out_BxGxMxE, lse_BxGxM = flash_forward(bias_fn, block, window, *args, unroll=True)
   return out_BxGxMxE, (*args, out_BxGxMxE, lse_BxGxM)
 
 
-_flash.defvjp(_flash_fwd, _flash_backward)
+flash.defvjp(_flash_fwd, flash_backward)
+
+
+def convert_bias(bias_fn, example_pos_BxP: jax.Array):
+  """``(converted, consts)``: ``bias_fn`` closure-converted for position blocks shaped as
+  ``example_pos_BxP``, ``converted(q_pos, k_pos, *consts)``, its parameters ``consts`` explicit
+  inputs (gradients per block pair); ``(None, ())`` without a bias. ``bias_fn`` is wrapped in a
+  fresh lambda before ``jax.closure_convert``, whose cache is keyed on the function: a bound
+  method seen before would get the parameters of its earlier trace."""
+  if bias_fn is None:
+    return None, ()
+  example = example_pos_BxP
+  converted, consts = jax.closure_convert(lambda qp, kp: bias_fn(qp, kp), example, example)
+  return converted, tuple(consts)
 
 
 def blockwise_attention(
@@ -393,9 +425,7 @@ def blockwise_attention(
 
   L is padded to ``n * P`` (``P = min(block_size, L)``); padded keys sit after every real
   query so the causal mask hides them, padded query rows are dropped. Positions are padded by
-  repeating the last one, so ``bias_fn`` only sees ordinary positions. ``bias_fn`` is wrapped
-  in a fresh lambda before ``jax.closure_convert``, whose cache is keyed on the function: a
-  bound method seen before would get the parameters of its earlier trace.
+  repeating the last one, so ``bias_fn`` only sees ordinary positions.
   """
   b, length, h, d = q_BxLxHxE.shape
   g = k_BxLxGxE.shape[2]
@@ -407,15 +437,11 @@ def blockwise_attention(
   q_pos_BxL = jnp.pad(q_pos_BxL, ((0, 0), (0, padded - length)), mode="edge")
   k_pos_BxL = jnp.pad(k_pos_BxL, ((0, 0), (0, padded - length)), mode="edge")
   heads_first = lambda x_BxLxHxE: jnp.moveaxis(jnp.pad(x_BxLxHxE, pad_x), 2, 1)
-  converted, consts = None, ()
-  if bias_fn is not None:
-    example = q_pos_BxL[:, :block]
-    converted, consts = jax.closure_convert(lambda qp, kp: bias_fn(qp, kp), example, example)
-    consts = tuple(consts)
+  converted, consts = convert_bias(bias_fn, q_pos_BxL[:, :block])
   far_packed = ()
   if far is not None:
     far_packed = (pack_heads(heads_first(far[0]), g), heads_first(far[1]))
-  out_BxGxMxE = _flash(
+  out_BxGxMxE = flash(
     converted,
     block,
     window,
@@ -426,5 +452,6 @@ def blockwise_attention(
     k_pos_BxL,
     consts,
     far_packed,
+    (),
   )
   return jnp.moveaxis(_unpack_heads(out_BxGxMxE, h), 1, 2)[:, :length]
