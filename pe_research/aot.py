@@ -180,7 +180,7 @@ def report(config, mesh, chip: Chip, *, target: str, approximation: str | None) 
 
 
 def _gib(n: int) -> str:
-  return f"{n / GIB:8.2f} GiB"
+  return f"{n / GIB:8.2f} GiB" if n >= GIB / 100 else f"{n / 1024:8.1f} KiB"
 
 
 def report_text(r: dict) -> str:
