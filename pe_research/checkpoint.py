@@ -179,7 +179,7 @@ def load_params(workdir: str, like: Any, step: int | None = None) -> Any:
     saved = manager.item_metadata(step)["params"]
     stacked, saved_stacked = layers_stacked(like), layers_stacked(saved)
     if stacked and not saved_stacked:
-      target = unstack_layers(target, len(saved.get("encodings", ())) > 1, take=_layer_struct)
+      target = unstack_layers(target, take=_layer_struct)
     elif saved_stacked and not stacked:
       target = stack_layers(target, stack=_stacked_struct)
     restored = manager.restore(
@@ -187,8 +187,5 @@ def load_params(workdir: str, like: Any, step: int | None = None) -> Any:
     )["params"]
   if stacked == saved_stacked:
     return restored
-  if stacked:
-    restored = stack_layers(restored)
-  else:
-    restored = unstack_layers(restored, len(like.get("encodings", ())) > 1)
+  restored = stack_layers(restored) if stacked else unstack_layers(restored)
   return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, _abstract(like)))

@@ -11,7 +11,8 @@ The encoding (``config.pe``) is built by the registry (which wraps it in randomi
 when ``pe.randomized``, in PoSE positions when ``pe.pose_target_len``) and used only through
 the :class:`~pe_research.encodings.base.PositionalEncoding` hooks. With
 ``pe.share_across_layers`` (default True) one encoding serves every layer; otherwise each layer
-owns one and the first also supplies positions and the input embedding.
+owns one (``model.scan_layers``: stacked inside the blocks) and the first also supplies
+positions and the input embedding.
 
 Choices: no biases in linear layers except the optional q/k/v bias (``model.qkv_bias``, Qwen2);
 ``model.num_kv_heads`` < ``num_heads`` is grouped-query attention (Llama-2/3, Mistral, SmolLM2);
@@ -224,6 +225,11 @@ class Mlp(nnx.Module):
     return checkpoint_name(self.down(h_BxLxF), "mlp_down")
 
 
+def _residual(x_BxLxD: jax.Array) -> jax.Array:
+  """The residual stream in its layout: batch over data and fsdp, sequence over context."""
+  return sharding.constrain(x_BxLxD, "batch", "length", None)
+
+
 def _norm(model_cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
   """``model.norm`` over the model width, its scale (and bias) named ``embed``."""
   norm = _NORMS[model_cfg.norm]
@@ -302,7 +308,10 @@ class Transformer(nnx.Module):
         "model.scan_layers=True with pe.share_across_layers=False draws positions from one "
         "layer's RNG; allowed: pe.share_across_layers=True with pe.randomized/pe.pose_target_len"
       )
-    self.encodings = nnx.List([stack_modules(encodings)] if self.stacked_encodings else encodings)
+    if self.stacked_encodings:  # Each layer's encoding is stacked with (inside) its block.
+      for block, encoding in zip(blocks, encodings, strict=True):
+        block.encoding = encoding
+    self.encodings = nnx.List([] if self.stacked_encodings else encodings)
     self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
     self.final_norm = _norm(m, self.activation_dtype, rngs)
     d, v = m.model_dim, m.vocab_size
@@ -323,14 +332,19 @@ class Transformer(nnx.Module):
       )
     pos_BxL = enc.positions(b, length, train=train)
     x_BxLxD = enc.embed(self.embed(inputs_BxL) * self.embed_scale, pos_BxL)
-    return sharding.constrain(x_BxLxD, "batch", "length", None), pos_BxL
+    return _residual(x_BxLxD), pos_BxL
 
   def first_encoding(self) -> PositionalEncoding:
     """The encoding that supplies positions and the input embedding: the first layer's."""
     if not self.stacked_encodings:
       return self.encodings[0]
-    graphdef, state = nnx.split(self.encodings[0])
+    graphdef, state = nnx.split(self.blocks.encoding)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
+
+  def project(self) -> None:
+    """Every encoding's ``project`` hook (in place; elementwise, so stacked ones too)."""
+    for encoding in [self.blocks.encoding] if self.stacked_encodings else self.encodings:
+      encoding.project()
 
   def _remat(self, fn, prevent_cse: bool = True):
     """``fn`` (a pure function of one block) under ``jax.checkpoint`` with ``model.remat``'s
@@ -354,21 +368,19 @@ class Transformer(nnx.Module):
         graphdef, state = nnx.split(block)
         run = lambda state, x, g=graphdef, e=enc: nnx.merge(g, state)(x, pos_BxL, e, **attend_kw)
         x_BxLxD = self._remat(run)(state, x_BxLxD)
+      x_BxLxD = _residual(x_BxLxD)
     return x_BxLxD
 
   def _scan_blocks(self, x_BxLxD, pos_BxL, attend_kw):
-    block_def, blocks = nnx.split(self.blocks)
-    enc_def, encodings = nnx.split(self.encodings[0])
+    graphdef, blocks = nnx.split(self.blocks)
 
     def body(x_BxLxD, layer):
-      block_state, enc_state = layer
-      block = nnx.merge(block_def, sharding.gather_layer(block_state, self.gather_dtype))
-      enc = nnx.merge(enc_def, enc_state) if self.stacked_encodings else self.encodings[0]
+      block = nnx.merge(graphdef, sharding.gather_layer(layer, self.gather_dtype))
+      enc = block.encoding if self.stacked_encodings else self.encodings[0]
       x_BxLxD = block(x_BxLxD, pos_BxL, enc, **attend_kw)
-      return sharding.constrain(x_BxLxD, "batch", "length", None), None
+      return _residual(x_BxLxD), None
 
-    layers = (blocks, encodings if self.stacked_encodings else None)
-    return jax.lax.scan(self._remat(body, prevent_cse=False), x_BxLxD, layers)[0]
+    return jax.lax.scan(self._remat(body, prevent_cse=False), x_BxLxD, blocks)[0]
 
   def head(self, x_BxLxD: jax.Array, logits_dtype=jnp.float32) -> jax.Array:
     """Final norm and output projection of the residual stream: logits ``[B, L, V]``

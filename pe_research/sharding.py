@@ -81,7 +81,7 @@ def constrain(x: jax.Array, *names) -> jax.Array:
 
 
 def gather_layer(layer: nnx.State, dtype) -> nnx.State:
-  """One layer's weights, sliced from the stacked layers inside the scan body, cast to
+  """One layer's named weights, sliced from the stacked layers inside the scan body, cast to
   ``dtype`` and gathered over ``fsdp``: constrained to their stored layout (so their gradient
   goes back to it), cast, then constrained to the gathered layout (cast before the gather: a
   bfloat16 gather moves half the bytes)."""
@@ -89,7 +89,9 @@ def gather_layer(layer: nnx.State, dtype) -> nnx.State:
 
   def gather(variable: nnx.Variable) -> nnx.Variable:
     x, names = variable[...], _names(variable)
-    names = names[1:] if names else (None,) * x.ndim  # Without the stacked "layers" axis.
+    if not names:  # Small unnamed parameters (a per-layer encoding's) are replicated.
+      return variable
+    names = names[1:]  # Without the stacked "layers" axis.
     if mesh is not None:
       x = jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh))
     if jnp.issubdtype(x.dtype, jnp.floating):

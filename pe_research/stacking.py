@@ -3,8 +3,9 @@
 The per-layer tree (``params["blocks"][i]``, ``params["encodings"][i]`` for one encoding per
 layer) is the canonical form of checkpoints and of import/export; :func:`stack_layers` and
 :func:`unstack_layers` convert between it and the stacked tree (``params["blocks"]`` one
-subtree with arrays ``[num_layers, ...]``, per-layer encodings as ``params["encodings"][0]``
-stacked likewise; a shared encoding stays ``params["encodings"][0]`` in both).
+subtree with arrays ``[num_layers, ...]``, per-layer encodings
+moved into their blocks, ``params["blocks"]["encoding"]``; a shared encoding stays
+``params["encodings"][0]`` in both).
 """
 
 from __future__ import annotations
@@ -31,24 +32,28 @@ def layers_stacked(params: dict) -> bool:
 
 def stack_layers(tree: dict, stack=jnp.stack) -> dict:
   """The per-layer tree ``tree`` (params, or any tree with their top level: ``blocks`` 0..n-1,
-  ``encodings`` 0..n-1 or just 0) with the blocks, and per-layer encodings, stacked on a
-  leading layer axis: the tree of ``model.scan_layers=True``. ``stack``: a list of arrays ->
-  the stacked array (``jnp.stack``; other leaf types, e.g. shape structs, need their own)."""
-  stack_all = lambda layers: jax.tree.map(lambda *xs: stack(list(xs)), *layers)
-  by_index = lambda d: [d[key] for key in sorted(d, key=int)]
-  out = dict(tree, blocks=stack_all(by_index(tree["blocks"])))
-  if len(tree.get("encodings", ())) > 1:  # No key: encodings without parameters.
-    out["encodings"] = {0: stack_all(by_index(tree["encodings"]))}
+  ``encodings`` 0..n-1, just 0, or absent) with the blocks stacked on a leading layer axis,
+  per-layer encodings moved into their blocks first: the tree of ``model.scan_layers=True``.
+  ``stack``: a list of arrays -> the stacked array (other leaf types need their own)."""
+  blocks = [tree["blocks"][key] for key in sorted(tree["blocks"], key=int)]
+  out = dict(tree)
+  if len(tree.get("encodings", ())) > 1:  # One per layer (no key: none has parameters).
+    encodings = out.pop("encodings")
+    keys = sorted(encodings, key=int)
+    blocks = [dict(b, encoding=encodings[k]) for b, k in zip(blocks, keys, strict=True)]
+  out["blocks"] = jax.tree.map(lambda *xs: stack(list(xs)), *blocks)
   return out
 
 
-def unstack_layers(tree: dict, per_layer_encodings: bool, take=lambda x, i: x[i]) -> dict:
-  """The inverse of :func:`stack_layers`: the per-layer tree of a stacked one.
-  ``per_layer_encodings``: ``pe.share_across_layers=False`` (then ``encodings[0]`` is stacked
-  too); ``take(x, i)``: layer ``i`` of a stacked leaf."""
+def unstack_layers(tree: dict, take=lambda x, i: x[i]) -> dict:
+  """The inverse of :func:`stack_layers`: the per-layer tree of a stacked one. ``take(x, i)``:
+  layer ``i`` of a stacked leaf."""
   num_layers = jax.tree.leaves(tree["blocks"])[0].shape[0]
-  layer = lambda stacked, i: jax.tree.map(lambda x: take(x, i), stacked)
-  out = dict(tree, blocks={i: layer(tree["blocks"], i) for i in range(num_layers)})
-  if per_layer_encodings and num_layers > 1 and "encodings" in tree:
-    out["encodings"] = {i: layer(tree["encodings"][0], i) for i in range(num_layers)}
+  stacked = dict(tree["blocks"])
+  layer = lambda subtree, i: jax.tree.map(lambda x: take(x, i), subtree)
+  out = dict(tree, blocks={i: layer(stacked, i) for i in range(num_layers)})
+  if "encoding" in stacked:
+    encodings = stacked.pop("encoding")
+    out["blocks"] = {i: layer(stacked, i) for i in range(num_layers)}
+    out["encodings"] = {i: layer(encodings, i) for i in range(num_layers)}
   return out

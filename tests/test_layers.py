@@ -54,7 +54,7 @@ def losses_and_grads(request):
     return out
 
   results = run([nnx.to_pure_dict(params) for _, params, _ in splits])
-  grads = [unstack_layers(g, per_layer) if layers_stacked(g) else g for _, g in results]
+  grads = [unstack_layers(g) if layers_stacked(g) else g for _, g in results]
   return [loss for loss, _ in results], grads, [_params(m) for m in models], per_layer
 
 
@@ -73,10 +73,10 @@ def test_scan_model_starts_from_the_loop_models_parameters_stacked(losses_and_gr
   loop, scan = params[0], params[VARIANTS.index({"scan_layers": True}) + 1]
   assert not layers_stacked(loop) and layers_stacked(scan)
   assert scan["blocks"]["mlp"]["up"]["kernel"].shape[0] == 2
-  if per_layer:  # RoPE has no parameters.
-    assert len(scan["encodings"]) == 1 and len(loop["encodings"]) == 2
+  if per_layer:  # Moved into the stacked blocks (RoPE has no parameters).
+    assert "encodings" not in scan and scan["blocks"]["encoding"]["table"].shape[0] == 2
   jax.tree.map(np.testing.assert_array_equal, stack_layers(loop), scan)
-  jax.tree.map(np.testing.assert_array_equal, unstack_layers(scan, per_layer), loop)
+  jax.tree.map(np.testing.assert_array_equal, unstack_layers(scan), loop)
 
 
 def test_scan_with_per_layer_random_positions_is_a_one_line_error():
