@@ -6,10 +6,10 @@ devices that need not be present, and XLA's own count of the memory it needs per
                                                         # PYTHONPATH=.tpu-site
   python -m pe_research.dry_run --config=... --devices=8 --chip=h100   # fake CPU devices
 
-``train.jit_train_step(...).lower(state, batch).compile()`` runs on abstract inputs only: the
-train state's shapes come from ``jax.eval_shape`` of its initialisation and every input is a
-``jax.ShapeDtypeStruct`` carrying the ``NamedSharding`` the real run gives it, so nothing is
-allocated. Per device, ``compiled.memory_analysis()`` gives
+``train.jit_train_step(...).lower(state, batch).compile()`` runs on abstract inputs only
+(``train.abstract_train_state``: the state's shapes from ``jax.eval_shape`` of its
+initialisation, each a ``jax.ShapeDtypeStruct`` carrying the ``NamedSharding`` the real run
+gives it), so nothing is allocated. Per device, ``compiled.memory_analysis()`` gives
 
   argument   the inputs resident for the step (state shards, batch shard)
   output     the outputs (new state, metrics)
@@ -38,7 +38,6 @@ import time
 
 import jax
 import ml_collections
-from flax import nnx
 
 from pe_research import backend, config_lib, train
 from pe_research.model import flops_per_token
@@ -91,17 +90,12 @@ def topology_devices(topology: str) -> list:
     ) from None
 
 
-def abstract_inputs(config: ml_collections.ConfigDict, mesh, tx):
-  """``(graphdef, state, batch)``: shape structs with the shardings of a real run, no arrays."""
-  graphdef, state = nnx.eval_shape(lambda: train.init_train_state(config, tx))
-  state = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=train.array_sharding(x, mesh)),
-    state,
-  )
+def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """One step's batch as shape structs with the sharding of a real run (rows over data × fsdp,
+  the sequence over context)."""
   shape, sharding = (config.train.batch_size, config.train.seq_len), train.batch_sharding(mesh)
   dtypes = {"inputs": "int32", "targets": "int32", "weights": "float32"}
-  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for k, dt in dtypes.items()}
-  return graphdef, state, batch
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for k, dt in dtypes.items()}
 
 
 def _one_line(error: Exception) -> str:
@@ -115,8 +109,10 @@ def compile_step(config: ml_collections.ConfigDict, mesh) -> dict:
   """Compiles the training step for ``mesh``; per-device bytes, or the error of a step that
   exceeds the compiler's memory (RESOURCE_EXHAUSTED)."""
   tx, schedule = train.make_optimizer(config.train)
-  graphdef, state, batch = abstract_inputs(config, mesh, tx)
-  step = train.jit_train_step(graphdef, tx, schedule, state, mesh)
+  graphdef, state = train.abstract_train_state(config, mesh, tx)
+  batch = abstract_batch(config, mesh)
+  accum = config.train.grad_accum_steps
+  step = train.jit_train_step(graphdef, tx, schedule, state, mesh, grad_accum_steps=accum)
   start = time.perf_counter()
   lowered = step.lower(state, batch)
   lowered_at = time.perf_counter()
@@ -173,7 +169,7 @@ def report(config, mesh, chip: Chip, *, target: str, approximation: str | None) 
     "mfu": MFU,
     "step_seconds_at_mfu": step_flops / (devices * chip.peak_flops * MFU),
     "model": {k: config.model[k] for k in config.model},
-    "train": {k: t[k] for k in ("seq_len", "batch_size", "steps")},
+    "train": {k: t[k] for k in ("seq_len", "batch_size", "grad_accum_steps", "steps")},
     "mesh_config": {k: config.mesh[k] for k in config.mesh},
     "backend_policy": backend.policy().to_dict(),
   }

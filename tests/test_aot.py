@@ -14,6 +14,7 @@ from configs import tiny
 from configs.recipes import llama2_7b, pose_llama2_7b_128k, yarn_llama2_7b_64k
 from pe_research import aot, config_lib, dry_run, train
 from pe_research.model import flops_per_token
+from pe_research.sharding import MESH_AXES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES, FSDP = 8, 4
@@ -50,7 +51,8 @@ def small_chip_run(tmp_path_factory):
 
 def test_dry_run_reports_xla_memory_per_device_and_does_not_fit_a_small_chip(small_chip_run):
   stdout, r = small_chip_run
-  assert r["devices"] == DEVICES and r["mesh"] == {"data": DEVICES // FSDP, "fsdp": FSDP}
+  assert r["devices"] == DEVICES
+  assert r["mesh"] == {"data": DEVICES // FSDP, "fsdp": FSDP, "context": 1}
   assert "fake devices" in r["approximation"] and "APPROXIMATION" in stdout
   assert r["backend_policy"]["platform"] == "gpu"
   d = r["per_device"]
@@ -62,7 +64,11 @@ def test_dry_run_reports_xla_memory_per_device_and_does_not_fit_a_small_chip(sma
   config.mesh.fsdp = FSDP
   tx, _ = train.make_optimizer(config.train)
   state = jax.eval_shape(lambda: train.init_train_state(config, tx)[1])
-  _, state_per_device = dry_run._tree_bytes((state.params, state.opt_state), FSDP)
+  mesh = jax.sharding.AbstractMesh((DEVICES // FSDP, FSDP, 1), MESH_AXES)
+  specs = train.state_specs(config, tx, state, mesh)
+  _, params_per_device = dry_run._tree_bytes(state.params, specs.params, mesh)
+  _, opt_per_device = dry_run._tree_bytes(state.opt_state, specs.opt_state, mesh)
+  state_per_device = params_per_device + opt_per_device
   batch_per_device = 3 * 4 * config.train.batch_size * config.train.seq_len // DEVICES
   assert state_per_device <= d["argument_bytes"] <= 1.05 * state_per_device + batch_per_device
   assert state_per_device <= d["alias_bytes"] <= d["argument_bytes"]
