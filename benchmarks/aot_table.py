@@ -6,7 +6,8 @@ devices: an approximation), one ``python -m pe_research.dry_run`` process per ro
 
 A row whose JSON is already in OUT is not compiled again (delete it to re-measure). Prints the
 markdown table (also OUT/table.md): per device argument, temp, output − alias (the new state
-is written in place of the donated one), total, the verdict, the compile time, and each row's
+is written in place of the donated one), total, the verdict (a TPU compile that runs out of
+memory gives only its temporaries' GiB, from XLA's message), the compile time, and each row's
 flags (its command is ``python -m pe_research.dry_run RECIPE FLAGS``). The layer loop
 (``model.scan_layers=False``: 32 unrolled blocks) is compiled for the H100s only: for the v5e
 topology XLA:TPU's compile of it passed 13 GB of host memory within a minute (killed).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,14 +33,22 @@ ROWS = {
   "v5e_gather_fp32": (f"{V5E} --config.model.gather_dtype=float32", "gather in fp32"),
   "v5e_context8": (f"{V5E} --config.mesh.fsdp=32 --config.mesh.context=8", "context 8"),
   "v5e_context1": (
-    f"{V5E} --config.mesh.fsdp=64 --config.mesh.context=1 --config.train.grad_accum_steps=4",
-    "context 1 (fsdp 64 × data 4, 4 micro-batches)",
+    f"{V5E} --config.mesh.fsdp=64 --config.mesh.context=1",
+    "context 1 (fsdp 64 × data 4)",
+  ),
+  "v5e_context16": (
+    f"{V5E} --config.mesh.fsdp=16 --config.mesh.context=16 --config.train.grad_accum_steps=4",
+    "context 16 (fsdp 16, 4 micro-batches)",
   ),
   "v5e_remat_none": (f"{V5E} --config.model.remat=none", "remat none"),
   "h100_recipe": (H100, "the recipe"),
   "h100_gather_fp32": (f"{H100} --config.model.gather_dtype=float32", "gather in fp32"),
   "h100_remat_none": (f"{H100} --config.model.remat=none", "remat none"),
   "h100_no_accum": (f"{H100} --config.train.grad_accum_steps=1", "no accumulation"),
+  "h100_context2": (
+    f"{H100} --config.mesh.fsdp=4 --config.mesh.context=2 --config.train.grad_accum_steps=16",
+    "context 2 (fsdp 4, 16 micro-batches)",
+  ),
   "h100_whole_gather": (
     f"{H100} --config.model.scan_layers=False --config.model.gather_dtype=float32",
     "whole-model gather (layer loop)",
@@ -67,10 +77,11 @@ def table_row(name: str, r: dict) -> str:
   flags = flags.replace(V5E, "").replace(H100, "").strip() or "(none)"
   target = "v5e-256" if name.startswith("v5e") else "8 × H100 (approx.)"
   if "failed" in r:
-    return f"| {target} | {what} | | | | | error: {r['failed']} | | `{flags}` |"
+    return f"| {target} | {what} | | | | | {r['failed']} | | `{flags}` |"
   d = r["per_device"]
-  if "error" in d:
-    cells = f"| | | | {r['verdict']}: {d['error']}"
+  if "error" in d:  # XLA:TPU names the temporaries' bytes: "... HLO temporaries (25.10G) ...".
+    temp = re.search(r"temporaries \(([\d.]+)G\)", d["error"])
+    cells = f"| | {temp.group(1) + ' (XLA)' if temp else ''} | | | {r['verdict']}"
   else:
     cells = (
       f"| {_gib(d['argument_bytes'])} | {_gib(d['temp_bytes'])} "

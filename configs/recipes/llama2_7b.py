@@ -40,10 +40,10 @@ def llama2_7b_config(target: str, init_from: str) -> ml_collections.ConfigDict:
   t = config.train
   t.b1, t.b2, t.weight_decay, t.min_lr_ratio, t.grad_clip = 0.9, 0.95, 0.0, 1.0, 1.0
   t.log_every, t.steps_per_call = 10, 1
-  # The levers that make a 7B step at 64k fit (docs/scaling.md): layers scanned with each
-  # layer's weights gathered (in bf16) inside the scan body, every block rematerialised, and on
-  # the v5e-256 the sequence split over 4 chips (context parallelism); the batch is split over
-  # data × fsdp.
+  # The memory levers (docs/scaling.md has each one's measured effect at 64k): layers scanned
+  # with each layer's weights gathered (in bf16) inside the scan body, every block
+  # rematerialised, and on the v5e-256 the sequence split over 4 chips (context parallelism);
+  # the batch is split over data × fsdp.
   m.scan_layers, m.remat, m.gather_dtype = True, "full", "bfloat16"
   config.mesh.data = -1
   config.mesh.fsdp, config.mesh.context = (64, 4) if target == "v5e-256" else (8, 1)
