@@ -2,6 +2,7 @@
 devices reports XLA's per-device memory, the step's FLOPs and a FIT / DOES NOT FIT verdict against
 a chip's memory; the pod recipes load and validate for the device counts they name."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -110,3 +111,14 @@ def test_recipes_validate_for_the_devices_they_name(recipe):
     config_lib.validate(recipe.get_config("target=v5e-256"), device_count=8)
   with pytest.raises(ValueError, match="target="):
     recipe.get_config("target=v5e-4")
+
+
+def test_topology_chip_and_missing_libtpu_are_one_line_errors():
+  assert aot.chip_of_topology("v5e:16x16") == "v5e"
+  with pytest.raises(ValueError, match="allowed: v4, v5e, v5p, v6e"):
+    aot.chip_of_topology("h100:8")
+  if importlib.util.find_spec("libtpu") is not None:
+    pytest.skip("libtpu is importable here: the topology would be built")
+  with pytest.raises(ValueError, match="PYTHONPATH holds libtpu") as error:
+    aot.topology_devices("v5e:2x2")
+  assert "\n" not in str(error.value)
