@@ -2,7 +2,8 @@
 
 One subprocess with 8 fake CPU devices checks every case and prints a JSON result. Per strategy
 (all_gather, ring) and context size (2: mesh data=2 x fsdp=2 x context=2, the batch over both
-batch axes; 4: data=2 x fsdp=1 x context=4), one compiled step runs four attention calls
+batch axes; 4: data=2 x fsdp=1 x context=4), one compiled step (both strategies) runs four
+attention calls
 through the encodings' real ``positions``/``rotate``/``rotate_far``/``bias`` hooks (each built
 by the registry); rows of one call are different encodings stacked on the batch axis:
 
@@ -25,7 +26,11 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import pytest
+
+from pe_research.attention import attend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ("all_gather", "ring")
@@ -120,7 +125,11 @@ _SCRIPT = textwrap.dedent(
     return loss, outs
 
   grad_fn = jax.grad(attend_all, argnums=(0, 1), has_aux=True)
-  step = jax.jit(grad_fn, static_argnums=(2, 3))
+  reference = jax.jit(lambda p, x: grad_fn(p, x, "dense", None))
+  # Both strategies in one compiled program per mesh (fewer compiles).
+  both_strategies = jax.jit(
+    lambda p, x: {s: grad_fn(p, x, "blockwise", s) for s in ("all_gather", "ring")}
+  )
 
   def compare(got, expected):
     # Per call: [max |error|, max |reference|, within 1e-5]; q/k/v and parameter gradients of
@@ -134,7 +143,7 @@ _SCRIPT = textwrap.dedent(
       errors[name] = [float(np.abs(g - e).max()), float(np.abs(e).max()), ok]
     return errors
 
-  (ref_dparams, ref_dinputs), ref_outs = step(params, inputs, "dense", None)
+  (ref_dparams, ref_dinputs), ref_outs = reference(params, inputs)
   expected = {"out": ref_outs, "dinputs": ref_dinputs, "dparams": ref_dparams}
   result = {"leaves": {}, "params": {n: len(jax.tree.leaves(p)) for n, p in params.items()}}
   result["members"] = {**members, "positions": members["positions"] + ["positions_t5"]}
@@ -143,9 +152,9 @@ _SCRIPT = textwrap.dedent(
       (data, fsdp, context), ("data", "fsdp", "context"),
       (jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[: data * fsdp * context],
     )
-    for strategy in ("all_gather", "ring"):
-      with jax.set_mesh(mesh):
-        (dparams, dinputs), outs = step(params, inputs, "blockwise", strategy)
+    with jax.set_mesh(mesh):
+      by_strategy = both_strategies(params, inputs)
+    for strategy, ((dparams, dinputs), outs) in by_strategy.items():
       got = {"out": outs, "dinputs": dinputs, "dparams": dparams}
       result["leaves"][f"{strategy}/{context}"] = compare(got, expected)
 
@@ -233,3 +242,20 @@ def test_tiny_model_on_a_context_mesh_equals_one_device(context_parallel, strate
   assert not failed, failed
   gathers, permutes = context_parallel[f"model_collectives/{strategy}"]
   assert (gathers > 0) if strategy == "all_gather" else (permutes > 0)
+
+
+@pytest.mark.parametrize(
+  "length,strategy,message",
+  [
+    (12, "all_gather", "sequence length 12 must divide by 2 x mesh.context = 8"),
+    (16, "zigzag", "model.context_parallel='zigzag' is unknown; allowed: all_gather, ring"),
+  ],
+)
+def test_context_mesh_rejects_a_length_or_strategy_it_cannot_run(length, strategy, message):
+  """Under a mesh with context=4, L must split into 2 x 4 zigzag chunks and the strategy must
+  be known: one-line ValueErrors, raised while tracing (an abstract mesh, no devices)."""
+  q = jnp.zeros((1, length, 2, 4))
+  pos = jnp.arange(length)[None]
+  mesh = jax.sharding.AbstractMesh((4,), ("context",))
+  with jax.sharding.use_abstract_mesh(mesh), pytest.raises(ValueError, match=message):
+    attend(q, q, q, q_pos_BxL=pos, k_pos_BxL=pos, impl="blockwise", context_strategy=strategy)
