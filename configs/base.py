@@ -46,10 +46,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.compute_dtype = "float32"
   config.model.init_std = 0.02  # Std of the normal init of embeddings and projections.
   config.model.scale_embeddings = False  # Multiply token embeddings by sqrt(model_dim).
+  # Blocks' parameters stacked on a leading layer axis and run with lax.scan: one compiled block
+  # (compile time flat in depth) and, with mesh.fsdp > 1, each layer's weights gathered inside
+  # the scan body instead of the whole model at the start of the step (docs/scaling.md).
+  config.model.scan_layers = False
+  # What a block keeps for the backward pass: "none" (everything), "full" (only its input; the
+  # rest recomputed), "save_projections" (the outputs of the q/k/v, attention, output and MLP
+  # projections; model.PROJECTIONS).
+  config.model.remat = "none"
+  # With scan_layers: each layer's weights are cast to this before their FSDP gather
+  # ("bfloat16" halves the gathered bytes; fp32 master weights stay in the optimizer).
+  config.model.gather_dtype = "float32"
 
   config.train = ml_collections.ConfigDict()
   config.train.seq_len = 128  # Training sequence length L (tokens per example).
-  config.train.batch_size = 16  # Global batch (all processes); divisible by the device count.
+  # Global batch (all processes); batch_size / grad_accum_steps divisible by data * fsdp.
+  config.train.batch_size = 16
+  # Micro-batches per step (a lax.scan): their weighted losses and gradients are summed, then
+  # divided by the total weight, so k micro-batches equal one batch k times their size.
+  config.train.grad_accum_steps = 1
   config.train.steps = 1000  # Optimizer steps; raising it later extends a finished run.
   config.train.lr = 1e-3  # Peak learning rate of AdamW.
   config.train.warmup_steps = 100  # Linear warmup from 0 to lr, then cosine decay.
@@ -93,4 +108,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # Data-parallel axis size; -1 = all devices left after fsdp.
   config.mesh.fsdp = 1  # Parameter-sharding axis size (1 = parameters replicated).
+  config.mesh.context = 1  # Sequence-sharding axis size (context parallelism; 1 = none).
   return config

@@ -33,9 +33,12 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pe_research import config_lib, integrity, workdirs
 from pe_research.integrity import WorkdirError
+from pe_research.stacking import layers_stacked, stack_layers, unstack_layers
 
 # Written by ``python -m pe_research.pretrained import``: its checkpoint has no optimizer state.
 IMPORTED_FILE = "imported.json"
@@ -146,13 +149,43 @@ class Checkpointer:
     self._manager.close()
 
 
+def _layer_struct(x: jax.ShapeDtypeStruct, i: int) -> jax.ShapeDtypeStruct:
+  """One layer of a stacked leaf's shape struct (``i`` unused: every layer has the same)."""
+  del i
+  sharding = x.sharding
+  if isinstance(sharding, NamedSharding):
+    sharding = NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+
+def _stacked_struct(xs: list[jax.ShapeDtypeStruct]) -> jax.ShapeDtypeStruct:
+  sharding = xs[0].sharding
+  if isinstance(sharding, NamedSharding):
+    sharding = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+  return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype, sharding=sharding)
+
+
 def load_params(workdir: str, like: Any, step: int | None = None) -> Any:
-  """Parameters of the checkpoint at ``step`` (default: the newest intact one) of ``workdir``."""
+  """Parameters of the checkpoint at ``step`` (default: the newest intact one) of ``workdir``,
+  in ``like``'s layout: a checkpoint with per-layer blocks loads into stacked ``like``
+  (``model.scan_layers``) and vice versa (:func:`pe_research.model.stack_layers`)."""
   step = latest_intact_step(workdir) if step is None else step
   if step is None:
     raise ValueError(f"init_from={workdir!r} has no checkpoint; allowed: a run's workdir")
-  with ocp.CheckpointManager(os.path.join(workdirs.absolute(workdir), "checkpoints")) as manager:
+  target = _abstract(like)
+  directory = os.path.join(workdirs.absolute(workdir), "checkpoints")
+  handlers = {"params": ocp.StandardCheckpointHandler()}  # For the saved tree's metadata.
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+    saved = manager.item_metadata(step)["params"]
+    stacked, saved_stacked = layers_stacked(like), layers_stacked(saved)
+    if stacked and not saved_stacked:
+      target = unstack_layers(target, take=_layer_struct)
+    elif saved_stacked and not stacked:
+      target = stack_layers(target, stack=_stacked_struct)
     restored = manager.restore(
-      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like)))
-    )
-  return restored.params
+      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )["params"]
+  if stacked == saved_stacked:
+    return restored
+  restored = stack_layers(restored) if stacked else unstack_layers(restored)
+  return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, _abstract(like)))

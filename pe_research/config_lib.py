@@ -26,6 +26,8 @@ _RULES: dict[str, Rule] = {
   "model.attention": one_of("dense", "blockwise", "xla"),
   "model.context_parallel": one_of("all_gather", "ring"),
   "model.compute_dtype": one_of("float32", "bfloat16"),
+  "model.remat": one_of("none", "full", "save_projections"),
+  "model.gather_dtype": one_of("float32", "bfloat16"),
   "train.nan_policy": one_of("stop", "skip"),
   **dict.fromkeys(
     (
@@ -34,6 +36,7 @@ _RULES: dict[str, Rule] = {
       *("data.train_min_len", "data.train_max_len", "data.test_min_len", "data.test_max_len"),
       *("train.seq_len", "train.batch_size", "train.steps", "train.lr", "train.log_every"),
       *("train.checkpoint_every", "train.keep_checkpoints", "train.steps_per_call", "mesh.fsdp"),
+      *("train.grad_accum_steps", "mesh.context"),
     ),
     POSITIVE,
   ),
@@ -263,18 +266,32 @@ def _validate_train(config: ml_collections.ConfigDict, device_count: int) -> Non
   require(
     mesh.data == -1 or mesh.data > 0, "mesh.data", mesh.data, "-1 (all devices) or a size > 0"
   )
-  data_size = device_count // mesh.fsdp if mesh.data == -1 else mesh.data
+  data_size = device_count // (mesh.fsdp * mesh.context) if mesh.data == -1 else mesh.data
   require(
-    data_size * mesh.fsdp == device_count,
+    data_size * mesh.fsdp * mesh.context == device_count,
     "mesh.fsdp" if mesh.data == -1 else "mesh.data",
     mesh.fsdp if mesh.data == -1 else mesh.data,
-    f"sizes with mesh.data * mesh.fsdp == {device_count} devices",
+    f"sizes with mesh.data * mesh.fsdp * mesh.context == {device_count} devices",
   )
   require(
-    train.batch_size % device_count == 0,
+    train.seq_len % mesh.context == 0,
+    "train.seq_len",
+    train.seq_len,
+    f"a multiple of mesh.context={mesh.context}",
+  )
+  require(
+    train.batch_size % train.grad_accum_steps == 0,
     "train.batch_size",
     train.batch_size,
-    f"a multiple of the device count {device_count}",
+    f"a multiple of train.grad_accum_steps={train.grad_accum_steps}",
+  )
+  batch_devices = data_size * mesh.fsdp
+  require(
+    train.batch_size // train.grad_accum_steps % batch_devices == 0,
+    "train.batch_size",
+    train.batch_size,
+    f"train.grad_accum_steps={train.grad_accum_steps} micro-batches, each a multiple of "
+    f"mesh.data * mesh.fsdp = {batch_devices}",
   )
   if config.init_from:
     require(

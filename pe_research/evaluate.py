@@ -111,7 +111,7 @@ def check_request(model, lengths, *, mode, stride, attention, synthetic: bool) -
       raise ValueError(f"--stride={stride} must lie in [1, {min(lengths)}] (the shortest length)")
   if synthetic and mode != "nonoverlapping":
     raise ValueError("--mode=sliding does not apply to synthetic tasks; allowed: nonoverlapping")
-  limit = model.encodings[0].max_length
+  limit = model.first_encoding().max_length
   if limit is not None and not synthetic and max(lengths) > limit:
     raise ValueError(
       f"--lengths: {max(lengths)} exceeds {limit}, the longest pe.name={model.pe_name!r} can "

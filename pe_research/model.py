@@ -11,7 +11,8 @@ The encoding (``config.pe``) is built by the registry (which wraps it in randomi
 when ``pe.randomized``, in PoSE positions when ``pe.pose_target_len``) and used only through
 the :class:`~pe_research.encodings.base.PositionalEncoding` hooks. With
 ``pe.share_across_layers`` (default True) one encoding serves every layer; otherwise each layer
-owns one and the first also supplies positions and the input embedding.
+owns one (``model.scan_layers``: stacked inside the blocks) and the first also supplies
+positions and the input embedding.
 
 Choices: no biases in linear layers except the optional q/k/v bias (``model.qkv_bias``, Qwen2);
 ``model.num_kv_heads`` < ``num_heads`` is grouped-query attention (Llama-2/3, Mistral, SmolLM2);
@@ -28,6 +29,13 @@ dtype and computes its loss in fp32 (:func:`pe_research.train.softmax_nll`); eva
 fp32 logits.
 Sequences longer than ``SEQUENCE_CHUNK`` run the MLP and the output head chunk by chunk, and
 :meth:`Transformer.nll_and_hits` scores tokens without materialising ``[B, L, V]`` logits.
+
+Scale (docs/scaling.md): ``model.scan_layers`` stacks the blocks (and per-layer encodings) on a
+leading layer axis (:mod:`pe_research.stacking`) and runs them with ``lax.scan``, each layer's
+weights gathered inside the scan body (:func:`pe_research.sharding.gather_layer`);
+``model.remat`` runs each block under ``jax.checkpoint`` (``REMAT_POLICIES``). Parameters carry
+logical axis names (``_names``) and the residual stream is constrained at the embedding and
+between scanned blocks, both through the one rules table of :mod:`pe_research.sharding`.
 """
 
 from __future__ import annotations
@@ -37,12 +45,14 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from pe_research import backend
+from pe_research import backend, sharding
 from pe_research.attention import IMPLEMENTATIONS, attend
 from pe_research.backend import activation_dtype
-from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.base import PositionalEncoding, PositionsWrapper
 from pe_research.encodings.registry import build_encoding
+from pe_research.stacking import stack_modules
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Longer sequences run the MLP and the output head over chunks of this many positions, so
@@ -53,6 +63,21 @@ SEQUENCE_CHUNK = 4096
 LOGITS_PER_CHUNK = 2**26
 _NORMS = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx.RMSNorm}
 _MLPS = ("gelu", "swiglu")
+# The activations tagged with ``checkpoint_name``: the outputs of the q/k/v projection, of
+# attention, of its output projection and of the MLP's two projections.
+PROJECTIONS = ("qkv_proj", "attention_out", "out_proj", "mlp_up", "mlp_down")
+# ``model.remat``: what a block keeps for the backward pass (None: everything, no remat).
+REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "save_projections": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+}
+
+
+def _names(*names) -> dict:
+  """Variable metadata: the logical axis names of a parameter's dimensions
+  (:mod:`pe_research.sharding`), applied by the train step, not when the parameter is made."""
+  return {"out_sharding": names, "eager_sharding": False}
 
 
 def _choice(field: str, value: str, allowed) -> None:
@@ -63,13 +88,24 @@ def _choice(field: str, value: str, allowed) -> None:
 class Linear(nnx.Module):
   """``x W`` (+ ``b`` with ``use_bias``), ``W ~ N(0, std^2)`` float32 ``[d_in, d_out]``, ``b``
   float32 ``[d_out]`` (zeros); operands in ``dtype``, float32 accumulation
-  (:func:`~pe_research.backend.linear`), output in ``activation_dtype(dtype)``."""
+  (:func:`~pe_research.backend.linear`), output in ``activation_dtype(dtype)``. ``names``: the
+  logical axes of ``d_in`` and ``d_out`` (:mod:`pe_research.sharding`)."""
 
   def __init__(
-    self, d_in: int, d_out: int, *, std: float, dtype, rngs: nnx.Rngs, use_bias: bool = False
+    self,
+    d_in: int,
+    d_out: int,
+    *,
+    std: float,
+    dtype,
+    rngs: nnx.Rngs,
+    names: tuple[str, str],
+    use_bias: bool = False,
   ):
-    self.kernel = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (d_in, d_out)))
-    self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
+    init = nnx.initializers.normal(std)
+    self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out)), **_names(*names))
+    bias = jnp.zeros((d_out,), jnp.float32)
+    self.bias = nnx.Param(bias, **_names(names[1])) if use_bias else None
     self.dtype = dtype
 
   def __call__(self, x_BxLxD: jax.Array, out_dtype=None) -> jax.Array:
@@ -126,15 +162,18 @@ class Attention(nnx.Module):
     d, hk = model_cfg.model_dim, self.num_heads * self.head_dim
     width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
     use_bias = model_cfg.get("qkv_bias", False)
-    self.qkv = Linear(d, width, std=model_cfg.init_std, dtype=dtype, rngs=rngs, use_bias=use_bias)
-    self.out = Linear(hk, d, std=out_std, dtype=dtype, rngs=rngs)
+    qkv_names = ("embed", "heads")
+    std = model_cfg.init_std
+    self.qkv = Linear(d, width, std=std, dtype=dtype, rngs=rngs, names=qkv_names, use_bias=use_bias)
+    self.out = Linear(hk, d, std=out_std, dtype=dtype, rngs=rngs, names=("heads", "embed"))
     # Strategy under a "context" mesh axis (attention.attend); runs saved before it: all_gather.
     self.context_parallel = model_cfg.get("context_parallel", "all_gather")
 
   def __call__(self, x_BxLxD, pos_BxL, enc: PositionalEncoding, *, impl: str, block_size: int):
     b, length, _ = x_BxLxD.shape
     h, g = self.num_heads, self.num_kv_heads
-    qkv_BxLxAxE = self.qkv(x_BxLxD).reshape(b, length, h + 2 * g, self.head_dim)
+    qkv_BxLxA = checkpoint_name(self.qkv(x_BxLxD), "qkv_proj")
+    qkv_BxLxAxE = qkv_BxLxA.reshape(b, length, h + 2 * g, self.head_dim)
     if g == h:
       q_BxLxHxE, k_BxLxGxE, v_BxLxGxE = backend.split(qkv_BxLxAxE, 3, 2)
     else:
@@ -160,7 +199,8 @@ class Attention(nnx.Module):
       context_strategy=self.context_parallel,
       **far,
     )
-    return self.out(y_BxLxHxE.reshape(b, length, -1))
+    y_BxLxHxE = checkpoint_name(y_BxLxHxE, "attention_out")
+    return checkpoint_name(self.out(y_BxLxHxE.reshape(b, length, -1)), "out_proj")
 
 
 class Mlp(nnx.Module):
@@ -171,30 +211,43 @@ class Mlp(nnx.Module):
     self.gated = model_cfg.mlp == "swiglu"
     d = model_cfg.model_dim
     width = (2 if self.gated else 1) * hidden
-    self.up = Linear(d, width, std=model_cfg.init_std, dtype=dtype, rngs=rngs)
-    self.down = Linear(hidden, d, std=out_std, dtype=dtype, rngs=rngs)
+    std = model_cfg.init_std
+    self.up = Linear(d, width, std=std, dtype=dtype, rngs=rngs, names=("embed", "mlp"))
+    self.down = Linear(hidden, d, std=out_std, dtype=dtype, rngs=rngs, names=("mlp", "embed"))
 
   def __call__(self, x_BxLxD):
-    h_BxLxF = self.up(x_BxLxD)
+    h_BxLxF = checkpoint_name(self.up(x_BxLxD), "mlp_up")
     if self.gated:
       gate_BxLxF, h_BxLxF = jnp.split(h_BxLxF, 2, axis=-1)
       h_BxLxF = nnx.silu(gate_BxLxF) * h_BxLxF
     else:
       h_BxLxF = nnx.gelu(h_BxLxF)
-    return self.down(h_BxLxF)
+    return checkpoint_name(self.down(h_BxLxF), "mlp_down")
+
+
+def _residual(x_BxLxD: jax.Array) -> jax.Array:
+  """The residual stream in its layout: batch over data and fsdp, sequence over context."""
+  return sharding.constrain(x_BxLxD, "batch", "length", None)
+
+
+def _norm(model_cfg, dtype, rngs: nnx.Rngs) -> nnx.Module:
+  """``model.norm`` over the model width, its scale (and bias) named ``embed``."""
+  norm = _NORMS[model_cfg.norm]
+  names = dict(scale_metadata=_names("embed"))
+  if norm is nnx.LayerNorm:
+    names["bias_metadata"] = _names("embed")
+  eps = model_cfg.get("norm_eps", 1e-5)
+  return norm(model_cfg.model_dim, epsilon=eps, dtype=dtype, rngs=rngs, **names)
 
 
 class Block(nnx.Module):
   """Pre-norm residual block: ``x += attn(norm(x)); x += mlp(norm(x))``."""
 
   def __init__(self, model_cfg, *, dtype, rngs: nnx.Rngs):
-    norm = _NORMS[model_cfg.norm]
-    d = model_cfg.model_dim
     out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
-    eps = model_cfg.get("norm_eps", 1e-5)
-    self.attn_norm = norm(d, epsilon=eps, dtype=activation_dtype(dtype), rngs=rngs)
+    self.attn_norm = _norm(model_cfg, activation_dtype(dtype), rngs)
     self.attn = Attention(model_cfg, dtype=dtype, out_std=out_std, rngs=rngs)
-    self.mlp_norm = norm(d, epsilon=eps, dtype=activation_dtype(dtype), rngs=rngs)
+    self.mlp_norm = _norm(model_cfg, activation_dtype(dtype), rngs)
     self.mlp = Mlp(model_cfg, dtype=dtype, out_std=out_std, rngs=rngs)
 
   def __call__(self, x_BxLxD, pos_BxL, enc, *, impl: str, block_size: int):
@@ -223,7 +276,12 @@ class Transformer(nnx.Module):
       raise ValueError(f"model.model_dim={m.model_dim} must divide by model.num_heads")
     if m.num_heads % kv_heads(m):
       raise ValueError(f"model.num_kv_heads={kv_heads(m)} must divide model.num_heads")
+    _choice("remat", m.get("remat", "none"), tuple(REMAT_POLICIES))
+    _choice("gather_dtype", m.get("gather_dtype", "float32"), tuple(_DTYPES))
     self.dtype = _DTYPES[m.compute_dtype]
+    self.scan_layers = m.get("scan_layers", False)
+    self.remat = m.get("remat", "none")
+    self.gather_dtype = _DTYPES[m.get("gather_dtype", "float32")]
     self.activation_dtype = activation_dtype(self.dtype)
     self.pe_name = config.pe.name
     self.attention = m.attention
@@ -232,38 +290,97 @@ class Transformer(nnx.Module):
     self.embed_scale = float(m.model_dim) ** 0.5 if m.get("scale_embeddings", False) else 1.0
     head_dim, _ = resolved_dims(m)
     self.embed = nnx.Embed(
-      m.vocab_size, m.model_dim, embedding_init=nnx.initializers.normal(m.init_std), rngs=rngs
+      m.vocab_size,
+      m.model_dim,
+      embedding_init=nnx.initializers.normal(m.init_std),
+      embedding_metadata=_names("vocab", "embed"),
+      rngs=rngs,
     )
     num_encodings = 1 if config.pe.get("share_across_layers", True) else m.num_layers
     build = dict(num_heads=m.num_heads, head_dim=head_dim, model_dim=m.model_dim, rngs=rngs)
-    self.encodings = nnx.List(build_encoding(config.pe, **build) for _ in range(num_encodings))
-    self.blocks = nnx.List(Block(m, dtype=self.dtype, rngs=rngs) for _ in range(m.num_layers))
-    self.final_norm = _NORMS[m.norm](
-      m.model_dim, epsilon=m.get("norm_eps", 1e-5), dtype=self.activation_dtype, rngs=rngs
-    )
+    encodings = [build_encoding(config.pe, **build) for _ in range(num_encodings)]
+    blocks = [Block(m, dtype=self.dtype, rngs=rngs) for _ in range(m.num_layers)]
+    # Stacked (model.scan_layers): one module whose arrays have a leading layer axis, made from
+    # the same per-layer modules, so both layouts start from the same parameters.
+    self.stacked_encodings = self.scan_layers and num_encodings > 1
+    if self.stacked_encodings and isinstance(encodings[0], PositionsWrapper):
+      raise ValueError(
+        "model.scan_layers=True with pe.share_across_layers=False draws positions from one "
+        "layer's RNG; allowed: pe.share_across_layers=True with pe.randomized/pe.pose_target_len"
+      )
+    if self.stacked_encodings:  # Each layer's encoding is stacked with (inside) its block.
+      for block, encoding in zip(blocks, encodings, strict=True):
+        block.encoding = encoding
+    self.encodings = nnx.List([] if self.stacked_encodings else encodings)
+    self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
+    self.final_norm = _norm(m, self.activation_dtype, rngs)
     d, v = m.model_dim, m.vocab_size
     self.unembed = (
-      None if m.tie_embeddings else Linear(d, v, std=m.init_std, dtype=self.dtype, rngs=rngs)
+      None
+      if m.tie_embeddings
+      else Linear(d, v, std=m.init_std, dtype=self.dtype, rngs=rngs, names=("embed", "vocab"))
     )
 
   def embed_tokens(self, inputs_BxL: jax.Array, *, train: bool = False):
     """``(x_BxLxD, pos_BxL)``: token embeddings with the absolute encoding (if any) added."""
     b, length = inputs_BxL.shape
-    enc = self.encodings[0]
+    enc = self.first_encoding()
     if enc.max_length is not None and length > enc.max_length:
       raise ValueError(
         f"sequence length {length} exceeds {enc.max_length}, the longest pe.name="
         f"{self.pe_name!r} can represent (pe.max_len / pe.max_random_len)"
       )
     pos_BxL = enc.positions(b, length, train=train)
-    return enc.embed(self.embed(inputs_BxL) * self.embed_scale, pos_BxL), pos_BxL
+    x_BxLxD = enc.embed(self.embed(inputs_BxL) * self.embed_scale, pos_BxL)
+    return _residual(x_BxLxD), pos_BxL
+
+  def first_encoding(self) -> PositionalEncoding:
+    """The encoding that supplies positions and the input embedding: the first layer's."""
+    if not self.stacked_encodings:
+      return self.encodings[0]
+    graphdef, state = nnx.split(self.blocks.encoding)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
+
+  def project(self) -> None:
+    """Every encoding's ``project`` hook (in place; elementwise, so stacked ones too)."""
+    for encoding in [self.blocks.encoding] if self.stacked_encodings else self.encodings:
+      encoding.project()
+
+  def _remat(self, fn, prevent_cse: bool = True):
+    """``fn`` (a pure function of one block) under ``jax.checkpoint`` with ``model.remat``'s
+    policy."""
+    if self.remat == "none":
+      return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat], prevent_cse=prevent_cse)
 
   def layers(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
-    """The transformer blocks on embedded inputs: the residual stream ``[B, L, D]``."""
+    """The transformer blocks on embedded inputs: the residual stream ``[B, L, D]``. With
+    ``model.scan_layers`` a ``lax.scan`` over the stacked blocks, each layer's weights cast to
+    ``model.gather_dtype`` and gathered (FSDP) inside the scan body."""
+    attend_kw = dict(impl=self.attention, block_size=self.attention_block)
+    if self.scan_layers:
+      return self._scan_blocks(x_BxLxD, pos_BxL, attend_kw)
     for i, block in enumerate(self.blocks):
       enc = self.encodings[i if len(self.encodings) > 1 else 0]
-      x_BxLxD = block(x_BxLxD, pos_BxL, enc, impl=self.attention, block_size=self.attention_block)
+      if self.remat == "none":
+        x_BxLxD = block(x_BxLxD, pos_BxL, enc, **attend_kw)
+      else:
+        graphdef, state = nnx.split(block)
+        run = lambda state, x, g=graphdef, e=enc: nnx.merge(g, state)(x, pos_BxL, e, **attend_kw)
+        x_BxLxD = self._remat(run)(state, x_BxLxD)
+      x_BxLxD = _residual(x_BxLxD)
     return x_BxLxD
+
+  def _scan_blocks(self, x_BxLxD, pos_BxL, attend_kw):
+    graphdef, blocks = nnx.split(self.blocks)
+
+    def body(x_BxLxD, layer):
+      block = nnx.merge(graphdef, sharding.gather_layer(layer, self.gather_dtype))
+      enc = block.encoding if self.stacked_encodings else self.encodings[0]
+      x_BxLxD = block(x_BxLxD, pos_BxL, enc, **attend_kw)
+      return _residual(x_BxLxD), None
+
+    return jax.lax.scan(self._remat(body, prevent_cse=False), x_BxLxD, blocks)[0]
 
   def head(self, x_BxLxD: jax.Array, logits_dtype=jnp.float32) -> jax.Array:
     """Final norm and output projection of the residual stream: logits ``[B, L, V]``

@@ -45,6 +45,5 @@ def load_model(workdir: str, *, rope_scaling: str | None = None, overrides=None)
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, checkpoint.load_params(workdir, nnx.to_pure_dict(params), step))
   nnx.update(model, params)
-  for encoding in model.encodings:  # Identity for runs trained with it (KERPLE's bounds).
-    encoding.project()
+  model.project()  # Identity for runs trained with it (KERPLE's bounds).
   return model, config, step

@@ -2,10 +2,13 @@
 
 The model is split once with ``nnx.split`` into a static graph and a :class:`TrainState`
 pytree; ``train_step(state, batch) -> (state, metrics)`` is a pure function, compiled with
-``jax.jit``, donated state and explicit ``NamedSharding``s over a ``("data", "fsdp")`` mesh of
-all devices. The batch is split over both axes; a parameter (and its optimizer moments) is
-stored split over ``fsdp`` along its first dimension divisible by the ``fsdp`` size and
-gathered for each step's computation, so ``mesh.fsdp=1`` (default) replicates parameters.
+``jax.jit``, donated state and explicit ``NamedSharding``s over a ``("data", "fsdp",
+"context")`` mesh of all devices. The batch rows are split over data and fsdp, the sequence
+over context; a parameter (and its optimizer moments) is stored split over ``fsdp`` along the
+dimensions its logical axis names map there (:mod:`pe_research.sharding`) and gathered for the
+step's computation: the whole model at once, or with ``model.scan_layers`` a layer at a time
+inside the scan. ``mesh.fsdp=1`` (default) replicates parameters. ``train.grad_accum_steps``
+runs the batch as micro-batches in a ``lax.scan``.
 Checkpoints count the data read globally, so a run resumes on another number of processes.
 
 After each optimizer update every encoding's ``project`` hook puts constrained parameters back
@@ -33,9 +36,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pe_research import backend, checkpoint, signals
+from pe_research import backend, checkpoint, sharding, signals
 from pe_research.metrics import MetricsLogger
 from pe_research.model import Transformer
+from pe_research.stacking import layers_stacked
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -52,6 +56,14 @@ class TrainState:
   model_state: dict[str, Any]  # Every other NNX variable (RNG keys and counters), pure dict.
 
 
+def decay_mask(params: dict[str, Any]) -> dict[str, Any]:
+  """Weight decay on matrices only: leaves with ndim >= 2, not counting the layer axis of
+  stacked blocks (``model.scan_layers``), so both layouts decay the same parameters."""
+  stacked = layers_stacked(params)
+  matrix = lambda key: lambda x: x.ndim - (stacked and key == "blocks") >= 2
+  return {key: jax.tree.map(matrix(key), tree) for key, tree in params.items()}
+
+
 def make_optimizer(train_cfg: ml_collections.ConfigDict):
   """``(tx, schedule)``: AdamW (decay on ndim >= 2 only) after global-norm clipping."""
   schedule = optax.warmup_cosine_decay_schedule(
@@ -66,45 +78,52 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict):
     b1=train_cfg.b1,
     b2=train_cfg.b2,
     weight_decay=train_cfg.weight_decay,
-    mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
+    mask=decay_mask,
   )
   if train_cfg.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), adamw), schedule
   return adamw, schedule
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, device_count: int) -> tuple[int, int]:
-  """``(data, fsdp)`` sizes for ``device_count`` devices; ``mesh.data=-1`` takes what fsdp
-  leaves, so a config runs unchanged on any device count that ``mesh.fsdp`` divides."""
-  data = device_count // mesh_cfg.fsdp if mesh_cfg.data == -1 else mesh_cfg.data
-  return data, mesh_cfg.fsdp
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, device_count: int) -> tuple[int, int, int]:
+  """``(data, fsdp, context)`` sizes for ``device_count`` devices; ``mesh.data=-1`` takes what
+  fsdp and context leave, so a config runs unchanged on any device count they divide."""
+  context = mesh_cfg.get("context", 1)
+  data = device_count // (mesh_cfg.fsdp * context) if mesh_cfg.data == -1 else mesh_cfg.data
+  return data, mesh_cfg.fsdp, context
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-  """``devices`` (default: all, every process's) as a ``(data, fsdp)`` mesh (``mesh_shape``).
-  Axes are ``Auto``: XLA propagates shardings from the explicit in/out shardings."""
+  """``devices`` (default: all, every process's) as a ``("data", "fsdp", "context")`` mesh
+  (``mesh_shape``). Axes are ``Auto``: XLA propagates shardings from the explicit in/out
+  shardings and the constraints of :mod:`pe_research.sharding`."""
   devices = jax.devices() if devices is None else devices
-  auto = (jax.sharding.AxisType.Auto,) * 2
+  auto = (jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES)
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, ("data", "fsdp"), auto, devices=devices)
+  return jax.make_mesh(shape, sharding.MESH_AXES, auto, devices=devices)
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-  """Splits the first dimension divisible by ``fsdp`` over the ``fsdp`` axis; else replicated."""
-  dims = [i for i, size in enumerate(shape) if fsdp > 1 and size % fsdp == 0]
-  spec = [None] * len(shape)
-  if dims:
-    spec[dims[0]] = "fsdp"
-  return P(*spec)
-
-
-def array_sharding(x: Any, mesh: jax.sharding.Mesh) -> NamedSharding:
-  """The sharding of a train-state leaf ``x`` (array or shape struct): ``fsdp_spec``."""
-  return NamedSharding(mesh, fsdp_spec(getattr(x, "shape", ()), mesh.shape["fsdp"]))
+def state_specs(config: ml_collections.ConfigDict, tx, state: TrainState, mesh) -> TrainState:
+  """The stored ``PartitionSpec`` of every leaf of ``state`` (arrays or shape structs) on
+  ``mesh`` (a ``Mesh`` or ``AbstractMesh``): parameters by their logical axis names
+  (:func:`pe_research.sharding.param_specs`), AdamW moments like their parameters, the rest
+  replicated."""
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(config.seed)))
+  params = sharding.param_specs(nnx.state(model, nnx.Param), mesh)
+  replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
+  opt_state = optax.tree_map_params(
+    tx, lambda _, spec: spec, state.opt_state, params, transform_non_params=lambda _: P()
+  )
+  return TrainState(
+    step=P(), params=params, opt_state=opt_state, model_state=replicated(state.model_state)
+  )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, stacked: bool = False) -> NamedSharding:
-  return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
+  """Batch rows over ``BATCH_AXES``, the sequence over ``context`` (after a leading axis of
+  steps when ``stacked``)."""
+  spec = (BATCH_AXES, "context")
+  return NamedSharding(mesh, P(None, *spec) if stacked else P(*spec))
 
 
 def init_train_state(config: ml_collections.ConfigDict, tx) -> tuple[Any, TrainState]:
@@ -124,15 +143,26 @@ def init_train_state(config: ml_collections.ConfigDict, tx) -> tuple[Any, TrainS
 
 def create_train_state(config: ml_collections.ConfigDict, mesh, tx) -> tuple[Any, TrainState]:
   """``(graphdef, state)`` placed on ``mesh``. With ``fsdp > 1`` it is initialised by a jitted
-  function directly into its shards (no device holds the whole state at start-up); with
-  ``fsdp = 1`` every device holds all of it anyway, and eager initialisation saves a compile."""
+  function directly into its shards (``state_specs``; no device holds the whole state at
+  start-up); with ``fsdp = 1`` every device holds all of it anyway, and eager initialisation
+  saves a compile."""
   backend.warn_slow_dtype(config.model.compute_dtype)
   if mesh.shape["fsdp"] == 1:
     graphdef, state = init_train_state(config, tx)
-    return graphdef, jax.device_put(state, jax.tree.map(lambda x: array_sharding(x, mesh), state))
-  graphdef, abstract = nnx.eval_shape(lambda: init_train_state(config, tx))
-  shardings = jax.tree.map(lambda x: array_sharding(x, mesh), abstract)
+    return graphdef, jax.device_put(state, NamedSharding(mesh, P()))
+  graphdef, abstract = abstract_train_state(config, mesh, tx)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
   return graphdef, jax.jit(lambda: init_train_state(config, tx)[1], out_shardings=shardings)()
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh, tx) -> tuple[Any, TrainState]:
+  """``(graphdef, state)`` with ``jax.ShapeDtypeStruct`` leaves carrying their stored shardings
+  on ``mesh`` (``state_specs``); nothing is allocated. For ``jit_train_step(...).lower(state,
+  batch).compile()`` ahead of time (e.g. for a TPU topology's mesh)."""
+  graphdef, abstract = nnx.eval_shape(lambda: init_train_state(config, tx))
+  specs = state_specs(config, tx, abstract, mesh)
+  place = lambda x, spec: x.update(sharding=NamedSharding(mesh, spec))
+  return graphdef, jax.tree.map(place, abstract, specs)
 
 
 @jax.custom_vjp
@@ -166,39 +196,99 @@ def _softmax_nll_bwd(residuals, g_N):
 softmax_nll.defvjp(_softmax_nll_fwd, _softmax_nll_bwd)
 
 
-def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL) -> jax.Array:
-  """``sum(weights * NLL) / sum(weights)`` in float32 (0 if every weight is 0)."""
+def weighted_nll_sums(logits_BxLxV, targets_BxL, weights_BxL) -> tuple[jax.Array, jax.Array]:
+  """``(sum(weights * NLL), sum(weights))`` in float32: the loss's numerator and denominator."""
   v = logits_BxLxV.shape[-1]
   nll_N = softmax_nll(logits_BxLxV.reshape(-1, v), targets_BxL.reshape(-1))
   weights_N = weights_BxL.reshape(-1)
-  return jnp.sum(weights_N * nll_N) / jnp.maximum(jnp.sum(weights_N), 1.0)
+  return jnp.sum(weights_N * nll_N), jnp.sum(weights_N)
+
+
+def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL) -> jax.Array:
+  """``sum(weights * NLL) / sum(weights)`` in float32 (0 if every weight is 0)."""
+  total, weight = weighted_nll_sums(logits_BxLxV, targets_BxL, weights_BxL)
+  return total / jnp.maximum(weight, 1.0)
 
 
 def project_params(graphdef, params: dict[str, Any], model_state: dict[str, Any]):
   """``params`` after each encoding's ``project`` hook (in place on a merged copy), as a pure
   dict. Encodings without constrained parameters leave them unchanged."""
   model = nnx.merge(graphdef, params, model_state)
-  for encoding in model.encodings:
-    encoding.project()
+  model.project()
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def make_train_step(graphdef, tx, schedule, compute_sharding: NamedSharding | None = None):
+def _gather(mesh):
+  """``params -> params`` in the layout the step computes with (FSDP, ``mesh.fsdp > 1``): the
+  whole model gathered, or with stacked layers all but the blocks, whose weights the model
+  gathers a layer at a time inside its scan (:func:`pe_research.sharding.gather_layer`).
+  Gradients go back to the stored shards through the same constraints."""
+  if mesh is None or mesh.shape["fsdp"] == 1:
+    return lambda params: params
+  gathered = NamedSharding(mesh, P())
+  whole = lambda tree: jax.lax.with_sharding_constraint(tree, gathered)
+  return lambda params: (
+    {key: tree if key == "blocks" else whole(tree) for key, tree in params.items()}
+    if layers_stacked(params)
+    else whole(params)
+  )
+
+
+def _micro_batches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
+  """``[B, ...]`` arrays -> ``[count, B / count, ...]``; micro-batch ``j`` holds rows ``j,
+  j + count, ...``, so each keeps the batch's split over devices (``B / count`` divides by
+  data * fsdp)."""
+  split = lambda x: jnp.moveaxis(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 1, 0)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, tx, schedule, mesh=None, grad_accum_steps: int = 1):
   """The pure step ``(state, batch) -> (state, metrics)``; a non-finite step keeps the old
-  parameters and optimizer state (``metrics["finite"]`` is False). ``compute_sharding``
-  (FSDP): parameters are gathered to it for the forward and backward pass, so activations
-  stay split over the batch and gradients are reduce-scattered back to the stored shards."""
+  parameters and optimizer state (``metrics["finite"]`` is False). With ``mesh`` the model is
+  traced under it (``jax.sharding.use_abstract_mesh``: its sharding constraints apply) and,
+  with ``fsdp > 1``, parameters are gathered for the forward and backward pass (``_gather``),
+  so activations stay split over the batch and gradients go back to the stored shards.
 
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    def loss_fn(params):
-      if compute_sharding is not None:
-        params = jax.lax.with_sharding_constraint(params, compute_sharding)
-      model = nnx.merge(graphdef, params, state.model_state)
-      logits_BxLxV = model(batch["inputs"], train=True, logits_dtype=model.activation_dtype)
-      loss = weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
-      return loss, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+  ``grad_accum_steps = k > 1``: the batch is cut into k micro-batches run in a ``lax.scan``;
+  the loss's numerator ``sum(w NLL)``, denominator ``sum(w)`` and the numerator's gradient are
+  summed over them, then divided: k micro-batches give one batch's loss and gradients."""
+  gather = _gather(mesh)
 
-    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def forward(params, model_state, batch):
+    """``(sum(w NLL), (sum(w), model_state))`` of ``batch``."""
+    model = nnx.merge(graphdef, gather(params), model_state)
+    logits_BxLxV = model(batch["inputs"], train=True, logits_dtype=model.activation_dtype)
+    total, weight = weighted_nll_sums(logits_BxLxV, batch["targets"], batch["weights"])
+    return total, (weight, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
+
+  def loss_and_grads(params, model_state, batch):
+    """``(loss, grads, model_state)`` of one step's batch."""
+    if grad_accum_steps == 1:
+
+      def loss_fn(params):
+        total, (weight, new_model_state) = forward(params, model_state, batch)
+        return total / jnp.maximum(weight, 1.0), new_model_state
+
+      (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return loss, grads, model_state
+
+    def accumulate(carry, micro_batch):
+      total, weight, grads, model_state = carry
+      (part, (part_weight, model_state)), part_grads = jax.value_and_grad(forward, has_aux=True)(
+        params, model_state, micro_batch
+      )
+      grads = jax.tree.map(jnp.add, grads, part_grads)
+      return (total + part, weight + part_weight, grads, model_state), None
+
+    zero = jnp.zeros((), jnp.float32)
+    carry = (zero, zero, jax.tree.map(jnp.zeros_like, params), model_state)
+    micro_batches = _micro_batches(batch, grad_accum_steps)
+    (total, weight, grads, model_state), _ = jax.lax.scan(accumulate, carry, micro_batches)
+    weight = jnp.maximum(weight, 1.0)
+    return total / weight, jax.tree.map(lambda g: g / weight, grads), model_state
+
+  def update(state: TrainState, batch: dict[str, jax.Array]):
+    loss, grads, model_state = loss_and_grads(state.params, state.model_state, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -219,11 +309,26 @@ def make_train_step(graphdef, tx, schedule, compute_sharding: NamedSharding | No
     }
     return new_state, metrics
 
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    if mesh is None:
+      return update(state, batch)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return update(state, batch)
+
   return train_step
 
 
-def jit_train_step(graphdef, tx, schedule, state: TrainState, mesh, steps_per_call: int = 1):
-  """``make_train_step`` compiled with the state's shardings and donated state.
+def jit_train_step(
+  graphdef,
+  tx,
+  schedule,
+  state: TrainState,
+  mesh,
+  steps_per_call: int = 1,
+  grad_accum_steps: int = 1,
+):
+  """``make_train_step`` compiled with the state's shardings and donated state (``state``:
+  arrays, or shape structs with shardings to ``.lower(...).compile()`` ahead of time).
 
   With ``steps_per_call > 1`` the compiled call runs that many steps, a ``lax.scan`` over batches
   stacked on a leading axis of that size (``global_batch(..., stacked=True)``), and returns each
@@ -233,7 +338,7 @@ def jit_train_step(graphdef, tx, schedule, state: TrainState, mesh, steps_per_ca
   """
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   replicated = NamedSharding(mesh, P())
-  step = make_train_step(graphdef, tx, schedule, replicated if mesh.shape["fsdp"] > 1 else None)
+  step = make_train_step(graphdef, tx, schedule, mesh, grad_accum_steps)
   if steps_per_call > 1:
     step = functools.partial(jax.lax.scan, step, length=steps_per_call)
   return jax.jit(
@@ -319,9 +424,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   elif config.init_from:
     state = state.replace(params=checkpoint.load_params(config.init_from, state.params))
   k = config.train.steps_per_call
-  step_fns = {1: jit_train_step(graphdef, tx, schedule, state, mesh)}  # Compiled on first use.
+  accum = config.train.grad_accum_steps
+  step_fns = {1: jit_train_step(graphdef, tx, schedule, state, mesh, 1, accum)}  # Compiled on use.
   if k > 1:
-    step_fns[k] = jit_train_step(graphdef, tx, schedule, state, mesh, steps_per_call=k)
+    step_fns[k] = jit_train_step(graphdef, tx, schedule, state, mesh, k, accum)
   logger = MetricsLogger(
     workdir,
     start_step=start or 0,

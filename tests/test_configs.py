@@ -92,6 +92,13 @@ INVALID = [
   (_set(mesh__fsdp=3), "mesh.fsdp"),
   (_set(mesh__data=2, mesh__fsdp=2), "mesh.data"),
   (_set(init_from="/nonexistent/run"), "init_from"),
+  (_set(train__grad_accum_steps=3), "train.batch_size"),  # 8 rows in 3 micro-batches
+  (_set(train__grad_accum_steps=2), "train.batch_size"),  # micro-batches of 4 on 8 devices
+  (_set(train__grad_accum_steps=0), "train.grad_accum_steps"),
+  (_set(mesh__context=3), "mesh.fsdp"),
+  (_set(mesh__context=8, train__seq_len=36), "train.seq_len"),
+  (_set(model__remat="some"), "model.remat"),
+  (_set(model__gather_dtype="int8"), "model.gather_dtype"),
 ]
 
 

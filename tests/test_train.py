@@ -107,6 +107,29 @@ def test_non_finite_step_keeps_parameters_and_optimizer_state():
   jax.tree.map(np.testing.assert_array_equal, before, (new_state.params, new_state.opt_state))
 
 
+def test_accumulated_micro_batches_equal_one_batch():
+  """One step on a batch of 8 rows as 8 micro-batches of one row (a lax.scan; sums of w·NLL
+  and of w over micro-batches, divided once) equals the step on the whole batch: loss,
+  gradient norm, parameters and AdamW moments. Row 1, a whole micro-batch, has zero weight
+  (a mean per micro-batch would divide by zero)."""
+  config = tiny.get_config("pe=t5")
+  mesh = train.make_mesh(config.mesh)
+  tx, schedule = train.make_optimizer(config.train)
+  graphdef, state = train.create_train_state(config, mesh, tx)
+  batch = train.global_batch(next(make_train_iterator(config)), mesh)
+  batch["weights"] = batch["weights"].at[1].set(0.0)
+  state = state.replace(step=jnp.ones((), jnp.int32))  # A learning rate > 0.
+  steps = [train.make_train_step(graphdef, tx, schedule, mesh, k) for k in (1, 8)]
+  results = jax.jit(lambda state, batch: [step(state, batch) for step in steps])(state, batch)
+  (want_state, want), (got_state, got) = jax.device_get(results)
+  assert np.isfinite(got["loss"])
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  jax.tree.map(close, got_state.params, want_state.params)
+  jax.tree.map(close, got_state.opt_state, want_state.opt_state)
+
+
 def test_kerple_parameter_below_its_bound_gets_a_gradient_and_is_projected_after_a_step():
   """KERPLE's bounds are a projection after the optimizer step, not a clamp in the forward pass
   (which zeroed the gradient below the bound and froze the parameter there)."""

@@ -1,0 +1,103 @@
+"""Sharding, declared once: logical axis names mapped to mesh axes by one table.
+
+Parameters carry logical axis names from where they are created (the ``out_sharding`` metadata
+of their ``nnx.Param``, e.g. ``("embed", "mlp")`` for the MLP's first kernel; stacked layers
+get ``"layers"`` in front); activations get names at a few places in the model (the embedding
+output and the residual stream between blocks). ``LOGICAL_AXIS_RULES`` maps each name to axes of
+the ``("data", "fsdp", "context")`` mesh (``pe_research.train.make_mesh``), as maxtext's
+``logical_axis_rules``:
+
+  batch   -> data, fsdp   activations' batch: data parallelism over both axes
+  length  -> context      activations' sequence (context parallelism)
+  embed   -> fsdp         every weight's model-width dimension: FSDP stores 1/fsdp per device
+  layers, heads, mlp, vocab -> replicated
+
+A dimension that its mesh axes do not divide is replicated, and so is a parameter without names
+(the encodings' small tables). The same names give two layouts: *stored* (the table) and
+*gathered* (the table without ``fsdp``), the layout a layer's weights are used in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "context")
+LOGICAL_AXIS_RULES = (
+  ("batch", ("data", "fsdp")),
+  ("length", "context"),
+  ("embed", "fsdp"),
+  ("layers", None),
+  ("heads", None),
+  ("mlp", None),
+  ("vocab", None),
+)
+_RULES = dict(LOGICAL_AXIS_RULES)
+
+
+def logical_spec(names, shape, mesh, *, gathered: bool = False) -> P:
+  """The ``PartitionSpec`` of an array of ``shape`` whose dimensions are named ``names``
+  (None: replicated) on ``mesh``; ``gathered`` leaves ``fsdp`` out."""
+  spec = []
+  for name, size in zip(names, shape, strict=True):
+    rule = _RULES[name] if name is not None else None
+    axes = rule if isinstance(rule, tuple) else (rule,)
+    axes = tuple(a for a in axes if a in mesh.shape and not (gathered and a == "fsdp"))
+    count = math.prod(mesh.shape[a] for a in axes)
+    spec.append(None if count == 1 or size % count else axes if len(axes) > 1 else axes[0])
+  return P(*spec)
+
+
+def _names(variable: nnx.Variable) -> tuple | None:
+  return variable.get_metadata().get("out_sharding")
+
+
+def param_specs(params: nnx.State, mesh) -> dict:
+  """The stored ``PartitionSpec`` of each parameter of ``params`` (an ``nnx.State`` of
+  ``nnx.Param``s, abstract or not), as a pure dict like ``nnx.to_pure_dict(params)``."""
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  spec = lambda v: v.replace(logical_spec(_names(v) or (None,) * len(v.shape), v.shape, mesh))
+  return nnx.to_pure_dict(jax.tree.map(spec, params, is_leaf=is_var))
+
+
+def _active_mesh():
+  """The mesh the model is traced under (``jax.sharding.use_abstract_mesh``), None if none or
+  a single device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def constrain(x: jax.Array, *names) -> jax.Array:
+  """``x`` constrained to the layout of its dimensions' logical ``names`` (identity with no
+  mesh)."""
+  mesh = _active_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh))
+
+
+def gather_layer(layer: nnx.State, dtype) -> nnx.State:
+  """One layer's named weights, sliced from the stacked layers inside the scan body, cast to
+  ``dtype`` and gathered over ``fsdp``: constrained to their stored layout (so their gradient
+  goes back to it), cast, then constrained to the gathered layout (cast before the gather: a
+  bfloat16 gather moves half the bytes)."""
+  mesh = _active_mesh()
+
+  def gather(variable: nnx.Variable) -> nnx.Variable:
+    x, names = variable[...], _names(variable)
+    if not names:  # Small unnamed parameters (a per-layer encoding's) are replicated.
+      return variable
+    names = names[1:]  # Without the stacked "layers" axis.
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh))
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      x = x.astype(dtype)
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh, gathered=True))
+    return variable.replace(x)
+
+  return jax.tree.map(gather, layer, is_leaf=lambda x: isinstance(x, nnx.Variable))
