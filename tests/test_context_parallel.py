@@ -16,8 +16,9 @@ by the registry); rows of one call are different encodings stacked on the batch 
     4 (context 4) or 8: the window and the 2-position blocks cross chunk and shard boundaries.
 
 The output and the gradients of q, k, v (before the encoding's rotation) and of every encoding
-parameter must equal dense attention on one device to 1e-5 (absolute and relative). The tiny
-model's loss and gradients on a data=2 x context=2 mesh must equal one device's.
+parameter must equal dense attention on one device to 1e-5 (absolute and relative). Three
+steps of the tiny training run (``train.jit_train_step``) on a data=2 x context=2 mesh must
+give one device's losses and parameters (ring: with stacked layers and full remat).
 """
 
 import json
@@ -42,12 +43,11 @@ _SCRIPT = textwrap.dedent(
   import json
   import jax, jax.numpy as jnp, numpy as np
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from configs import base, tiny
-  from pe_research import train
+  from pe_research import stacking, train
   from pe_research.attention import attend
   from pe_research.encodings.registry import build_encoding
-  from pe_research.model import Transformer
+  from pe_research.data import make_train_iterator
 
   B, L, H, E, W = 2, 32, 4, 8, 6
   KV = {"rotate": 2, "bias": H, "positions": 1, "window": 2}
@@ -158,34 +158,31 @@ _SCRIPT = textwrap.dedent(
       got = {"out": outs, "dinputs": dinputs, "dparams": dparams}
       result["leaves"][f"{strategy}/{context}"] = compare(got, expected)
 
-  # The tiny model (RoPE, blockwise attention): loss and gradients on data=2 x context=2.
-  config = tiny.get_config()
-  config.model.attention = "blockwise"
-  model = Transformer(config, rngs=nnx.Rngs(0))
-  graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
-  tokens = jax.random.randint(next(keys), (4, config.train.seq_len + 1), 0, 256)
-  inputs_BxL, targets_BxL = tokens[:, :-1], tokens[:, 1:]
+  # The tiny training run (train.jit_train_step, RoPE): 3 steps on one device and on
+  # data=2 x context=2 (ring: with stacked layers and full remat); the losses, the parameters
+  # after them (per-layer tree) and the step's collectives.
+  def train_run(data, context, strategy, **model):
+    config = tiny.get_config()
+    config.model.update(model)
+    config.model.context_parallel = strategy
+    config.mesh.data, config.mesh.context = data, context
+    mesh = train.make_mesh(config.mesh, jax.devices()[: data * context])
+    tx, schedule = train.make_optimizer(config.train)
+    graphdef, state = train.create_train_state(config, mesh, tx)
+    step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
+    batches, losses = make_train_iterator(config), []
+    for _ in range(3):
+      state, metrics = step_fn(state, train.global_batch(next(batches), mesh))
+      losses.append(metrics["loss"])
+    text = step_fn.lower(state, train.global_batch(next(batches), mesh)).as_text()
+    params = stacking.unstack_layers(state.params) if model else state.params
+    run = {"losses": jnp.stack(losses), "params": params}
+    return jax.device_get(run), [text.count("all_gather"), text.count("collective_permute")]
 
-  def model_loss(model_params, inputs_BxL, strategy):
-    model = nnx.merge(graphdef, model_params, rest)
-    for block in model.blocks:
-      block.attn.context_parallel = strategy
-    logits = model(inputs_BxL)
-    return train.weighted_cross_entropy(logits, targets_BxL, jnp.ones(targets_BxL.shape))
-
-  model_step = jax.jit(jax.value_and_grad(model_loss), static_argnums=2)
-  ref = model_step(model_params, inputs_BxL, "all_gather")
-  mesh = jax.make_mesh(
-    (2, 1, 2), ("data", "fsdp", "context"), (jax.sharding.AxisType.Auto,) * 3,
-    devices=jax.devices()[:4],
-  )
-  sharded = jax.device_put(inputs_BxL, NamedSharding(mesh, P(("data", "fsdp"), "context")))
-  for strategy in ("all_gather", "ring"):
-    with jax.set_mesh(mesh):
-      got = model_step(model_params, sharded, strategy)
-      text = model_step.lower(model_params, sharded, strategy).as_text()
-    result["leaves"][f"model/{strategy}"] = compare(got, ref)
-    collectives = [text.count("all_gather"), text.count("collective_permute")]
+  one_device, _ = train_run(1, 1, "all_gather")
+  for strategy, model in (("all_gather", {}), ("ring", dict(scan_layers=True, remat="full"))):
+    run, collectives = train_run(2, 2, strategy, **model)
+    result["leaves"][f"model/{strategy}"] = compare(run, one_device)
     result[f"model_collectives/{strategy}"] = collectives
   print(json.dumps(result))
   """
@@ -233,9 +230,10 @@ def test_every_parametrised_encoding_has_parameter_gradients_checked(context_par
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_tiny_model_on_a_context_mesh_equals_one_device(context_parallel, strategy):
-  """Loss and every parameter gradient of the tiny model on data=2 x context=2 equal one
-  device's to 1e-5, and the step really ran context-parallel (its collectives)."""
+def test_tiny_training_on_a_context_mesh_equals_one_device(context_parallel, strategy):
+  """Three training steps of the tiny model on data=2 x context=2 (ring: ``scan_layers`` and
+  ``remat="full"``): the losses and every parameter after them equal one device's to 1e-5,
+  and the step really ran context-parallel (its collectives)."""
   leaves = context_parallel["leaves"][f"model/{strategy}"]
   assert len(leaves) > 10
   failed = {name: v for name, v in leaves.items() if not v[2]}
