@@ -2,7 +2,8 @@
 
 One subprocess with 8 fake CPU devices checks every case and prints a JSON result. Per strategy
 (all_gather, ring) and context size (2: mesh data=2 x fsdp=2 x context=2, the batch over both
-batch axes; 4: data=2 x fsdp=1 x context=4), one compiled step runs four attention calls
+batch axes; 4: data=2 x fsdp=1 x context=4), one compiled step (both strategies) runs four
+attention calls
 through the encodings' real ``positions``/``rotate``/``rotate_far``/``bias`` hooks (each built
 by the registry); rows of one call are different encodings stacked on the batch axis:
 
@@ -15,8 +16,9 @@ by the registry); rows of one call are different encodings stacked on the batch 
     4 (context 4) or 8: the window and the 2-position blocks cross chunk and shard boundaries.
 
 The output and the gradients of q, k, v (before the encoding's rotation) and of every encoding
-parameter must equal dense attention on one device to 1e-5 (absolute and relative). The tiny
-model's loss and gradients on a data=2 x context=2 mesh must equal one device's.
+parameter must equal dense attention on one device to 1e-5 (absolute and relative). Three
+steps of the tiny training run (``train.jit_train_step``) on a data=2 x context=2 mesh must
+give one device's losses and parameters (ring: with stacked layers and full remat).
 """
 
 import json
@@ -25,7 +27,11 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import pytest
+
+from pe_research.attention import attend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ("all_gather", "ring")
@@ -37,12 +43,11 @@ _SCRIPT = textwrap.dedent(
   import json
   import jax, jax.numpy as jnp, numpy as np
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from configs import base, tiny
-  from pe_research import train
+  from pe_research import stacking, train
   from pe_research.attention import attend
   from pe_research.encodings.registry import build_encoding
-  from pe_research.model import Transformer
+  from pe_research.data import make_train_iterator
 
   B, L, H, E, W = 2, 32, 4, 8, 6
   KV = {"rotate": 2, "bias": H, "positions": 1, "window": 2}
@@ -120,7 +125,11 @@ _SCRIPT = textwrap.dedent(
     return loss, outs
 
   grad_fn = jax.grad(attend_all, argnums=(0, 1), has_aux=True)
-  step = jax.jit(grad_fn, static_argnums=(2, 3))
+  reference = jax.jit(lambda p, x: grad_fn(p, x, "dense", None))
+  # Both strategies in one compiled program per mesh (fewer compiles).
+  both_strategies = jax.jit(
+    lambda p, x: {s: grad_fn(p, x, "blockwise", s) for s in ("all_gather", "ring")}
+  )
 
   def compare(got, expected):
     # Per call: [max |error|, max |reference|, within 1e-5]; q/k/v and parameter gradients of
@@ -134,7 +143,7 @@ _SCRIPT = textwrap.dedent(
       errors[name] = [float(np.abs(g - e).max()), float(np.abs(e).max()), ok]
     return errors
 
-  (ref_dparams, ref_dinputs), ref_outs = step(params, inputs, "dense", None)
+  (ref_dparams, ref_dinputs), ref_outs = reference(params, inputs)
   expected = {"out": ref_outs, "dinputs": ref_dinputs, "dparams": ref_dparams}
   result = {"leaves": {}, "params": {n: len(jax.tree.leaves(p)) for n, p in params.items()}}
   result["members"] = {**members, "positions": members["positions"] + ["positions_t5"]}
@@ -143,40 +152,37 @@ _SCRIPT = textwrap.dedent(
       (data, fsdp, context), ("data", "fsdp", "context"),
       (jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[: data * fsdp * context],
     )
-    for strategy in ("all_gather", "ring"):
-      with jax.set_mesh(mesh):
-        (dparams, dinputs), outs = step(params, inputs, "blockwise", strategy)
+    with jax.set_mesh(mesh):
+      by_strategy = both_strategies(params, inputs)
+    for strategy, ((dparams, dinputs), outs) in by_strategy.items():
       got = {"out": outs, "dinputs": dinputs, "dparams": dparams}
       result["leaves"][f"{strategy}/{context}"] = compare(got, expected)
 
-  # The tiny model (RoPE, blockwise attention): loss and gradients on data=2 x context=2.
-  config = tiny.get_config()
-  config.model.attention = "blockwise"
-  model = Transformer(config, rngs=nnx.Rngs(0))
-  graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
-  tokens = jax.random.randint(next(keys), (4, config.train.seq_len + 1), 0, 256)
-  inputs_BxL, targets_BxL = tokens[:, :-1], tokens[:, 1:]
+  # The tiny training run (train.jit_train_step, RoPE): 3 steps on one device and on
+  # data=2 x context=2 (ring: with stacked layers and full remat); the losses, the parameters
+  # after them (per-layer tree) and the step's collectives.
+  def train_run(data, context, strategy, **model):
+    config = tiny.get_config()
+    config.model.update(model)
+    config.model.context_parallel = strategy
+    config.mesh.data, config.mesh.context = data, context
+    mesh = train.make_mesh(config.mesh, jax.devices()[: data * context])
+    tx, schedule = train.make_optimizer(config.train)
+    graphdef, state = train.create_train_state(config, mesh, tx)
+    step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
+    batches, losses = make_train_iterator(config), []
+    for _ in range(3):
+      state, metrics = step_fn(state, train.global_batch(next(batches), mesh))
+      losses.append(metrics["loss"])
+    text = step_fn.lower(state, train.global_batch(next(batches), mesh)).as_text()
+    params = stacking.unstack_layers(state.params) if model else state.params
+    run = {"losses": jnp.stack(losses), "params": params}
+    return jax.device_get(run), [text.count("all_gather"), text.count("collective_permute")]
 
-  def model_loss(model_params, inputs_BxL, strategy):
-    model = nnx.merge(graphdef, model_params, rest)
-    for block in model.blocks:
-      block.attn.context_parallel = strategy
-    logits = model(inputs_BxL)
-    return train.weighted_cross_entropy(logits, targets_BxL, jnp.ones(targets_BxL.shape))
-
-  model_step = jax.jit(jax.value_and_grad(model_loss), static_argnums=2)
-  ref = model_step(model_params, inputs_BxL, "all_gather")
-  mesh = jax.make_mesh(
-    (2, 1, 2), ("data", "fsdp", "context"), (jax.sharding.AxisType.Auto,) * 3,
-    devices=jax.devices()[:4],
-  )
-  sharded = jax.device_put(inputs_BxL, NamedSharding(mesh, P(("data", "fsdp"), "context")))
-  for strategy in ("all_gather", "ring"):
-    with jax.set_mesh(mesh):
-      got = model_step(model_params, sharded, strategy)
-      text = model_step.lower(model_params, sharded, strategy).as_text()
-    result["leaves"][f"model/{strategy}"] = compare(got, ref)
-    collectives = [text.count("all_gather"), text.count("collective_permute")]
+  one_device, _ = train_run(1, 1, "all_gather")
+  for strategy, model in (("all_gather", {}), ("ring", dict(scan_layers=True, remat="full"))):
+    run, collectives = train_run(2, 2, strategy, **model)
+    result["leaves"][f"model/{strategy}"] = compare(run, one_device)
     result[f"model_collectives/{strategy}"] = collectives
   print(json.dumps(result))
   """
@@ -224,12 +230,30 @@ def test_every_parametrised_encoding_has_parameter_gradients_checked(context_par
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_tiny_model_on_a_context_mesh_equals_one_device(context_parallel, strategy):
-  """Loss and every parameter gradient of the tiny model on data=2 x context=2 equal one
-  device's to 1e-5, and the step really ran context-parallel (its collectives)."""
+def test_tiny_training_on_a_context_mesh_equals_one_device(context_parallel, strategy):
+  """Three training steps of the tiny model on data=2 x context=2 (ring: ``scan_layers`` and
+  ``remat="full"``): the losses and every parameter after them equal one device's to 1e-5,
+  and the step really ran context-parallel (its collectives)."""
   leaves = context_parallel["leaves"][f"model/{strategy}"]
   assert len(leaves) > 10
   failed = {name: v for name, v in leaves.items() if not v[2]}
   assert not failed, failed
   gathers, permutes = context_parallel[f"model_collectives/{strategy}"]
   assert (gathers > 0) if strategy == "all_gather" else (permutes > 0)
+
+
+@pytest.mark.parametrize(
+  "length,strategy,message",
+  [
+    (12, "all_gather", "sequence length 12 must divide by 2 x mesh.context = 8"),
+    (16, "zigzag", "model.context_parallel='zigzag' is unknown; allowed: all_gather, ring"),
+  ],
+)
+def test_context_mesh_rejects_a_length_or_strategy_it_cannot_run(length, strategy, message):
+  """Under a mesh with context=4, L must split into 2 x 4 zigzag chunks and the strategy must
+  be known: one-line ValueErrors, raised while tracing (an abstract mesh, no devices)."""
+  q = jnp.zeros((1, length, 2, 4))
+  pos = jnp.arange(length)[None]
+  mesh = jax.sharding.AbstractMesh((4,), ("context",))
+  with jax.sharding.use_abstract_mesh(mesh), pytest.raises(ValueError, match=message):
+    attend(q, q, q, q_pos_BxL=pos, k_pos_BxL=pos, impl="blockwise", context_strategy=strategy)
