@@ -14,7 +14,7 @@ PRETRAINED_STAMP := $(VENV)/.stamp-pretrained-$(shell cat requirements-pretraine
 SMOLLM2_GGUF = $(shell $(PY) -c "from pe_research.pretrained import importer; print(importer.smollm2_gguf())")
 SMOLLM2_RUN := runs/pretrained/smollm2-135m
 
-.PHONY: demo test lint format bench bench-gpu install install-dev pretrained clean
+.PHONY: demo test lint format bench bench-gpu install install-dev pretrained tpu-aot-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,16 @@ bench: $(DEV_STAMP)
 # 125M-parameter bf16 training MFU on a GPU (needs jax with CUDA in the venv; docs/gpu_benchmark.md).
 bench-gpu: $(DEV_STAMP)
 	$(PY) -m benchmarks.gpu_benchmark $(ARGS)
+
+# libtpu for TPU AOT compiles on this host (`python -m pe_research.dry_run --topology=...`), kept
+# out of .venv: run those as `PYTHONPATH=.tpu-site .venv/bin/python -m pe_research.dry_run ...`.
+TPU_SITE := .tpu-site
+TPU_STAMP := $(TPU_SITE)/.stamp-$(shell sha1sum requirements-tpu.txt | cut -c1-12)
+$(TPU_STAMP): | $(PY)
+	$(PIP) install -q --no-deps --target $(TPU_SITE) -r requirements-tpu.txt
+	touch $@
+
+tpu-aot-deps: $(RUNTIME_STAMP) $(TPU_STAMP)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -37,6 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Query/key block size of blockwise attention. Training on the CPU at L <= 1024, 128 is faster
   # (it skips more of the masked half: 1.02-1.05x a step, docs/cpu_performance.md).
   config.model.attention_block = 256
+  # Attention with the sequence split over the mesh axis "context" (dense/blockwise only):
+  # "all_gather" (k, v gathered: the whole sequence's K/V per device) or "ring" (k, v passed
+  # round the ring: one shard's K/V per device). docs/scaling.md, "Context parallelism".
+  config.model.context_parallel = "all_gather"
   # Matmul operands: "float32" or "bfloat16" (fp32 accumulation, fp32 params). bf16 activations
   # on accelerators; on the CPU activations stay fp32 (model.activation_dtype).
   config.model.compute_dtype = "float32"

@@ -188,30 +188,34 @@ def matmul(x_NxD, w, out_dtype, w_transposed: bool = False, operand_dtype=None) 
   """``x W`` (or ``x W^T``) with operands in ``operand_dtype`` (default ``x``'s) and float32
   accumulation in the forward and both backward matmuls (``dx = g W^T`` with ``g`` rounded to
   the operand dtype, ``dW = x^T g``): ``dx`` has ``x``'s dtype (a float32 ``x`` never gets a
-  bf16 gradient), ``dW`` is float32. Every contraction takes the form :func:`_transposed`
-  chooses."""
+  bf16 gradient), ``dW`` is accumulated in float32 and has ``W``'s dtype (float32 master
+  weights; bf16 where W was cast before an FSDP gather, ``model.gather_dtype``). Every
+  contraction takes the form :func:`_transposed` chooses."""
   return _matmul_fwd(x_NxD, w, out_dtype, w_transposed, operand_dtype)[0]
 
 
 def _matmul_fwd(x_NxD, w, out_dtype, w_transposed, operand_dtype):
   dtype = operand_dtype or x_NxD.dtype
-  x_dtype = jnp.zeros((0,), x_NxD.dtype)  # Residuals are arrays: x's dtype, carried by 0 bytes.
+  # Residuals are arrays: x's and w's dtypes, carried by 0 bytes.
+  dtypes = (jnp.zeros((0,), x_NxD.dtype), jnp.zeros((0,), w.dtype))
   x_NxD, w = x_NxD.astype(dtype), w.astype(dtype)
-  return _dot(x_NxD, w, int(w_transposed), out_dtype), (x_NxD, w, x_dtype)
+  return _dot(x_NxD, w, int(w_transposed), out_dtype), (x_NxD, w, dtypes)
 
 
 def _matmul_bwd(out_dtype, w_transposed, operand_dtype, residuals, g_NxF):
   del out_dtype, operand_dtype
-  x_NxD, w, x_dtype = residuals
+  x_NxD, w, (x_dtype, w_dtype) = residuals
   g_NxF = g_NxF.astype(x_NxD.dtype)
   dx_NxD = _dot(g_NxF, w, 1 - int(w_transposed), x_dtype.dtype)
   # dW = x^T g: transpose the narrower of x and g, and the small [D, F] result if it comes out
   # the other way round.
   if x_NxD.shape[1] <= g_NxF.shape[1]:
     dw_DxF = _dot(_transposed(x_NxD), g_NxF, 0, jnp.float32)
-    return dx_NxD, _kept_apart(dw_DxF).T if w_transposed else dw_DxF
-  dw_FxD = _dot(_transposed(g_NxF), x_NxD, 0, jnp.float32)
-  return dx_NxD, dw_FxD if w_transposed else _kept_apart(dw_FxD).T
+    dw = _kept_apart(dw_DxF).T if w_transposed else dw_DxF
+  else:
+    dw_FxD = _dot(_transposed(g_NxF), x_NxD, 0, jnp.float32)
+    dw = dw_FxD if w_transposed else _kept_apart(dw_FxD).T
+  return dx_NxD, dw.astype(w_dtype.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -24,6 +24,7 @@ _RULES: dict[str, Rule] = {
   "model.mlp": one_of("gelu", "swiglu"),
   "model.norm": one_of("layernorm", "rmsnorm"),
   "model.attention": one_of("dense", "blockwise", "xla"),
+  "model.context_parallel": one_of("all_gather", "ring"),
   "model.compute_dtype": one_of("float32", "bfloat16"),
   "model.remat": one_of("none", "full", "save_projections"),
   "model.gather_dtype": one_of("float32", "bfloat16"),

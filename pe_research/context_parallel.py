@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pe_research.flash_attention import (
+  MASK_VALUE,
   _unpack_heads,
   convert_bias,
   flash,
@@ -130,35 +131,29 @@ def heads_first(x_BxLxHxE: jax.Array) -> jax.Array:
 
 
 def _all_gather(bias_fn, block, window, c, qkv, positions, far):
-  """Shard body: the zigzag query chunks over the gathered keys (module docstring)."""
+  """Shard body: the two zigzag query chunks (one ``lax.map`` step each, so the kernel is
+  compiled once) over the gathered keys (module docstring)."""
   (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE), (q_pos_BxL, k_pos_BxL) = qkv, positions
-  h, g = q_BxLxHxE.shape[2], k_BxLxGxE.shape[2]
-  chunk = q_BxLxHxE.shape[1] // 2
+  b, length, h, d = q_BxLxHxE.shape
+  g = k_BxLxGxE.shape[2]
   gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
   k_all, v_all, k_pos_all, *k_far = map(gather, (k_BxLxGxE, v_BxLxGxE, k_pos_BxL, *far[1:]))
-  queries = [_to_zigzag(x, c) for x in (q_BxLxHxE, q_pos_BxL, *far[:1])]
+  k_sets = [heads_first(x) for x in (k_all, v_all, *k_far)]
   bias_fn, consts = convert_bias(bias_fn, q_pos_BxL[:, :block])
-  outs = []
-  for slot, index in enumerate(_zigzag_chunks(c)):
-    q_chunk, q_pos_chunk, *q_far = (x[:, slot * chunk : (slot + 1) * chunk] for x in queries)
-    far_packed = ()
-    if far:
-      far_packed = (pack_heads(heads_first(q_far[0]), g), heads_first(k_far[0]))
-    out_BxGxMxE = flash(
-      bias_fn,
-      block,
-      window,
-      pack_heads(heads_first(q_chunk), g),
-      heads_first(k_all),
-      heads_first(v_all),
-      q_pos_chunk,
-      k_pos_all,
-      consts,
-      far_packed,
-      (index * (chunk // block),),  # the keys start at block 0
-    )
-    outs.append(jnp.moveaxis(_unpack_heads(out_BxGxMxE, h), 1, 2))
-  return _from_zigzag(jnp.concatenate(outs, axis=1), c)
+  # [2, B, C, ...]: this shard's zigzag chunks, with their first key block (keys start at 0).
+  as_slots = lambda x: jnp.moveaxis(x.reshape(x.shape[0], 2, -1, *x.shape[2:]), 1, 0)
+  queries = [as_slots(_to_zigzag(x, c)) for x in (q_BxLxHxE, q_pos_BxL, *far[:1])]
+  shifts = jnp.stack(_zigzag_chunks(c)) * (length // 2 // block)
+
+  def attend_chunk(chunk):
+    (q_CxHxE, q_pos_C, *q_far), shift = chunk
+    q_sets = [pack_heads(heads_first(x), g) for x in (q_CxHxE, *q_far)]
+    far_packed = (q_sets[1], k_sets[2]) if far else ()
+    args = (q_sets[0], *k_sets[:2], q_pos_C, k_pos_all, consts, far_packed, (shift,))
+    return jnp.moveaxis(_unpack_heads(flash(bias_fn, block, window, *args), h), 1, 2)
+
+  out_JxBxCxHxE = jax.lax.map(attend_chunk, (queries, shifts))
+  return _from_zigzag(jnp.moveaxis(out_JxBxCxHxE, 0, 1).reshape(b, length, h, d), c)
 
 
 def _ring(bias_fn, block, window, c, qkv, positions, far):
@@ -189,11 +184,7 @@ def _ring(bias_fn, block, window, c, qkv, positions, far):
 _PAIRS = ((0, 0), (1, 0), (1, 1))
 
 
-def _halves(x, axis: int):
-  return jnp.split(x, 2, axis=axis)
-
-
-def _ring_pairs(c: int, step: int, chunk_blocks: int):
+def _ring_pairs(c: int, step, chunk_blocks: int):
   """``[(q slot, k slot, shift)]`` at ring step ``step``: this shard holds the keys of shard
   ``r = s − step``, chunks ``(r, 2c − 1 − r)``; shift in blocks, as :func:`flash_forward`."""
   q_index = _zigzag_chunks(c)
@@ -202,48 +193,57 @@ def _ring_pairs(c: int, step: int, chunk_blocks: int):
   return [(i, j, (q_index[i] - k_index[j]) * chunk_blocks) for i, j in _PAIRS]
 
 
+def _slots(*xs):
+  """Per zigzag slot, ``xs`` cut to its chunk: positions ``[B, 2C]`` on axis 1, packed
+  ``[B, G, 2C(Y), E]`` tensors and ``lse`` on axis 2."""
+  halves = [jnp.split(x, 2, axis=1 if x.ndim == 2 else 2) for x in xs]
+  return [tuple(h[slot] for h in halves) for slot in (0, 1)]
+
+
+def _add_to_slot(xs, grads, slot: int):
+  """``xs[:, :, slot's chunk] += grads``, pair by pair."""
+  add = lambda x, grad: x.at[:, :, slot * grad.shape[2] : (slot + 1) * grad.shape[2]].add(grad)
+  return tuple(map(add, xs, grads))
+
+
+def _pair(query, key, consts):
+  """:func:`flash_forward`'s arguments up to ``far`` for a query chunk ``(q, q_pos, q_far?)``
+  and a key chunk ``(k, v, k_pos, k_far?)``."""
+  (q, q_pos, *q_far), (k, v, k_pos, *k_far) = query, key
+  return q, k, v, q_pos, k_pos, consts, (*q_far, *k_far)
+
+
 def _pass_on(xs, c: int):
   """Every shard sends ``xs`` to the next one round the ring."""
   return jax.tree.map(lambda x: jax.lax.ppermute(x, AXIS, [(i, (i + 1) % c) for i in range(c)]), xs)
 
 
 def _ring_forward(bias_fn, block, window, c, q, k, v, q_pos, k_pos, consts, far):
-  """``(out_BxGxMxE, lse_BxGxM)``: the merged softmax of the zigzag queries over every key."""
+  """``(out_BxGxMxE, lse_BxGxM)``: the merged softmax of the zigzag queries over every key, a
+  ``fori_loop`` over the ``c`` steps (the keys' last pass brings them home, unused)."""
   chunk_blocks = k.shape[2] // 2 // block
-  queries = [_halves(x, 2) for x in (q, *far[:1])]
-  q_pos_chunks = _halves(q_pos, 1)
-  keys = (k, v, k_pos, *far[1:])
-  merged = [None, None]
-  for step in range(c):
-    k_chunks, v_chunks, k_pos_chunks, *k_far = (_halves(x, 1 if x.ndim == 2 else 2) for x in keys)
-    for i, j, shift in _ring_pairs(c, step, chunk_blocks):
-      pair_far = (queries[1][i], k_far[0][j]) if far else ()
-      out, lse = flash_forward(
-        bias_fn,
-        block,
-        window,
-        queries[0][i],
-        k_chunks[j],
-        v_chunks[j],
-        q_pos_chunks[i],
-        k_pos_chunks[j],
-        consts,
-        pair_far,
-        (shift,),
-        unroll=False,
-      )
+  queries = _slots(q, q_pos, *far[:1])
+
+  def step(t, carry):
+    keys, merged = carry
+    merged = list(merged)
+    for i, j, shift in _ring_pairs(c, t, chunk_blocks):
+      pair = _pair(queries[i], _slots(*keys)[j], consts)
+      out, lse = flash_forward(bias_fn, block, window, *pair, (shift,), unroll=False)
       merged[i] = _merge(merged[i], out, lse)
-    if step + 1 < c:
-      keys = _pass_on(keys, c)
-  out = jnp.concatenate([o for o, _ in merged], axis=2).astype(q.dtype)
-  return out, jnp.concatenate([lse for _, lse in merged], axis=2)
+    return _pass_on(keys, c), tuple(merged)
+
+  rows = q.shape[:3]
+  empty = (jnp.zeros(q.shape, jnp.float32), jnp.full(rows, MASK_VALUE, jnp.float32))
+  init = ((k, v, k_pos, *far[1:]), tuple(_slots(*empty)))
+  _, merged = jax.lax.fori_loop(0, c, step, init)
+  out, lse = (jnp.concatenate(x, axis=2) for x in zip(*merged, strict=True))
+  return out.astype(q.dtype), lse
 
 
 def _merge(merged, out_BxGxTxE, lse_BxGxT):
-  """Online softmax of two partial results ``(out, lse)`` of the same queries (``merged``: None
-  before the first)."""
-  if merged is None:
-    return out_BxGxTxE.astype(jnp.float32), lse_BxGxT
+  """Online softmax of two partial results ``(out, lse)`` of the same queries (an empty one
+  has lse ``MASK_VALUE``)."""
   acc_BxGxTxE, acc_lse_BxGxT = merged
   lse = jnp.logaddexp(acc_lse_BxGxT, lse_BxGxT)
   return (
@@ -269,35 +269,27 @@ def _ring_bwd(bias_fn, block, window, c, residuals, dout):
   ``c`` passes they are back at their shard."""
   q, k, v, q_pos, k_pos, consts, far, out, lse = residuals
   chunk_blocks = k.shape[2] // 2 // block
-  queries = [_halves(x, 2) for x in (q, *far[:1])]
-  q_pos_chunks = _halves(q_pos, 1)
-  out_chunks, lse_chunks, dout_chunks = (_halves(x, 2) for x in (out, lse, dout))
-  dqs = [[jnp.zeros_like(x, jnp.float32) for x in chunks] for chunks in queries]
-  dconsts = tuple(jnp.zeros_like(x) for x in consts)
-  keys = (k, v, k_pos, *far[1:])
-  dkeys = tuple(jnp.zeros(x.shape, jnp.float32) for x in (k, v, *far[1:]))
-  for step in range(c):
-    k_chunks, v_chunks, k_pos_chunks, *k_far = (_halves(x, 1 if x.ndim == 2 else 2) for x in keys)
-    dkey_chunks = [list(_halves(x, 2)) for x in dkeys]
-    for i, j, shift in _ring_pairs(c, step, chunk_blocks):
-      pair_far = (queries[1][i], k_far[0][j]) if far else ()
-      pair = (queries[0][i], k_chunks[j], v_chunks[j], q_pos_chunks[i], k_pos_chunks[j])
-      pair_residuals = (*pair, consts, pair_far, (shift,), out_chunks[i], lse_chunks[i])
-      dq, dk, dv, _, _, dconst, dfar, _ = flash_backward(
-        bias_fn, block, window, pair_residuals, dout_chunks[i]
-      )
-      dqs[0][i] = dqs[0][i] + dq
-      for chunks, grad in zip(dkey_chunks, (dk, dv, *dfar[1:]), strict=True):
-        chunks[j] = chunks[j] + grad
-      if far:
-        dqs[1][i] = dqs[1][i] + dfar[0]
+  queries, merged = _slots(q, q_pos, *far[:1]), _slots(out, lse, dout)
+
+  def step(t, carry):
+    keys, dkeys, dqueries, dconsts = carry
+    for i, j, shift in _ring_pairs(c, t, chunk_blocks):
+      pair = _pair(queries[i], _slots(*keys)[j], consts)
+      out_i, lse_i, dout_i = merged[i]
+      grads = flash_backward(bias_fn, block, window, (*pair, (shift,), out_i, lse_i), dout_i)
+      dq, dk, dv, _, _, dconst, dfar, _ = grads
+      dqueries = _add_to_slot(dqueries, (dq, *dfar[:1]), i)
+      dkeys = _add_to_slot(dkeys, (dk, dv, *dfar[1:]), j)
       dconsts = jax.tree.map(jnp.add, dconsts, dconst)
-    dkeys = tuple(jnp.concatenate(chunks, axis=2) for chunks in dkey_chunks)
-    keys, dkeys = _pass_on((keys, dkeys), c) if step + 1 < c else (keys, _pass_on(dkeys, c))
-  dq, *dq_far = (jnp.concatenate(chunks, axis=2) for chunks in dqs)
-  dk, dv, *dk_far = dkeys
+    return _pass_on(keys, c), _pass_on(dkeys, c), dqueries, dconsts
+
+  zeros = lambda xs: tuple(jnp.zeros(x.shape, jnp.float32) for x in xs)
+  keys = (k, v, k_pos, *far[1:])
+  init = (keys, zeros((k, v, *far[1:])), zeros((q, *far[:1])), zeros(consts))
+  _, (dk, dv, *dk_far), (dq, *dq_far), dconsts = jax.lax.fori_loop(0, c, step, init)
   cast = lambda grad, x: grad.astype(x.dtype)
   far_grads = tuple(map(cast, (*dq_far, *dk_far), far))
+  dconsts = tuple(map(cast, dconsts, consts))
   return cast(dq, q), cast(dk, k), cast(dv, v), None, None, dconsts, far_grads
 
 

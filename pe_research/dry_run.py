@@ -1,5 +1,10 @@
 r"""``--dry_run``: the mesh, batch split, memory per device and length of a run, without training.
 
+Run as ``python -m pe_research.dry_run --config=... --topology=v5e:16x16`` (or
+``--devices=8 --chip=h100``) it instead compiles the real training step for that mesh and prints
+XLA's memory per device next to the chip's: ``pe_research.aot``. The estimate below is
+``python -m pe_research.main --dry_run``.
+
 Nothing is allocated: the train state's shapes come from ``jax.eval_shape`` of its
 initialisation, and ``device_count`` may be any number (``--dry_run_devices=256`` shows a pod's
 plan on a laptop). Per device, with ``b`` the per-device micro-batch (``train.batch_size /
@@ -142,3 +147,31 @@ def plan_text(
     what = "one layer at a time" if gathered < params else "all parameters"
     lines.insert(7, f"gathered      per device {_size(gathered)} ({what}, during the step)")
   return "\n".join(lines)
+
+
+def _main() -> None:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  from pe_research import aot, cli
+
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:pe=t5")
+  flags.DEFINE_string("topology", "", "TPU pod slice to compile for, e.g. v5e:16x16 (libtpu).")
+  flags.DEFINE_integer("devices", 0, "Compile for this many fake CPU devices instead.")
+  flags.DEFINE_enum("platform_policy", "gpu", ["gpu", "tpu", "cpu"], "With --devices: policy.")
+  flags.DEFINE_enum("chip", "h100", list(aot.CHIPS), "With --devices: the chip compared against.")
+  flags.DEFINE_float("chip_memory_gib", 0.0, "Usable memory per device (0 = the chip's).")
+  flags.DEFINE_string("out", "", "Also write the figures as JSON to this file.")
+  flags.mark_flags_as_required(["config"])
+
+  def run(argv: list[str]) -> None:
+    try:
+      aot.main(argv, flags.FLAGS)
+    except ValueError as e:
+      cli.exit_with_error(e)
+
+  app.run(run, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+  _main()

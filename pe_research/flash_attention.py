@@ -254,7 +254,8 @@ def flash_forward(
     for kind, lo, hi, masked in _pair_ranges(a + s, nk, block, window, static, query_major=True):
       state = _loop(lo, hi, functools.partial(key_block, kind, masked), state, static)
     m_BxGxT, l_BxGxT, o_BxGxTxE = state
-    l_BxGxT = jnp.maximum(l_BxGxT, np.finfo(np.float32).tiny)  # 0 only where no key is visible
+    if shift:  # A query block before every key of the chunk sees none (l = 0): out 0.
+      l_BxGxT = jnp.maximum(l_BxGxT, np.finfo(np.float32).tiny)
     out_BxGxTxE = (o_BxGxTxE / l_BxGxT[..., None]).astype(q_BxGxMxE.dtype)
     return (out_BxGxTxE, m_BxGxT + jnp.log(l_BxGxT)), carry
 

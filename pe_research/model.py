@@ -166,6 +166,8 @@ class Attention(nnx.Module):
     std = model_cfg.init_std
     self.qkv = Linear(d, width, std=std, dtype=dtype, rngs=rngs, names=qkv_names, use_bias=use_bias)
     self.out = Linear(hk, d, std=out_std, dtype=dtype, rngs=rngs, names=("heads", "embed"))
+    # Strategy under a "context" mesh axis (attention.attend); runs saved before it: all_gather.
+    self.context_parallel = model_cfg.get("context_parallel", "all_gather")
 
   def __call__(self, x_BxLxD, pos_BxL, enc: PositionalEncoding, *, impl: str, block_size: int):
     b, length, _ = x_BxLxD.shape
@@ -194,6 +196,7 @@ class Attention(nnx.Module):
       impl=impl,
       block_size=block_size,
       operand_dtype=self.qkv.dtype,
+      context_strategy=self.context_parallel,
       **far,
     )
     y_BxLxHxE = checkpoint_name(y_BxLxHxE, "attention_out")

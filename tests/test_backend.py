@@ -43,7 +43,8 @@ def test_activation_dtype_follows_the_policy(use_policy):
 def test_matmul_values_and_gradients(use_policy, cpu_forms, w_transposed, d, f):
   """``backend.matmul`` (custom VJP; with the CPU forms, transposed row-major copies) equals
   ``jnp.dot``'s value and autodiff gradients in float32, and is within bf16 rounding of them
-  with bf16 ``x``; ``dW`` is float32 either way."""
+  with bf16 ``x``; ``dW`` is float32 either way, and bf16 for a bf16 ``W`` (weights cast before an
+  FSDP gather, ``model.gather_dtype``: a custom VJP's cotangent has its primal's dtype)."""
   use_policy(cpu_matmul=cpu_forms)
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x_NxD = jax.random.normal(kx, (40, d))
@@ -70,6 +71,10 @@ def test_matmul_values_and_gradients(use_policy, cpu_forms, w_transposed, d, f):
   np.testing.assert_allclose(y, reference(round_(x_NxD), round_(w)), rtol=1e-5, atol=1e-5)
   w_DxF = round_(w).T if w_transposed else round_(w)
   np.testing.assert_allclose(dx, round_(g_NxF) @ w_DxF.T, rtol=1e-5, atol=1e-5)
+  _, vjp = jax.vjp(fn, x_NxD, w.astype(jnp.bfloat16))
+  dw_bf16 = vjp(g_NxF)[1]
+  assert dw_bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(dw_bf16, np.float32), round_(dw), rtol=1e-2, atol=1e-5)
 
 
 @pytest.mark.parametrize("axis", [0, 2])

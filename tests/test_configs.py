@@ -68,6 +68,7 @@ INVALID = [
   (_set(pe__rope_scaling='{"rope_type": linear'), "rope_scaling"),
   (_set(pe__rope_scaling='{"rope_type": "bogus"}'), "rope_type"),
   (_set(model__num_heads=3), "model.num_heads"),
+  (_set(model__context_parallel="zigzag"), "model.context_parallel"),
   (_set(model__head_dim=7, model__num_heads=3), "model.head_dim"),
   (_set(pe__name="xpos", model__head_dim=5), "model.head_dim"),
   (_set(train__seq_len=0), "train.seq_len"),

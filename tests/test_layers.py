@@ -12,14 +12,22 @@ from pe_research import checkpoint, train
 from pe_research.model import Transformer
 from pe_research.stacking import layers_stacked, stack_layers, unstack_layers
 
-# (encoding, one encoding per layer): a shared one, and per-layer ones with parameters.
-ENCODINGS = [("rope", False), ("t5", True)]
-VARIANTS = [
-  {"remat": "full"},
-  {"remat": "save_projections"},
-  {"scan_layers": True},
-  {"scan_layers": True, "remat": "full"},
-  {"scan_layers": True, "remat": "save_projections", "gather_dtype": "float32"},
+SCAN = {"scan_layers": True}
+# (encoding, one encoding per layer, variants of the loop model): per-layer encodings with
+# parameters under every variant; a shared encoding (closed over by the scan body) scanned.
+ENCODINGS = [
+  (
+    "t5",
+    True,
+    [
+      {"remat": "full"},
+      {"remat": "save_projections"},
+      SCAN,
+      {**SCAN, "remat": "full"},
+      {**SCAN, "remat": "save_projections", "gather_dtype": "float32"},
+    ],
+  ),
+  ("rope", False, [SCAN]),
 ]
 
 
@@ -34,12 +42,12 @@ def _params(model):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-@pytest.fixture(scope="module", params=ENCODINGS, ids=[pe for pe, _ in ENCODINGS])
+@pytest.fixture(scope="module", params=ENCODINGS, ids=[pe for pe, _, _ in ENCODINGS])
 def losses_and_grads(request):
   """The loop model's loss and gradients, then each variant's, gradients unstacked to the
   per-layer tree; all compiled as one program."""
-  pe, per_layer = request.param
-  models = [Transformer(_config(pe, per_layer, **v), rngs=nnx.Rngs(0)) for v in [{}, *VARIANTS]]
+  pe, per_layer, variants = request.param
+  models = [Transformer(_config(pe, per_layer, **v), rngs=nnx.Rngs(0)) for v in [{}, *variants]]
   splits = [nnx.split(model, nnx.Param, ...) for model in models]
   inputs_BxL = jax.random.randint(jax.random.key(1), (2, 8), 0, 260)
 
@@ -55,12 +63,13 @@ def losses_and_grads(request):
 
   results = run([nnx.to_pure_dict(params) for _, params, _ in splits])
   grads = [unstack_layers(g) if layers_stacked(g) else g for _, g in results]
-  return [loss for loss, _ in results], grads, [_params(m) for m in models], per_layer
+  params = dict(zip(["loop", *map(str, variants)], map(_params, models), strict=True))
+  return [loss for loss, _ in results], grads, params, per_layer, variants
 
 
 def test_every_remat_policy_and_the_scan_equal_the_loop(losses_and_grads):
-  losses, grads, _, _ = losses_and_grads
-  for variant, loss, grad in zip(VARIANTS, losses[1:], grads[1:], strict=True):
+  losses, grads, _, _, variants = losses_and_grads
+  for variant, loss, grad in zip(variants, losses[1:], grads[1:], strict=True):
     np.testing.assert_allclose(loss, losses[0], atol=1e-6, err_msg=str(variant))
     leaves = jax.tree.leaves_with_path(grad)
     assert len(leaves) == len(jax.tree.leaves(grads[0])), variant
@@ -69,8 +78,8 @@ def test_every_remat_policy_and_the_scan_equal_the_loop(losses_and_grads):
 
 
 def test_scan_model_starts_from_the_loop_models_parameters_stacked(losses_and_grads):
-  _, _, params, per_layer = losses_and_grads
-  loop, scan = params[0], params[VARIANTS.index({"scan_layers": True}) + 1]
+  _, _, params, per_layer, _ = losses_and_grads
+  loop, scan = params["loop"], params[str(SCAN)]
   assert not layers_stacked(loop) and layers_stacked(scan)
   assert scan["blocks"]["mlp"]["up"]["kernel"].shape[0] == 2
   if per_layer:  # Moved into the stacked blocks (RoPE has no parameters).

@@ -183,6 +183,7 @@ _BF16_SAFE = {
   "convert_element_type", "dot_general", "reshape", "transpose", "slice", "dynamic_slice",
   "dynamic_update_slice", "concatenate", "split", "stack", "pad", "squeeze", "broadcast_in_dim",
   "optimization_barrier", "jit", "pjit", "custom_vjp_call", "custom_jvp_call", "scan", "while",
+  "name",  # checkpoint_name: the identity, tagging a value for remat policies
 }  # fmt: skip
 
 
