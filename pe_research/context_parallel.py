@@ -21,11 +21,18 @@ Strategies (``model.context_parallel``):
     ``c`` steps; each step's partial ``(out, lse)`` is merged by online softmax. A custom VJP runs
     a backward ring in which dk, dv travel with k, v (each pair's backward takes the merged
     ``out`` and ``lse``), so K/V memory stays at one shard's chunks.
+
+The parameters ``bias_fn`` closes over (T5's table, FIRE's MLP) enter ``shard_map``
+replicated; it is closure-converted inside the shard body and its per-shard parameter
+gradients are summed by ``shard_map``'s transpose. The bodies run with ``check_vma=False``: with
+JAX's varying-axes types the replicated parameters would need a cast inside every block pair's
+bias (a psum per block in the backward pass).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +77,8 @@ def attention(
   chunk = length // (2 * c)
   block = max(p for p in range(1, min(block_size, chunk) + 1) if chunk % p == 0)
   batch = tuple(a for a in BATCH_AXES if dict(mesh.shape).get(a, 1) > 1)
-  shards = 1
-  for a in batch:
-    shards *= mesh.shape[a]
-  if b % shards:
-    batch, shards = (), 1
+  if b % math.prod(mesh.shape[a] for a in batch):
+    batch = ()  # rows replicated over the batch axes
   x_spec = P(batch or None, AXIS)
   pos_spec = lambda pos_BxL: x_spec if pos_BxL.shape[0] == b else P(None, AXIS)
   far = tuple(far or ())
@@ -126,7 +130,7 @@ def _zigzag_chunks(c: int) -> tuple[jax.Array, jax.Array]:
   return s, 2 * c - 1 - s
 
 
-def heads_first(x_BxLxHxE: jax.Array) -> jax.Array:
+def _heads_first(x_BxLxHxE: jax.Array) -> jax.Array:
   return jnp.moveaxis(x_BxLxHxE, 2, 1)
 
 
@@ -138,7 +142,7 @@ def _all_gather(bias_fn, block, window, c, qkv, positions, far):
   g = k_BxLxGxE.shape[2]
   gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
   k_all, v_all, k_pos_all, *k_far = map(gather, (k_BxLxGxE, v_BxLxGxE, k_pos_BxL, *far[1:]))
-  k_sets = [heads_first(x) for x in (k_all, v_all, *k_far)]
+  k_sets = [_heads_first(x) for x in (k_all, v_all, *k_far)]
   bias_fn, consts = convert_bias(bias_fn, q_pos_BxL[:, :block])
   # [2, B, C, ...]: this shard's zigzag chunks, with their first key block (keys start at 0).
   as_slots = lambda x: jnp.moveaxis(x.reshape(x.shape[0], 2, -1, *x.shape[2:]), 1, 0)
@@ -147,7 +151,7 @@ def _all_gather(bias_fn, block, window, c, qkv, positions, far):
 
   def attend_chunk(chunk):
     (q_CxHxE, q_pos_C, *q_far), shift = chunk
-    q_sets = [pack_heads(heads_first(x), g) for x in (q_CxHxE, *q_far)]
+    q_sets = [pack_heads(_heads_first(x), g) for x in (q_CxHxE, *q_far)]
     far_packed = (q_sets[1], k_sets[2]) if far else ()
     args = (q_sets[0], *k_sets[:2], q_pos_C, k_pos_all, consts, far_packed, (shift,))
     return jnp.moveaxis(_unpack_heads(flash(bias_fn, block, window, *args), h), 1, 2)
@@ -162,16 +166,16 @@ def _ring(bias_fn, block, window, c, qkv, positions, far):
   positions = tuple(_to_zigzag(x, c) for x in positions)
   h, g = q_BxLxHxE.shape[2], k_BxLxGxE.shape[2]
   far = tuple(_to_zigzag(x, c) for x in far)
-  far_packed = (pack_heads(heads_first(far[0]), g), heads_first(far[1])) if far else ()
+  far_packed = (pack_heads(_heads_first(far[0]), g), _heads_first(far[1])) if far else ()
   bias_fn, consts = convert_bias(bias_fn, positions[0][:, :block])
   out_BxGxMxE = _ring_attention(
     bias_fn,
     block,
     window,
     c,
-    pack_heads(heads_first(q_BxLxHxE), g),
-    heads_first(k_BxLxGxE),
-    heads_first(v_BxLxGxE),
+    pack_heads(_heads_first(q_BxLxHxE), g),
+    _heads_first(k_BxLxGxE),
+    _heads_first(v_BxLxGxE),
     *positions,
     consts,
     far_packed,
