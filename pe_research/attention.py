@@ -12,7 +12,7 @@ Grouped-query attention: k and v may have ``G`` heads, ``G`` dividing ``H``; que
 reads KV head ``h // (H / G)`` (HF ``repeat_kv``); ``G = 1`` is multi-query attention.
 A far logit set (the encoding's ``window`` W and ``rotate_far``: Self-Extend, ReRoPE) replaces
 ``q_i . k_j`` by ``q_far_i . k_far_j`` where ``i − j >= W`` (sequence indices), before the bias,
-the mask and the one softmax: ``dense`` and ``blockwise`` take it, ``xla`` raises (one
+the mask and the one softmax: ``dense``, ``blockwise`` and ``pallas`` take it, ``xla`` raises (one
 ``jax.nn.dot_product_attention`` call has one logit set; a silent dense fallback would
 materialise ``[B, H, L, L]`` at the long lengths these methods are for).
 
@@ -23,6 +23,9 @@ Implementations (``impl``), equal to 1e-5 in fp32:
     recomputes blocks instead of storing probabilities, ``bias_fn`` called per block pair (its
     parameters get gradients); memory linear in L.
   * ``xla``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16).
+  * ``pallas``: the flash algorithm as a Pallas kernel (``kernels/pallas_attention.py``; Mosaic
+    on TPU, interpreted elsewhere), the bias computed inside it from the encoding's
+    ``kernel_bias()`` (``bias_fn`` must be an encoding's bound ``bias``).
 
 Logits, softmax and accumulation are float32 whatever the input dtype (bf16 matmuls accumulate
 in fp32); the output has the operand dtype (:func:`attend`'s ``operand_dtype``, default ``q``'s).
@@ -38,9 +41,10 @@ import numpy as np
 
 from pe_research import backend
 from pe_research.flash_attention import MASK_VALUE, blockwise_attention, pack_heads
+from pe_research.kernels.pallas_attention import kernel_bias_of, pallas_attention
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array | None]
-IMPLEMENTATIONS = ("dense", "blockwise", "xla")
+IMPLEMENTATIONS = ("dense", "blockwise", "xla", "pallas")
 
 
 def attend(
@@ -87,6 +91,15 @@ def attend(
       return dense_attention(*args, far=far, window=window)
     if impl == "blockwise":
       return blockwise_attention(*args, block_size, far=far, window=window)
+    if impl == "pallas":
+      return pallas_attention(
+        *args[:5],
+        kernel_bias_of(bias_fn),
+        block_size,
+        far=far,
+        window=window,
+        interpret=backend.policy().pallas_interpret,
+      )
     return xla_attention(*args)
 
   qkv = (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE)
@@ -109,7 +122,7 @@ def _check_far(q_BxLxHxE, k_BxLxGxE, q_far_BxLxHxE, k_far_BxLxGxE, window, impl)
   if impl == "xla":
     raise ValueError(
       "model.attention='xla' cannot merge two logit sets (pe.self_extend_window, "
-      "pe.rerope_window); allowed: 'dense' or 'blockwise'"
+      "pe.rerope_window); allowed: 'dense', 'blockwise' or 'pallas'"
     )
   return q_far_BxLxHxE, k_far_BxLxGxE
 

@@ -54,6 +54,7 @@ class Policy:
   lookup_by_matmul: bool = False
   pairwise_sum_leading: bool = False
   transposed_key_grads: bool = False
+  pallas_interpret: bool = True  # Pallas kernels in the interpreter (Mosaic on TPU only)
 
   @classmethod
   def reference(cls, platform: str = "any") -> Policy:
@@ -63,7 +64,7 @@ class Policy:
   def for_platform(cls, platform: str, cores: int, local_devices: int) -> Policy:
     """The tuned policy of ``platform`` (``jax.default_backend()``)."""
     if platform != "cpu":
-      return cls(platform, low_precision_matmul_output=True)
+      return cls(platform, low_precision_matmul_output=True, pallas_interpret=platform != "tpu")
     return cls(
       platform,
       float32_activations=True,

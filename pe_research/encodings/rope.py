@@ -240,7 +240,8 @@ def _validate(pe_cfg, model_cfg, train_cfg) -> None:
     or model_cfg.attention != "xla",
     "model.attention",
     model_cfg.attention,
-    "'dense' or 'blockwise' with pe.self_extend_window or pe.rerope_window (two logit sets)",
+    "'dense', 'blockwise' or 'pallas' with pe.self_extend_window or pe.rerope_window (two "
+    "logit sets)",
   )
 
 
