@@ -23,6 +23,7 @@ Implementations (``impl``), equal to 1e-5 in fp32:
     recomputes blocks instead of storing probabilities, ``bias_fn`` called per block pair (its
     parameters get gradients); memory linear in L.
   * ``xla``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16).
+  * ``fast``: the backend policy's choice for this encoding (:func:`backend.fast_attention`).
   * ``pallas``: the flash algorithm as a Pallas kernel (``kernels/pallas_attention.py``; Mosaic
     on TPU, interpreted elsewhere), the bias computed inside it from the encoding's
     ``kernel_bias()`` (``bias_fn`` must be an encoding's bound ``bias``).
@@ -44,7 +45,7 @@ from pe_research.flash_attention import MASK_VALUE, blockwise_attention, pack_he
 from pe_research.kernels.pallas_attention import kernel_bias_of, pallas_attention
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array | None]
-IMPLEMENTATIONS = ("dense", "blockwise", "xla", "pallas")
+IMPLEMENTATIONS = ("dense", "blockwise", "xla", "pallas", "fast")
 
 
 def attend(
@@ -70,8 +71,11 @@ def attend(
   k): the far logit set of pairs with ``i − j >= W`` (module docstring)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
+  two_sets = window is not None or q_far_BxLxHxE is not None or k_far_BxLxGxE is not None
+  if impl == "fast":
+    impl = backend.fast_attention(biased=bias_fn is not None or two_sets)
   far = None
-  if window is not None or q_far_BxLxHxE is not None or k_far_BxLxGxE is not None:
+  if two_sets:
     far = _check_far(q_BxLxHxE, k_BxLxGxE, q_far_BxLxHxE, k_far_BxLxGxE, window, impl)
   b, length, h, d = q_BxLxHxE.shape
   g = k_BxLxGxE.shape[2]

@@ -19,6 +19,9 @@ as written; it runs on any backend and is what the tests compare the tuned forms
   transposed_key_grads     flash backward: dk, dv accumulated transposed  plain
                            (bf16)
   dot_product_attention_implementation: cuDNN for bf16/fp16 on GPU, else XLA.
+  fast_attention(biased)   model.attention="fast": blockwise on the CPU; on TPU the Pallas
+                           kernel; on GPU cuDNN without a bias, else blockwise
+  pallas_interpret         Pallas kernels interpreted everywhere but on TPU (Mosaic)
 
 Why each tuned form exists, with the commands and numbers that measured it:
 docs/cpu_performance.md. The GPU and TPU policy is the reference, except that a bf16 matmul
@@ -55,6 +58,9 @@ class Policy:
   pairwise_sum_leading: bool = False
   transposed_key_grads: bool = False
   pallas_interpret: bool = True  # Pallas kernels in the interpreter (Mosaic on TPU only)
+  # model.attention="fast": the implementation without a bias, and with a bias or far set.
+  fast_attention_plain: str = "blockwise"
+  fast_attention_bias: str = "blockwise"
 
   @classmethod
   def reference(cls, platform: str = "any") -> Policy:
@@ -64,7 +70,12 @@ class Policy:
   def for_platform(cls, platform: str, cores: int, local_devices: int) -> Policy:
     """The tuned policy of ``platform`` (``jax.default_backend()``)."""
     if platform != "cpu":
-      return cls(platform, low_precision_matmul_output=True, pallas_interpret=platform != "tpu")
+      return cls(
+        platform,
+        low_precision_matmul_output=True,
+        pallas_interpret=platform != "tpu",
+        **_FAST_ATTENTION.get(platform, {}),
+      )
     return cls(
       platform,
       float32_activations=True,
@@ -81,6 +92,16 @@ class Policy:
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
+
+# model.attention="fast" per platform: (without a bias, with a bias or a far logit set). TPU:
+# the Pallas kernel for both (the bias in-kernel; splash attention for the bias-free case is not
+# wired in). GPU: cuDNN through jax.nn.dot_product_attention without a bias, else blockwise
+# (cuDNN would take a materialised [B, H, L, L] bias; the Pallas kernel is written for Mosaic,
+# its GPU lowering not tried). Other platforms keep the class default (blockwise).
+_FAST_ATTENTION = {
+  "tpu": dict(fast_attention_plain="pallas", fast_attention_bias="pallas"),
+  "gpu": dict(fast_attention_plain="xla", fast_attention_bias="blockwise"),
+}
 
 _POLICY: Policy | None = None
 
@@ -325,6 +346,12 @@ def dot_product_attention_implementation(dtype) -> str | None:
   GPU, else None (XLA)."""
   half = dtype in (jnp.bfloat16, jnp.float16)
   return "cudnn" if policy().platform == "gpu" and half else None
+
+
+def fast_attention(biased: bool) -> str:
+  """The attention implementation ``model.attention="fast"`` stands for, for an encoding with a
+  bias or a far logit set (``biased``) or without."""
+  return policy().fast_attention_bias if biased else policy().fast_attention_plain
 
 
 def transposed_key_grads(dtype) -> bool:

@@ -128,6 +128,27 @@ def test_bias_function_without_kernel_form_is_a_value_error():
     attend(q, q, q, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=lambda qp, kp: None, impl="pallas")
 
 
-def test_kernels_are_interpreted_except_on_tpu():
-  for platform, interpret in (("cpu", True), ("gpu", True), ("tpu", False)):
-    assert backend.Policy.for_platform(platform, 2, 1).pallas_interpret is interpret
+def test_policy_interprets_kernels_off_tpu_and_picks_fast_attention(use_policy):
+  """Per platform: Pallas interpreted except on TPU; ``model.attention="fast"`` is the Pallas
+  kernel on TPU, cuDNN (xla) or blockwise on GPU, blockwise on the CPU, and attend follows the
+  policy's choice for encodings with and without a bias (recorded in config.json's backend)."""
+  choices = {
+    "tpu": (False, ("pallas", "pallas")),
+    "gpu": (True, ("xla", "blockwise")),
+    "cpu": (True, ("blockwise", "blockwise")),
+  }
+  for platform, (interpret, fast) in choices.items():
+    policy = backend.Policy.for_platform(platform, 2, 1)
+    recorded = json.loads(json.dumps(policy.to_dict()))  # as config.json holds it
+    assert recorded["pallas_interpret"] == interpret
+    assert (recorded["fast_attention_plain"], recorded["fast_attention_bias"]) == fast
+  use_policy(fast_attention_plain="xla", fast_attention_bias="pallas")
+  q = jnp.zeros((1, 16, 4, E))
+  pos = jnp.arange(16)[None]
+
+  def traced(bias_fn):
+    fn = lambda q: attend(q, q, q, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=bias_fn, impl="fast")
+    return str(jax.make_jaxpr(fn)(q))
+
+  assert "pallas_call" in traced(_encoding(dict(name="alibi")).bias)
+  assert "pallas_call" not in traced(None)

@@ -26,8 +26,9 @@ sum over the Y heads of a group).
 
 Layouts (Mosaic wants the last two dims of a block (8, 128)-aligned or whole): q/out/dq
 ``[B, H, L, E]`` (blocks ``[Y, P, E]``), k/v ``[B, G, L, E]``, ``lse`` and
-``D = rowsum(dout · out)`` ``[B, H, 1, L]`` (rows, blocks ``[Y, 1, P]``), query positions ``[B, L, 1]`` (a column per block),
-key positions ``[B, 1, L]`` (a row); positions may have one row for the whole batch.
+``D = rowsum(dout · out)`` ``[B, H, 1, L]`` (rows; blocks ``[Y, 1, P]``), query positions
+``[B, L, 1]`` (a column per block), key positions ``[B, 1, L]`` (a row); positions may have one
+row for the whole batch.
 """
 
 from __future__ import annotations
