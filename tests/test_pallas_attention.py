@@ -121,6 +121,25 @@ def test_block_pair_kinds_follow_the_window_rule():
         assert kinds == want, (window, a, c)
 
 
+def test_index_maps_copy_only_visible_block_pairs():
+  """Over the grid of n = 5 blocks per side, the steps whose operand blocks differ from the
+  previous step's (the steps that copy anything) are the n (n + 1) / 2 visible pairs, in the
+  query-major (forward, dq) and key-major (dk, dv) grids."""
+  n, p = 5, 8
+  config = pallas_attention._Config(p, 2, n, None, None, 0, False, 1, True)
+  q, k = (jax.ShapeDtypeStruct((1, heads, n * p, E), jnp.float32) for heads in (4, 2))
+  for key_major in (False, True):
+    specs = pallas_attention._in_specs(config, q, k, (), key_major, backward=True)
+    copies = 0
+    for i in range(n):
+      previous = None
+      for j in range(n):
+        blocks = [tuple(int(x) for x in spec.index_map(0, 0, i, j)) for spec in specs]
+        copies += blocks != previous
+        previous = blocks
+    assert copies == n * (n + 1) // 2
+
+
 def test_bias_function_without_kernel_form_is_a_value_error():
   q = jnp.zeros((1, 4, 2, E))
   pos = jnp.arange(4)[None]
