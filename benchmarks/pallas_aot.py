@@ -27,6 +27,7 @@ from pe_research import backend
 from pe_research.attention import attend
 from pe_research.encodings.alibi import ALiBi
 from pe_research.encodings.fire import Fire
+from pe_research.encodings.kerple import Kerple
 from pe_research.encodings.rope import RoPE
 from pe_research.encodings.t5 import T5RelativeBias
 
@@ -42,6 +43,10 @@ def encodings(heads: int, head_dim: int) -> dict:
     ),
     "fire": Fire(heads, hidden=32, c_init=0.1, l_thr_init=512.0, rngs=rngs),
     "rope": RoPE(head_dim),
+    "kerple_log": Kerple(heads, variant="log", rngs=rngs),
+    "kerple_power": Kerple(heads, variant="power", rngs=rngs),
+    "self_extend": RoPE(head_dim, self_extend_window=1024, self_extend_group=8, logn_len=4096),
+    "rerope": RoPE(head_dim, rerope_window=1024),
   }
 
 
@@ -49,6 +54,13 @@ def attention_loss(graphdef, state, q, k, v, impl: str, block: int):
   """``sum(attend(rotate(q), rotate(k), v))`` of one shard (its rows of the batch)."""
   enc = nnx.merge(graphdef, state)
   pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+  far = {}
+  if enc.window is not None:
+    far = dict(
+      q_far_BxLxHxE=enc.rotate_far(q, pos, is_query=True),
+      k_far_BxLxGxE=enc.rotate_far(k, pos, is_query=False),
+      window=enc.window,
+    )
   out = attend(
     enc.rotate(q, pos, is_query=True),
     enc.rotate(k, pos, is_query=False),
@@ -58,6 +70,7 @@ def attention_loss(graphdef, state, q, k, v, impl: str, block: int):
     bias_fn=enc.bias if enc.has_bias else None,
     impl=impl,
     block_size=block,
+    **far,
   )
   return out, jnp.sum(out.astype(jnp.float32))
 

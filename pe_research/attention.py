@@ -27,6 +27,7 @@ Implementations (``impl``), equal to 1e-5 in fp32:
   * ``pallas``: the flash algorithm as a Pallas kernel (``kernels/pallas_attention.py``; Mosaic
     on TPU, interpreted elsewhere), the bias computed inside it from the encoding's
     ``kernel_bias()`` (``bias_fn`` must be an encoding's bound ``bias``).
+  * ``splash``: JAX's splash attention kernel (``kernels/splash.py``), no bias or far set.
 
 Logits, softmax and accumulation are float32 whatever the input dtype (bf16 matmuls accumulate
 in fp32); the output has the operand dtype (:func:`attend`'s ``operand_dtype``, default ``q``'s).
@@ -43,9 +44,10 @@ import numpy as np
 from pe_research import backend
 from pe_research.flash_attention import MASK_VALUE, blockwise_attention, pack_heads
 from pe_research.kernels.pallas_attention import kernel_bias_of, pallas_attention
+from pe_research.kernels.splash import splash_attention
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array | None]
-IMPLEMENTATIONS = ("dense", "blockwise", "xla", "pallas", "fast")
+IMPLEMENTATIONS = ("dense", "blockwise", "xla", "pallas", "splash", "fast")
 
 
 def attend(
@@ -74,6 +76,11 @@ def attend(
   two_sets = window is not None or q_far_BxLxHxE is not None or k_far_BxLxGxE is not None
   if impl == "fast":
     impl = backend.fast_attention(biased=bias_fn is not None or two_sets)
+  if impl == "splash" and (bias_fn is not None or two_sets):
+    raise ValueError(
+      "model.attention='splash' takes no bias and one logit set; allowed: 'pallas' (or "
+      "'dense', 'blockwise') for bias encodings, Self-Extend and ReRoPE"
+    )
   far = None
   if two_sets:
     far = _check_far(q_BxLxHxE, k_BxLxGxE, q_far_BxLxHxE, k_far_BxLxGxE, window, impl)
@@ -95,6 +102,8 @@ def attend(
       return dense_attention(*args, far=far, window=window)
     if impl == "blockwise":
       return blockwise_attention(*args, block_size, far=far, window=window)
+    if impl == "splash":
+      return splash_attention(*args[:3], block_size, interpret=backend.policy().pallas_interpret)
     if impl == "pallas":
       return pallas_attention(
         *args[:5],

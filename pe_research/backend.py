@@ -19,8 +19,9 @@ as written; it runs on any backend and is what the tests compare the tuned forms
   transposed_key_grads     flash backward: dk, dv accumulated transposed  plain
                            (bf16)
   dot_product_attention_implementation: cuDNN for bf16/fp16 on GPU, else XLA.
-  fast_attention(biased)   model.attention="fast": blockwise on the CPU; on TPU the Pallas
-                           kernel; on GPU cuDNN without a bias, else blockwise
+  fast_attention(biased)   model.attention="fast": blockwise on the CPU; on TPU splash
+                           without a bias, else the Pallas kernel; on GPU cuDNN without a
+                           bias, else blockwise
   pallas_interpret         Pallas kernels interpreted everywhere but on TPU (Mosaic)
 
 Why each tuned form exists, with the commands and numbers that measured it:
@@ -93,13 +94,13 @@ class Policy:
     return dataclasses.asdict(self)
 
 
-# model.attention="fast" per platform: (without a bias, with a bias or a far logit set). TPU:
-# the Pallas kernel for both (the bias in-kernel; splash attention for the bias-free case is not
-# wired in). GPU: cuDNN through jax.nn.dot_product_attention without a bias, else blockwise
-# (cuDNN would take a materialised [B, H, L, L] bias; the Pallas kernel is written for Mosaic,
-# its GPU lowering not tried). Other platforms keep the class default (blockwise).
+# model.attention="fast" per platform, without a bias and with a bias or a far logit set. TPU:
+# splash attention without, else the Pallas kernel (the bias in-kernel). GPU: cuDNN through
+# jax.nn.dot_product_attention without, else blockwise (cuDNN would take a materialised
+# [B, H, L, L] bias; the Pallas kernel is written for Mosaic, its GPU lowering not tried).
+# Other platforms keep the class defaults (blockwise).
 _FAST_ATTENTION = {
-  "tpu": dict(fast_attention_plain="pallas", fast_attention_bias="pallas"),
+  "tpu": dict(fast_attention_plain="splash", fast_attention_bias="pallas"),
   "gpu": dict(fast_attention_plain="xla", fast_attention_bias="blockwise"),
 }
 

@@ -23,7 +23,7 @@ from pe_research.encodings.spec import NON_NEGATIVE, POSITIVE, Rule, in_range, o
 _RULES: dict[str, Rule] = {
   "model.mlp": one_of("gelu", "swiglu"),
   "model.norm": one_of("layernorm", "rmsnorm"),
-  "model.attention": one_of("dense", "blockwise", "xla", "pallas", "fast"),
+  "model.attention": one_of("dense", "blockwise", "xla", "pallas", "splash", "fast"),
   "model.compute_dtype": one_of("float32", "bfloat16"),
   "train.nan_policy": one_of("stop", "skip"),
   **dict.fromkeys(

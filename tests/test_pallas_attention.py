@@ -23,8 +23,10 @@ YARN = json.dumps({"rope_type": "yarn", "factor": 4.0, "original_max_position_em
 # H = 4 unless said: Y = 2 query heads per block row. Encodings that differ only in how they
 # rotate q and k (no bias; the same window) are stacked along the batch of one call.
 ROPE_NEAR = dict(name="rope", rope_scaling=YARN, logn_len=16)
+ROTATIONS = [dict(name="nope"), ROPE_NEAR, dict(name="xpos")]
 CASES = {
-  "nope_rope_yarn_logn_xpos": ([dict(name="nope"), ROPE_NEAR, dict(name="xpos")], 2),
+  "nope_rope_yarn_logn_xpos": (ROTATIONS, 2),
+  "splash_nope_rope_yarn_logn_xpos": (ROTATIONS, 2),  # JAX's splash kernel, L padded to 128
   # W = 10 with 8-blocks: block pairs δ = 0 near, δ = 1, 2 mixed, δ = 3 far.
   "self_extend_logn_rerope": (
     [dict(ROPE_NEAR, self_extend_window=10, self_extend_group=3), dict(rerope_window=10)],
@@ -97,7 +99,8 @@ def test_pallas_equals_dense_forward_and_every_gradient(case):
   qkv = [jax.random.normal(keys[0], (B, LENGTH, H, E))]
   qkv += [jax.random.normal(key, (B, LENGTH, kv_heads, E)) for key in keys[1:3]]
   cotangent = jax.random.normal(keys[3], (B * len(encs), LENGTH, H, E))
-  out, grads = _out_and_grads("pallas", encs, qkv, pos_BxL, cotangent)
+  impl = "splash" if case.startswith("splash") else "pallas"
+  out, grads = _out_and_grads(impl, encs, qkv, pos_BxL, cotangent)
   out_ref, grads_ref = _out_and_grads("dense", encs, qkv, pos_BxL, cotangent)
   np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
   learned = encs[0].has_bias and not case.startswith("alibi")
@@ -140,19 +143,23 @@ def test_index_maps_copy_only_visible_block_pairs():
     assert copies == n * (n + 1) // 2
 
 
-def test_bias_function_without_kernel_form_is_a_value_error():
+def test_bias_without_kernel_form_or_splash_with_a_bias_is_a_value_error():
   q = jnp.zeros((1, 4, 2, E))
   pos = jnp.arange(4)[None]
+  bias_fn = lambda qp, kp: None
   with pytest.raises(ValueError, match="model.attention='pallas' needs the bias as an encoding"):
-    attend(q, q, q, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=lambda qp, kp: None, impl="pallas")
+    attend(q, q, q, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=bias_fn, impl="pallas")
+  with pytest.raises(ValueError, match="model.attention='splash' takes no bias and one logit"):
+    attend(q, q, q, q_pos_BxL=pos, k_pos_BxL=pos, bias_fn=bias_fn, impl="splash")
 
 
 def test_policy_interprets_kernels_off_tpu_and_picks_fast_attention(use_policy):
-  """Per platform: Pallas interpreted except on TPU; ``model.attention="fast"`` is the Pallas
-  kernel on TPU, cuDNN (xla) or blockwise on GPU, blockwise on the CPU, and attend follows the
-  policy's choice for encodings with and without a bias (recorded in config.json's backend)."""
+  """Per platform: Pallas interpreted except on TPU; ``model.attention="fast"`` is splash or
+  the Pallas kernel on TPU, cuDNN (xla) or blockwise on GPU, blockwise on the CPU, and attend
+  follows the policy's choice for encodings with and without a bias (recorded in config.json's
+  backend)."""
   choices = {
-    "tpu": (False, ("pallas", "pallas")),
+    "tpu": (False, ("splash", "pallas")),
     "gpu": (True, ("xla", "blockwise")),
     "cpu": (True, ("blockwise", "blockwise")),
   }

@@ -237,7 +237,7 @@ def _validate(pe_cfg, model_cfg, train_cfg) -> None:
   check_extension(**settings)
   require(
     not (settings["self_extend_window"] or settings["rerope_window"])
-    or model_cfg.attention != "xla",
+    or model_cfg.attention not in ("xla", "splash"),
     "model.attention",
     model_cfg.attention,
     "'dense', 'blockwise' or 'pallas' with pe.self_extend_window or pe.rerope_window (two "
