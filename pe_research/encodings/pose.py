@@ -10,6 +10,9 @@ base encoding's business.
 
 The draw comes from an ``nnx.Rngs`` stream owned by this module, so its key and counter are
 model state (checkpointed and restored with the parameters).
+
+Attention kernels take positions as inputs (``pe_research/kernels``), so PoSE's ``[B, L]``
+positions need no kernel form.
 """
 
 from __future__ import annotations

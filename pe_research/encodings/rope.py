@@ -13,6 +13,9 @@ is that permutation (apply it to the q/k projection outputs to convert a checkpo
 Dims beyond R2 pass through unchanged (partial rotary, GPT-NeoX's ``rotary_pct``).
 Training-free context extension (Self-Extend, ReRoPE: a far logit set; log-n query scaling) is
 in ``rope_extension.py``; it combines with any ``rope_scaling`` (frequencies).
+
+In an attention kernel (``pe_research/kernels``: Pallas, splash): q and k enter rotated, so RoPE
+needs no kernel form (``kernel_bias()`` is None).
 """
 
 from __future__ import annotations
