@@ -33,13 +33,14 @@ CASES = {
     2,
   ),
   "alibi_mha": ([dict(name="alibi")], 4),  # G = H: one head per block row
-  "t5": ([dict(name="t5", t5_num_buckets=8, t5_max_distance=20)], 2),
   "kerple_log": ([dict(name="kerple", kerple_variant="log")], 2),
   "kerple_power": ([dict(name="kerple", kerple_variant="power")], 2),
-  "fire": ([dict(name="fire", fire_hidden=4, fire_l_thr_init=6.0)], 2),
-  # [B, L] positions: PoSE and randomized draws, one per row; G = 1 (multi-query).
-  "pose_t5": ([dict(name="t5", t5_num_buckets=8, t5_max_distance=20, pose_target_len=90)], 1),
-  "randomized_fire": ([dict(name="fire", fire_hidden=4, randomized=True, max_random_len=70)], 1),
+  # T5 and FIRE at [B, L] positions, PoSE and randomized draws (one per row), G = 1 (MQA).
+  "t5_pose": ([dict(name="t5", t5_num_buckets=8, t5_max_distance=20, pose_target_len=90)], 1),
+  "fire_randomized": (
+    [dict(name="fire", fire_hidden=4, fire_l_thr_init=6.0, randomized=True, max_random_len=70)],
+    1,
+  ),
 }
 
 
