@@ -224,13 +224,17 @@ def _forward_kernel(cfg: _Config, *refs):
     _store_column(named["lse"], m_sc[...] + jnp.log(l_sc[...]))
 
 
-def _probs_and_ds(blk: _Block, kind, bias_TxP):
-  """``(p, ds)`` of a block pair: ``p = exp(s − lse)``, ``ds = p (dout v^T − D)``."""
-  s_TxP = blk.scores(kind, blk.sets(kind), bias_TxP)
+def _probs_and_ds(blk: _Block, kind, sets, bias_TxP):
+  """``(p, ds, ds per logit set)`` of a block pair: ``p = exp(s − lse)``,
+  ``ds = p (dout v^T − D)``, and ``ds / sqrt(E)`` in q's dtype split per set
+  (:meth:`_Block.split`)."""
+  q_TxE = sets[min(sets)][0]
+  s_TxP = blk.scores(kind, sets, bias_TxP)
   p_TxP = jnp.exp(s_TxP - _load_column(blk.refs["lse"]))
-  dout_TxE = _rows(blk.refs["dout"])
-  dp_TxP = _dot(dout_TxE, blk.refs["v"][...], _NT)
-  return p_TxP, p_TxP * (dp_TxP - _load_column(blk.refs["delta"]))
+  dp_TxP = _dot(_rows(blk.refs["dout"]), blk.refs["v"][...], _NT)
+  ds_TxP = p_TxP * (dp_TxP - _load_column(blk.refs["delta"]))
+  ds_scaled = (ds_TxP * q_TxE.shape[-1] ** -0.5).astype(q_TxE.dtype)
+  return p_TxP, ds_TxP, blk.split(kind, ds_scaled)
 
 
 _BACKWARD_INPUTS = ("dout", "lse", "delta")
@@ -255,10 +259,8 @@ def _dq_kernel(cfg: _Config, *refs):
       inputs = blk.bias_inputs()
       bias, bias_vjp = jax.vjp(lambda *ps: cfg.bias_fn(*inputs, *ps), *blk.params())
     sets = blk.sets(kind)
-    _, ds_TxP = _probs_and_ds(blk, kind, bias)
-    q_dtype = sets[min(sets)][0].dtype
-    scale = sets[min(sets)][0].shape[-1] ** -0.5
-    for i, ds_set in blk.split(kind, (ds_TxP * scale).astype(q_dtype)).items():
+    _, ds_TxP, ds_sets = _probs_and_ds(blk, kind, sets, bias)
+    for i, ds_set in ds_sets.items():
       dq_scs[i][...] += _dot(ds_set, sets[i][1], _NN)
     if cfg.n_params:
       for name, cot in zip(param_names, bias_vjp(ds_TxP), strict=True):
@@ -288,12 +290,10 @@ def _dkv_kernel(cfg: _Config, *refs):
   def step(kind):
     bias = None if cfg.bias_fn is None else cfg.bias_fn(*blk.bias_inputs(), *blk.params())
     sets = blk.sets(kind)
-    p_TxP, ds_TxP = _probs_and_ds(blk, kind, bias)
+    p_TxP, _, ds_sets = _probs_and_ds(blk, kind, sets, bias)
     dout_TxE = _rows(named["dout"])
     dv_sc[...] += _dot(p_TxP.astype(dout_TxE.dtype), dout_TxE, _TN)
-    q_dtype = sets[min(sets)][0].dtype
-    scale = sets[min(sets)][0].shape[-1] ** -0.5
-    for i, ds_set in blk.split(kind, (ds_TxP * scale).astype(q_dtype)).items():
+    for i, ds_set in ds_sets.items():
       dk_scs[i][...] += _dot(ds_set, sets[i][0], _TN)
 
   _each_visible_kind(cfg, a, c, step)
