@@ -13,7 +13,7 @@ from configs.base import get_config
 from pe_research import backend
 from pe_research.attention import attend
 from pe_research.encodings.registry import build_encoding
-from pe_research.kernels import pallas_attention
+from pe_research.kernels import pallas_attention, pallas_blocks
 
 B, H, E, BLOCK = 2, 4, 8, 8
 LENGTH = 3 * BLOCK + 5  # 4 blocks per side, the last one ragged
@@ -116,7 +116,7 @@ def test_block_pair_kinds_follow_the_window_rule():
   rule over the pair's visible (i, j): near if every i − j < W, far if every i − j >= W."""
   p, n = 4, 8
   for window in (1, 3, 4, 5, 9, 30):
-    config = pallas_attention._Config(p, 1, n, window, None, 0, True, 1, True)
+    config = pallas_blocks.Config(p, 1, n, window, None, 0, True, 1, True)
     for a in range(n):
       for c in range(n):
         kinds = [k for k, cond in config.pair_kinds(a, c) if bool(cond)]
@@ -130,7 +130,7 @@ def test_index_maps_copy_only_visible_block_pairs():
   previous step's (the steps that copy anything) are the n (n + 1) / 2 visible pairs, in the
   query-major (forward, dq) and key-major (dk, dv) grids."""
   n, p = 5, 8
-  config = pallas_attention._Config(p, 2, n, None, None, 0, False, 1, True)
+  config = pallas_blocks.Config(p, 2, n, None, None, 0, False, 1, True)
   q, k = (jax.ShapeDtypeStruct((1, heads, n * p, E), jnp.float32) for heads in (4, 2))
   for key_major in (False, True):
     specs = pallas_attention._in_specs(config, q, k, (), key_major, backward=True)
