@@ -33,7 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.norm_eps = 1e-5  # Epsilon of every norm (LayerNorm/RMSNorm denominator).
   config.model.qkv_bias = False  # Biases on the q/k/v projections (Qwen2); others have none.
   config.model.tie_embeddings = True  # Output projection = transposed input embedding.
-  config.model.attention = "dense"  # "dense" (einsum), "blockwise" (online softmax), "xla".
+  # "dense" (einsum), "blockwise" (online softmax), "xla", "pallas" (Pallas kernel, TPU), "splash"
+  # (TPU, no bias), "fast" (the backend policy's choice per encoding: splash/pallas on TPU).
+  config.model.attention = "dense"
   # Query/key block size of blockwise attention. Training on the CPU at L <= 1024, 128 is faster
   # (it skips more of the masked half: 1.02-1.05x a step, docs/cpu_performance.md).
   config.model.attention_block = 256

@@ -12,7 +12,7 @@ Grouped-query attention: k and v may have ``G`` heads, ``G`` dividing ``H``; que
 reads KV head ``h // (H / G)`` (HF ``repeat_kv``); ``G = 1`` is multi-query attention.
 A far logit set (the encoding's ``window`` W and ``rotate_far``: Self-Extend, ReRoPE) replaces
 ``q_i . k_j`` by ``q_far_i . k_far_j`` where ``i − j >= W`` (sequence indices), before the bias,
-the mask and the one softmax: ``dense`` and ``blockwise`` take it, ``xla`` raises (one
+the mask and the one softmax: ``dense``, ``blockwise`` and ``pallas`` take it, ``xla`` raises (one
 ``jax.nn.dot_product_attention`` call has one logit set; a silent dense fallback would
 materialise ``[B, H, L, L]`` at the long lengths these methods are for).
 
@@ -23,6 +23,11 @@ Implementations (``impl``), equal to 1e-5 in fp32:
     recomputes blocks instead of storing probabilities, ``bias_fn`` called per block pair (its
     parameters get gradients); memory linear in L.
   * ``xla``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16).
+  * ``fast``: the backend policy's choice for this encoding (:func:`backend.fast_attention`).
+  * ``pallas``: the flash algorithm as a Pallas kernel (``kernels/pallas_attention.py``; Mosaic
+    on TPU, interpreted elsewhere), the bias computed inside it from the encoding's
+    ``kernel_bias()`` (``bias_fn`` must be an encoding's bound ``bias``).
+  * ``splash``: JAX's splash attention kernel (``kernels/splash.py``), no bias or far set.
 
 Logits, softmax and accumulation are float32 whatever the input dtype (bf16 matmuls accumulate
 in fp32); the output has the operand dtype (:func:`attend`'s ``operand_dtype``, default ``q``'s).
@@ -38,9 +43,11 @@ import numpy as np
 
 from pe_research import backend, context_parallel
 from pe_research.flash_attention import MASK_VALUE, blockwise_attention, pack_heads
+from pe_research.kernels.pallas_attention import kernel_bias_of, pallas_attention
+from pe_research.kernels.splash import splash_attention
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array | None]
-IMPLEMENTATIONS = ("dense", "blockwise", "xla")
+IMPLEMENTATIONS = ("dense", "blockwise", "xla", "pallas", "splash", "fast")
 
 
 def attend(
@@ -69,8 +76,16 @@ def attend(
   (``context_parallel.py``) with ``context_strategy``: "all_gather" (None) or "ring"."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={impl!r} is unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
+  two_sets = window is not None or q_far_BxLxHxE is not None or k_far_BxLxGxE is not None
+  if impl == "fast":
+    impl = backend.fast_attention(biased=bias_fn is not None or two_sets)
+  if impl == "splash" and (bias_fn is not None or two_sets):
+    raise ValueError(
+      "model.attention='splash' takes no bias and one logit set; allowed: 'pallas' (or "
+      "'dense', 'blockwise') for bias encodings, Self-Extend and ReRoPE"
+    )
   far = None
-  if window is not None or q_far_BxLxHxE is not None or k_far_BxLxGxE is not None:
+  if two_sets:
     far = _check_far(q_BxLxHxE, k_BxLxGxE, q_far_BxLxHxE, k_far_BxLxGxE, window, impl)
   b, length, h, d = q_BxLxHxE.shape
   g = k_BxLxGxE.shape[2]
@@ -102,6 +117,17 @@ def attend(
       return dense_attention(*args, far=far, window=window)
     if impl == "blockwise":
       return blockwise_attention(*args, block_size, far=far, window=window)
+    if impl == "splash":
+      return splash_attention(*args[:3], block_size, interpret=backend.policy().pallas_interpret)
+    if impl == "pallas":
+      return pallas_attention(
+        *args[:5],
+        kernel_bias_of(bias_fn),
+        block_size,
+        far=far,
+        window=window,
+        interpret=backend.policy().pallas_interpret,
+      )
     return xla_attention(*args)
 
   qkv = (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE)
@@ -124,7 +150,7 @@ def _check_far(q_BxLxHxE, k_BxLxGxE, q_far_BxLxHxE, k_far_BxLxGxE, window, impl)
   if impl == "xla":
     raise ValueError(
       "model.attention='xla' cannot merge two logit sets (pe.self_extend_window, "
-      "pe.rerope_window); allowed: 'dense' or 'blockwise'"
+      "pe.rerope_window); allowed: 'dense', 'blockwise' or 'pallas'"
     )
   return q_far_BxLxHxE, k_far_BxLxGxE
 

@@ -19,6 +19,10 @@ as written; it runs on any backend and is what the tests compare the tuned forms
   transposed_key_grads     flash backward: dk, dv accumulated transposed  plain
                            (bf16)
   dot_product_attention_implementation: cuDNN for bf16/fp16 on GPU, else XLA.
+  fast_attention(biased)   model.attention="fast": blockwise on the CPU; on TPU splash
+                           without a bias, else the Pallas kernel; on GPU cuDNN without a
+                           bias, else blockwise
+  pallas_interpret         Pallas kernels interpreted everywhere but on TPU (Mosaic)
 
 Why each tuned form exists, with the commands and numbers that measured it:
 docs/cpu_performance.md. The GPU and TPU policy is the reference, except that a bf16 matmul
@@ -54,6 +58,10 @@ class Policy:
   lookup_by_matmul: bool = False
   pairwise_sum_leading: bool = False
   transposed_key_grads: bool = False
+  pallas_interpret: bool = True  # Pallas kernels in the interpreter (Mosaic on TPU only)
+  # model.attention="fast": the implementation without a bias, and with a bias or far set.
+  fast_attention_plain: str = "blockwise"
+  fast_attention_bias: str = "blockwise"
 
   @classmethod
   def reference(cls, platform: str = "any") -> Policy:
@@ -63,7 +71,12 @@ class Policy:
   def for_platform(cls, platform: str, cores: int, local_devices: int) -> Policy:
     """The tuned policy of ``platform`` (``jax.default_backend()``)."""
     if platform != "cpu":
-      return cls(platform, low_precision_matmul_output=True)
+      return cls(
+        platform,
+        low_precision_matmul_output=True,
+        pallas_interpret=platform != "tpu",
+        **_FAST_ATTENTION.get(platform, {}),
+      )
     return cls(
       platform,
       float32_activations=True,
@@ -80,6 +93,16 @@ class Policy:
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
+
+# model.attention="fast" per platform, without a bias and with a bias or a far logit set. TPU:
+# splash attention without, else the Pallas kernel (the bias in-kernel). GPU: cuDNN through
+# jax.nn.dot_product_attention without, else blockwise (cuDNN would take a materialised
+# [B, H, L, L] bias; the Pallas kernel is written for Mosaic, its GPU lowering not tried).
+# Other platforms keep the class defaults (blockwise).
+_FAST_ATTENTION = {
+  "tpu": dict(fast_attention_plain="splash", fast_attention_bias="pallas"),
+  "gpu": dict(fast_attention_plain="xla", fast_attention_bias="blockwise"),
+}
 
 _POLICY: Policy | None = None
 
@@ -328,6 +351,12 @@ def dot_product_attention_implementation(dtype) -> str | None:
   GPU, else None (XLA)."""
   half = dtype in (jnp.bfloat16, jnp.float16)
   return "cudnn" if policy().platform == "gpu" and half else None
+
+
+def fast_attention(biased: bool) -> str:
+  """The attention implementation ``model.attention="fast"`` stands for, for an encoding with a
+  bias or a far logit set (``biased``) or without."""
+  return policy().fast_attention_bias if biased else policy().fast_attention_plain
 
 
 def transposed_key_grads(dtype) -> bool:

@@ -23,7 +23,7 @@ from pe_research.encodings.spec import NON_NEGATIVE, POSITIVE, Rule, in_range, o
 _RULES: dict[str, Rule] = {
   "model.mlp": one_of("gelu", "swiglu"),
   "model.norm": one_of("layernorm", "rmsnorm"),
-  "model.attention": one_of("dense", "blockwise", "xla"),
+  "model.attention": one_of("dense", "blockwise", "xla", "pallas", "splash", "fast"),
   "model.context_parallel": one_of("all_gather", "ring"),
   "model.compute_dtype": one_of("float32", "bfloat16"),
   "model.remat": one_of("none", "full", "save_projections"),

@@ -6,17 +6,21 @@ with i the query position and j the key position. We follow the paper: the bias 
 −m·(i − j), meaningful for j ≤ i; for j > i it is positive, and the causal mask removes those
 entries. (The symmetric −m·|i − j| would only matter for bidirectional attention, which this
 codebase does not train.)
+
+In an attention kernel (:func:`alibi_kernel_bias`): the same −m·(i − j) per block of rows, each
+row's slope picked from the static slopes (``base.per_head``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.base import KernelBias, PositionalEncoding, per_head
 from pe_research.encodings.spec import EncodingSpec
 
 
@@ -47,6 +51,12 @@ def alibi_bias(q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array, slopes_H: jax.Array) 
   return -slopes_H[None, :, None, None] * dist_BxQxK[:, None, :, :]
 
 
+def alibi_kernel_bias(q_pos_Tx1, k_pos_1xP, head_Tx1, *, slopes: tuple[float, ...]) -> jax.Array:
+  """float32 ``[T, P]`` bias −m_{head_t}·(i − j) of a kernel block (``base.KernelBias``)."""
+  dist_TxP = (q_pos_Tx1 - k_pos_1xP).astype(jnp.float32)
+  return -per_head(slopes, head_Tx1) * dist_TxP
+
+
 class ALiBi(PositionalEncoding):
   """Fixed slopes, no parameters: the slopes are static floats, a constant under jit."""
 
@@ -57,6 +67,9 @@ class ALiBi(PositionalEncoding):
 
   def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array:
     return alibi_bias(q_pos_BxQ, k_pos_BxK, np.asarray(self.slopes, np.float32))
+
+  def kernel_bias(self) -> KernelBias:
+    return KernelBias(functools.partial(alibi_kernel_bias, slopes=self.slopes))
 
 
 SPEC = EncodingSpec()  # No config fields: the slopes follow from the head count.

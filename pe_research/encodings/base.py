@@ -13,6 +13,11 @@ do-nothing default, so a new encoding is one new file plus one registry line:
   * ``bias(q_pos_BxQ, k_pos_BxK)``     -> float32 ``[B or 1, H, Q, K]`` added to the logits
     (ALiBi, T5, KERPLE, FIRE), or ``None``. Blockwise attention calls it once per
     (query block, key block), so it must depend on positions only, never on L;
+  * ``kernel_bias()`` -> :class:`KernelBias` or None: the same bias in the form an attention
+    kernel (``pe_research/kernels``) evaluates inside itself, block by block, from position
+    blocks, head indices and the parameters (2-D elementwise jnp, no gather); None for an
+    encoding without a bias. Rotations (RoPE, xPos, log-n, the far set) need no kernel form:
+    they are applied to q and k before attention;
   * ``rotate_far(x_BxLxHxE, pos_BxL, is_query=...)`` -> q or k of the far logit set, asked
     only when ``window`` is an int W: query i and key j with ``i − j >= W`` (sequence
     indices) get the logit ``q_far_i . k_far_j`` instead of ``q_i . k_j``, merged before the
@@ -31,6 +36,9 @@ Training asks one more question, after each optimizer step:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,6 +48,34 @@ def sequential_positions(batch: int, length: int, offset: int = 0) -> jax.Array:
   """Positions ``offset .. offset+length-1`` for every row: int32 ``[batch, length]``."""
   pos_L = jnp.arange(offset, offset + length, dtype=jnp.int32)
   return jnp.broadcast_to(pos_L, (batch, length))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelBias:
+  """An encoding's bias as a kernel computes it per block of scores:
+
+    ``fn(q_pos_Tx1, k_pos_1xP, head_Tx1, *params) -> float32 [T, P]``
+
+  row ``t`` of the block being query head ``head_t`` at position ``q_pos_t`` (int32), column
+  ``p`` the key at ``k_pos_p``, so ``fn(...)[t, p] == bias(q_pos, k_pos)[b, head_t, t, p]``.
+  ``params``: the learned parameters ``fn`` reads, 2-D float32 arrays (the kernel returns their
+  gradients); everything else ``fn`` needs is static (Python numbers). ``fn`` uses 2-D
+  elementwise ops, reductions and selects only (:func:`per_head` for per-head values), the ops
+  Mosaic (Pallas TPU) lowers."""
+
+  fn: Callable[..., jax.Array]
+  params: tuple[jax.Array, ...] = ()
+
+
+def per_head(values: Sequence[float] | jax.Array, head_Tx1: jax.Array) -> jax.Array:
+  """``values[head_t]`` for every row ``t``: ``[T, 1]`` from a sequence of H floats, ``[T, N]``
+  from an ``[H, N]`` array. A sum of one-hot selects: kernels have no gather."""
+  out = None
+  for h in range(len(values)):
+    row = values[h] if isinstance(values, Sequence) else values[h : h + 1]
+    term = jnp.where(head_Tx1 == h, row, 0.0)
+    out = term if out is None else out + term
+  return out
 
 
 class PositionalEncoding(nnx.Module):
@@ -69,14 +105,17 @@ class PositionalEncoding(nnx.Module):
     del q_pos_BxQ, k_pos_BxK
     return None
 
+  def kernel_bias(self) -> KernelBias | None:
+    return None
+
   def project(self) -> None:
     """Nothing to project: no parameter of this encoding is constrained."""
 
 
 class PositionsWrapper(PositionalEncoding):
   """An encoding that only chooses the positions (randomized, PoSE): ``embed``, ``rotate``,
-  ``rotate_far``, ``bias``, ``project``, ``has_bias`` and ``window`` are the wrapped
-  ``base``'s."""
+  ``rotate_far``, ``bias``, ``kernel_bias``, ``project``, ``has_bias`` and ``window`` are the
+  wrapped ``base``'s."""
 
   def __init__(self, base: PositionalEncoding, *, longest: int, field: str):
     """``longest``: the largest position the wrapper may draw (``field`` names its config)."""
@@ -100,6 +139,9 @@ class PositionsWrapper(PositionalEncoding):
 
   def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array | None:
     return self.base.bias(q_pos_BxQ, k_pos_BxK)
+
+  def kernel_bias(self) -> KernelBias | None:
+    return self.base.kernel_bias()
 
   def project(self) -> None:
     self.base.project()

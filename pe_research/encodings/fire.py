@@ -8,6 +8,11 @@ L_init = ``pe.fire_l_thr_init``, so the threshold is learned on a unit scale. Di
 ψ(max(L_thr, i)) maps every distance the query can see into [0, 1], which is what lets FIRE
 interpolate to longer contexts. Keys after the query (j > i) get distance 0 as in the
 reference's ``tril``; the causal mask removes them.
+
+In an attention kernel (:func:`fire_kernel_bias`): the same normalised distance per block, the
+MLP as a sum over its hidden units (each a ``[T, P]`` plane), the output weights of each row's
+head picked by ``base.per_head``; params are 2-D (c, L_thr ``[1, 1]``; w1, b1 ``[1, F]``; w2^T
+``[H, F]``; b2 ``[H, 1]``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.base import KernelBias, PositionalEncoding, per_head
 from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field
 
 EPS = 1e-6  # Keeps ψ(max(L_thr, i)) > 0 when c or L_thr shrink to 0.
@@ -31,10 +36,14 @@ def fire_normalized_distance(
   q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array, c: jax.Array, l_thr: jax.Array
 ) -> jax.Array:
   """float32 ``[B, Q, K]``: ψ(max(i − j, 0)) / (ψ(max(L_thr, i)) + 1e-6), the MLP input."""
-  dist_BxQxK = jnp.maximum(q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :], 0)
-  norm_BxQ = jnp.maximum(l_thr, q_pos_BxQ.astype(jnp.float32))
-  psi_norm_BxQ = fire_log_transform(norm_BxQ, c) + EPS
-  return fire_log_transform(dist_BxQxK, c) / psi_norm_BxQ[:, :, None]
+  return _normalized(q_pos_BxQ[:, :, None], k_pos_BxK[:, None, :], c, l_thr)
+
+
+def _normalized(q_pos_X, k_pos_X, c, l_thr) -> jax.Array:
+  """``fire_normalized_distance`` of positions that broadcast against each other."""
+  dist_X = jnp.maximum(q_pos_X - k_pos_X, 0)
+  psi_norm_X = fire_log_transform(jnp.maximum(l_thr, q_pos_X.astype(jnp.float32)), c) + EPS
+  return fire_log_transform(dist_X, c) / psi_norm_X
 
 
 @jax.jit
@@ -52,6 +61,20 @@ def fire_bias(
   x_BxQxKx1 = fire_normalized_distance(q_pos_BxQ, k_pos_BxK, c, l_thr)[..., None]
   h_BxQxKxF = jax.nn.relu(x_BxQxKx1 @ w1_1xF + b1_F)
   return (h_BxQxKxF @ w2_FxH + b2_H).astype(jnp.float32).transpose(0, 3, 1, 2)
+
+
+def fire_kernel_bias(
+  q_pos_Tx1, k_pos_1xP, head_Tx1, c_1x1, l_thr_1x1, w1_1xF, b1_1xF, w2_HxF, b2_Hx1
+) -> jax.Array:
+  """float32 ``[T, P]``: ``fire_bias`` of a kernel block (``base.KernelBias``), ``w2_HxF`` the
+  transposed output weights."""
+  x_TxP = _normalized(q_pos_Tx1, k_pos_1xP, c_1x1, l_thr_1x1)
+  w2_TxF = per_head(w2_HxF, head_Tx1)
+  bias_TxP = jnp.broadcast_to(per_head(b2_Hx1, head_Tx1), x_TxP.shape)
+  for f in range(w1_1xF.shape[1]):
+    h_TxP = jax.nn.relu(x_TxP * w1_1xF[:, f : f + 1] + b1_1xF[:, f : f + 1])
+    bias_TxP = bias_TxP + h_TxP * w2_TxF[:, f : f + 1]
+  return bias_TxP
 
 
 class Fire(PositionalEncoding):
@@ -87,6 +110,17 @@ class Fire(PositionalEncoding):
       self.out.kernel[...],
       self.out.bias[...],
     )
+
+  def kernel_bias(self) -> KernelBias:
+    params = (
+      self.c[...].reshape(1, 1),
+      self.threshold().reshape(1, 1),
+      self.hidden.kernel[...],
+      self.hidden.bias[...][None],
+      self.out.kernel[...].T,
+      self.out.bias[...][:, None],
+    )
+    return KernelBias(fire_kernel_bias, params)
 
 
 SPEC = EncodingSpec(

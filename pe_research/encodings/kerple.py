@@ -14,6 +14,9 @@ d = 0, like the reference's ``tril``; the causal mask removes them, and the clam
 their gradients finite (log(1 + r2·d) with d < 0 is NaN).
 Initialisation follows the reference: log r1 ~ U(0, 2), r2 ~ U(0, 1); power r1 ~ U(0, 1),
 r2 ~ U(0, 2).
+
+In an attention kernel (:func:`kerple_kernel_bias`): the same formula (:func:`kerple_kernel`) per
+block of rows, each row's r1, r2 picked by its head (``base.per_head``); params ``[H, 1]``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.base import KernelBias, PositionalEncoding, per_head
 from pe_research.encodings.spec import EncodingSpec, Field, one_of
 
 VARIANTS = ("log", "power")
@@ -58,16 +61,27 @@ def kerple_bias(
   ``r1_H`` and ``r2_H`` are used as given (:func:`project_kerple` keeps them in range).
   """
   _check_variant(variant)
-  dist_BxQxK = jnp.maximum(q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :], 0)
-  d_Bx1xQxK = dist_BxQxK.astype(jnp.float32)[:, None]
+  dist_BxQxK = q_pos_BxQ[:, :, None] - k_pos_BxK[:, None, :]
   r1_1xHx1x1 = r1_H.astype(jnp.float32)[None, :, None, None]
   r2_1xHx1x1 = r2_H.astype(jnp.float32)[None, :, None, None]
+  return kerple_kernel(dist_BxQxK[:, None], r1_1xHx1x1, r2_1xHx1x1, variant)
+
+
+def kerple_kernel(dist_X: jax.Array, r1_X: jax.Array, r2_X: jax.Array, variant: str) -> jax.Array:
+  """The kernel of distances ``dist`` = i − j (int, broadcasting against r1, r2), clamped at 0."""
+  d_X = jnp.maximum(dist_X, 0).astype(jnp.float32)
   if variant == "log":
-    return -r1_1xHx1x1 * jnp.log1p(r2_1xHx1x1 * d_Bx1xQxK)
+    return -r1_X * jnp.log1p(r2_X * d_X)
   # d^r2 as exp(r2·log d) on d >= 1 and 0 at d = 0: the r2-gradient d^r2·log d stays finite.
-  log_d = jnp.log(jnp.maximum(d_Bx1xQxK, 1.0))
-  d_pow = jnp.where(d_Bx1xQxK > 0, jnp.exp(r2_1xHx1x1 * log_d), 0.0)
-  return -r1_1xHx1x1 * d_pow
+  log_d = jnp.log(jnp.maximum(d_X, 1.0))
+  d_pow = jnp.where(d_X > 0, jnp.exp(r2_X * log_d), 0.0)
+  return -r1_X * d_pow
+
+
+def kerple_kernel_bias(q_pos_Tx1, k_pos_1xP, head_Tx1, r1_Hx1, r2_Hx1, *, variant: str):
+  """float32 ``[T, P]`` bias of a kernel block (``base.KernelBias``)."""
+  r1_Tx1, r2_Tx1 = per_head(r1_Hx1, head_Tx1), per_head(r2_Hx1, head_Tx1)
+  return kerple_kernel(q_pos_Tx1 - k_pos_1xP, r1_Tx1, r2_Tx1, variant)
 
 
 class Kerple(PositionalEncoding):
@@ -89,6 +103,10 @@ class Kerple(PositionalEncoding):
 
   def bias(self, q_pos_BxQ: jax.Array, k_pos_BxK: jax.Array) -> jax.Array:
     return kerple_bias(q_pos_BxQ, k_pos_BxK, self.r1[...], self.r2[...], variant=self.variant)
+
+  def kernel_bias(self) -> KernelBias:
+    params = (self.r1[...][:, None], self.r2[...][:, None])
+    return KernelBias(functools.partial(kerple_kernel_bias, variant=self.variant), params)
 
 
 SPEC = EncodingSpec(

@@ -14,6 +14,9 @@ not done here: the training windows are contiguous text (the positions skip, the
 
 The draw comes from an ``nnx.Rngs`` stream owned by this module, so its key and counter are
 model state (checkpointed and restored with the parameters).
+
+Attention kernels take positions as inputs (``pe_research/kernels``), so PoSE's ``[B, L]``
+positions need no kernel form.
 """
 
 from __future__ import annotations

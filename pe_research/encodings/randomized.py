@@ -14,6 +14,9 @@ training). Evaluation (``runs.load_model``) restores only the parameters, so its
 from the stream's initial state: an evaluation repeated with the same ``config.seed`` and the
 same request (lengths and batches in the same order) draws the same positions, and it scores
 the same tokens as a sequential evaluation.
+
+Attention kernels take positions as inputs (``pe_research/kernels``), so the drawn ``[B, L]``
+positions need no kernel form.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ is that permutation (apply it to the q/k projection outputs to convert a checkpo
 Dims beyond R2 pass through unchanged (partial rotary, GPT-NeoX's ``rotary_pct``).
 Training-free context extension (Self-Extend, ReRoPE: a far logit set; log-n query scaling) is
 in ``rope_extension.py``; it combines with any ``rope_scaling`` (frequencies).
+
+In an attention kernel (``pe_research/kernels``: Pallas, splash): q and k enter rotated, so RoPE
+needs no kernel form (``kernel_bias()`` is None).
 """
 
 from __future__ import annotations
@@ -247,10 +250,11 @@ def _validate(pe_cfg, model_cfg, train_cfg) -> None:
   check_extension(**settings)
   require(
     not (settings["self_extend_window"] or settings["rerope_window"])
-    or model_cfg.attention != "xla",
+    or model_cfg.attention not in ("xla", "splash"),
     "model.attention",
     model_cfg.attention,
-    "'dense' or 'blockwise' with pe.self_extend_window or pe.rerope_window (two logit sets)",
+    "'dense', 'blockwise' or 'pallas' with pe.self_extend_window or pe.rerope_window (two "
+    "logit sets)",
   )
 
 

@@ -17,6 +17,9 @@ The boundary is the official code's: d < W near, d ≥ W far (LongLM's ``neighbo
 path and llama.cpp; LongLM's prefill path uses the float W/G, the same whenever G divides W.
 The window compares sequence indices i − j: the distance of positions for the sequential
 positions these methods are evaluated with.
+
+In the Pallas kernel (``kernels/pallas_attention.py``): the far set enters as the second q/k
+pair, the rule i − j >= W applied per block on sequence indices; log-n as the scaled q.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ The relative position is key − query (HF/Mesh-TF convention). Buckets are exac
 distances and logarithmic up to ``max_distance``; everything farther shares the last bucket,
 which is what lets T5 run on longer sequences than it was trained on. T5 itself uses no
 1/√d logit scaling; that choice belongs to attention, not to this file.
+
+In an attention kernel (:func:`t5_kernel_bias`): the same buckets per block, the lookup as a sum
+over buckets of ``(bucket == z) · E[z, head_t]`` (no gather); the param is the table ``[H, Z]``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_research import backend
-from pe_research.encodings.base import PositionalEncoding
+from pe_research.encodings.base import KernelBias, PositionalEncoding, per_head
 from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field
 
 
@@ -92,6 +95,17 @@ def t5_bias(
   return jnp.moveaxis(backend.lookup_columns(table_ZxH, bucket_BxQxK), 0, 1)
 
 
+def t5_kernel_bias(q_pos_Tx1, k_pos_1xP, head_Tx1, table_HxZ, **bucket_kwargs) -> jax.Array:
+  """float32 ``[T, P]`` bias ``E[bucket(j − i), head_t]`` of a kernel block (``base.KernelBias``);
+  ``bucket_kwargs``: bidirectional, num_buckets, max_distance."""
+  bucket_TxP = t5_relative_position_bucket(k_pos_1xP - q_pos_Tx1, **bucket_kwargs)
+  table_TxZ = per_head(table_HxZ, head_Tx1)
+  bias_TxP = jnp.zeros(bucket_TxP.shape, jnp.float32)
+  for z in range(table_HxZ.shape[1]):
+    bias_TxP = bias_TxP + jnp.where(bucket_TxP == z, table_TxZ[:, z : z + 1], 0.0)
+  return bias_TxP
+
+
 class T5RelativeBias(PositionalEncoding):
   """Table ``E [num_buckets, H]`` initialised N(0, model_dim^−1) as in HF T5."""
 
@@ -123,6 +137,15 @@ class T5RelativeBias(PositionalEncoding):
       num_buckets=self.num_buckets,
       max_distance=self.max_distance,
     )
+
+  def kernel_bias(self) -> KernelBias:
+    fn = functools.partial(
+      t5_kernel_bias,
+      bidirectional=self.bidirectional,
+      num_buckets=self.num_buckets,
+      max_distance=self.max_distance,
+    )
+    return KernelBias(fn, (self.table[...].T,))
 
 
 SPEC = EncodingSpec(

@@ -13,6 +13,9 @@ Like torchscale's ``XPOS`` (which shifts positions by −length/2), we subtract 
 here c = ⌊(min p + max p) / 2⌋ of each row of positions. The q·k product only sees
 (m − c) − (n − c) = m − n, so centring is exact provided q and k of a row are rotated with
 the same positions, as in self-attention over one sequence (not with a KV cache).
+
+In an attention kernel (``pe_research/kernels``): q and k enter rotated and scaled, no kernel
+form needed.
 """
 
 from __future__ import annotations

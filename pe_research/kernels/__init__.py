@@ -1,0 +1,1 @@
+"""Attention kernels written in Pallas (``pallas_attention.py``), behind ``model.attention``."""
