@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pe_research import backend, context_parallel
+from pe_research import backend, context_parallel, sharding
 from pe_research.flash_attention import MASK_VALUE, blockwise_attention, pack_heads
 from pe_research.kernels.pallas_attention import kernel_bias_of, pallas_attention
 from pe_research.kernels.splash import splash_attention
@@ -130,10 +130,10 @@ def attend(
       )
     return xla_attention(*args)
 
-  qkv = (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE)
-  return backend.over_batch_pieces(
-    attend_rows, *qkv, q_pos_BxL, k_pos_BxL, q_far_BxLxHxE, k_far_BxLxGxE
-  )
+  args = (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, q_pos_BxL, k_pos_BxL, q_far_BxLxHxE, k_far_BxLxGxE)
+  if impl in ("pallas", "splash"):  # Mosaic kernels run per device: one shard of the batch each.
+    return sharding.per_batch_shard(lambda *a: backend.over_batch_pieces(attend_rows, *a), *args)
+  return backend.over_batch_pieces(attend_rows, *args)
 
 
 def _check_far(q_BxLxHxE, k_BxLxGxE, q_far_BxLxHxE, k_far_BxLxGxE, window, impl):

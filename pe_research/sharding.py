@@ -101,3 +101,20 @@ def gather_layer(layer: nnx.State, dtype) -> nnx.State:
     return variable.replace(x)
 
   return jax.tree.map(gather, layer, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def per_batch_shard(fn, *xs_BxX):
+  """``fn(*xs)`` on each device's rows under ``jax.shard_map`` when a mesh of several devices is
+  active (else ``fn(*xs)``): XLA cannot partition a Pallas (Mosaic) kernel itself. The batch is
+  split over the ``batch`` rule's axes when they divide B; ``[1, ...]`` inputs (shared
+  positions) and None are replicated. Arrays ``fn`` closes over (a bias's parameters) enter
+  replicated; their gradients are summed over the shards by the transpose."""
+  mesh = _active_mesh()
+  if mesh is None:
+    return fn(*xs_BxX)
+  b = xs_BxX[0].shape[0]
+  batch = logical_spec(("batch",), (b,), mesh)
+  spec = lambda x: P(*batch) if x is not None and x.shape[0] == b else P()
+  return jax.shard_map(
+    fn, mesh=mesh, in_specs=tuple(map(spec, xs_BxX)), out_specs=P(*batch), check_vma=False
+  )(*xs_BxX)
