@@ -23,8 +23,9 @@ per compute-dtype element and float32 everywhere else:
                                                   output), q/k/v before and after the encoding,
                                                   attention output, MLP up/activation/inner
                  + 2·b·H·L²·4                     dense/xla logits and probabilities
-               (blockwise attention recomputes its blocks: no L² term), plus the head's
-               b·L·(D·(8 + s) + 2·V·4) for the final norm, logits and their softmax. With remat
+               (blockwise, pallas, splash and fast attention recompute their blocks: no L² term),
+               plus the head's b·L·(D·(8 + s) + 2·V·4) for the final norm, logits and their
+               softmax. With remat
                a layer keeps its input b·L·D·4 (``full``), plus its projections'
                outputs b·L·(2D + 2·H·E + (H + 2G)·E + F_up)·s (``save_projections``), and one
                layer's activations are rebuilt at a time in the backward pass.
@@ -73,7 +74,8 @@ def activation_bytes(config: ml_collections.ConfigDict, per_device_batch: int) -
   hk, d = m.num_heads * head_dim, m.model_dim
   mlp_up = 2 * mlp_dim if m.mlp == "swiglu" else mlp_dim
   per_token = d * (16 + 2 * s) + 6 * hk * s + (mlp_up + 2 * mlp_dim) * s
-  attention = 0 if m.attention == "blockwise" else 2 * m.num_heads * length * length * 4
+  linear = m.attention in ("blockwise", "pallas", "splash", "fast")  # Recompute their blocks.
+  attention = 0 if linear else 2 * m.num_heads * length * length * 4
   per_layer = per_device_batch * (length * per_token + attention)
   head = per_device_batch * length * (d * (8 + s) + 2 * m.vocab_size * 4)
   remat = m.get("remat", "none")
