@@ -21,12 +21,10 @@ steps of the tiny training run (``train.jit_train_step``) on a data=2 x context=
 give one device's losses and parameters (ring: with stacked layers and full remat).
 """
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
+import fake_devices
 import jax
 import jax.numpy as jnp
 import pytest
@@ -212,12 +210,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def context_parallel() -> dict:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
-  result = subprocess.run(
-    [sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True, text=True
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return fake_devices.run_json(_SCRIPT)
 
 
 def _leaves(results: dict, prefix: str) -> dict:

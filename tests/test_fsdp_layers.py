@@ -3,12 +3,10 @@ time inside the scan, with remat and gradient accumulation, train exactly like d
 parallelism; the step compiles from abstract sharded inputs (no arrays), and its temporary
 memory with scan + remat is below the whole-model gather's."""
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
+import fake_devices
 import numpy as np
 import pytest
 
@@ -81,12 +79,7 @@ _EIGHT_DEVICES = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def eight_devices() -> dict:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
-  result = subprocess.run(
-    [sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env, capture_output=True, text=True
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return fake_devices.run_json(_EIGHT_DEVICES)
 
 
 def test_per_layer_fsdp_with_remat_and_accumulation_equals_data_parallelism(eight_devices):

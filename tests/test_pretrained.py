@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import fake_devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,18 +262,7 @@ def test_streamed_import_places_each_tensor_sharded_on_a_mesh(tmp_path):
   """On 8 fake CPU devices (data 2 x fsdp 4) each tensor lands in the sharding training stores
   it in (``train.abstract_train_state``)."""
   folder = save(hf_model(), tmp_path / "hf", max_shard_size="40KB")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=repo)
-  result = subprocess.run(
-    [sys.executable, "-c", _SHARDED_IMPORT, folder],
-    cwd=repo,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  counts = json.loads(result.stdout.strip().splitlines()[-1])
+  counts = fake_devices.run_json(_SHARDED_IMPORT, str(folder))
   assert counts["leaves"] == 15 and counts["split"] >= 10, counts
 
 

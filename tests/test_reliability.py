@@ -31,19 +31,41 @@ RUN = [
 ]
 
 
+# A run on 8 fake CPU devices, mesh data=2 x fsdp=2 x context=2: stacked layers gathered per
+# layer, full remat, ring context parallelism, two accumulated micro-batches.
+MESH_STEPS = 8
+MESH_RUN = [
+  *("--config=configs/tiny.py:pe=t5", f"--config.train.steps={MESH_STEPS}"),
+  *("--config.train.log_every=1", "--config.train.checkpoint_every=2"),
+  *("--config.mesh.fsdp=2", "--config.mesh.context=2", "--config.model.context_parallel=ring"),
+  *("--config.model.scan_layers=True", "--config.model.remat=full"),
+  "--config.train.grad_accum_steps=2",
+]
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
 def _command(workdir, *flags: str, module: str = "pe_research.main") -> list[str]:
   return [sys.executable, "-m", module, f"--workdir={workdir}", *flags]
 
 
-def _run(workdir, *flags: str, module: str = "pe_research.main") -> subprocess.CompletedProcess:
+def _run(
+  workdir, *flags: str, module: str = "pe_research.main", env=None
+) -> subprocess.CompletedProcess:
   return subprocess.run(
-    _command(workdir, *flags, module=module), cwd=REPO, capture_output=True, text=True, timeout=300
+    _command(workdir, *flags, module=module),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, **(env or {})),
   )
 
 
-def _start(workdir, *flags: str) -> subprocess.Popen:
+def _start(workdir, *flags: str, env=None) -> subprocess.Popen:
   log = open(f"{workdir}.log", "a")  # noqa: SIM115  (the child holds it; a pipe could fill up)
-  return subprocess.Popen(_command(workdir, *flags), cwd=REPO, stdout=log, stderr=log, text=True)
+  env = dict(os.environ, **(env or {}))
+  command = _command(workdir, *flags)
+  return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log, text=True, env=env)
 
 
 def _wait_for_step(proc: subprocess.Popen, workdir, step: int) -> None:
@@ -63,10 +85,10 @@ def _without_timing(records):
 
 
 @functools.cache
-def _like():
+def _like(arg: str = "pe=rope", randomized: bool = True):
   """A train state of the runs' config: the shapes to restore checkpoints into."""
-  config = tiny.get_config("pe=rope")
-  config.pe.randomized = True
+  config = tiny.get_config(arg)
+  config.pe.randomized = randomized
   tx, _ = train.make_optimizer(config.train)
   return config, train.create_train_state(config, train.make_mesh(config.mesh), tx)[1]
 
@@ -114,6 +136,27 @@ def test_kill_9_at_three_random_steps_then_rerun_equals_uninterrupted_run(refere
     f.write('{"step": 35, "grad_norm": 0.9')  # A record cut short by the kill.
   assert _run(workdir, *RUN).returncode == 0, kills
   _assert_equals_reference(workdir, reference)
+
+
+def test_kill_9_on_a_data_fsdp_context_mesh_then_rerun_equals_uninterrupted_run(tmp_path):
+  """On a data=2 x fsdp=2 x context=2 mesh (per-layer FSDP, remat, ring attention, accumulated
+  micro-batches) a run killed mid-way and rerun equals the uninterrupted run bit for bit."""
+  reference = tmp_path / "mesh_reference"
+  done = _run(reference, *MESH_RUN, env=EIGHT_DEVICES)
+  assert done.returncode == 0, done.stderr[-3000:]
+  workdir = tmp_path / "mesh_killed"
+  proc = _start(workdir, *MESH_RUN, env=EIGHT_DEVICES)
+  _wait_for_step(proc, workdir, random.randint(3, 5))
+  proc.kill()
+  assert proc.wait() == -signal.SIGKILL
+  rerun = _run(workdir, *MESH_RUN, env=EIGHT_DEVICES)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  records = read_metrics(str(workdir))
+  assert [r["step"] for r in records] == list(range(1, MESH_STEPS + 1))
+  assert _without_timing(records) == _without_timing(read_metrics(str(reference)))
+  like = _like("pe=t5", randomized=False)[1].params  # One device, per-layer: load_params converts.
+  final = lambda path: jax.device_get(checkpoint.load_params(str(path), like))
+  jax.tree.map(np.testing.assert_array_equal, final(workdir), final(reference))
 
 
 def test_sigterm_and_sigint_save_the_current_step_exit_0_and_the_rerun_resumes_there(

@@ -3,13 +3,13 @@ across a resume; the data position resumes on another process count; FSDP (alone
 parallelism) equals pure data parallelism; ``--dry_run`` plans for 1, 8 and 256 devices without
 training, with a memory estimate close to XLA's."""
 
-import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
 
+import fake_devices
 import jax
 import numpy as np
 import pytest
@@ -78,12 +78,7 @@ _EIGHT_DEVICES = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def eight_devices() -> dict:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
-  result = subprocess.run(
-    [sys.executable, "-c", _EIGHT_DEVICES], cwd=REPO, env=env, capture_output=True, text=True
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return fake_devices.run_json(_EIGHT_DEVICES)
 
 
 def _launch(entry: list[str], *flags: str) -> subprocess.CompletedProcess:
