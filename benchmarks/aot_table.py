@@ -26,29 +26,37 @@ RECIPE = "configs/recipes/yarn_llama2_7b_64k.py"
 V5E = f"--config={RECIPE} --topology=v5e:16x16"
 H100 = f"--config={RECIPE}:target=h100x8 --devices=8 --chip=h100"
 # name -> (flags after the recipe, what the row changes). The recipe itself: scan_layers with
-# per-layer gathers in bf16, remat=full, v5e: fsdp=64 × context=4, H100: fsdp=8 and 8
-# accumulated micro-batches.
+# per-layer gathers in bf16, remat=full, ring context parallelism; v5e: fsdp=32 × context=8 and
+# 2 accumulated micro-batches, H100: fsdp=4 × context=2 and 16.
 ROWS = {
   "v5e_recipe": (V5E, "the recipe"),
   "v5e_gather_fp32": (f"{V5E} --config.model.gather_dtype=float32", "gather in fp32"),
-  "v5e_context8": (f"{V5E} --config.mesh.fsdp=32 --config.mesh.context=8", "context 8"),
-  "v5e_context1": (
-    f"{V5E} --config.mesh.fsdp=64 --config.mesh.context=1",
-    "context 1 (fsdp 64 × data 4)",
+  "v5e_all_gather": (f"{V5E} --config.model.context_parallel=all_gather", "all_gather strategy"),
+  "v5e_context4": (
+    f"{V5E} --config.mesh.fsdp=64 --config.mesh.context=4 --config.train.grad_accum_steps=1",
+    "context 4 (fsdp 64, no accumulation)",
   ),
   "v5e_context16": (
     f"{V5E} --config.mesh.fsdp=16 --config.mesh.context=16 --config.train.grad_accum_steps=4",
     "context 16 (fsdp 16, 4 micro-batches)",
   ),
+  "v5e_context1": (
+    f"{V5E} --config.mesh.fsdp=64 --config.mesh.context=1 --config.train.grad_accum_steps=1",
+    "context 1 (fsdp 64 × data 4)",
+  ),
   "v5e_remat_none": (f"{V5E} --config.model.remat=none", "remat none"),
   "h100_recipe": (H100, "the recipe"),
   "h100_gather_fp32": (f"{H100} --config.model.gather_dtype=float32", "gather in fp32"),
+  "h100_all_gather": (
+    f"{H100} --config.model.context_parallel=all_gather",
+    "all_gather strategy",
+  ),
+  "h100_context1": (
+    f"{H100} --config.mesh.fsdp=8 --config.mesh.context=1 --config.train.grad_accum_steps=8",
+    "context 1 (fsdp 8, 8 micro-batches)",
+  ),
   "h100_remat_none": (f"{H100} --config.model.remat=none", "remat none"),
   "h100_no_accum": (f"{H100} --config.train.grad_accum_steps=1", "no accumulation"),
-  "h100_context2": (
-    f"{H100} --config.mesh.fsdp=4 --config.mesh.context=2 --config.train.grad_accum_steps=16",
-    "context 2 (fsdp 4, 16 micro-batches)",
-  ),
   "h100_whole_gather": (
     f"{H100} --config.model.scan_layers=False --config.model.gather_dtype=float32",
     "whole-model gather (layer loop)",

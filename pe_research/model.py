@@ -27,7 +27,7 @@ stream and softmax. The activations between matmuls are in the backend policy's
 is only a matmul operand). Training takes logits in that
 dtype and computes its loss in fp32 (:func:`pe_research.train.softmax_nll`); evaluation scores
 fp32 logits.
-Sequences longer than ``SEQUENCE_CHUNK`` run the MLP and the output head chunk by chunk, and
+Outside training, sequences longer than ``SEQUENCE_CHUNK`` run the MLP chunk by chunk, and
 :meth:`Transformer.nll_and_hits` scores tokens without materialising ``[B, L, V]`` logits.
 
 Scale (docs/scaling.md): ``model.scan_layers`` stacks the blocks (and per-layer encodings) on a
@@ -126,11 +126,13 @@ def resolved_dims(model_cfg) -> tuple[int, int]:
   return head_dim, mlp_dim
 
 
-def over_sequence_chunks(fn, *xs_BxLxX, chunk: int = SEQUENCE_CHUNK):
-  """``fn(*xs)`` for a position-wise ``fn``, ``chunk`` positions at a time (lax.map).
+def over_sequence_chunks(fn, *xs_BxLxX, chunk: int | None = None):
+  """``fn(*xs)`` for a position-wise ``fn``, ``chunk`` positions (default ``SEQUENCE_CHUNK``)
+  at a time (lax.map).
 
   Same values as ``fn(*xs)``; L is padded to a multiple of the chunk and cut back after.
   """
+  chunk = chunk or SEQUENCE_CHUNK
   b, length = xs_BxLxX[0].shape[:2]
   if length <= chunk:
     return fn(*xs_BxLxX)
@@ -250,11 +252,15 @@ class Block(nnx.Module):
     self.mlp_norm = _norm(model_cfg, activation_dtype(dtype), rngs)
     self.mlp = Mlp(model_cfg, dtype=dtype, out_std=out_std, rngs=rngs)
 
-  def __call__(self, x_BxLxD, pos_BxL, enc, *, impl: str, block_size: int):
+  def __call__(self, x_BxLxD, pos_BxL, enc, *, impl: str, block_size: int, train: bool):
     x_BxLxD = x_BxLxD + self.attn(
       self.attn_norm(x_BxLxD), pos_BxL, enc, impl=impl, block_size=block_size
     )
-    return x_BxLxD + over_sequence_chunks(lambda x: self.mlp(self.mlp_norm(x)), x_BxLxD)
+    mlp = lambda x: self.mlp(self.mlp_norm(x))
+    # Chunks only where nothing is differentiated: a training step's backward keeps every
+    # chunk's intermediates anyway, and XLA:TPU kept one weight gradient per chunk
+    # (docs/scaling.md).
+    return x_BxLxD + (mlp(x_BxLxD) if train else over_sequence_chunks(mlp, x_BxLxD))
 
 
 class Transformer(nnx.Module):
@@ -353,11 +359,12 @@ class Transformer(nnx.Module):
       return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat], prevent_cse=prevent_cse)
 
-  def layers(self, x_BxLxD: jax.Array, pos_BxL: jax.Array) -> jax.Array:
+  def layers(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, train: bool = False) -> jax.Array:
     """The transformer blocks on embedded inputs: the residual stream ``[B, L, D]``. With
     ``model.scan_layers`` a ``lax.scan`` over the stacked blocks, each layer's weights cast to
-    ``model.gather_dtype`` and gathered (FSDP) inside the scan body."""
-    attend_kw = dict(impl=self.attention, block_size=self.attention_block)
+    ``model.gather_dtype`` and gathered (FSDP) inside the scan body. ``train``: the MLP runs
+    over the whole sequence (no ``SEQUENCE_CHUNK``s), as a training step differentiates it."""
+    attend_kw = dict(impl=self.attention, block_size=self.attention_block, train=train)
     if self.scan_layers:
       return self._scan_blocks(x_BxLxD, pos_BxL, attend_kw)
     for i, block in enumerate(self.blocks):
@@ -392,13 +399,13 @@ class Transformer(nnx.Module):
     table_VxD = self.embed.embedding[...]
     return backend.linear(x_BxLxD, table_VxD, logits_dtype, self.dtype, w_transposed=True)
 
-  def decode(self, x_BxLxD: jax.Array, pos_BxL: jax.Array, logits_dtype=jnp.float32):
+  def decode(self, x_BxLxD, pos_BxL, logits_dtype=jnp.float32, train: bool = False):
     """Transformer layers and output head on embedded inputs: logits ``[B, L, V]``."""
-    return self.head(self.layers(x_BxLxD, pos_BxL), logits_dtype)
+    return self.head(self.layers(x_BxLxD, pos_BxL, train), logits_dtype)
 
   def __call__(self, inputs_BxL: jax.Array, *, train: bool = False, logits_dtype=jnp.float32):
     x_BxLxD, pos_BxL = self.embed_tokens(inputs_BxL, train=train)
-    return self.decode(x_BxLxD, pos_BxL, logits_dtype)
+    return self.decode(x_BxLxD, pos_BxL, logits_dtype, train)
 
   def nll_and_hits(self, inputs_BxL: jax.Array, targets_BxL: jax.Array, *, train: bool = False):
     """``(nll_BxL, hit_BxL)``: ``-log softmax(logits)[target]`` (float32) and

@@ -164,12 +164,19 @@ def test_bad_model_config_is_a_one_line_value_error(field, value, match):
 
 def test_long_sequences_run_mlp_and_head_in_chunks_with_the_same_values(monkeypatch):
   """With SEQUENCE_CHUNK = 8, a length-21 input (3 chunks, the last padded) gives the same
-  logits, and ``nll_and_hits`` equals NLL/argmax computed from the full logits."""
+  logits, and ``nll_and_hits`` equals NLL/argmax computed from the full logits. A training
+  forward (``train=True``) runs the MLP unchunked (no ``lax.map`` in its graph) with the same
+  logits."""
   model = _model(_config("alibi"))
   inputs_BxL, targets_BxL = _inputs(21), _inputs(21, seed=1)
   full = model(inputs_BxL)
   monkeypatch.setattr(model_lib, "SEQUENCE_CHUNK", 8)
   np.testing.assert_allclose(model(inputs_BxL), full, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(model(inputs_BxL, train=True), full, atol=1e-5, rtol=1e-5)
+  maps = lambda train: str(jax.make_jaxpr(lambda x: model(x, train=train))(inputs_BxL)).count(
+    "scan["
+  )
+  assert (maps(False), maps(True)) == (1, 0)  # One layer: one MLP map, outside training only.
   nll_BxL, hit_BxL = model.nll_and_hits(inputs_BxL, targets_BxL)
   logp_BxLxV = jax.nn.log_softmax(full)
   expected_nll = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]

@@ -42,7 +42,8 @@ def llama2_7b_config(target: str, init_from: str) -> ml_collections.ConfigDict:
   t.log_every, t.steps_per_call = 10, 1
   # The memory levers (docs/scaling.md has each one's measured effect at 64k): layers scanned
   # with each layer's weights gathered (in bf16) inside the scan body, every block
-  # rematerialised, and on the v5e-256 the sequence split over 4 chips (context parallelism);
+  # rematerialised, and on the v5e-256 the sequence split over 4 chips (context parallelism;
+  # the YaRN 64k recipe changes the mesh and strategy);
   # the batch is split over data × fsdp.
   m.scan_layers, m.remat, m.gather_dtype = True, "full", "bfloat16"
   config.mesh.data = -1
