@@ -54,13 +54,7 @@ def attention_loss(graphdef, state, q, k, v, impl: str, block: int):
   """``sum(attend(rotate(q), rotate(k), v))`` of one shard (its rows of the batch)."""
   enc = nnx.merge(graphdef, state)
   pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
-  far = {}
-  if enc.window is not None:
-    far = dict(
-      q_far_BxLxHxE=enc.rotate_far(q, pos, is_query=True),
-      k_far_BxLxGxE=enc.rotate_far(k, pos, is_query=False),
-      window=enc.window,
-    )
+  far = enc.far_set(q, k, pos)
   out = attend(
     enc.rotate(q, pos, is_query=True),
     enc.rotate(k, pos, is_query=False),

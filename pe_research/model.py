@@ -181,13 +181,8 @@ class Attention(nnx.Module):
     else:
       q_BxLxHxE, k_BxLxGxE, v_BxLxGxE = jnp.split(qkv_BxLxAxE, (h, h + g), axis=2)
     dtype = v_BxLxGxE.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
-    far = {}
-    if enc.window is not None:  # Self-Extend, ReRoPE: logits of pairs i - j >= W from these.
-      far = dict(
-        q_far_BxLxHxE=enc.rotate_far(q_BxLxHxE, pos_BxL, is_query=True).astype(dtype),
-        k_far_BxLxGxE=enc.rotate_far(k_BxLxGxE, pos_BxL, is_query=False).astype(dtype),
-        window=enc.window,
-      )
+    # Self-Extend, ReRoPE: the logits of pairs i - j >= W from a second rotation of q and k.
+    far = enc.far_set(q_BxLxHxE, k_BxLxGxE, pos_BxL, dtype)
     y_BxLxHxE = attend(
       enc.rotate(q_BxLxHxE, pos_BxL, is_query=True).astype(dtype),
       enc.rotate(k_BxLxGxE, pos_BxL, is_query=False).astype(dtype),

@@ -35,14 +35,8 @@ def _raw(length: int, kv_heads: int, seed: int = 0):
 def _rope_attention(enc: RoPE, q, k, v, *, impl: str, block_size: int = 4):
   """Attention as ``model.Attention`` runs it: rotated q, k and, with a window, the far set."""
   pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
-  far = {}
-  if enc.window is not None:
-    far = dict(
-      q_far_BxLxHxE=enc.rotate_far(q, pos, is_query=True),
-      k_far_BxLxGxE=enc.rotate_far(k, pos, is_query=False),
-      window=enc.window,
-    )
   q_rot, k_rot = enc.rotate(q, pos, is_query=True), enc.rotate(k, pos, is_query=False)
+  far = enc.far_set(q, k, pos)
   return attend(
     q_rot, k_rot, v, q_pos_BxL=pos, k_pos_BxL=pos, impl=impl, block_size=block_size, **far
   )

@@ -105,6 +105,20 @@ class PositionalEncoding(nnx.Module):
     del q_pos_BxQ, k_pos_BxK
     return None
 
+  def far_set(self, q_BxLxHxE: jax.Array, k_BxLxGxE: jax.Array, pos_BxL: jax.Array, dtype=None):
+    """``attend``'s keywords for the far logit set: ``q_far``, ``k_far`` (``rotate_far``, cast
+    to ``dtype`` if given) and ``window``; ``{}`` when ``window`` is None (one logit set)."""
+    if self.window is None:
+      return {}
+
+    def far(x, is_query):
+      x_far = self.rotate_far(x, pos_BxL, is_query=is_query)
+      return x_far if dtype is None else x_far.astype(dtype)
+
+    return dict(
+      q_far_BxLxHxE=far(q_BxLxHxE, True), k_far_BxLxGxE=far(k_BxLxGxE, False), window=self.window
+    )
+
   def kernel_bias(self) -> KernelBias | None:
     return None
 
