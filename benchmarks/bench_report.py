@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.figure_report import fmt, markdown_table
-from pe_research import backend
+from pe_research import runtime
 
 
 def stats(values) -> dict:
@@ -72,7 +72,7 @@ def machine_lines(results: dict) -> list[str]:
     f"Matmul peak at start: {results['matmul_peak_gflops']} GFLOP/s; MFU vs matmul divides by "
     "an fp32 matmul re-measured in every round.",
   ]
-  if not set(backend.BF16_DOT_ISA) & set(m["isa"]):
+  if not set(runtime.BF16_DOT_ISA) & set(m["isa"]):
     lines.append(
       "bf16 is expected to be slower here: this CPU has neither avx512_bf16 nor amx_bf16, so "
       "bf16 matmuls are converted to fp32 (the measured ratio below decides the verdict)."

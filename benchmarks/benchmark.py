@@ -52,7 +52,7 @@ from benchmarks.bench_lib import (
 )
 from benchmarks.bench_report import ratio_stats, report_lines, stats
 from benchmarks.bench_variants import VariantProcess, time_rounds
-from pe_research import backend
+from pe_research import runtime
 from pe_research.model import Transformer, flops_per_token
 
 ENCODINGS = {"full": ("nope", "rope", "alibi", "t5"), "quick": ("nope", "rope", "alibi", "t5")}
@@ -301,11 +301,11 @@ def compiles_per_eval_length(lengths=(64, 128, 256, 512)) -> dict:
 
   model = Transformer(model_config(64, 2, 64, 1, "rope", attention="blockwise"), rngs=nnx.Rngs(0))
   evaluator = eval_lib.Evaluator(model)
-  before = backend.CompileCounter.count
+  before = runtime.CompileCounter.count
   for length in [*lengths, *lengths]:
     evaluator.score(random_batch(length, 2))
   return {
-    "compiles_per_eval_length": (backend.CompileCounter.count - before) / len(lengths),
+    "compiles_per_eval_length": (runtime.CompileCounter.count - before) / len(lengths),
     "evaluator_programs": evaluator.num_compiles,
   }
 

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from benchmarks.bench_lib import machine, rss_gib, write_results
-from pe_research import backend
+from pe_research import runtime
 
 
 def _window(config, length: int) -> dict[str, np.ndarray]:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
-    backend.use_low_memory_schedule()
+    runtime.use_low_memory_schedule()
     kind, *child_args = json.loads(args.child)
     result = ours_child(*child_args) if kind == "ours" else hf_child(*child_args)
     print(json.dumps(result | {"peak_rss_gib": rss_gib()}))

@@ -23,13 +23,13 @@ import time
 
 from configs import demo as demo_config
 from experiments import figure_report, rope_decay
-from pe_research import backend, eval_report, stats
+from pe_research import eval_report, runtime, stats
 from pe_research.launch import sweep
 from pe_research.metrics import quiet_library_logging
 
 ENCODINGS = ("sinusoidal", "rope", "alibi", "t5", "nope", "kerple", "fire")
 MAX_TOKENS = 262_144  # Validation bytes per length (256 KB).
-BATCH = 0  # Windows per evaluation call: the backend's choice per length (eval_batch_size).
+BATCH = 0  # Windows per evaluation call: about 1024 tokens (eval_lib.eval_batch_size).
 MAX_FACTOR = 32  # Longest evaluation length / L.
 
 
@@ -162,7 +162,7 @@ def run_jobs(out: str, args: argparse.Namespace) -> dict[str, list[dict]]:
   evaluate = functools.partial(_evaluate, out, lengths=args.lengths, budget=budget)
   if args.workers == 1:
     return {pe: (train(pe), evaluate(pe))[1] for pe in ENCODINGS}
-  backend.one_thread_per_process()  # Read by the worker processes' XLA, not by this one's.
+  runtime.one_thread_per_process()  # Read by the worker processes' XLA, not by this one's.
   spawn = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
     trainings = {pool.submit(train, pe): pe for pe in ENCODINGS}

@@ -40,7 +40,7 @@ from experiments import figure_cli
 from experiments.extension_methods import BY_LABEL, BY_SLUG, ExtensionMethod
 from experiments.extension_presets import PRESETS, Preset, subset
 from experiments.extension_report import write_outputs
-from pe_research import backend, cli, config_lib
+from pe_research import cli, config_lib, runtime
 from pe_research.launch import sweep
 
 NAME = "pretrained_extension"
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
   )
   args = parser.parse_args(argv)
   args.command = ["python -m experiments.pretrained_extension", *(argv or sys.argv[1:])]
-  backend.use_low_memory_schedule()  # Before JAX starts (no effect in a process that has).
+  runtime.use_low_memory_schedule()  # Before JAX starts (no effect in a process that has).
   preset, start = subset(PRESETS[args.preset], args.methods, args.lengths), time.time()
   out = figure_cli.out_dir(args, NAME)
   if not os.path.isfile(os.path.join(args.workdir, "config.json")):

@@ -39,7 +39,7 @@ import time
 import jax
 import ml_collections
 
-from pe_research import backend, config_lib, train
+from pe_research import backend, config_lib, runtime, train
 from pe_research.model import flops_per_token
 
 GIB = 1024**3
@@ -224,7 +224,7 @@ def main(argv: list[str], flag_values) -> None:
     # Read by XLA when the CPU backend starts, which nothing before this line has done.
     xla_flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={count}"
-    backend.use_low_memory_schedule()
+    runtime.use_low_memory_schedule()
     chip_name, platform = flag_values.chip, flag_values.platform_policy
     devices = jax.devices()
     approximation = (

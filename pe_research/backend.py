@@ -28,9 +28,9 @@ Why each tuned form exists, with the commands and numbers that measured it:
 docs/cpu_performance.md. The GPU and TPU policy is the reference, except that a bf16 matmul
 writes its bf16 output directly (cuBLAS accumulates in fp32).
 
-Also here: process-wide XLA flags that entry points set before JAX starts its backend
-(:func:`use_low_memory_schedule`, :func:`one_thread_per_process`), the attention an evaluation
-length is scored with (:func:`eval_attention`), and :class:`CompileCounter`.
+Process set-up (XLA flags, the CPU's ISA check, compile counting) is in
+:mod:`pe_research.runtime`; the attention an evaluation length is scored with, in
+:mod:`pe_research.eval_lib`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,44 +126,6 @@ def set_policy(new: Policy | None) -> None:
 def activation_dtype(compute_dtype):
   """The dtype of activations between matmuls for ``compute_dtype``."""
   return jnp.float32 if policy().float32_activations else compute_dtype
-
-
-# CPU instructions that multiply bf16 operands natively; without them XLA:CPU widens bf16 matmul
-# operands to float32, and bf16 training runs slower than float32 (0.79x on an AMD EPYC Zen 3,
-# AVX2 only; 1.64x on Zen 4 with avx512_bf16: docs/cpu_performance.md).
-BF16_DOT_ISA = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_isa_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-  """The first core's ISA flags (empty where ``cpuinfo`` cannot be read, e.g. not Linux)."""
-  try:
-    with open(cpuinfo) as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-          return frozenset(value.split())
-  except OSError:
-    pass
-  return frozenset()
-
-
-def slow_dtype_message(compute_dtype: str, platform: str, isa: frozenset[str]) -> str | None:
-  """The line to print when ``compute_dtype`` is bf16 on a CPU without bf16 dot instructions
-  (None otherwise, or when the flags are unknown)."""
-  if platform != "cpu" or compute_dtype != "bfloat16" or not isa or set(BF16_DOT_ISA) & isa:
-    return None
-  return (
-    "model.compute_dtype='bfloat16' on a CPU without bf16 dot instructions "
-    f"({' or '.join(BF16_DOT_ISA)}): XLA:CPU widens bf16 matmuls to float32 here, so expect "
-    "this run to be slower than with 'float32'"
-  )
-
-
-@functools.cache
-def warn_slow_dtype(compute_dtype: str) -> None:
-  """Logs :func:`slow_dtype_message` once per process and dtype."""
-  if message := slow_dtype_message(compute_dtype, policy().platform, cpu_isa_flags()):
-    logging.warning(message)
 
 
 # ---- matmul: x W with operands in a compute dtype, accumulated in float32 ----------------------
@@ -362,72 +323,3 @@ def fast_attention(biased: bool) -> str:
 def transposed_key_grads(dtype) -> bool:
   """Whether blockwise attention's backward pass accumulates ``dk``, ``dv`` transposed."""
   return policy().transposed_key_grads and dtype != jnp.float32
-
-
-# ---- process-wide XLA flags, evaluation attention, compile counting ----------------------------
-
-LOW_MEMORY_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-
-def one_thread_per_process() -> None:
-  """Single-threaded XLA:CPU for processes started after this call (this process's backend,
-  already started, is unaffected), so P worker processes on P cores do not oversubscribe them:
-  ``XLA_FLAGS`` for the compiled kernels, and ``PJRT_NPROC=1`` for the CPU client's task pool
-  ("XLAEigen"), which the flags leave at one thread per core."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "multi_thread_eigen" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {ONE_THREAD}".strip()
-  os.environ.setdefault("PJRT_NPROC", "1")
-
-
-def use_low_memory_schedule() -> None:
-  """Adds the low-memory schedule to ``XLA_FLAGS`` unless the flag is already set there (XLA:CPU's
-  concurrency-optimized scheduler kept a buffer of every layer alive in long evaluations). XLA
-  reads its flags once, when the backend starts: called later, this has no effect."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "concurrency_optimized_scheduler" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {LOW_MEMORY_SCHEDULE}".strip()
-
-
-# Evaluation of a dense-attention model switches to blockwise attention with 512-position blocks
-# from this length on (or earlier, when the dense scores exceed the memory budget).
-EVAL_BLOCKWISE_FROM = 1024
-EVAL_BLOCK = 512
-
-
-def eval_attention(
-  model_impl: str, model_block: int, length: int, dense_too_big: bool
-) -> tuple[str, int]:
-  """``(implementation, block size)`` that scores ``length`` for a model trained with
-  ``model_impl``: dense models go blockwise (``EVAL_BLOCK``) from ``EVAL_BLOCKWISE_FROM`` on, or
-  when their scores would exceed the memory budget; other implementations are kept."""
-  if model_impl == "dense" and (dense_too_big or length >= EVAL_BLOCKWISE_FROM):
-    return "blockwise", EVAL_BLOCK
-  return model_impl, model_block
-
-
-# Evaluation calls (``batch_size=0``) hold about this many tokens: one XLA:CPU thread scored the
-# d=128 4-layer demo model fastest there (docs/cpu_performance.md, "Evaluation batch").
-EVAL_TOKENS_PER_CALL = 1024
-
-
-def eval_batch_size(length: int) -> int:
-  """Windows of ``length`` tokens per evaluation call when the caller leaves it to the backend."""
-  return max(1, EVAL_TOKENS_PER_CALL // length)
-
-
-class CompileCounter:
-  """Counts XLA backend compilations (JAX's ``backend_compile_duration`` monitoring event) in
-  this process; ``count`` is the total since import, so callers take differences."""
-
-  EVENT = "/jax/core/compile/backend_compile_duration"
-  count = 0
-
-  @classmethod
-  def _listen(cls, event: str, *_, **__) -> None:
-    if event == cls.EVENT:
-      cls.count += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(CompileCounter._listen)

@@ -31,7 +31,7 @@ windows and bootstrap over windows (documents) as the unit; rows add ``loss_insi
 ``loss_beyond`` and their token counts.
 
 Long lengths: dense attention materialises ``B·H·L²`` float32 scores per layer; from
-``backend.EVAL_BLOCKWISE_FROM`` positions on, or when that exceeds ``dense_budget_bytes``, a
+``EVAL_BLOCKWISE_FROM`` positions on, or when that exceeds ``dense_budget_bytes``, a
 dense run is evaluated with blockwise attention instead (same parameters, different graph).
 Programs are compiled ahead of time and cached by ``(attention, block, shapes)``;
 ``num_compiles`` counts them, so re-scoring a length never recompiles and a sweep over N
@@ -51,13 +51,38 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from pe_research import backend, passkey
+from pe_research import passkey, runtime
 from pe_research import stats as bootstrap
 from pe_research.data import make_eval_batches, tokenizer_of
 from pe_research.model import Transformer, with_attention
 
 Batch = dict[str, np.ndarray]
 _DTYPES = {"inputs": np.int32, "targets": np.int32, "weights": np.float32}
+
+
+# Evaluation of a dense-attention model switches to blockwise attention with 512-position blocks
+# from this length on (or earlier, when the dense scores exceed the memory budget).
+EVAL_BLOCKWISE_FROM = 1024
+EVAL_BLOCK = 512
+# Evaluation calls (``batch_size=0``) hold about this many tokens (docs/cpu_performance.md,
+# "Evaluation batch").
+EVAL_TOKENS_PER_CALL = 1024
+
+
+def eval_attention(
+  model_impl: str, model_block: int, length: int, dense_too_big: bool
+) -> tuple[str, int]:
+  """``(implementation, block size)`` that scores ``length`` for a model trained with
+  ``model_impl``: dense models go blockwise (``EVAL_BLOCK``) from ``EVAL_BLOCKWISE_FROM`` on, or
+  when their scores would exceed the memory budget; other implementations are kept."""
+  if model_impl == "dense" and (dense_too_big or length >= EVAL_BLOCKWISE_FROM):
+    return "blockwise", EVAL_BLOCK
+  return model_impl, model_block
+
+
+def eval_batch_size(length: int) -> int:
+  """Windows of ``length`` tokens per evaluation call where the caller passes ``batch_size=0``."""
+  return max(1, EVAL_TOKENS_PER_CALL // length)
 
 
 def dense_score_bytes(batch: int, num_heads: int, length: int) -> int:
@@ -164,8 +189,8 @@ class Totals:
 class Evaluator:
   """Scores batches with ``model`` (a :class:`Transformer` holding the trained parameters).
 
-  ``attention="auto"`` follows ``backend.eval_attention``: a dense model is scored blockwise
-  from ``backend.EVAL_BLOCKWISE_FROM`` on, or when ``dense_score_bytes`` exceeds
+  ``attention="auto"`` follows :func:`eval_attention`: a dense model is scored blockwise
+  from ``EVAL_BLOCKWISE_FROM`` on, or when ``dense_score_bytes`` exceeds
   ``dense_budget_bytes``; any other value forces that implementation at every length. Views
   share the parameters (``with_attention``). ``num_compiles`` counts the compiled programs;
   ``backend_compiles`` the XLA compilations measured while this evaluator scored (its programs
@@ -190,7 +215,7 @@ class Evaluator:
     if self.attention != "auto":
       return self.attention, None
     too_big = dense_score_bytes(batch, self.num_heads, length) > self.dense_budget_bytes
-    return backend.eval_attention(self.model.attention, self.model.attention_block, length, too_big)
+    return eval_attention(self.model.attention, self.model.attention_block, length, too_big)
 
   def attention_for(self, batch: int, length: int) -> str:
     return self._plan(batch, length)[0]
@@ -208,7 +233,7 @@ class Evaluator:
     plan = self._plan(size, length)
     graphdef, rest = self._graph(plan)
     key = (*plan, size, length)
-    compile_seconds, before = 0.0, backend.CompileCounter.count
+    compile_seconds, before = 0.0, runtime.CompileCounter.count
     if key not in self._programs:
       start = time.perf_counter()
       step = jax.jit(_eval_step, static_argnums=0)
@@ -217,7 +242,7 @@ class Evaluator:
     stats, rest = self._programs[key](self.params, rest, batch)
     self._graphs[plan] = (graphdef, rest)  # RNG state advances (randomized positions)
     stats = jax.tree.map(np.asarray, stats)
-    self.backend_compiles += backend.CompileCounter.count - before
+    self.backend_compiles += runtime.CompileCounter.count - before
     return stats, compile_seconds
 
   def score_all(
@@ -296,7 +321,7 @@ def lm_sweep(
   split: int | None = None,
 ) -> tuple[list[dict], dict[int, tuple[np.ndarray, np.ndarray]], dict[int, dict]]:
   """Loss/ppl/bits per byte at each length over one token budget (``data.make_eval_batches``),
-  ``batch_size`` windows per call (0: ``backend.eval_batch_size(length)``).
+  ``batch_size`` windows per call (0: ``eval_batch_size(length)``).
 
   Bytes are those of ``data.tokenizer``'s ``utf8_bytes_per_token`` (see the module docstring).
   Returns one row per length, per length ``(nll_sum_L, weight_sum_L)`` for the per-position
@@ -310,7 +335,7 @@ def lm_sweep(
   rows, per_position, per_window = [], {}, {}
   for length in lengths:
     step = length if mode != "sliding" else stride or max(1, length // 2)
-    size = batch_size or backend.eval_batch_size(length)
+    size = batch_size or eval_batch_size(length)
     batches = make_eval_batches(
       config,
       length=length,
@@ -366,7 +391,7 @@ def passkey_sweep(
   that start with ``header`` (the positive control may drop it: ``passkey.control_header``)."""
   rows, accuracy_grid = [], np.zeros((len(lengths), len(depths)))
   for i, length in enumerate(lengths):
-    size = batch_size or backend.eval_batch_size(length)
+    size = batch_size or eval_batch_size(length)
     for j, depth in enumerate(depths):
       batches = passkey.make_batches(
         length, depth, trials=trials, batch_size=size, encode=encode, seed=seed, header=header

@@ -32,7 +32,7 @@ from ``data.train_max_len // 2`` up to ``data.test_max_len``), non-overlapping w
 (documents: ``⌈data.eval_tokens / L⌉`` windows, each the start of one document or stated series,
 ``data.long_windows``; rows name them in ``units`` and say in ``units_note`` when fewer exist).
 Figure titles name the method briefly (``rope YaRN s=8``); the full spec is the caption.
-Dense attention switches to blockwise (``backend.eval_attention``) from 1024 positions on, or
+Dense attention switches to blockwise (``eval_lib.eval_attention``) from 1024 positions on, or
 when its ``B·H·L²·4`` score bytes exceed ``--dense_budget_gib``. One program is compiled per
 length: ``compiles`` in the JSON counts XLA compilations from JAX's monitoring events while
 scoring, ``programs`` the evaluator's cache.
@@ -48,7 +48,7 @@ import os
 
 from absl import app, flags
 
-from pe_research import backend, cli, eval_lib, eval_report, passkey
+from pe_research import cli, eval_lib, eval_report, passkey, runtime
 from pe_research.data import tokenizer_of
 from pe_research.data.pipeline import MODES
 from pe_research.encodings.registry import rope_scaling_names
@@ -71,7 +71,7 @@ _OVERRIDES = flags.DEFINE_string(
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Token budget; default data.eval_tokens.")
 _NAME = flags.DEFINE_string("name", None, "Output name under DIR/eval; default from the flags.")
 _BATCH_SIZE = flags.DEFINE_integer(
-  "batch_size", 1, "Windows per evaluation batch; 0: the backend's choice per length."
+  "batch_size", 1, "Windows per evaluation batch; 0: eval_lib.eval_batch_size (~1024 tokens)."
 )
 _ATTENTION = flags.DEFINE_string("attention", "auto", "auto, dense, blockwise or xla.")
 _DENSE_BUDGET = flags.DEFINE_float("dense_budget_gib", 1.0, "Dense score bytes allowed (auto).")
@@ -161,7 +161,7 @@ def evaluate(
   (default the run's training length; a fine-tuned run passes its base model's)."""
   if batch_size < 0 or (max_tokens is not None and max_tokens < 1) or passkey_trials < 0:
     raise ValueError(
-      "--batch_size must be >= 0 (0: the backend's choice per length), --max_tokens >= 1 and "
+      "--batch_size must be >= 0 (0: eval_lib.eval_batch_size), --max_tokens >= 1 and "
       "--passkey_trials >= 0"
     )
   model, config, step = load_model(workdir, rope_scaling=rope_scaling, overrides=overrides)
@@ -238,7 +238,7 @@ def _parse_json_object(text: str | None, flag: str) -> dict | None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     cli.exit_with_error(ValueError(f"unexpected arguments {argv[1:]}; allowed: flags only"))
-  backend.use_low_memory_schedule()
+  runtime.use_low_memory_schedule()
   quiet_library_logging()
   try:
     result = evaluate(

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pe_research import backend, checkpoint, sharding, signals
+from pe_research import checkpoint, runtime, sharding, signals
 from pe_research.metrics import MetricsLogger
 from pe_research.model import Transformer
 from pe_research.stacking import layers_stacked
@@ -146,7 +146,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh, tx) -> tuple[Any
   function directly into its shards (``state_specs``; no device holds the whole state at
   start-up); with ``fsdp = 1`` every device holds all of it anyway, and eager initialisation
   saves a compile."""
-  backend.warn_slow_dtype(config.model.compute_dtype)
+  runtime.warn_slow_dtype(config.model.compute_dtype)
   if mesh.shape["fsdp"] == 1:
     graphdef, state = init_train_state(config, tx)
     return graphdef, jax.device_put(state, NamedSharding(mesh, P()))

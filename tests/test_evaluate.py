@@ -13,7 +13,6 @@ from flax import nnx
 
 from configs import tiny
 from pe_research import (
-  backend,
   checkpoint,
   cli,
   eval_lib,
@@ -159,9 +158,9 @@ def test_long_lengths_are_scored_blockwise_with_the_eval_block(rope):
   assert [evaluator.attention_for(1, n) for n in (512, 1023, 1024, 4096)] == ["dense"] * 2 + [
     "blockwise"
   ] * 2
-  assert evaluator._plan(1, 1024) == ("blockwise", backend.EVAL_BLOCK)
-  assert backend.eval_attention("xla", 128, 8192, True) == ("xla", 128)  # kept as trained
-  assert backend.eval_attention("blockwise", 128, 8192, False) == ("blockwise", 128)
+  assert evaluator._plan(1, 1024) == ("blockwise", eval_lib.EVAL_BLOCK)
+  assert eval_lib.eval_attention("xla", 128, 8192, True) == ("xla", 128)  # kept as trained
+  assert eval_lib.eval_attention("blockwise", 128, 8192, False) == ("blockwise", 128)
 
 
 @pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
