@@ -100,9 +100,11 @@ def apply_rope(
     attention_factor: c, multiplied onto cos and sin.
 
   Returns:
-    ``[..., L, H, E]`` in ``x.dtype``; angles and the rotation are computed in float32.
+    ``[..., L, H, E]`` in ``x.dtype``; angles and the rotation are computed in float32, the
+    tables once per call (:func:`~pe_research.backend.materialised`), not per head.
   """
-  return rotate_pairs(x, *rope_tables(positions, inv_freq, attention_factor), layout)
+  tables_LxR = backend.materialised(*rope_tables(positions, inv_freq, attention_factor))
+  return rotate_pairs(x, *tables_LxR, layout)
 
 
 def interleaved_to_half(x: jax.Array, rotary_dim: int) -> jax.Array:
@@ -218,9 +220,9 @@ class RoPE(PositionalEncoding):
   def _rotate_to(self, x_BxLxHxE, angle_pos_BxL, pos_BxL, is_query: bool) -> jax.Array:
     """``x`` rotated by the angles of ``angle_pos``; queries log-n scaled by their ``pos``."""
     inv_freq, attention_factor = self.frequencies(x_BxLxHxE.shape[-3])
-    # The same as apply_rope, with the tables computed once (backend.materialised).
-    tables_LxR = backend.materialised(*rope_tables(angle_pos_BxL, inv_freq, attention_factor))
-    out_BxLxHxE = rotate_pairs(x_BxLxHxE, *tables_LxR, self.layout)
+    out_BxLxHxE = apply_rope(
+      x_BxLxHxE, angle_pos_BxL, inv_freq, layout=self.layout, attention_factor=attention_factor
+    )
     if not (is_query and self.logn_len):
       return out_BxLxHxE
     scale_BxLx1x1 = logn_scale(pos_BxL, self.logn_len)[..., None, None]
