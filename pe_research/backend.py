@@ -11,7 +11,7 @@ as written; it runs on any backend and is what the tests compare the tuned forms
   matmul / linear          fp32 accumulation in the forward and both backward products
                            (custom VJP, dW float32) on every policy; on the CPU every
                            transpose is a row-major copy and the result a fp32 convert
-  split                    its gradient is one concatenate                jnp.split
+  split(x, pieces, axis)   its gradient is one concatenate                jnp.split
   over_batch_pieces        attention's batch in per-core pieces          one call
   materialised(*tables)    tables through an identity matmul (a buffer)  the tables
   lookup_columns(t, idx)   one-hot matmul up to ``LOOKUP_MAX`` entries    a gather
@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -209,28 +211,30 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _concat_grad_split(x: jax.Array, pieces: int, axis: int) -> tuple[jax.Array, ...]:
-  return tuple(jnp.split(x, pieces, axis))
+def _concat_grad_split(x: jax.Array, sections, axis: int) -> tuple[jax.Array, ...]:
+  return tuple(jnp.split(x, sections, axis))
 
 
-def _split_fwd(x, pieces, axis):
-  return _concat_grad_split(x, pieces, axis), None
+def _split_fwd(x, sections, axis):
+  return _concat_grad_split(x, sections, axis), None
 
 
-def _split_bwd(pieces, axis, _, gs):
-  del pieces
+def _split_bwd(sections, axis, _, gs):
+  del sections
   return (jnp.concatenate(gs, axis),)
 
 
 _concat_grad_split.defvjp(_split_fwd, _split_bwd)
 
 
-def split(x: jax.Array, pieces: int, axis: int) -> tuple[jax.Array, ...]:
-  """``jnp.split(x, pieces, axis)``; in the tuned form its gradient is one concatenate of the
-  pieces' cotangents (autodiff's is a sum of zero-padded copies)."""
+def split(x: jax.Array, pieces: int | Sequence[int], axis: int) -> tuple[jax.Array, ...]:
+  """``x`` cut along ``axis`` into ``pieces`` equal pieces (an int) or pieces of the sizes
+  ``pieces`` (which sum to ``x.shape[axis]``), as ``jnp.split``; in the tuned form its gradient
+  is one concatenate of the pieces' cotangents (autodiff's is a sum of zero-padded copies)."""
+  sections = pieces if isinstance(pieces, int) else tuple(itertools.accumulate(pieces))[:-1]
   if policy().concat_split_grad:
-    return _concat_grad_split(x, pieces, axis)
-  return tuple(jnp.split(x, pieces, axis))
+    return _concat_grad_split(x, sections, axis)
+  return tuple(jnp.split(x, sections, axis))
 
 
 def batch_pieces(batch: int) -> int:
