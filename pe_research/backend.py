@@ -16,8 +16,10 @@ as written; it runs on any backend and is what the tests compare the tuned forms
   materialised(*tables)    tables through an identity matmul (a buffer)  the tables
   lookup_columns(t, idx)   one-hot matmul up to ``LOOKUP_MAX`` entries    a gather
   sum_leading(x)           pairwise halving over axis 0                   jnp.sum
-  transposed_key_grads     flash backward: dk, dv accumulated transposed  plain
-                           (bf16)
+  key_grads(dtype, rows)   flash backward: dk, dv summed transposed       summed directly
+                           (bf16), from copies of q^T, dout^T
+  block_loops(n, unroll)   flash block loops: Python loops up to ``unroll_blocks`` (8) per side
+                           in a gradient's passes, else ``lax`` loops (every policy)
   dot_product_attention_implementation: cuDNN for bf16/fp16 on GPU, else XLA.
   fast_attention(biased)   model.attention="fast": blockwise on the CPU; on TPU splash
                            without a bias, else the Pallas kernel; on GPU cuDNN without a
@@ -59,6 +61,8 @@ class Policy:
   lookup_by_matmul: bool = False
   pairwise_sum_leading: bool = False
   transposed_key_grads: bool = False
+  # Flash attention in a gradient computation: Python block loops up to this many blocks per side.
+  unroll_blocks: int = 8
   pallas_interpret: bool = True  # Pallas kernels in the interpreter (Mosaic on TPU only)
   # model.attention="fast": the implementation without a bias, and with a bias or far set.
   fast_attention_plain: str = "blockwise"
@@ -324,6 +328,85 @@ def fast_attention(biased: bool) -> str:
   return policy().fast_attention_bias if biased else policy().fast_attention_plain
 
 
-def transposed_key_grads(dtype) -> bool:
-  """Whether blockwise attention's backward pass accumulates ``dk``, ``dv`` transposed."""
-  return policy().transposed_key_grads and dtype != jnp.float32
+# ---- flash attention: its block loops and the form of dk, dv -----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLoops:
+  """Flash attention's loops over blocks: Python loops (``static``: static slices, one
+  straight-line program XLA schedules as a whole; int bounds) or ``lax`` loops (program size
+  independent of L; bounds may be traced)."""
+
+  static: bool
+
+  def fori(self, lo, hi, body, carry):
+    """``for i in range(lo, hi): carry = body(i, carry)``."""
+    if self.static:
+      for i in range(lo, hi):
+        carry = body(i, carry)
+      return carry
+    return jax.lax.fori_loop(lo, hi, body, carry)
+
+  def map(self, n: int, fn, carry):
+    """``ys[i], carry = fn(i, carry)`` for i < n; returns (stacked ys, carry)."""
+    if self.static:
+      ys = []
+      for i in range(n):
+        y, carry = fn(i, carry)
+        ys.append(y)
+      return jax.tree.map(lambda *y: jnp.stack(y), *ys), carry
+    carry, ys = jax.lax.scan(lambda c, i: fn(i, c)[::-1], carry, jnp.arange(n))
+    return ys, carry
+
+
+def block_loops(blocks: int, may_unroll: bool) -> BlockLoops:
+  """Python loops where the caller allows them (``may_unroll``: a pass of a gradient computation,
+  its block bounds static) over up to ``policy().unroll_blocks`` blocks per side, else ``lax``
+  loops (always for a forward pass without a gradient, i.e. evaluation)."""
+  return BlockLoops(may_unroll and blocks <= policy().unroll_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyGrads:
+  """How flash attention's backward pass sums ``x^T y_a`` into a key block's gradient (``dv +=
+  p^T dout_a``, ``dk += ds^T q_a``: ``x`` ``[B, G, T, P]``, ``y_a`` the T rows of query block
+  ``a``, contracted). Direct: ``[B, G, P, E]`` sums. ``transposed`` (bf16 on XLA:CPU, whose fast
+  matmul contracts a left operand on its last axis only): ``[B, G, E, P]`` sums of ``y_a^T x``,
+  reading row-major copies of ``y``'s blocks transposed, made once per call."""
+
+  transposed: bool
+  rows: int  # T, the rows of a query block
+
+  def operand(self, y_BxGxMxE: jax.Array) -> jax.Array:
+    """What :meth:`product` reads for ``y``: ``y``, or ``[J, B, G, E, T]`` (block ``j``
+    transposed) behind a barrier that keeps XLA from folding the copy back into the matmuls."""
+    if not self.transposed:
+      return y_BxGxMxE
+    b, g, m, d = y_BxGxMxE.shape
+    y_JxBxGxTxE = jnp.moveaxis(y_BxGxMxE.reshape(b, g, m // self.rows, self.rows, d), 2, 0)
+    return jax.lax.optimization_barrier(jnp.swapaxes(y_JxBxGxTxE, -1, -2))
+
+  def zeros(self, shape_BxGxPxE: tuple[int, ...]) -> jax.Array:
+    """A float32 sum of nothing for a key block shaped ``[B, G, P, E]``."""
+    *lead, block, d = shape_BxGxPxE
+    return jnp.zeros((*lead, d, block) if self.transposed else shape_BxGxPxE, jnp.float32)
+
+  def product(self, x_BxGxTxP: jax.Array, y_operand: jax.Array, a) -> jax.Array:
+    """``x^T y_a`` in the sums' form, float32; ``y_operand`` from :meth:`operand`."""
+    if self.transposed:
+      y_t_BxGxExT = y_operand[a]
+      return jnp.einsum(
+        "bgdq,bgqk->bgdk", y_t_BxGxExT, x_BxGxTxP, preferred_element_type=jnp.float32
+      )
+    y_BxGxTxE = jax.lax.dynamic_slice_in_dim(y_operand, a * self.rows, self.rows, axis=2)
+    return jnp.einsum("bgqk,bgqd->bgkd", x_BxGxTxP, y_BxGxTxE, preferred_element_type=jnp.float32)
+
+  def result(self, sums: jax.Array) -> jax.Array:
+    """The sums as ``[..., P, E]``."""
+    return jnp.swapaxes(sums, -1, -2) if self.transposed else sums
+
+
+def key_grads(dtype, rows: int) -> KeyGrads:
+  """The form of flash attention's ``dk``, ``dv`` sums for q of ``dtype`` and query blocks of
+  ``rows`` rows: transposed where the policy asks for it, and not in float32."""
+  return KeyGrads(policy().transposed_key_grads and dtype != jnp.float32, rows)

@@ -29,6 +29,10 @@ score matmuls and select (and split ``ds`` between the sets in the backward pass
 are static in the unrolled path and traced loop bounds in the ``lax`` path, so neither pays a
 ``cond`` or a discarded matmul. ``dq_far`` is a second ``[B, G, M, E]`` float32 accumulator.
 
+Which loops run (Python loops unrolled or ``lax`` loops: :func:`~pe_research.backend.block_loops`)
+and the form of the ``dk``, ``dv`` sums (:func:`~pe_research.backend.key_grads`) are the backend
+policy's; they change the program, not the values.
+
 Chunks (context parallelism, ``context_parallel.py``): :func:`flash_forward` and
 :func:`flash_backward` also take a query chunk over a key chunk of another part of the sequence,
 the queries ``shift`` blocks after the keys (possibly a traced value, e.g. from the shard's
@@ -51,47 +55,8 @@ from pe_research import backend
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-# In training (the forward and backward of a gradient), up to this many blocks per side the block
-# loops are Python loops (static slices, one straight-line program XLA can schedule); beyond it
-# they are ``lax`` loops (program size independent of L). A forward pass without a gradient
-# (evaluation) always takes the ``lax`` loops. Measured on XLA:CPU (Zen 4, 2 cores): d512x8
-# T=1024 train step with 128-blocks (8 per side), unrolled 1.07x the lax loops; forward
-# attention at batch 1 (9 / 3 heads), lax 1.4x unrolled at 2k (256-blocks), 1.7-2.1x at 4k
-# (512-blocks).
-_UNROLL_BLOCKS = 8
-
-
-def _loop(lo, hi, body, carry, static: bool):
-  """``for i in range(lo, hi): carry = body(i, carry)`` unrolled (static) or as a fori_loop."""
-  if static:
-    for i in range(lo, hi):
-      carry = body(i, carry)
-    return carry
-  return jax.lax.fori_loop(lo, hi, body, carry)
-
-
-def _map(n: int, fn, carry, static: bool):
-  """``ys[i], carry = fn(i, carry)`` for i < n; returns (stacked ys, carry)."""
-  if static:
-    ys = []
-    for i in range(n):
-      y, carry = fn(i, carry)
-      ys.append(y)
-    return jax.tree.map(lambda *y: jnp.stack(y), *ys), carry
-  carry, ys = jax.lax.scan(lambda c, i: fn(i, c)[::-1], carry, jnp.arange(n))
-  return ys, carry
-
-
 def _block(x: jax.Array, i, size: int, axis: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=axis)
-
-
-def _blocks_transposed(x_BxGxMxE: jax.Array, rows: int) -> jax.Array:
-  """``[J, B, G, E, T]``: block ``i`` (``T = rows``) of ``x`` transposed, as a row-major copy
-  (the barrier keeps XLA from folding the copy back into the matmuls that read it)."""
-  b, g, m, d = x_BxGxMxE.shape
-  x_JxBxGxTxE = jnp.moveaxis(x_BxGxMxE.reshape(b, g, m // rows, rows, d), 2, 0)
-  return jax.lax.optimization_barrier(jnp.swapaxes(x_JxBxGxTxE, -1, -2))
 
 
 def pack_heads(x_BxHxLxX: jax.Array, groups: int) -> jax.Array:
@@ -130,7 +95,7 @@ def _pair_ranges(x, n: int, block: int, window, static: bool, *, query_major: bo
   − shift``, ``a < n``. ``masked``: whether the range's blocks need the causal mask; None when
   static (the body compares the block indices). Without a far set the ``lax`` path gives the
   diagonal block a range of its own, so the blocks below it skip the mask's pass over the
-  scores (forward at 8k, batch 1: 1.08x with the pre-scaled q below, measured)."""
+  scores (docs/cpu_performance.md, "Forward attention at batch 1")."""
   diagonal = x if query_major else x - shift  # the other block index at δ = 0
   lo, hi = (0, _clamp(x + 1, 0, n, static)) if query_major else (_clamp(diagonal, 0, n, static), n)
   if window is None:
@@ -169,10 +134,12 @@ def _qk(q_BxGxTxE: jax.Array, k_BxGxPxE: jax.Array) -> jax.Array:
   return jnp.einsum("bgqd,bgkd->bgqk", q_BxGxTxE, k_BxGxPxE, preferred_element_type=jnp.float32)
 
 
-def _scaled(q_BxGxTxE: jax.Array) -> jax.Array:
-  """``q / sqrt(E)``: scaled once per query block, not per score (exact for E a power of 4)."""
-  return (q_BxGxTxE.astype(jnp.float32) * float(q_BxGxTxE.shape[-1]) ** -0.5).astype(
-    q_BxGxTxE.dtype
+def _scaled(q_BxGxMxE: jax.Array) -> jax.Array:
+  """``q / sqrt(E)`` in q's dtype: the whole q, once per pass (forward, backward), so no pass
+  over the scores scales them. Computed in float32 and rounded to q's dtype: exact where the
+  scale is a power of 2 (E a power of 4, e.g. 64), else one rounding of q in its dtype."""
+  return (q_BxGxMxE.astype(jnp.float32) * float(q_BxGxMxE.shape[-1]) ** -0.5).astype(
+    q_BxGxMxE.dtype
   )
 
 
@@ -219,7 +186,7 @@ def flash_forward(
   nq, nk = q_pos_BxQ.shape[1] // block, k_pos_BxK.shape[1] // block
   rows = q_BxGxMxE.shape[2] // nq
   s = shift[0] if shift else 0
-  static = unroll and not shift and nq <= _UNROLL_BLOCKS
+  loops = backend.block_loops(nq, may_unroll=unroll and not shift)
   q_sets, k_sets = tuple(_scaled(x) for x in (q_BxGxMxE, *far[:1])), (k_BxGxKxE, *far[1:])
 
   def query_block(a, carry):
@@ -251,15 +218,16 @@ def flash_forward(
       jnp.zeros((b, g, rows, d), jnp.float32),
     )
     state = init
-    for kind, lo, hi, masked in _pair_ranges(a + s, nk, block, window, static, query_major=True):
-      state = _loop(lo, hi, functools.partial(key_block, kind, masked), state, static)
+    ranges = _pair_ranges(a + s, nk, block, window, loops.static, query_major=True)
+    for kind, lo, hi, masked in ranges:
+      state = loops.fori(lo, hi, functools.partial(key_block, kind, masked), state)
     m_BxGxT, l_BxGxT, o_BxGxTxE = state
     if shift:  # A query block before every key of the chunk sees none (l = 0): out 0.
       l_BxGxT = jnp.maximum(l_BxGxT, np.finfo(np.float32).tiny)
     out_BxGxTxE = (o_BxGxTxE / l_BxGxT[..., None]).astype(q_BxGxMxE.dtype)
     return (out_BxGxTxE, m_BxGxT + jnp.log(l_BxGxT)), carry
 
-  (out_JxBxGxTxE, lse_JxBxGxT), _ = _map(nq, query_block, (), static)
+  (out_JxBxGxTxE, lse_JxBxGxT), _ = loops.map(nq, query_block, ())
   out_BxGxMxE = jnp.moveaxis(out_JxBxGxTxE, 0, 2).reshape(b, g, nq * rows, d)
   return out_BxGxMxE, jnp.moveaxis(lse_JxBxGxT, 0, 2).reshape(b, g, nq * rows)
 
@@ -273,8 +241,8 @@ def flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
   ``ds = p (dout_a v_c^T - D_a)``, ``dq_a += ds k_c / sqrt(E)``, ``dk_c += ds^T q_a / sqrt(E)``
   (``p^T``, ``ds^T`` contract the T rows: positions and the Y heads of a group), and ``ds`` is
   the cotangent of the bias block, pulled back to the bias parameters. With a far set, ``ds``
-  of the far pairs goes to ``dq_far``, ``dk_far`` instead. In bf16 on the CPU ``dk`` and ``dv``
-  are accumulated transposed (see ``transposed`` below).
+  of the far pairs goes to ``dq_far``, ``dk_far`` instead. ``dk_c``, ``dv_c`` are summed in the
+  backend's form (``keys``: :func:`~pe_research.backend.key_grads`).
   """
   q_BxGxMxE, k_BxGxKxE, v_BxGxKxE, q_pos_BxQ, k_pos_BxK, consts, far, shift = residuals[:8]
   out_BxGxMxE, lse_BxGxM = residuals[8:]
@@ -284,27 +252,14 @@ def flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
   nq, nk = q_pos_BxQ.shape[1] // block, length // block
   rows = q_BxGxMxE.shape[2] // nq
   s = shift[0] if shift else 0
-  static = not shift and nk <= _UNROLL_BLOCKS
+  loops = backend.block_loops(nk, may_unroll=not shift)
   scale = float(d) ** -0.5
   delta_BxGxM = jnp.sum(dout_BxGxMxE.astype(jnp.float32) * out_BxGxMxE.astype(jnp.float32), -1)
   dout_BxGxMxE = dout_BxGxMxE.astype(v_BxGxKxE.dtype)
 
-  # dk += ds^T q and dv += p^T dout contract the query axis; where the backend asks for it
-  # (bf16 on XLA:CPU) they are computed transposed, dk^T += q^T ds with q^T copied.
-  transposed = backend.transposed_key_grads(q_BxGxMxE.dtype)
-  q_t_sets, dout_t_JxBxGxExT = (None,) * len(q_sets), None
-  if transposed:
-    q_t_sets = tuple(_blocks_transposed(x, rows) for x in q_sets)
-    dout_t_JxBxGxExT = _blocks_transposed(dout_BxGxMxE, rows)
-
-  def pull_to_keys(x_BxGxTxP, y_BxGxMxE, y_t_JxBxGxExT, a):
-    """``x^T y_a`` (``[B, G, P, E]``), or its transpose when ``transposed``."""
-    if transposed:
-      return jnp.einsum(
-        "bgdq,bgqk->bgdk", y_t_JxBxGxExT[a], x_BxGxTxP, preferred_element_type=jnp.float32
-      )
-    y_BxGxTxE = _block(y_BxGxMxE, a, rows, 2)
-    return jnp.einsum("bgqk,bgqd->bgkd", x_BxGxTxP, y_BxGxTxE, preferred_element_type=jnp.float32)
+  keys = backend.key_grads(q_BxGxMxE.dtype, rows)
+  q_key_operands = tuple(keys.operand(x) for x in q_sets)
+  dout_key_operand = keys.operand(dout_BxGxMxE)
 
   def key_block(c, carry):
     k_blocks = tuple(_block(x, c, block, 2) for x in k_sets)
@@ -312,7 +267,7 @@ def flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
     k_pos_BxP = _block(k_pos_BxK, c, block, 1)
 
     def query_block(kind, masked, a, state):
-      dks, dv_BxGxPxE, dqs, dconsts = state  # dk per set, dv: [B, G, E, P] if transposed
+      dks, dv_BxGxPxE, dqs, dconsts = state  # dk per set, dv: in the form of keys
       dks, dqs = list(dks), list(dqs)
       q_blocks = {i: _block(q_scaled_sets[i], a, rows, 2) for i in _SETS[kind]}
       dout_BxGxTxE = _block(dout_BxGxMxE, a, rows, 2)
@@ -326,7 +281,7 @@ def flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
       s_BxGxTxP = _block_scores(pairs, bias, a + s, c, masked, window)
       p_BxGxTxP = jnp.exp(s_BxGxTxP - _block(lse_BxGxM, a, rows, 2)[..., None])
       p_cast = p_BxGxTxP.astype(v_BxGxKxE.dtype)
-      dv_BxGxPxE = dv_BxGxPxE + pull_to_keys(p_cast, dout_BxGxMxE, dout_t_JxBxGxExT, a)
+      dv_BxGxPxE = dv_BxGxPxE + keys.product(p_cast, dout_key_operand, a)
       dp_BxGxTxP = jnp.einsum(
         "bgqd,bgkd->bgqk", dout_BxGxTxE, v_BxGxPxE, preferred_element_type=jnp.float32
       )
@@ -344,18 +299,18 @@ def flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
           "bgqk,bgkd->bgqd", ds_set, k_blocks[i], preferred_element_type=jnp.float32
         )
         dqs[i] = jax.lax.dynamic_update_slice_in_dim(dqs[i], dq_BxGxTxE, a * rows, 2)
-        dks[i] = dks[i] + pull_to_keys(ds_set, q_sets[i], q_t_sets[i], a)
+        dks[i] = dks[i] + keys.product(ds_set, q_key_operands[i], a)
       if bias_vjp is not None:
         if bias.shape[0] == 1:  # One bias row broadcast over the batch: sum its cotangent.
           ds_BxGxTxP = backend.sum_leading(ds_BxGxTxP)
         dconsts = jax.tree.map(jnp.add, dconsts, bias_vjp(ds_BxGxTxP))
       return tuple(dks), dv_BxGxPxE, tuple(dqs), dconsts
 
-    zeros = jnp.zeros((b, g, d, block) if transposed else (b, g, block, d), jnp.float32)
+    zeros = keys.zeros((b, g, block, d))
     state = ((zeros,) * len(k_sets), zeros, *carry)
-    ranges = _pair_ranges(c, nq, block, window, static, query_major=False, shift=s)
+    ranges = _pair_ranges(c, nq, block, window, loops.static, query_major=False, shift=s)
     for kind, lo, hi, masked in ranges:
-      state = _loop(lo, hi, functools.partial(query_block, kind, masked), state, static)
+      state = loops.fori(lo, hi, functools.partial(query_block, kind, masked), state)
     dks, dv, dqs, dconsts = state
     return (dks, dv), (dqs, dconsts)
 
@@ -363,10 +318,8 @@ def flash_backward(bias_fn, block, window, residuals, dout_BxGxMxE):
     tuple(jnp.zeros(x.shape, jnp.float32) for x in q_sets),
     tuple(jnp.zeros_like(x) for x in consts),
   )
-  (dks_JxBxGxPxE, dv_JxBxGxPxE), (dqs_BxGxMxE, dconsts) = _map(nk, key_block, init, static)
-  if transposed:
-    dks_JxBxGxPxE = tuple(jnp.swapaxes(x, -1, -2) for x in dks_JxBxGxPxE)
-    dv_JxBxGxPxE = jnp.swapaxes(dv_JxBxGxPxE, -1, -2)
+  (dks, dv), (dqs_BxGxMxE, dconsts) = loops.map(nk, key_block, init)
+  dks_JxBxGxPxE, dv_JxBxGxPxE = tuple(keys.result(x) for x in dks), keys.result(dv)
   to_full = lambda x_JxBxGxPxE: jnp.moveaxis(x_JxBxGxPxE, 0, 2).reshape(b, g, length, d)
   grads = (dqs_BxGxMxE[0], to_full(dks_JxBxGxPxE[0]), to_full(dv_JxBxGxPxE))
   grads = tuple(grad.astype(x.dtype) for grad, x in zip(grads, residuals[:3], strict=True))

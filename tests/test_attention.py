@@ -315,7 +315,7 @@ def test_grouped_query_attention_equals_repeated_kv(impl, kv_heads, with_bias):
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_blockwise_grouped_query_lax_loops_equal_repeated_kv(kv_heads):
-  """10 blocks (``lax`` loops, above ``_UNROLL_BLOCKS``): output and gradients as above."""
+  """10 blocks (``lax`` loops, above ``Policy.unroll_blocks``): output and gradients as above."""
   qkv = _qkv(37, seed=2, heads=GQA_HEADS, kv_heads=kv_heads)
   params = _bias_params(GQA_HEADS)
   out, grads = _gqa_out_and_grads("blockwise", qkv, params)
