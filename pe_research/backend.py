@@ -18,8 +18,8 @@ as written; it runs on any backend and is what the tests compare the tuned forms
   sum_leading(x)           pairwise halving over axis 0                   jnp.sum
   key_grads(dtype, rows)   flash backward: dk, dv summed transposed       summed directly
                            (bf16), from copies of q^T, dout^T
-  block_loops(n, unroll)   flash block loops: Python loops up to ``unroll_blocks`` (8) per side
-                           in a gradient's passes, else ``lax`` loops (every policy)
+  block_loops(n, may_unroll)  flash block loops: Python loops up to ``unroll_blocks`` (8) per
+                           side in a gradient's passes, else ``lax`` loops (every policy)
   dot_product_attention_implementation: cuDNN for bf16/fp16 on GPU, else XLA.
   fast_attention(biased)   model.attention="fast": blockwise on the CPU; on TPU splash
                            without a bias, else the Pallas kernel; on GPU cuDNN without a

@@ -8,8 +8,9 @@
                              (:func:`cpu_isa_flags`, :func:`slow_dtype_message`)
   CompileCounter             XLA backend compilations counted in this process
 
-The kernels and the policy that picks their form are in :mod:`pe_research.backend`; why each
-setting exists, with the numbers that measured it: docs/cpu_performance.md, "Process set-up".
+The kernels and the policy that picks their form are in :mod:`pe_research.backend`. Why each
+setting exists, with the numbers that measured it: docs/cpu_performance.md, "Process set-up and
+evaluation choices".
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def use_low_memory_schedule() -> None:
 
 # CPU instructions that multiply bf16 operands natively; without them XLA:CPU widens bf16 matmul
 # operands to float32, and bf16 training runs slower than float32 (docs/cpu_performance.md,
-# "Process set-up").
+# "Process set-up and evaluation choices").
 BF16_DOT_ISA = ("avx512_bf16", "amx_bf16")
 
 
