@@ -235,7 +235,12 @@ def split(x: jax.Array, pieces: int | Sequence[int], axis: int) -> tuple[jax.Arr
   """``x`` cut along ``axis`` into ``pieces`` equal pieces (an int) or pieces of the sizes
   ``pieces`` (which sum to ``x.shape[axis]``), as ``jnp.split``; in the tuned form its gradient
   is one concatenate of the pieces' cotangents (autodiff's is a sum of zero-padded copies)."""
-  sections = pieces if isinstance(pieces, int) else tuple(itertools.accumulate(pieces))[:-1]
+  if isinstance(pieces, int):
+    sections = pieces
+  elif sum(pieces) == x.shape[axis]:
+    sections = tuple(itertools.accumulate(pieces))[:-1]
+  else:
+    raise ValueError(f"split: sizes {tuple(pieces)} must sum to axis {axis}'s {x.shape[axis]}")
   if policy().concat_split_grad:
     return _concat_grad_split(x, sections, axis)
   return tuple(jnp.split(x, sections, axis))
