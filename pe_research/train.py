@@ -172,8 +172,7 @@ def softmax_nll(logits_NxV: jax.Array, targets_N: jax.Array) -> jax.Array:
   Same values and gradient as ``optax.softmax_cross_entropy_with_integer_labels`` on the
   float32 logits; the gradient ``(softmax - onehot) g`` is computed in float32 and written once,
   in the logits' dtype. bf16 training: one pass over ``[N, V]`` instead of an fp32 gradient and
-  a separate conversion kernel (2.3 ms of a 65 ms 125M-parameter step on an H200; the step got
-  4% faster with this loss).
+  a separate conversion kernel (measured on an H200: docs/gpu_benchmark.md).
   """
   return _softmax_nll_fwd(logits_NxV, targets_N)[0]
 
@@ -333,8 +332,8 @@ def jit_train_step(
   With ``steps_per_call > 1`` the compiled call runs that many steps, a ``lax.scan`` over batches
   stacked on a leading axis of that size (``global_batch(..., stacked=True)``), and returns each
   metric with that leading axis. On the CPU this matters: XLA:CPU allocates a call's temporary
-  buffers afresh and the kernel faults every page of them in again (20% of a d=256, 4-layer
-  step); ``steps_per_call`` steps per call pay that once.
+  buffers afresh and the kernel faults every page of them in again; ``steps_per_call`` steps
+  per call pay that once (docs/cpu_performance.md, "third round").
   """
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   replicated = NamedSharding(mesh, P())
