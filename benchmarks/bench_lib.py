@@ -56,41 +56,6 @@ def rss_gib(peak: bool = True) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def machine() -> dict:
-  """The CPU model, its SIMD/matrix ISA flags and the usable cores (timings depend on all
-  three; the machine here changes from day to day), from /proc/cpuinfo."""
-  info = {}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-  except OSError:
-    pass
-  flags = info.get("flags", "").split()
-  isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {
-    "cpu": info.get("model name", "unknown"),
-    "vendor": info.get("vendor_id", "unknown"),
-    "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
-    "isa": isa,
-    "cores": cores,
-    **_clock_mhz(info),
-  }
-
-
-def _clock_mhz(cpuinfo: dict) -> dict:
-  """The clock: cpufreq's maximum (what ``lscpu`` calls max MHz) where the kernel exposes it,
-  else /proc/cpuinfo's "cpu MHz" of the first core (in a VM: the host's nominal clock)."""
-  try:
-    with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
-      return {"mhz": int(f.read()) / 1000, "mhz_source": "cpufreq cpuinfo_max_freq"}
-  except (OSError, ValueError):
-    mhz = float(cpuinfo.get("cpu MHz", "nan"))
-    return {"mhz": mhz, "mhz_source": '/proc/cpuinfo "cpu MHz"'}
-
-
 def fp32_flop_per_cycle(info: dict) -> tuple[int, str]:
   """``(FP32 FLOP per cycle per core, the assumption)`` from the vendor, family and ISA flags:
   FMA pipes x fp32 lanes per pipe x 2 (multiply and add)."""

@@ -43,7 +43,6 @@ from flax import nnx
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
 from benchmarks.bench_lib import (
   cpu_peak_gflops,
-  machine,
   matmul_peak_gflops,
   model_config,
   random_batch,
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
   results = {
     "machine": f"Load {os.getloadavg()[0]:.1f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
     f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}.",
-    "machine_info": machine() | {"jax": jax.__version__},
+    "machine_info": runtime.machine() | {"jax": jax.__version__},
   }
   results["cpu_peak"] = cpu_peak_gflops(results["machine_info"])
   peaks = {

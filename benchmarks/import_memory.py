@@ -32,6 +32,7 @@ import tempfile
 import numpy as np
 
 from benchmarks import bench_lib
+from pe_research import runtime
 
 MODES = ("whole_dict", "streaming", "streaming_host", "import")
 HF_CONFIG = {
@@ -156,7 +157,7 @@ def main() -> None:
   lines = [
     "# Peak host memory of importing an HF folder (each run a fresh process)",
     "",
-    f"Machine: {json.dumps(bench_lib.machine())}",
+    f"Machine: {json.dumps(runtime.machine())}",
     f"Synthetic Llama folder: {json.dumps(HF_CONFIG)}; bf16 in {len(shard_files)} shards.",
     f"float32 sizes: model {gib['model']:.3f} GiB, largest layer {gib['largest_layer']:.3f} GiB, "
     f"largest tensor of ours {gib['largest_tensor']:.3f} GiB.",
@@ -183,7 +184,7 @@ def main() -> None:
     "includes the CPU device's own copy of the tensor being placed, which an accelerator holds "
     "in device memory). On a CPU the placed model itself is host memory (streaming, import).",
   ]
-  results = {"machine": bench_lib.machine(), "hf_config": HF_CONFIG, "sizes": sizes, "rows": rows}
+  results = {"machine": runtime.machine(), "hf_config": HF_CONFIG, "sizes": sizes, "rows": rows}
   bench_lib.write_results(args.out, results, lines)
 
 

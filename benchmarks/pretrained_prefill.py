@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from benchmarks.bench_lib import machine, rss_gib, write_results
+from benchmarks.bench_lib import rss_gib, write_results
 from pe_research import runtime
 
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
           row = _run_child("hf", tmp, os.path.abspath(args.workdir), length, args.repeats)
         rows.append({"system": system, "length": length} | row)
         print(json.dumps(rows[-1]), flush=True)
-  results = {"workdir": args.workdir, "machine": machine(), "rows": rows}
+  results = {"workdir": args.workdir, "machine": runtime.machine(), "rows": rows}
   write_results(args.out, results, report_lines(results))
   return results
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 
 import numpy as np
 
 from experiments import figure_report
 from experiments.extension_methods import BY_LABEL, FIXED_S, METHODS, RECIPE_MIN_STEPS
-from pe_research import eval_report, niah, stats
+from pe_research import eval_report, niah, runtime, stats
 
 EXPLODES = 2.0  # "Explodes past L": ppl beyond L more than twice ppl inside L, same windows.
 _READING = {
@@ -186,6 +187,22 @@ def findings(rows: list[dict], train_len: int, factor: int, niah_rows: dict) -> 
     versus_base = None if method == "none" else base
     out += [f"- NIAH: {line}" for line in niah.verdicts(cells, train_len, method, versus_base)]
   return out
+
+
+def run_conditions() -> str:
+  """The machine this invocation ran on, its load and its peak resident memory (a timing is
+  only read with them: the CPU here changes between days, and other jobs slow a run)."""
+  m = runtime.machine()
+  cores, load = m["cores"], os.getloadavg()
+  shared = "other jobs shared the cores" if load[2] > cores + 0.5 else "no other load to speak of"
+  peak = max(
+    resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+  )
+  return (
+    f"Machine: {m['cpu']} (family/model {m['family_model']}; {', '.join(m['isa']) or 'no AVX'}), "
+    f"{cores} cores; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 "
+    f"/ 15 min: {shared}); peak RSS of this invocation {peak / 2**20:.2f} GiB."
+  )
 
 
 def provenance(workdir: str) -> str:
@@ -372,6 +389,8 @@ def write_outputs(out, args, preset, rows, niah_rows, train_len, wall) -> None:
     f"evaluations behind this report measured {_eval_minutes(rows):.1f} min in all "
     "(compilation included; cached ones kept their own times; NIAH and fine-tuning not "
     f"included). Command: `{' '.join(args.command)}`.",
+    "",
+    run_conditions(),
     "",
     *_method_notes(preset, rows),
   ]

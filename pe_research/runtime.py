@@ -7,6 +7,8 @@
   warn_slow_dtype(dtype)     a one-line warning for bf16 on a CPU without bf16 dot instructions
                              (:func:`cpu_isa_flags`, :func:`slow_dtype_message`)
   CompileCounter             XLA backend compilations counted in this process
+  machine()                  the CPU model, ISA flags, usable cores and clock (every timing
+                             names its machine)
 
 The kernels and the policy that picks their form are in :mod:`pe_research.backend`. Why each
 setting exists, with the numbers that measured it: docs/cpu_performance.md, "Process set-up and
@@ -64,6 +66,41 @@ def cpu_isa_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
   except OSError:
     pass
   return frozenset()
+
+
+def machine() -> dict:
+  """The CPU model, its SIMD/matrix ISA flags and the usable cores (timings depend on all
+  three; the machine here changes from day to day), from /proc/cpuinfo."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  flags = info.get("flags", "").split()
+  isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {
+    "cpu": info.get("model name", "unknown"),
+    "vendor": info.get("vendor_id", "unknown"),
+    "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+    "isa": isa,
+    "cores": cores,
+    **_clock_mhz(info),
+  }
+
+
+def _clock_mhz(cpuinfo: dict) -> dict:
+  """The clock: cpufreq's maximum (what ``lscpu`` calls max MHz) where the kernel exposes it,
+  else /proc/cpuinfo's "cpu MHz" of the first core (in a VM: the host's nominal clock)."""
+  try:
+    with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+      return {"mhz": int(f.read()) / 1000, "mhz_source": "cpufreq cpuinfo_max_freq"}
+  except (OSError, ValueError):
+    mhz = float(cpuinfo.get("cpu MHz", "nan"))
+    return {"mhz": mhz, "mhz_source": '/proc/cpuinfo "cpu MHz"'}
 
 
 def slow_dtype_message(compute_dtype: str, platform: str, isa: frozenset[str]) -> str | None:

@@ -15,6 +15,7 @@ from benchmarks import (
   gpu_benchmark,
   pretrained_prefill,
 )
+from pe_research import runtime
 
 
 def test_smoke_benchmark_writes_every_required_training_key(tmp_path, no_compilation_cache):
@@ -240,7 +241,7 @@ def test_prefill_comparison_uses_warm_calls_and_calls_each_target():
   assert short["memory"] == pytest.approx(0.4) and short["memory_pass"]
   assert long["speed"] == pytest.approx(354.5 / 424.2) and not long["speed_pass"]
   assert long["memory_pass"] and long["nll_diff"] == pytest.approx(1e-4)
-  results = {"workdir": "w", "machine": bench_lib.machine(), "rows": rows}
+  results = {"workdir": "w", "machine": runtime.machine(), "rows": rows}
   report = "\n".join(pretrained_prefill.report_lines(results))
   assert "| 32768 | 0.84 | FAIL | 0.15 | PASS |" in report
   assert "| 2048 | 2.00 | PASS | 0.40 | PASS |" in report

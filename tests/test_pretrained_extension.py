@@ -218,6 +218,8 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   report = (out / "REPORT.md").read_text()
   assert "Does the published shape appear?" in report and "Needle in a haystack" in report
   assert "tokenizer: the source's own" in report and "minimal adaptation" in report
+  assert "Machine: " in report and " cores; load average at the end " in report
+  assert "peak RSS of this invocation" in report
   assert (out / "text.png").is_file()
   with open(out / "niah.csv") as f:
     niah_rows = list(csv.DictReader(f))
