@@ -4,6 +4,13 @@ One persistent JAX compilation cache per test run (``PE_RESEARCH_TEST_CACHE=0`` 
 shared by the pytest-xdist workers and by the subprocesses tests start (training and
 evaluation CLIs, kill/resume runs): an executable compiled once is loaded afterwards.
 Tests that count compilations turn it off for themselves (``no_compilation_cache``).
+
+XLA:CPU compiles the suite's programs with LLVM at -O0 (``TEST_XLA_FLAGS``; the test processes
+and every subprocess inherit it): the suite compiles hundreds of small programs and runs most for
+milliseconds, so code generation is most of its time. The optimization level changes how fast a
+program runs, not what it computes: ``test_compile_flags`` runs one model's loss and gradients
+for several encodings at -O0 and at XLA's default and requires them equal.
+``PE_RESEARCH_TEST_XLA_OPT=default`` runs the whole suite at XLA's default level.
 """
 
 import os
@@ -11,6 +18,10 @@ import shutil
 import tempfile
 
 import pytest
+
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if os.environ.get("PE_RESEARCH_TEST_XLA_OPT", "0") != "default":
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 _OWN_CACHE = None
 if (

@@ -9,11 +9,15 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def xla_env(devices: int = 8) -> dict[str, str]:
+  """The environment's ``XLA_FLAGS`` (the suite's, conftest.py) with ``devices`` CPU devices."""
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  return {"XLA_FLAGS": flags.strip()}
+
+
 def run(script: str, *args: str, devices: int = 8) -> str:
   """The script's standard output; fails the test with its standard error if it fails."""
-  env = dict(
-    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=REPO
-  )
+  env = dict(os.environ, **xla_env(devices), PYTHONPATH=REPO)
   result = subprocess.run(
     [sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True
   )

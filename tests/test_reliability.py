@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import fake_devices
 import jax
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ MESH_RUN = [
   *("--config.model.scan_layers=True", "--config.model.remat=full"),
   "--config.train.grad_accum_steps=2",
 ]
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = fake_devices.xla_env(8)
 
 
 def _command(workdir, *flags: str, module: str = "pe_research.main") -> list[str]:
