@@ -53,7 +53,7 @@ format: $(DEV_STAMP)
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 bench: $(DEV_STAMP)
 	$(PY) -m benchmarks.benchmark $(ARGS)
