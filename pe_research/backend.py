@@ -11,7 +11,6 @@ as written; it runs on any backend and is what the tests compare the tuned forms
   matmul / linear          fp32 accumulation in the forward and both backward products
                            (custom VJP, dW float32) on every policy; on the CPU every
                            transpose is a row-major copy and the result a fp32 convert
-  split(x, pieces, axis)   its gradient is one concatenate                jnp.split
   over_batch_pieces        attention's batch in per-core pieces          one call
   materialised(*tables)    tables through an identity matmul (a buffer)  the tables
   lookup_columns(t, idx)   one-hot matmul up to ``LOOKUP_MAX`` entries    a gather
@@ -39,9 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import os
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +52,6 @@ class Policy:
   float32_activations: bool = False
   cpu_matmul: bool = False
   low_precision_matmul_output: bool = False
-  concat_split_grad: bool = False
   attention_batch_pieces: int = 1  # At most this many pieces (the cores this process may use).
   materialise_tables: bool = False
   lookup_by_matmul: bool = False
@@ -86,7 +82,6 @@ class Policy:
       platform,
       float32_activations=True,
       cpu_matmul=True,
-      concat_split_grad=True,
       # Several CPU devices (data parallelism) already run their shards side by side.
       attention_batch_pieces=cores if local_devices == 1 else 1,
       materialise_tables=True,
@@ -211,39 +206,7 @@ def _matmul_bwd(out_dtype, w_transposed, operand_dtype, residuals, g_NxF):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-# ---- split, batch pieces, tables ---------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _concat_grad_split(x: jax.Array, sections, axis: int) -> tuple[jax.Array, ...]:
-  return tuple(jnp.split(x, sections, axis))
-
-
-def _split_fwd(x, sections, axis):
-  return _concat_grad_split(x, sections, axis), None
-
-
-def _split_bwd(sections, axis, _, gs):
-  del sections
-  return (jnp.concatenate(gs, axis),)
-
-
-_concat_grad_split.defvjp(_split_fwd, _split_bwd)
-
-
-def split(x: jax.Array, pieces: int | Sequence[int], axis: int) -> tuple[jax.Array, ...]:
-  """``x`` cut along ``axis`` into ``pieces`` equal pieces (an int) or pieces of the sizes
-  ``pieces`` (which sum to ``x.shape[axis]``), as ``jnp.split``; in the tuned form its gradient
-  is one concatenate of the pieces' cotangents (autodiff's is a sum of zero-padded copies)."""
-  if isinstance(pieces, int):
-    sections = pieces
-  elif sum(pieces) == x.shape[axis]:
-    sections = tuple(itertools.accumulate(pieces))[:-1]
-  else:
-    raise ValueError(f"split: sizes {tuple(pieces)} must sum to axis {axis}'s {x.shape[axis]}")
-  if policy().concat_split_grad:
-    return _concat_grad_split(x, sections, axis)
-  return tuple(jnp.split(x, sections, axis))
+# ---- batch pieces, tables ---------------------------------------------------------------------
 
 
 def batch_pieces(batch: int) -> int:
@@ -266,8 +229,6 @@ def over_batch_pieces(fn, *xs_BxX: jax.Array | None) -> jax.Array:
   def cut(x):
     if x is None or x.shape[0] == 1:
       return (x,) * pieces
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-      return split(x, pieces, 0)
     return tuple(jnp.split(x, pieces, 0))
 
   cuts = [cut(x) for x in xs_BxX]

@@ -176,7 +176,7 @@ class Attention(nnx.Module):
     h, g = self.num_heads, self.num_kv_heads
     qkv_BxLxA = checkpoint_name(self.qkv(x_BxLxD), "qkv_proj")
     qkv_BxLxAxE = qkv_BxLxA.reshape(b, length, h + 2 * g, self.head_dim)
-    q_BxLxHxE, k_BxLxGxE, v_BxLxGxE = backend.split(qkv_BxLxAxE, (h, g, g), axis=2)
+    q_BxLxHxE, k_BxLxGxE, v_BxLxGxE = jnp.split(qkv_BxLxAxE, (h, h + g), axis=2)
     dtype = v_BxLxGxE.dtype  # activation_dtype: attend rounds its operands to the compute dtype.
     # Self-Extend, ReRoPE: the logits of pairs i - j >= W from a second rotation of q and k.
     far = enc.far_set(q_BxLxHxE, k_BxLxGxE, pos_BxL, dtype)

@@ -80,40 +80,6 @@ def test_matmul_values_and_gradients(use_policy, cpu_forms, w_transposed, d, f):
   np.testing.assert_allclose(np.asarray(dw_bf16, np.float32), round_(dw), rtol=1e-2, atol=1e-5)
 
 
-@pytest.mark.parametrize("axis", [0, 2])
-@pytest.mark.parametrize("concat_grad", [True, False])
-def test_split_has_jnp_split_values_and_gradient(use_policy, concat_grad, axis):
-  """``backend.split``: the pieces of ``jnp.split``; its VJP (one concatenate in the tuned form)
-  puts each piece's cotangent back where the piece came from."""
-  use_policy(concat_split_grad=concat_grad)
-  x = jax.random.normal(jax.random.key(0), (4, 3, 6, 2))
-  pieces = jnp.split(x, 2, axis)
-  weights = [jax.random.normal(jax.random.key(i + 1), p.shape) for i, p in enumerate(pieces)]
-  loss = lambda f: lambda x: sum(jnp.sum(w * p**2) for w, p in zip(weights, f(x), strict=True))
-  for got, want in zip(backend.split(x, 2, axis), pieces, strict=True):
-    np.testing.assert_array_equal(got, want)
-  got = jax.jit(jax.grad(loss(lambda x: backend.split(x, 2, axis))))(x)
-  np.testing.assert_allclose(got, jax.grad(loss(lambda x: jnp.split(x, 2, axis)))(x), rtol=1e-6)
-
-
-@pytest.mark.parametrize("concat_grad", [True, False])
-def test_split_into_sizes_cuts_unequal_pieces(use_policy, concat_grad):
-  """``backend.split`` with sizes (the q/k/v heads of grouped-query attention): the pieces of
-  ``jnp.split`` at the sizes' running sums, and their gradient; sizes that do not cover the axis
-  are refused."""
-  use_policy(concat_split_grad=concat_grad)
-  x = jax.random.normal(jax.random.key(0), (2, 3, 8, 2))
-  pieces = jnp.split(x, (4, 6), 2)
-  weights = [jax.random.normal(jax.random.key(i + 1), p.shape) for i, p in enumerate(pieces)]
-  loss = lambda f: lambda x: sum(jnp.sum(w * p**2) for w, p in zip(weights, f(x), strict=True))
-  for got, want in zip(backend.split(x, (4, 2, 2), 2), pieces, strict=True):
-    np.testing.assert_array_equal(got, want)
-  got = jax.jit(jax.grad(loss(lambda x: backend.split(x, (4, 2, 2), 2))))(x)
-  np.testing.assert_allclose(got, jax.grad(loss(lambda x: jnp.split(x, (4, 6), 2)))(x), rtol=1e-6)
-  with pytest.raises(ValueError, match="must sum to"):
-    backend.split(x, (4, 2), 2)
-
-
 def test_batch_pieces_divide_the_batch_up_to_the_policy(use_policy):
   use_policy(attention_batch_pieces=4)
   assert [backend.batch_pieces(b) for b in (1, 2, 3, 6, 7, 8, 16)] == [1, 2, 3, 3, 1, 4, 4]
