@@ -9,15 +9,16 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def xla_env(devices: int = 8) -> dict[str, str]:
-  """The environment's ``XLA_FLAGS`` (the suite's, conftest.py) with ``devices`` CPU devices."""
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-  return {"XLA_FLAGS": flags.strip()}
+def xla_env(devices: int = 8, flags: str | None = None) -> dict[str, str]:
+  """``flags`` (default: the environment's ``XLA_FLAGS``, the suite's, conftest.py) with
+  ``devices`` CPU devices."""
+  flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+  return {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
 
 
-def run(script: str, *args: str, devices: int = 8) -> str:
+def run(script: str, *args: str, devices: int = 8, flags: str | None = None) -> str:
   """The script's standard output; fails the test with its standard error if it fails."""
-  env = dict(os.environ, **xla_env(devices), PYTHONPATH=REPO)
+  env = dict(os.environ, **xla_env(devices, flags), PYTHONPATH=REPO)
   result = subprocess.run(
     [sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True
   )
@@ -25,6 +26,6 @@ def run(script: str, *args: str, devices: int = 8) -> str:
   return result.stdout
 
 
-def run_json(script: str, *args: str) -> dict:
-  """The JSON object the script prints on its last line."""
-  return json.loads(run(script, *args).strip().splitlines()[-1])
+def run_json(script: str, *args: str, **kwargs) -> dict:
+  """The JSON object the script prints on its last line (``kwargs``: :func:`run`'s)."""
+  return json.loads(run(script, *args, **kwargs).strip().splitlines()[-1])

@@ -9,14 +9,12 @@ must agree to float32 rounding. A flag that changed the arithmetic would fail he
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import conftest
+import fake_devices
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {  # name: (pe.name, model.attention, extra pe fields)
   "rope_dense": ("rope", "dense", {}),
   "alibi_blockwise": ("alibi", "blockwise", {}),
@@ -50,16 +48,7 @@ _SCRIPT = textwrap.dedent(
 
 
 def _values(xla_flags: str) -> dict:
-  env = dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=REPO)
-  result = subprocess.run(
-    [sys.executable, "-c", _SCRIPT, json.dumps(CASES)],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return fake_devices.run_json(_SCRIPT, json.dumps(CASES), devices=1, flags=xla_flags)
 
 
 def test_the_suites_optimization_level_computes_what_the_default_computes():
