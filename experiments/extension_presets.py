@@ -25,6 +25,7 @@ class Preset:
   niah_depths: tuple[float, ...]  # The control's depths; beyond L those of them beyond L.
   niah_trials: int  # Keys per cell, each on its own document of the first text kind.
   niah_methods: tuple[str, ...]
+  niah_horizon: tuple[int, ...]  # The base's ("none") horizon: depth-0 cells at these n < L.
   other_methods: tuple[str, ...]  # Text kinds after the first: these methods ...
   other_lengths: tuple[int, ...]  # ... at these lengths.
   ft_methods: tuple[str, ...]  # Labels of the fine-tuned methods ("PI (ft)", ...).
@@ -45,14 +46,16 @@ _TEXTS = {
 _FREQUENCY = ("none", "PI", "NTK", "YaRN")
 _TRAINING_FREE = ("none", "Self-Extend", "ReRoPE")
 _MORE = ("none", "dynamic NTK", "log-n", "ReRoPE (clip only)")
-_NO_NIAH = dict(niah_lengths=(), niah_depths=(), niah_trials=0, niah_methods=())  # cpu-niah
+_NO_NIAH = dict(  # cpu-niah
+  niah_lengths=(), niah_depths=(), niah_trials=0, niah_methods=(), niah_horizon=()
+)
 _NO_FT = dict(ft_methods=(), ft_steps=0, ft_seq_len=0, pose_seq_len=0)
-# The cpu presets: measured per-window cost of one SmolLM2 evaluation here (AMD EPYC Zen 4, 2
-# cores): 2k 6 s, 8k 53 s, 12k ~100 s, 16k 130-240 s (the upper end: two logit sets, Self-Extend
-# and ReRoPE), 32k 11.5 min (a Zen 3 is 1.5-2x slower). Each preset is planned for <= 60 min on a
-# Zen 4 at 12k windows (s = 1.5), 8 documents per length, with Self-Extend / ReRoPE at up to
-# ~185 s a window; the base model's evaluations are cached and shared between presets (same
-# workdir). Estimates per preset: docs/pretrained_extension/PROTOCOL.md.
+# The cpu presets, planned for <= 60 min each on a Zen 4 (2 cores) at 12k windows (s = 1.5), 8
+# documents per length; the base model's evaluations are cached and shared between presets run
+# on the same code (same workdir). Measured per 12,288-token window (AMD EPYC Zen 4): 61-70 s
+# for a one-logit-set method, 76-77 s for Self-Extend / ReRoPE (two logit sets only in the
+# blocks that straddle their window); earlier: 2k 6 s, 8k 53 s, 16k 130-240 s, 32k 11.5 min; a
+# Zen 3 is 1.5-2x slower. Per preset: docs/pretrained_extension/PROTOCOL.md.
 _CPU = dict(
   factor=4,
   lengths=(12288,),
@@ -84,6 +87,7 @@ PRESETS = {
     niah_depths=(0.0, 1.0),
     niah_trials=2,  # Tiny: the wiring, not a measurement.
     niah_methods=("none", "YaRN"),
+    niah_horizon=(),  # Below L = 64 bytes no prompt fits.
     other_methods=(),
     other_lengths=(),
     ft_methods=("YaRN (ft)", "PoSE (ft)"),  # PI (ft) runs YaRN (ft)'s code path.
@@ -92,8 +96,8 @@ PRESETS = {
     pose_seq_len=64,
     data={"text": {}},
   ),
-  # The frequency methods at s = n / L (53 min), plus PI at the fixed s = 4 inside L on 2k
-  # windows against the base (8 × 2 × 6 s: PI's published cost inside L).
+  # The frequency methods at s = n / L and PI at s = 4 (5 × 8 × ~70 s), plus PI (s = 4) inside
+  # L on 2k windows against the base (8 × 2 × 6 s: PI's published cost inside L): ~48 min.
   "cpu": Preset(
     **_CPU,
     methods=(*_FREQUENCY, f"PI (s={FIXED_S})"),
@@ -101,12 +105,12 @@ PRESETS = {
     **_NO_NIAH,
     **_NO_FT,
   ),
-  # The training-free methods with two logit sets (the base model's rows cached from `cpu`):
-  # 8 × 2 × 100-185 s ≈ 27-49 min.
+  # The training-free methods with two logit sets: 8 × (70 + 2 × 77 s) ≈ 30 min (the base's
+  # rows cached from `cpu` on the same code, 21 min).
   "cpu-free": Preset(**_CPU, methods=_TRAINING_FREE, inside_lengths=(), **_NO_NIAH, **_NO_FT),
-  # Dynamic NTK, log-n and ReRoPE without log-n: 8 × (2 × 100 + 100-185 s) ≈ 40-51 min.
+  # Dynamic NTK, log-n and ReRoPE without log-n: 8 × (2 × 63 + 68 s) ≈ 26 min (base cached).
   "cpu-more": Preset(**_CPU, methods=_MORE, inside_lengths=(), **_NO_NIAH, **_NO_FT),
-  # English prose: the base, YaRN and Self-Extend: 8 × (2 × 100 + 100-185 s) ≈ 40-51 min.
+  # English prose: the base, YaRN and Self-Extend: 8 × (64 + 62 + 67 s) ≈ 26 min.
   "cpu-prose": Preset(
     **(_CPU | {"data": {"prose": _TEXTS["prose"]}}),
     methods=("none", "YaRN", "Self-Extend"),
@@ -117,7 +121,7 @@ PRESETS = {
   # PoSE against YaRN fine-tuning on equal tokens: both 20 steps of 2,048 tokens (warmup 2;
   # ~22 s a step, ~90 s the first), YaRN without skips (positions < 2,048 only), PoSE with
   # positions over s·L: minimal adaptation, not the recipes (RECIPE_MIN_STEPS); evaluated on
-  # `cpu`'s windows: ~15 min of training + 2 × 8 × ~100 s ≈ 42 min.
+  # `cpu`'s windows: ~13 min of training + 2 × 8 × ~65 s ≈ 31 min.
   "cpu-ft": Preset(
     **_CPU,
     methods=("none",),
@@ -131,8 +135,9 @@ PRESETS = {
   # Needle in a haystack beyond L: the base and YaRN (s = 1.5), 10 keys per cell, each on one
   # of pystdlib validation's documents (8 hold 12,288 tokens: 2 repeat with other keys), the
   # control at L = 8,192 and 12,288 at depth 0 (the needle ~12.2k tokens before the question;
-  # depth <= 0.33 is beyond L there). One prompt costs about one window: 2 × 10 × (53 + 100 s)
-  # ≈ 51 min.
+  # depth <= 0.33 is beyond L there), and the base's horizon at 2k, 4k and 6k (depth 0: the
+  # needle ~2k, 4k, 6k tokens back; its control at L failed). Measured: one prompt costs
+  # 35-37 s at 8k, 66-67 s at 12k, 34.5 min without the horizon; the horizon ~8 min more.
   "cpu-niah": Preset(
     **_CPU,
     methods=(),
@@ -141,6 +146,7 @@ PRESETS = {
     niah_depths=(0.0,),
     niah_trials=10,
     niah_methods=("none", "YaRN"),
+    niah_horizon=(2048, 4096, 6144),
     **_NO_FT,
   ),
   # An accelerator: every method on 16 documents per length, both text kinds; the recipes'
@@ -161,6 +167,7 @@ PRESETS = {
     niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
     niah_trials=20,
     niah_methods=ZERO_SHOT,
+    niah_horizon=(2048, 4096, 6144),
     other_methods=ZERO_SHOT,
     other_lengths=(4096, 8192, 12288, 16384, 24576, 32768),
     ft_methods=FINE_TUNED,

@@ -185,7 +185,9 @@ def findings(rows: list[dict], train_len: int, factor: int, niah_rows: dict) -> 
   base = ("none", niah_rows["none"]) if "none" in niah_rows else None
   for method, cells in niah_rows.items():  # Control at L, beyond-L cells, exact intervals.
     versus_base = None if method == "none" else base
-    out += [f"- NIAH: {line}" for line in niah.verdicts(cells, train_len, method, versus_base)]
+    lines = niah.verdicts(cells, train_len, method, versus_base)
+    lines += niah.horizon_verdict(cells, train_len, method)
+    out += [f"- NIAH: {line}" for line in lines]
   return out
 
 
@@ -448,8 +450,9 @@ def _niah_table(preset, niah_rows: dict, train_len: int) -> list[str]:
     "with its own key and haystack (distinct haystacks per length: "
     f"{'; '.join(haystacks)}); n@depth, retrieved / prompts [95% Clopper–Pearson]. The "
     f"cells at n = L = {train_len} are the positive control; beyond L only the depths that "
-    "put the needle more than L tokens before the question (``niah.beyond_depths``). One "
-    "model per method: its s at the grid's longest length, the control included.",
+    "put the needle more than L tokens before the question (``niah.beyond_depths``); below L "
+    "the base model's horizon cells (depth 0, ``niah.horizon_verdict``). One model per method: "
+    "its s at the grid's longest length, the control included.",
     "",
     *(f"{note}\n" for note in notes),
     *figure_report.markdown_table(

@@ -24,15 +24,18 @@ paired verdicts with intervals over windows; a needle-in-a-haystack grid (``pe_r
 put the needle more than L tokens before the question, and each method's positive control at
 L, with Clopper–Pearson intervals). Writes OUT/results.csv, OUT/niah.csv,
 OUT/<text>.png, OUT/REPORT.md; every evaluation is cached in the run's eval/ (re-running
-resumes).
+resumes). ``--publish=DIR`` (e.g. docs/pretrained_extension/cpu) then copies those files and the
+per-window losses behind every interval (DIR/windows/) where they can be committed.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -70,11 +73,13 @@ def _evaluate(workdir, name, lengths, budget, rope_scaling, overrides, stride=No
   return rows
 
 
-def niah(workdir: str, name: str, preset: Preset, train_len: int, rope_scaling, overrides):
-  """One method's needle grid (``pe_research.niah.grid``): the positive control at L and each
-  of ``preset.niah_lengths`` at the depths beyond L, ``preset.niah_trials`` keys per cell, each
-  on its own haystack (the documents of ``overrides``' corpus and ``data.eval_split``);
-  cached in the run's eval/."""
+def niah(
+  workdir: str, name: str, preset: Preset, train_len: int, rope_scaling, overrides, horizon=()
+):
+  """One method's needle grid (``pe_research.niah.grid``): the positive control at L, each of
+  ``horizon`` (below L, depth 0) and each of ``preset.niah_lengths`` at the depths beyond L,
+  ``preset.niah_trials`` keys per cell, each on its own haystack (the documents of
+  ``overrides``' corpus and ``data.eval_split``); cached in the run's eval/."""
   from pe_research import eval_lib
   from pe_research.data import tokenizer_of
   from pe_research.niah import grid
@@ -84,6 +89,7 @@ def niah(workdir: str, name: str, preset: Preset, train_len: int, rope_scaling, 
     "lengths": list(preset.niah_lengths),
     "depths": list(preset.niah_depths),
     "trials": preset.niah_trials,
+    "horizon": list(horizon),
     "train_len": train_len,
     "rope_scaling": rope_scaling,
     "overrides": overrides,
@@ -105,6 +111,7 @@ def niah(workdir: str, name: str, preset: Preset, train_len: int, rope_scaling, 
     train_len,
     trials=preset.niah_trials,
     depths=preset.niah_depths,
+    horizon=horizon,
     data_cfg=config.data,
     split=config.data.eval_split,
   )
@@ -168,6 +175,37 @@ def final_train_loss(workdir: str) -> float:
   return float(records[-1]["loss"])
 
 
+def publish(out: str, dest: str, workdir: str) -> None:
+  """Copies OUT's report, tables and figures to ``dest`` (replacing it), with the per-window
+  losses of every evaluation in results.csv (``<eval>_windows.json``) in ``dest``/windows/ (a
+  fine-tune's prefixed with its run's name); REPORT.md gains a line saying where it came from."""
+  with open(os.path.join(out, "results.csv")) as f:
+    evals = sorted({r["eval"] for r in csv.DictReader(f) if r.get("eval")})
+  shutil.rmtree(dest, ignore_errors=True)
+  os.makedirs(os.path.join(dest, "windows"))
+  for name in os.listdir(out):
+    if name.endswith((".md", ".csv", ".png")):
+      shutil.copy(os.path.join(out, name), dest)
+  base = os.path.abspath(workdir)
+  for path in evals:
+    run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    prefix = "" if run == base else f"{os.path.basename(run)}__"
+    if os.path.isfile(f"{path}_windows.json"):
+      target = f"{prefix}{os.path.basename(path)}_windows.json"
+      shutil.copy(f"{path}_windows.json", os.path.join(dest, "windows", target))
+  report = os.path.join(dest, "REPORT.md")
+  with open(report) as f:
+    lines = f.read().split("\n")
+  lines[1:1] = [
+    "",
+    f"> Published from `{out}`. The per-window token losses behind every interval are in "
+    "`windows/` (`nll_WxR`, `weight_WxR`: window × region, inside / beyond L; a fine-tune's "
+    "files start with its run's name).",
+  ]
+  with open(report, "w") as f:
+    f.write("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   figure_cli.add_common_flags(parser, NAME, tuple(PRESETS))
@@ -177,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--lengths", default="", help="Comma-separated lengths replacing the preset's."
   )
+  parser.add_argument("--publish", default="", help="Copy the report and windows to DIR.")
   args = parser.parse_args(argv)
   args.command = ["python -m experiments.pretrained_extension", *(argv or sys.argv[1:])]
   runtime.use_low_memory_schedule()  # Before JAX starts (no effect in a process that has).
@@ -251,10 +290,14 @@ def main(argv: list[str] | None = None) -> None:
   niah_rows = {}
   for label in preset.niah_methods:  # One model per method: s at the grid's longest length.
     scaling, pe = BY_LABEL[label].at(max(preset.niah_lengths), preset, train_len)
+    horizon = preset.niah_horizon if label == "none" else ()  # The base's own horizon.
     niah_rows[label] = niah(
-      args.workdir, BY_LABEL[label].slug, preset, train_len, scaling, pe | texts[first]
+      args.workdir, BY_LABEL[label].slug, preset, train_len, scaling, pe | texts[first], horizon
     )
   write_outputs(out, args, preset, rows, niah_rows, train_len, time.time() - start)
+  if args.publish:
+    publish(out, args.publish, args.workdir)
+    print(f"published {out} to {args.publish}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,18 @@ lines (:func:`verdicts`) pool the control cells, and the beyond-L cells of each 
   vs a base model      control passes and the two CP intervals separate (same prompts)
 
 "evidence" is written only where the control passed and the intervals separate.
+
+A control that fails at L asks how far back the model does retrieve. The *horizon* cells
+(``grid``'s ``horizon``: lengths below L, depth 0, the control's construction and keys) put the
+needle ``gap`` tokens before the question for a ladder of gaps; :func:`horizon_verdict` reads
+them with the depth-0 control cell (each cell: passes, fails or straddles 0.5 as above):
+
+  located       some cell passes, some fails, and every passing gap is shorter than every
+                failing one: the horizon lies between the longest passing and the shortest
+                failing gap (evidence; a straddling cell between them is named)
+  beyond        every cell passes: the horizon is at least the longest gap tried
+  below         every cell fails: the horizon is shorter than the shortest gap tried
+  not located   a failing gap shorter than a passing one, or no cell that passes or fails
 """
 
 from __future__ import annotations
@@ -101,20 +113,33 @@ def grid(
   split: str = "validation",
   batch_size: int = 1,
   seed: int = 0,
+  horizon: Sequence[int] = (),
 ) -> list[dict]:
-  """Rows of the control (``n = train_len``, every depth) and of each ``n`` of ``lengths`` at
-  its :func:`beyond_depths`, all prompts with ``passkey.control_header`` (no control when no
-  prompt fits in ``train_len``); haystacks from ``data_cfg``'s corpus when given (the filler at a
-  length where it has no long unit; ``note`` says so). ``evaluator`` is an
-  ``eval_lib.Evaluator`` (``score_all`` gives ``correct`` of ``examples``)."""
+  """Rows of the control (``n = train_len``, every depth), of each ``n`` of ``horizon`` (below
+  L, depth 0: ``horizon`` True) and of each ``n`` of ``lengths`` at its :func:`beyond_depths`,
+  all prompts with ``passkey.control_header`` (no control when no prompt fits in ``train_len``);
+  haystacks from ``data_cfg``'s corpus when given (the filler at a length where it has no long
+  unit; ``note`` says so). ``evaluator`` is an ``eval_lib.Evaluator`` (``score_all`` gives
+  ``correct`` of ``examples``)."""
   rows = []
   fits = passkey.control_header(tokenizer.encode, train_len)
   header = passkey.HEADER if fits is None else fits  # Every cell: the same kind of prompt.
-  for n in ([] if fits is None else [train_len]) + [n for n in lengths if n != train_len]:
-    control = n == train_len
-    cell_depths = (
-      depths if control else beyond_depths(n, train_len, tokenizer.encode, depths, header=header)
+  shortest = passkey.min_length(tokenizer.encode, header=header)
+  if bad := [n for n in horizon if not shortest <= n < train_len]:
+    raise ValueError(
+      f"niah horizon: {bad} not in [{shortest}, {train_len}): the horizon's lengths lie below "
+      f"L = {train_len} and hold a prompt ({shortest} tokens)"
     )
+  ladder = sorted(set(horizon)) if fits is not None else []  # No control: nothing to locate.
+  rest = [n for n in lengths if n != train_len and n not in ladder]
+  for i, n in enumerate(ladder + ([] if fits is None else [train_len]) + rest):
+    control, below = n == train_len, i < len(ladder)
+    if below:
+      cell_depths = (0.0,)
+    elif control:
+      cell_depths = depths
+    else:
+      cell_depths = beyond_depths(n, train_len, tokenizer.encode, depths, header=header)
     found = long_windows(data_cfg, tokenizer, n, trials, split) if data_cfg else None
     haystacks = [w.tokens for w in found.windows] if found else []
     for depth in cell_depths:
@@ -130,6 +155,7 @@ def grid(
           "length": n,
           "depth": depth,
           "control": control,
+          "horizon": below,
           "trials": totals.examples,
           "correct": totals.correct,
           "accuracy": totals.correct / totals.examples,
@@ -199,3 +225,34 @@ def verdicts(
         f"CP [{lo:.2f}, {hi:.2f}] vs [{b_lo:.2f}, {b_hi:.2f}]: {word}"
       )
   return lines
+
+
+def horizon_verdict(rows: Sequence[dict], train_len: int, label: str) -> list[str]:
+  """The line locating ``label``'s retrieval horizon from its :func:`grid` rows: the
+  ``horizon`` cells and the depth-0 control (module docstring); none without horizon cells."""
+  if not any(r.get("horizon") for r in rows):
+    return []
+  ladder = [r for r in rows if r.get("horizon") or (r["control"] and r["depth"] == 0.0)]
+  cells = []
+  for r in sorted(ladder, key=lambda r: r["gap_min"]):
+    k, m, lo, hi = _pooled([r])
+    kind = "passes" if lo >= THRESHOLD else "fails" if hi < THRESHOLD else "straddles"
+    cells.append((r["gap_min"], kind, f"{k}/{m} [{lo:.2f}, {hi:.2f}] at {r['gap_min']}"))
+  passing = [c[0] for c in cells if c[1] == "passes"]
+  failing = [c[0] for c in cells if c[1] == "fails"]
+  head = f"{label}'s retrieval horizon (the needle at depth 0 of n <= L = {train_len}; "
+  head += f"retrieved [95% CP] at a gap of tokens: {'; '.join(c[2] for c in cells)}): "
+  if passing and failing and max(passing) > min(failing):
+    return [head + "not located: a shorter gap fails where a longer one retrieves"]
+  if not passing and not failing:
+    return [head + f"not located: no gap tried is separated from {THRESHOLD}"]
+  low, high = max(passing, default=None), min(failing, default=None)
+  if low is not None and high is not None:
+    line = f"between {low} and {high} tokens (evidence: retrieves with the needle {low} tokens "
+    line += f"back, fails at {high})"
+  elif low is not None:
+    line = f"at least {low} tokens (evidence: retrieves with the needle {low} tokens back)"
+  else:
+    line = f"shorter than {high} tokens (evidence: fails with the needle {high} tokens back)"
+  open_ = [c[2] for c in cells if c[1] == "straddles" and (low or 0) < c[0] < (high or 1 << 62)]
+  return [head + line + (f"; undecided: {', '.join(open_)}" if open_ else "")]

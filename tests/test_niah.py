@@ -155,3 +155,48 @@ def test_grid_without_room_for_a_prompt_at_L_has_no_control_and_is_not_evidence(
   assert rows and not any(r["control"] for r in rows) and all(r["beyond"] for r in rows)
   assert all(r["correct"] == 2 for r in rows)  # Retrieved, yet:
   assert "no positive control" in niah.verdicts(rows, short, "m")[0]
+
+
+def test_horizon_cells_sit_below_L_at_depth_zero_and_locate_where_retrieval_stops():
+  # L = 800 bytes (the header alone is ~250), a model that sees its last 500 tokens.
+  big, reach = 800, _Reach(500)
+  rows = niah.grid(reach, TOKENIZER, [], big, trials=4, depths=DEPTHS, horizon=[600, 400])
+  ladder = [(r["length"], r["depth"], r["horizon"], r["control"]) for r in rows]
+  assert ladder[:3] == [(400, 0.0, True, False), (600, 0.0, True, False), (big, 0.0, False, True)]
+  assert not any(r["beyond"] for r in rows[:2]) and rows[0]["gap_min"] < rows[1]["gap_min"]
+  assert [r["correct"] for r in rows[:3]] == [4, 4, 0]  # 4/4 still straddles 0.5: CP [0.40, 1].
+  rows = niah.grid(reach, TOKENIZER, [], big, trials=10, depths=(0.0,), horizon=[400, 600])
+  (line,) = niah.horizon_verdict(rows, big, "m")
+  assert f"between {rows[1]['gap_min']} and {rows[2]['gap_min']} tokens (evidence" in line
+  assert niah.horizon_verdict([r for r in rows if not r["horizon"]], big, "m") == []
+  with pytest.raises(ValueError, match=r"niah horizon: \[800, 100\] not in \[2"):
+    niah.grid(reach, TOKENIZER, [], big, trials=1, depths=(0.0,), horizon=[400, 800, 100])
+
+
+def _ladder(*correct, trials=10):
+  """Horizon cells at gaps 100, 200, ... with ``correct`` retrieved; the last is the control."""
+  n = len(correct)
+  return [
+    {"length": 100 * i + 50, "depth": 0.0, "horizon": i < n, "control": i == n, "beyond": False}
+    | {"correct": k, "trials": trials, "gap_min": 100 * i}
+    for i, k in enumerate(correct, 1)
+  ]
+
+
+@pytest.mark.parametrize(
+  "correct,expected",
+  [
+    ((10, 10, 0), "between 200 and 300 tokens (evidence"),
+    ((10, 7, 0), "between 100 and 300 tokens (evidence"),  # 7/10 straddles: named, undecided.
+    ((10, 10, 10), "at least 300 tokens (evidence"),
+    ((10, 7, 7), "at least 100 tokens (evidence"),
+    ((0, 0, 0), "shorter than 100 tokens (evidence"),
+    ((0, 10, 10), "not located: a shorter gap fails"),
+    ((10, 0, 10), "not located: a shorter gap fails"),
+    ((5, 6, 7), "not located: no gap tried is separated"),
+  ],
+)
+def test_horizon_verdict_needs_passes_below_fails_and_separated_intervals(correct, expected):
+  (line,) = niah.horizon_verdict(_ladder(*correct), L, "m")
+  assert expected in line and ("(evidence" in line) == ("(evidence" in expected)
+  assert ("undecided: 7/10" in line) == (correct[1:] in {(7, 0), (7, 7)})

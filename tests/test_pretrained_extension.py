@@ -171,6 +171,16 @@ def test_niah_findings_need_each_methods_control_and_separated_intervals(tmp_pat
   lines = niah_lines(none=cells(10, 3), YaRN=cells(10, 6))
   assert "inconclusive" in lines[3] and "not separated from none" in lines[4]
   assert not any("(evidence" in x for x in lines[2:]), lines
+  ladder = [  # The base's horizon below L (depth 0): retrieves 20 tokens back, not 40.
+    {"length": n, "depth": 0.0, "control": False, "beyond": False, "horizon": True}
+    | {"gap_min": n - 20, "correct": k, "trials": 10}
+    for n, k in ((40, 10), (60, 0))
+  ]
+  lines = niah_lines(none=ladder + cells(0, 0), YaRN=cells(10, 10))  # Its control fails.
+  assert "none's retrieval horizon" in lines[2] and "between 20 and 40 tokens (evidence" in lines[2]
+  assert not any("horizon" in x for x in lines[3:]), lines  # YaRN's grid has no horizon cells.
+  lines = niah_lines(none=[ladder[1]] + cells(0, 0), YaRN=cells(10, 10))
+  assert "shorter than 40 tokens (evidence" in lines[2], lines
 
 
 def test_report_names_model_quantization_and_tokenizer(tmp_path):
@@ -199,7 +209,8 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   config["data"] |= {key.split(".")[1]: value for key, value in data.items()}
   (workdir / "config.json").write_text(json.dumps(config))
   out = tmp_path / "out"
-  args = ["--preset=smoke", f"--workdir={workdir}", f"--out={out}"]
+  published = tmp_path / "docs" / "smoke"
+  args = ["--preset=smoke", f"--workdir={workdir}", f"--out={out}", f"--publish={published}"]
   pretrained_extension.main([*args, f"--data={json.dumps({'text': data})}"])
   with open(out / "results.csv") as f:
     rows = list(csv.DictReader(f))
@@ -227,3 +238,10 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   assert all(r["trials"] == "2" and r["haystacks"] == "2" for r in niah_rows)
   assert all(r["beyond"] == "True" and int(r["gap_min"]) >= L for r in niah_rows)
   assert "NIAH: YaRN: no positive control at L=64" in report  # No prompt fits in 64 bytes.
+  assert {p.name for p in published.iterdir()} >= {"REPORT.md", "results.csv", "niah.csv"}
+  assert f"> Published from `{out}`" in (published / "REPORT.md").read_text()
+  windows = {p.name for p in (published / "windows").iterdir()}
+  documents = {r["eval"] for r in rows if r["mode"] == "documents"}  # Each has its windows.
+  assert len(windows) >= len(documents) and all(w.endswith("_windows.json") for w in windows)
+  assert any(w.startswith("px_none_") for w in windows)
+  assert any("__px_ft_" in w for w in windows)  # A fine-tune's: its run's name first.
