@@ -17,15 +17,16 @@ length (the encoding answers: ``RoPE.unchanged_up_to``), the base model's evalua
 
 Measured on ``windows`` windows per length, each the start of one document or stated series
 (``pe_research.data.long_windows``; the ``data.*`` overrides of each text kind choose the corpus
-and ``data.eval_split``): every window's NLL inside L and beyond L
-(``eval_lib``'s regions, ``<eval>_windows.json``), from which ``extension_report`` writes the
-paired verdicts with intervals over windows; a needle-in-a-haystack grid (``pe_research.niah``:
-``niah_trials`` keys per cell, each on its own document of the first text kind, at depths that
-put the needle more than L tokens before the question, and each method's positive control at
-L, with Clopper–Pearson intervals). Writes OUT/results.csv, OUT/niah.csv,
-OUT/<text>.png, OUT/REPORT.md; every evaluation is cached in the run's eval/ (re-running
-resumes). ``--publish=DIR`` (e.g. docs/pretrained_extension/cpu) then copies those files and the
-per-window losses behind every interval (DIR/windows/) where they can be committed.
+and ``data.eval_split``): every window's NLL inside L and beyond L (``eval_lib``'s regions,
+``<eval>_windows.json``), from which ``extension_report`` writes the tables and
+``extension_verdicts`` the paired verdicts with intervals over windows; a needle-in-a-haystack
+grid (``pe_research.niah``: ``niah_trials`` keys per cell, each on its own document of the first
+text kind, at depths that put the needle more than L tokens before the question, each method's
+positive control at L, the base's horizon below L, with Clopper–Pearson intervals). Writes
+OUT/results.csv, OUT/niah.csv, OUT/<text>.png, OUT/REPORT.md; every evaluation is cached in the
+run's eval/ (re-running resumes). ``--publish=DIR`` (e.g. docs/pretrained_extension/cpu) then
+copies those files and the per-window losses behind every interval (DIR/windows/) where they
+can be committed.
 """
 
 from __future__ import annotations

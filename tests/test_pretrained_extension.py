@@ -15,7 +15,12 @@ pytest.importorskip("transformers", reason="builds the tiny HF model (requiremen
 
 from tiny_llama import hf_model, save  # noqa: E402
 
-from experiments import extension_methods, extension_report, pretrained_extension  # noqa: E402
+from experiments import (  # noqa: E402
+  extension_methods,
+  extension_report,
+  extension_verdicts,
+  pretrained_extension,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, N, WINDOWS = 64, 128, 8  # Training length, a window beyond it, windows (documents).
@@ -110,7 +115,7 @@ def test_findings_pair_regions_and_methods_on_the_same_windows(tmp_path):
     _row(tmp_path, "none", 2.0, 2.0, n=32),
     _row(tmp_path, pi, 2.5, 2.5, n=32),
   ]
-  lines = extension_report.findings(published, L, 4, {})
+  lines = extension_verdicts.findings(published, L, 4, {})
   assert len(lines) == 6 and all("**matches the paper**" in x for x in lines), lines
   contrary = [
     _row(tmp_path, "none", 2.0, 2.1),  # 1.1 < 2: does not explode
@@ -121,7 +126,7 @@ def test_findings_pair_regions_and_methods_on_the_same_windows(tmp_path):
     _row(tmp_path, "none", 2.0, 2.0, n=32),
     _row(tmp_path, pi, 2.0, 2.0, n=32),  # PI at s = 4 equals the base inside L: no harm
   ]
-  lines = extension_report.findings(contrary, L, 4, {})
+  lines = extension_verdicts.findings(contrary, L, 4, {})
   by_method = {m: [x for x in lines if x.startswith(f"- {m}")] for m in ("YaRN", "Self-Extend")}
   assert sum("**does NOT match the paper**" in x for x in lines) == 4, lines
   assert "equivalent (±2%)" in next(x for x in lines if x.startswith("- dynamic NTK beats"))
@@ -138,13 +143,13 @@ def test_fine_tunes_earn_a_verdict_only_by_the_recipe(tmp_path):
       _row(tmp_path, "PoSE (ft)", 2.0, 1.9, **_ft(steps, L), ft_positions=positions, **extra),
     ]
 
-  minimal = extension_report.findings(rows(2, L, 4 * L), L, 4, {})
+  minimal = extension_verdicts.findings(rows(2, L, 4 * L), L, 4, {})
   tuned = [x for x in minimal if "(ft:" in x]
   assert len(tuned) == 3 and all("no verdict: minimal adaptation" in x for x in tuned), tuned
   assert "2 steps × 128 tokens" in tuned[0] and "2 steps < 200" in tuned[0]
-  recipe = extension_report.findings(rows(200, 4 * L, 4 * L), L, 4, {})
+  recipe = extension_verdicts.findings(rows(200, 4 * L, 4 * L), L, 4, {})
   assert sum("**matches the paper**" in x for x in recipe) == 4, recipe  # + none explodes
-  short = extension_report.findings(rows(200, L, 4 * L), L, 4, {})  # YaRN below the target
+  short = extension_verdicts.findings(rows(200, L, 4 * L), L, 4, {})  # YaRN below the target
   assert any("window 64 < s·L = 256" in x for x in short), short
 
 
@@ -159,7 +164,7 @@ def test_niah_findings_need_each_methods_control_and_separated_intervals(tmp_pat
     ]
 
   def niah_lines(**grids):
-    return [x for x in extension_report.findings(rows, L, 4, grids) if x.startswith("- NIAH")]
+    return [x for x in extension_verdicts.findings(rows, L, 4, grids) if x.startswith("- NIAH")]
 
   lines = niah_lines(none=cells(10, 0), YaRN=cells(10, 10))
   assert "none: positive control at L=64 passed: 10/10" in lines[0]
