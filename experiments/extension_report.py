@@ -10,6 +10,7 @@ import json
 import math
 import os
 import resource
+import subprocess
 
 from experiments import figure_report
 from experiments.extension_methods import BY_LABEL, FIXED_S, METHODS, RECIPE_MIN_STEPS
@@ -35,9 +36,33 @@ def _ppl_cell(value) -> str:
   )
 
 
+def code() -> str:
+  """The code that ran: the git commit of this checkout (and whether tracked files differ from
+  it) when there is one, and the hash of the ``pe_research`` sources the evaluations are cached
+  under (``sweep.code_version``)."""
+  from pe_research.launch import sweep
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args) -> str:
+    try:
+      done = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+      return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+  commit = git("rev-parse", "--short=7", "HEAD")
+  dirty = (
+    " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+  )
+  where = f"git commit {commit}{dirty}" if commit else "not a git checkout"
+  return f"Code: {where}; pe_research sources {sweep.code_version()} (``sweep.code_version``)."
+
+
 def run_conditions() -> str:
   """The machine this invocation ran on, its load and its peak resident memory (a timing is
-  only read with them: the CPU here changes between days, and other jobs slow a run)."""
+  only read with them: the CPU here changes between days, and other jobs slow a run), and the
+  code that ran."""
   m = runtime.machine()
   cores, load = m["cores"], os.getloadavg()
   shared = "other jobs shared the cores" if load[2] > cores + 0.5 else "no other load to speak of"
@@ -47,7 +72,7 @@ def run_conditions() -> str:
   return (
     f"Machine: {m['cpu']} (family/model {m['family_model']}; {', '.join(m['isa']) or 'no AVX'}), "
     f"{cores} cores; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 "
-    f"/ 15 min: {shared}); peak RSS of this invocation {peak / 2**20:.2f} GiB."
+    f"/ 15 min: {shared}); peak RSS of this invocation {peak / 2**20:.2f} GiB. {code()}"
   )
 
 

@@ -21,6 +21,7 @@ from experiments import (  # noqa: E402
   extension_verdicts,
   pretrained_extension,
 )
+from pe_research.launch import sweep  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, N, WINDOWS = 64, 128, 8  # Training length, a window beyond it, windows (documents).
@@ -236,6 +237,7 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   assert "tokenizer: the source's own" in report and "minimal adaptation" in report
   assert "Machine: " in report and " cores; load average at the end " in report
   assert "peak RSS of this invocation" in report
+  assert f"pe_research sources {sweep.code_version()} (" in report and "Code: " in report
   assert (out / "text.png").is_file()
   with open(out / "niah.csv") as f:
     niah_rows = list(csv.DictReader(f))
