@@ -22,7 +22,7 @@ import numpy as np
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family: workers import this)
 from benchmarks.bench_lib import random_batch, rss_gib
-from pe_research import train
+from pe_research import sharding, train
 
 
 def _timed(step, steps: int = 1) -> tuple[float, float, float]:
@@ -37,11 +37,11 @@ def jax_trainer(config):
   """A timed closure over the project's compiled train step as ``pe_research.train`` runs it:
   ``train.steps_per_call`` steps per call (two warm-up calls)."""
   k = config.train.steps_per_call
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
   step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh, steps_per_call=k)
-  batch = train.global_batches(
+  batch = sharding.global_batches(
     [random_batch(config.train.seq_len, config.train.batch_size)] * k, mesh
   )
   box = [state]

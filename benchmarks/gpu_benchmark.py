@@ -38,7 +38,7 @@ from flax import nnx
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
 from benchmarks.bench_lib import matmul_peak_gflops, model_config, random_batch, write_results
 from experiments.figure_report import markdown_table
-from pe_research import train
+from pe_research import sharding, train
 from pe_research.encodings.registry import encoding_names
 from pe_research.model import Transformer, count_params, flops_per_token, resolved_dims
 
@@ -99,11 +99,11 @@ def palm_flops_per_token(config, seq_len: int) -> float:
 def time_variant(config, steps: int, reps: int) -> dict:
   """Compile seconds, seconds per step (median of ``reps`` runs of ``steps``), losses."""
   seq_len, batch_size = config.train.seq_len, config.train.batch_size
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
   step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
-  batch = train.global_batch(random_batch(seq_len, batch_size, config.model.vocab_size), mesh)
+  batch = sharding.global_batch(random_batch(seq_len, batch_size, config.model.vocab_size), mesh)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

@@ -48,7 +48,7 @@ class ExtensionMethod:
   pe: Callable[[Any, int], dict] = lambda preset, train_len: {}  # pe.* overrides.
   fine_tune: FineTune | None = None
   published: str = ""  # What the paper measured (the verdicts' reference).
-  # The published shape its rows are checked for (extension_report.findings): "explodes"
+  # The published shape its rows are checked for (extension_verdicts.findings): "explodes"
   # (beyond L against inside L, the base), "hurts inside L" (against the base at n <= L),
   # "holds" (beyond L against its own inside L), or "" (rows shown, no verdict).
   claim: str = ""

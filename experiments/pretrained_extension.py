@@ -17,15 +17,16 @@ length (the encoding answers: ``RoPE.unchanged_up_to``), the base model's evalua
 
 Measured on ``windows`` windows per length, each the start of one document or stated series
 (``pe_research.data.long_windows``; the ``data.*`` overrides of each text kind choose the corpus
-and ``data.eval_split``): every window's NLL inside L and beyond L
-(``eval_lib``'s regions, ``<eval>_windows.json``), from which ``extension_report`` writes the
-paired verdicts with intervals over windows; a needle-in-a-haystack grid (``pe_research.niah``:
-``niah_trials`` keys per cell, each on its own document of the first text kind, at depths that
-put the needle more than L tokens before the question, and each method's positive control at
-L, with Clopper–Pearson intervals). Writes OUT/results.csv, OUT/niah.csv,
-OUT/<text>.png, OUT/REPORT.md; every evaluation is cached in the run's eval/ (re-running
-resumes). ``--publish=DIR`` (e.g. docs/pretrained_extension/cpu) then copies those files and the
-per-window losses behind every interval (DIR/windows/) where they can be committed.
+and ``data.eval_split``): every window's NLL inside L and beyond L (``eval_lib``'s regions,
+``<eval>_windows.json``), from which ``extension_report`` writes the tables and
+``extension_verdicts`` the paired verdicts with intervals over windows; a needle-in-a-haystack
+grid (``pe_research.niah``: ``niah_trials`` keys per cell, each on its own document of the first
+text kind, at depths that put the needle more than L tokens before the question, each method's
+positive control at L, the base's horizon below L, with Clopper–Pearson intervals). Writes
+OUT/results.csv, OUT/niah.csv, OUT/<text>.png, OUT/REPORT.md; every evaluation is cached in the
+run's eval/ (re-running resumes). ``--publish=DIR`` (e.g. docs/pretrained_extension/cpu) then
+copies those files and the per-window losses behind every interval (DIR/windows/) where they
+can be committed.
 """
 
 from __future__ import annotations
@@ -175,33 +176,59 @@ def final_train_loss(workdir: str) -> float:
   return float(records[-1]["loss"])
 
 
+def check_publish_target(dest: str) -> None:
+  """Refuses (before any work) a ``--publish`` folder that holds anything ``publish`` did not
+  write: publishing replaces the folder."""
+  if not os.path.exists(dest):
+    return
+  if not os.path.isdir(dest):
+    raise ValueError(f"--publish={dest!r} is a file; allowed: a new folder or a published one")
+  foreign = [
+    name
+    for name in os.listdir(dest)
+    if not (name.endswith((".md", ".csv", ".png")) or name == "windows")
+  ]
+  unpublished = os.listdir(dest) and not os.path.isfile(os.path.join(dest, "REPORT.md"))
+  if foreign or unpublished:
+    what = ", ".join(foreign) or "no REPORT.md"
+    raise ValueError(
+      f"--publish={dest!r} holds files a report did not write ({what}); allowed: a new folder "
+      "or one --publish wrote (it is replaced)"
+    )
+
+
 def publish(out: str, dest: str, workdir: str) -> None:
   """Copies OUT's report, tables and figures to ``dest`` (replacing it), with the per-window
   losses of every evaluation in results.csv (``<eval>_windows.json``) in ``dest``/windows/ (a
   fine-tune's prefixed with its run's name); REPORT.md gains a line saying where it came from."""
+  check_publish_target(dest)
   with open(os.path.join(out, "results.csv")) as f:
     evals = sorted({r["eval"] for r in csv.DictReader(f) if r.get("eval")})
   shutil.rmtree(dest, ignore_errors=True)
-  os.makedirs(os.path.join(dest, "windows"))
+  os.makedirs(dest)
   for name in os.listdir(out):
     if name.endswith((".md", ".csv", ".png")):
       shutil.copy(os.path.join(out, name), dest)
-  base = os.path.abspath(workdir)
+  base, copied = os.path.abspath(workdir), 0
   for path in evals:
     run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     prefix = "" if run == base else f"{os.path.basename(run)}__"
     if os.path.isfile(f"{path}_windows.json"):
+      os.makedirs(os.path.join(dest, "windows"), exist_ok=True)
       target = f"{prefix}{os.path.basename(path)}_windows.json"
       shutil.copy(f"{path}_windows.json", os.path.join(dest, "windows", target))
+      copied += 1
+  note = f"> Published from `{out}`."
+  if copied:
+    note += (
+      " The per-window token losses behind every interval are in `windows/` (`nll_WxR`, "
+      "`weight_WxR`: window × region, inside / beyond L; a fine-tune's files start with its "
+      "run's name)."
+    )
   report = os.path.join(dest, "REPORT.md")
   with open(report) as f:
     lines = f.read().split("\n")
-  lines[1:1] = [
-    "",
-    f"> Published from `{out}`. The per-window token losses behind every interval are in "
-    "`windows/` (`nll_WxR`, `weight_WxR`: window × region, inside / beyond L; a fine-tune's "
-    "files start with its run's name).",
-  ]
+  lines[1:1] = ["", note]
   with open(report, "w") as f:
     f.write("\n".join(lines))
 
@@ -220,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
   args.command = ["python -m experiments.pretrained_extension", *(argv or sys.argv[1:])]
   runtime.use_low_memory_schedule()  # Before JAX starts (no effect in a process that has).
   preset, start = subset(PRESETS[args.preset], args.methods, args.lengths), time.time()
+  if args.publish:
+    check_publish_target(args.publish)
   out = figure_cli.out_dir(args, NAME)
   if not os.path.isfile(os.path.join(args.workdir, "config.json")):
     raise ValueError(f"--workdir={args.workdir!r} has no run; allowed: make pretrained first")

@@ -39,7 +39,7 @@ import time
 import jax
 import ml_collections
 
-from pe_research import backend, config_lib, runtime, train
+from pe_research import backend, config_lib, runtime, sharding, train
 from pe_research.model import flops_per_token
 
 GIB = 1024**3
@@ -93,9 +93,9 @@ def topology_devices(topology: str) -> list:
 def abstract_batch(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """One step's batch as shape structs with the sharding of a real run (rows over data × fsdp,
   the sequence over context)."""
-  shape, sharding = (config.train.batch_size, config.train.seq_len), train.batch_sharding(mesh)
+  shape, layout = (config.train.batch_size, config.train.seq_len), sharding.batch_sharding(mesh)
   dtypes = {"inputs": "int32", "targets": "int32", "weights": "float32"}
-  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for k, dt in dtypes.items()}
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=layout) for k, dt in dtypes.items()}
 
 
 def _one_line(error: Exception) -> str:
@@ -239,7 +239,7 @@ def main(argv: list[str], flag_values) -> None:
   config.train.steps_per_call = 1
   config_lib.validate(config, device_count=len(devices))
   backend.set_policy(backend.Policy.for_platform(platform, 1, len(devices)))
-  mesh = train.make_mesh(config.mesh, devices)
+  mesh = sharding.make_mesh(config.mesh, devices)
   target = topology or f"{len(devices)} × {chip.name}"
   result = report(config, mesh, chip, target=target, approximation=approximation)
   print(report_text(result))

@@ -189,3 +189,15 @@ def load_params(workdir: str, like: Any, step: int | None = None) -> Any:
     return restored
   restored = stack_layers(restored) if stacked else unstack_layers(restored)
   return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, _abstract(like)))
+
+
+def global_data_state(local_state: dict, process_count: int) -> dict:
+  """Process ``p`` of ``P`` reads global elements ``p, p+P, ...``, so its grain ``next_index``
+  ``n`` means ``n * P`` global elements read; checkpoints keep that global count so a run
+  resumes on any number of processes."""
+  return {**local_state, "next_index": local_state["next_index"] * process_count}
+
+
+def local_data_state(saved_state: dict, process_count: int) -> dict:
+  """Inverse of ``global_data_state`` (``train.batch_size`` divides by ``process_count``)."""
+  return {**saved_state, "next_index": saved_state["next_index"] // process_count}

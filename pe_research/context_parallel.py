@@ -47,9 +47,9 @@ from pe_research.flash_attention import (
   flash_forward,
   pack_heads,
 )
+from pe_research.sharding import BATCH_AXES
 
 AXIS = "context"
-BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("all_gather", "ring")
 
 

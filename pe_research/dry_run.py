@@ -41,7 +41,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pe_research import train
+from pe_research import sharding, train
 from pe_research.model import flops_per_token, kv_heads, resolved_dims
 from pe_research.sharding import MESH_AXES
 
@@ -100,7 +100,7 @@ def plan_text(
   processes (None: a planned device count, processes unknown); ``config`` is already
   validated for that device count."""
   t, m = config.train, config.model
-  data, fsdp, context = train.mesh_shape(config.mesh, device_count)
+  data, fsdp, context = sharding.mesh_shape(config.mesh, device_count)
   mesh = jax.sharding.AbstractMesh((data, fsdp, context), MESH_AXES)
   tx, _ = train.make_optimizer(t)
   state = jax.eval_shape(lambda: train.init_train_state(config, tx)[1])

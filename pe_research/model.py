@@ -25,7 +25,7 @@ products, :func:`~pe_research.backend.matmul`, and attention's), fp32 parameters
 stream and softmax. The activations between matmuls are in the backend policy's
 :func:`~pe_research.backend.activation_dtype` (bf16 on accelerators; fp32 on the CPU, where bf16
 is only a matmul operand). Training takes logits in that
-dtype and computes its loss in fp32 (:func:`pe_research.train.softmax_nll`); evaluation scores
+dtype and computes its loss in fp32 (:func:`pe_research.losses.softmax_nll`); evaluation scores
 fp32 logits.
 Outside training, sequences longer than ``SEQUENCE_CHUNK`` run the MLP chunk by chunk, and
 :meth:`Transformer.nll_and_hits` scores tokens without materialising ``[B, L, V]`` logits.
@@ -384,7 +384,7 @@ class Transformer(nnx.Module):
   def head(self, x_BxLxD: jax.Array, logits_dtype=jnp.float32) -> jax.Array:
     """Final norm and output projection of the residual stream: logits ``[B, L, V]``
     (float32, or ``logits_dtype``: training takes them in the compute dtype, see
-    :func:`pe_research.train.softmax_nll`)."""
+    :func:`pe_research.losses.softmax_nll`)."""
     x_BxLxD = self.final_norm(x_BxLxD)
     if self.unembed is not None:
       return self.unembed(x_BxLxD, out_dtype=logits_dtype)

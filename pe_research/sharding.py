@@ -4,7 +4,7 @@ Parameters carry logical axis names from where they are created (the ``out_shard
 of their ``nnx.Param``, e.g. ``("embed", "mlp")`` for the MLP's first kernel; stacked layers
 get ``"layers"`` in front); activations get names at a few places in the model (the embedding
 output and the residual stream between blocks). ``LOGICAL_AXIS_RULES`` maps each name to axes of
-the ``("data", "fsdp", "context")`` mesh (``pe_research.train.make_mesh``), as maxtext's
+the ``("data", "fsdp", "context")`` mesh (:func:`make_mesh`), as maxtext's
 ``logical_axis_rules``:
 
   batch   -> data, fsdp   activations' batch: data parallelism over both axes
@@ -23,10 +23,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context")
+BATCH_AXES = ("data", "fsdp")  # A batch's rows.
 LOGICAL_AXIS_RULES = (
   ("batch", ("data", "fsdp")),
   ("length", "context"),
@@ -118,3 +122,44 @@ def per_batch_shard(fn, *xs_BxX):
   return jax.shard_map(
     fn, mesh=mesh, in_specs=tuple(map(spec, xs_BxX)), out_specs=P(*batch), check_vma=False
   )(*xs_BxX)
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, device_count: int) -> tuple[int, int, int]:
+  """``(data, fsdp, context)`` sizes for ``device_count`` devices; ``mesh.data=-1`` takes what
+  fsdp and context leave, so a config runs unchanged on any device count they divide."""
+  context = mesh_cfg.get("context", 1)
+  data = device_count // (mesh_cfg.fsdp * context) if mesh_cfg.data == -1 else mesh_cfg.data
+  return data, mesh_cfg.fsdp, context
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """``devices`` (default: all, every process's) as a ``("data", "fsdp", "context")`` mesh
+  (``mesh_shape``). Axes are ``Auto``: XLA propagates shardings from the explicit in/out
+  shardings and the constraints of this module."""
+  devices = jax.devices() if devices is None else devices
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, stacked: bool = False) -> NamedSharding:
+  """Batch rows over ``BATCH_AXES``, the sequence over ``context`` (after a leading axis of
+  steps when ``stacked``)."""
+  spec = (BATCH_AXES, "context")
+  return NamedSharding(mesh, P(None, *spec) if stacked else P(*spec))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh, stacked: bool = False) -> dict[str, jax.Array]:
+  """This process's rows of the batch -> global arrays split over ``BATCH_AXES`` (the second
+  axis when ``stacked``: batches of several steps on a leading axis)."""
+  layout = batch_sharding(mesh, stacked)
+  return {k: jax.make_array_from_process_local_data(layout, v) for k, v in local.items()}
+
+
+def global_batches(local: list[dict[str, np.ndarray]], mesh) -> dict[str, jax.Array]:
+  """This process's batches of consecutive steps -> the global input of one call: one batch as
+  is, several stacked on a leading axis (``jit_train_step(..., steps_per_call=len(local))``)."""
+  if len(local) == 1:
+    return global_batch(local[0], mesh)
+  stacked = {key: np.stack([batch[key] for batch in local]) for key in local[0]}
+  return global_batch(stacked, mesh, stacked=True)

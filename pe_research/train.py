@@ -36,12 +36,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pe_research import checkpoint, runtime, sharding, signals
+from pe_research import checkpoint, losses, runtime, sharding, signals
 from pe_research.metrics import MetricsLogger
 from pe_research.model import Transformer
 from pe_research.stacking import layers_stacked
-
-BATCH_AXES = ("data", "fsdp")
 
 
 class DivergenceError(RuntimeError):
@@ -85,24 +83,6 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict):
   return adamw, schedule
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, device_count: int) -> tuple[int, int, int]:
-  """``(data, fsdp, context)`` sizes for ``device_count`` devices; ``mesh.data=-1`` takes what
-  fsdp and context leave, so a config runs unchanged on any device count they divide."""
-  context = mesh_cfg.get("context", 1)
-  data = device_count // (mesh_cfg.fsdp * context) if mesh_cfg.data == -1 else mesh_cfg.data
-  return data, mesh_cfg.fsdp, context
-
-
-def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-  """``devices`` (default: all, every process's) as a ``("data", "fsdp", "context")`` mesh
-  (``mesh_shape``). Axes are ``Auto``: XLA propagates shardings from the explicit in/out
-  shardings and the constraints of :mod:`pe_research.sharding`."""
-  devices = jax.devices() if devices is None else devices
-  auto = (jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES)
-  shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, sharding.MESH_AXES, auto, devices=devices)
-
-
 def state_specs(config: ml_collections.ConfigDict, tx, state: TrainState, mesh) -> TrainState:
   """The stored ``PartitionSpec`` of every leaf of ``state`` (arrays or shape structs) on
   ``mesh`` (a ``Mesh`` or ``AbstractMesh``): parameters by their logical axis names
@@ -117,13 +97,6 @@ def state_specs(config: ml_collections.ConfigDict, tx, state: TrainState, mesh) 
   return TrainState(
     step=P(), params=params, opt_state=opt_state, model_state=replicated(state.model_state)
   )
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, stacked: bool = False) -> NamedSharding:
-  """Batch rows over ``BATCH_AXES``, the sequence over ``context`` (after a leading axis of
-  steps when ``stacked``)."""
-  spec = (BATCH_AXES, "context")
-  return NamedSharding(mesh, P(None, *spec) if stacked else P(*spec))
 
 
 def init_train_state(config: ml_collections.ConfigDict, tx) -> tuple[Any, TrainState]:
@@ -163,50 +136,6 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh, tx) -> tuple[A
   specs = state_specs(config, tx, abstract, mesh)
   place = lambda x, spec: x.update(sharding=NamedSharding(mesh, spec))
   return graphdef, jax.tree.map(place, abstract, specs)
-
-
-@jax.custom_vjp
-def softmax_nll(logits_NxV: jax.Array, targets_N: jax.Array) -> jax.Array:
-  """``logsumexp(logits) - logits[target]`` per row, float32 whatever the logits' dtype.
-
-  Same values and gradient as ``optax.softmax_cross_entropy_with_integer_labels`` on the
-  float32 logits; the gradient ``(softmax - onehot) g`` is computed in float32 and written once,
-  in the logits' dtype. bf16 training: one pass over ``[N, V]`` instead of an fp32 gradient and
-  a separate conversion kernel (measured on an H200: docs/gpu_benchmark.md).
-  """
-  return _softmax_nll_fwd(logits_NxV, targets_N)[0]
-
-
-def _softmax_nll_fwd(logits_NxV, targets_N):
-  logits_f32_NxV = logits_NxV.astype(jnp.float32)
-  lse_N = jax.nn.logsumexp(logits_f32_NxV, axis=-1)
-  target_N = jnp.take_along_axis(logits_f32_NxV, targets_N[:, None], axis=-1)[:, 0]
-  return lse_N - target_N, (logits_NxV, targets_N, lse_N)
-
-
-def _softmax_nll_bwd(residuals, g_N):
-  logits_NxV, targets_N, lse_N = residuals
-  probs_NxV = jnp.exp(logits_NxV.astype(jnp.float32) - lse_N[:, None])
-  onehot_NxV = jnp.arange(logits_NxV.shape[-1]) == targets_N[:, None]
-  grad_NxV = (probs_NxV - onehot_NxV) * g_N[:, None]
-  return grad_NxV.astype(logits_NxV.dtype), None
-
-
-softmax_nll.defvjp(_softmax_nll_fwd, _softmax_nll_bwd)
-
-
-def weighted_nll_sums(logits_BxLxV, targets_BxL, weights_BxL) -> tuple[jax.Array, jax.Array]:
-  """``(sum(weights * NLL), sum(weights))`` in float32: the loss's numerator and denominator."""
-  v = logits_BxLxV.shape[-1]
-  nll_N = softmax_nll(logits_BxLxV.reshape(-1, v), targets_BxL.reshape(-1))
-  weights_N = weights_BxL.reshape(-1)
-  return jnp.sum(weights_N * nll_N), jnp.sum(weights_N)
-
-
-def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL) -> jax.Array:
-  """``sum(weights * NLL) / sum(weights)`` in float32 (0 if every weight is 0)."""
-  total, weight = weighted_nll_sums(logits_BxLxV, targets_BxL, weights_BxL)
-  return total / jnp.maximum(weight, 1.0)
 
 
 def project_params(graphdef, params: dict[str, Any], model_state: dict[str, Any]):
@@ -257,7 +186,7 @@ def make_train_step(graphdef, tx, schedule, mesh=None, grad_accum_steps: int = 1
     """``(sum(w NLL), (sum(w), model_state))`` of ``batch``."""
     model = nnx.merge(graphdef, gather(params), model_state)
     logits_BxLxV = model(batch["inputs"], train=True, logits_dtype=model.activation_dtype)
-    total, weight = weighted_nll_sums(logits_BxLxV, batch["targets"], batch["weights"])
+    total, weight = losses.weighted_nll_sums(logits_BxLxV, batch["targets"], batch["weights"])
     return total, (weight, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
 
   def loss_and_grads(params, model_state, batch):
@@ -329,11 +258,11 @@ def jit_train_step(
   """``make_train_step`` compiled with the state's shardings and donated state (``state``:
   arrays, or shape structs with shardings to ``.lower(...).compile()`` ahead of time).
 
-  With ``steps_per_call > 1`` the compiled call runs that many steps, a ``lax.scan`` over batches
-  stacked on a leading axis of that size (``global_batch(..., stacked=True)``), and returns each
-  metric with that leading axis. On the CPU this matters: XLA:CPU allocates a call's temporary
-  buffers afresh and the kernel faults every page of them in again; ``steps_per_call`` steps
-  per call pay that once (docs/cpu_performance.md, "third round").
+  With ``steps_per_call > 1`` the compiled call runs that many steps, a ``lax.scan`` over
+  batches stacked on a leading axis of that size (``sharding.global_batch(..., stacked=True)``),
+  and returns each metric with that leading axis. On the CPU this matters: XLA:CPU allocates a
+  call's temporary buffers afresh and the kernel faults every page of them in again;
+  ``steps_per_call`` steps per call pay that once (docs/cpu_performance.md, "third round").
   """
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   replicated = NamedSharding(mesh, P())
@@ -342,38 +271,10 @@ def jit_train_step(
     step = functools.partial(jax.lax.scan, step, length=steps_per_call)
   return jax.jit(
     step,
-    in_shardings=(state_shardings, batch_sharding(mesh, stacked=steps_per_call > 1)),
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh, stacked=steps_per_call > 1)),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,
   )
-
-
-def global_batch(local: dict[str, np.ndarray], mesh, stacked: bool = False) -> dict[str, jax.Array]:
-  """This process's rows of the batch -> global arrays split over ``BATCH_AXES`` (the second
-  axis when ``stacked``: batches of several steps on a leading axis)."""
-  sharding = batch_sharding(mesh, stacked)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-def global_batches(local: list[dict[str, np.ndarray]], mesh) -> dict[str, jax.Array]:
-  """This process's batches of consecutive steps -> the global input of one call: one batch as
-  is, several stacked on a leading axis (``jit_train_step(..., steps_per_call=len(local))``)."""
-  if len(local) == 1:
-    return global_batch(local[0], mesh)
-  stacked = {key: np.stack([batch[key] for batch in local]) for key in local[0]}
-  return global_batch(stacked, mesh, stacked=True)
-
-
-def global_data_state(local_state: dict, process_count: int) -> dict:
-  """Process ``p`` of ``P`` reads global elements ``p, p+P, ...``, so its grain ``next_index``
-  ``n`` means ``n * P`` global elements read; checkpoints keep that global count so a run
-  resumes on any number of processes."""
-  return {**local_state, "next_index": local_state["next_index"] * process_count}
-
-
-def local_data_state(saved_state: dict, process_count: int) -> dict:
-  """Inverse of ``global_data_state`` (``train.batch_size`` divides by ``process_count``)."""
-  return {**saved_state, "next_index": saved_state["next_index"] // process_count}
 
 
 def _fetch(pending: list[dict], first_step: int, policy: str, last_checkpoint: int | None):
@@ -399,7 +300,7 @@ def _fetch(pending: list[dict], first_step: int, policy: str, last_checkpoint: i
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains ``config`` in ``workdir`` until ``train.steps``, resuming from its latest checkpoint."""
-  mesh = make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   tx, schedule = make_optimizer(config.train)
   graphdef, state = create_train_state(config, mesh, tx)
   # Imported here: the step and state above need no data stack (TFDS, grain), so benchmarks
@@ -419,7 +320,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     )
   if start is not None:
     state, data_state = checkpointer.restore(start, state)
-    data_iter.set_state(local_data_state(data_state, jax.process_count()))
+    data_iter.set_state(checkpoint.local_data_state(data_state, jax.process_count()))
   elif config.init_from:
     state = state.replace(params=checkpoint.load_params(config.init_from, state.params))
   k = config.train.steps_per_call
@@ -458,7 +359,7 @@ def _loop(config, state, step_fns, data_iter, mesh, checkpointer, logger, should
       train_cfg.steps,
     )
     n = k if step + k <= boundary else 1
-    batches = global_batches([next(data_iter) for _ in range(n)], mesh)
+    batches = sharding.global_batches([next(data_iter) for _ in range(n)], mesh)
     state, metrics = step_fns[n](state, batches)
     first_call = step == start
     step += n
@@ -479,7 +380,7 @@ def _loop(config, state, step_fns, data_iter, mesh, checkpointer, logger, should
       logger.write(step, scalars)
       timer, timed_from = now, step
     if is_save:
-      data_state = global_data_state(data_iter.get_state(), jax.process_count())
+      data_state = checkpoint.global_data_state(data_iter.get_state(), jax.process_count())
       checkpointer.save(step, state, data_state, config)
     if stop:
       logging.warning("step %d: stopped by a signal; checkpoint saved, rerun to resume", step)

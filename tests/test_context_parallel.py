@@ -42,7 +42,7 @@ _SCRIPT = textwrap.dedent(
   import jax, jax.numpy as jnp, numpy as np
   from flax import nnx
   from configs import base, tiny
-  from pe_research import stacking, train
+  from pe_research import sharding, stacking, train
   from pe_research.attention import attend
   from pe_research.encodings.registry import build_encoding
   from pe_research.data import make_train_iterator
@@ -185,15 +185,15 @@ _SCRIPT = textwrap.dedent(
     config.model.update(model)
     config.model.context_parallel = strategy
     config.mesh.data, config.mesh.context = data, context
-    mesh = train.make_mesh(config.mesh, jax.devices()[: data * context])
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[: data * context])
     tx, schedule = train.make_optimizer(config.train)
     graphdef, state = train.create_train_state(config, mesh, tx)
     step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
     batches, losses = make_train_iterator(config), []
     for _ in range(3):
-      state, metrics = step_fn(state, train.global_batch(next(batches), mesh))
+      state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
       losses.append(metrics["loss"])
-    text = step_fn.lower(state, train.global_batch(next(batches), mesh)).as_text()
+    text = step_fn.lower(state, sharding.global_batch(next(batches), mesh)).as_text()
     params = stacking.unstack_layers(state.params) if model else state.params
     run = {"losses": jnp.stack(losses), "params": params}
     return jax.device_get(run), [text.count("all_gather"), text.count("collective_permute")]

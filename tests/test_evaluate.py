@@ -19,6 +19,7 @@ from pe_research import (
   eval_report,
   evaluate,
   passkey,
+  sharding,
   train,
   workdirs,
 )
@@ -50,7 +51,7 @@ def _save_run(workdir, config, steps: int = 0):
     train.train(config, str(workdir))
     return workdir
   tx, _ = train.make_optimizer(config.train)
-  _, state = train.create_train_state(config, train.make_mesh(config.mesh), tx)
+  _, state = train.create_train_state(config, sharding.make_mesh(config.mesh), tx)
   workdirs.record_config(str(workdir), config, write=True)
   ckpt = checkpoint.Checkpointer(str(workdir), keep=1)
   ckpt.save(1, state, {}, config)

@@ -16,7 +16,7 @@ _EIGHT_DEVICES = textwrap.dedent(
   """
   import json, jax, numpy as np
   from configs import tiny
-  from pe_research import train
+  from pe_research import sharding, train
   from pe_research.data import make_train_iterator
   from pe_research.stacking import layers_stacked, unstack_layers
 
@@ -29,7 +29,7 @@ _EIGHT_DEVICES = textwrap.dedent(
     return config
 
   def run(config, steps=3):
-    mesh = train.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
     tx, schedule = train.make_optimizer(config.train)
     graphdef, state = train.create_train_state(config, mesh, tx)
     step_fn = train.jit_train_step(
@@ -37,7 +37,7 @@ _EIGHT_DEVICES = textwrap.dedent(
     )
     batches, losses = make_train_iterator(config), []
     for _ in range(steps):
-      state, metrics = step_fn(state, train.global_batch(next(batches), mesh))
+      state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
       losses.append(float(metrics["loss"]))
     params = jax.device_get(state.params)
     if not layers_stacked(params):
@@ -51,10 +51,10 @@ _EIGHT_DEVICES = textwrap.dedent(
     config.model.update(model_dim=256, num_layers=4, num_heads=4, **model)
     config.train.update(batch_size=8, seq_len=16)
     config.mesh.data, config.mesh.fsdp = 1, 8
-    mesh = train.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
     tx, schedule = train.make_optimizer(config.train)
     graphdef, state = train.abstract_train_state(config, mesh, tx)
-    spec = jax.ShapeDtypeStruct((8, 16), np.int32, sharding=train.batch_sharding(mesh))
+    spec = jax.ShapeDtypeStruct((8, 16), np.int32, sharding=sharding.batch_sharding(mesh))
     batch = {"inputs": spec, "targets": spec, "weights": spec.update(dtype=np.float32)}
     step = train.jit_train_step(graphdef, tx, schedule, state, mesh)
     memory = step.lower(state, batch).compile().memory_analysis()

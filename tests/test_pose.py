@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import tiny
 from configs.base import get_config
-from pe_research import config_lib, train
+from pe_research import config_lib, sharding, train
 from pe_research.data import make_train_iterator
 from pe_research.encodings.alibi import ALiBi
 from pe_research.encodings.base import sequential_positions
@@ -117,14 +117,14 @@ def test_tiny_byte_model_trains_with_pose_and_evaluates_sequentially(name):
   config = tiny.get_config(f"pe={name}")
   config.pe.pose_target_len = 4 * config.train.seq_len
   config_lib.validate(config, device_count=jax.device_count())
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
   step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
   data = make_train_iterator(config)
   losses = []
   for _ in range(2):
-    state, metrics = step_fn(state, train.global_batch(next(data), mesh))
+    state, metrics = step_fn(state, sharding.global_batch(next(data), mesh))
     losses.append(float(metrics["loss"]))
   assert np.isfinite(losses).all()
   model = nnx.merge(graphdef, state.params, state.model_state)

@@ -237,13 +237,13 @@ _SHARDED_IMPORT = """
 import json, sys
 import jax, numpy as np
 import optax
-from pe_research import train
+from pe_research import sharding, train
 from pe_research.pretrained import convert, hf_folder, importer
 folder = sys.argv[1]
 hf_config, tensors, _, _ = importer.read_source(folder)
 config = convert.config_from_hf(hf_config, tokenizer="bytes")
 config.mesh.fsdp = 4
-mesh = train.make_mesh(config.mesh)
+mesh = sharding.make_mesh(config.mesh)
 placed = convert.params_from_hf(tensors, config, importer.placer(config, mesh))
 expected = convert.params_from_hf(hf_folder.read_hf_folder(folder)[1], config)
 _, abstract = train.abstract_train_state(config, mesh, optax.sgd(0.1))

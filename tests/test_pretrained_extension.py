@@ -15,7 +15,13 @@ pytest.importorskip("transformers", reason="builds the tiny HF model (requiremen
 
 from tiny_llama import hf_model, save  # noqa: E402
 
-from experiments import extension_methods, extension_report, pretrained_extension  # noqa: E402
+from experiments import (  # noqa: E402
+  extension_methods,
+  extension_report,
+  extension_verdicts,
+  pretrained_extension,
+)
+from pe_research.launch import sweep  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L, N, WINDOWS = 64, 128, 8  # Training length, a window beyond it, windows (documents).
@@ -110,7 +116,7 @@ def test_findings_pair_regions_and_methods_on_the_same_windows(tmp_path):
     _row(tmp_path, "none", 2.0, 2.0, n=32),
     _row(tmp_path, pi, 2.5, 2.5, n=32),
   ]
-  lines = extension_report.findings(published, L, 4, {})
+  lines = extension_verdicts.findings(published, L, 4, {})
   assert len(lines) == 6 and all("**matches the paper**" in x for x in lines), lines
   contrary = [
     _row(tmp_path, "none", 2.0, 2.1),  # 1.1 < 2: does not explode
@@ -121,7 +127,7 @@ def test_findings_pair_regions_and_methods_on_the_same_windows(tmp_path):
     _row(tmp_path, "none", 2.0, 2.0, n=32),
     _row(tmp_path, pi, 2.0, 2.0, n=32),  # PI at s = 4 equals the base inside L: no harm
   ]
-  lines = extension_report.findings(contrary, L, 4, {})
+  lines = extension_verdicts.findings(contrary, L, 4, {})
   by_method = {m: [x for x in lines if x.startswith(f"- {m}")] for m in ("YaRN", "Self-Extend")}
   assert sum("**does NOT match the paper**" in x for x in lines) == 4, lines
   assert "equivalent (±2%)" in next(x for x in lines if x.startswith("- dynamic NTK beats"))
@@ -138,13 +144,13 @@ def test_fine_tunes_earn_a_verdict_only_by_the_recipe(tmp_path):
       _row(tmp_path, "PoSE (ft)", 2.0, 1.9, **_ft(steps, L), ft_positions=positions, **extra),
     ]
 
-  minimal = extension_report.findings(rows(2, L, 4 * L), L, 4, {})
+  minimal = extension_verdicts.findings(rows(2, L, 4 * L), L, 4, {})
   tuned = [x for x in minimal if "(ft:" in x]
   assert len(tuned) == 3 and all("no verdict: minimal adaptation" in x for x in tuned), tuned
   assert "2 steps × 128 tokens" in tuned[0] and "2 steps < 200" in tuned[0]
-  recipe = extension_report.findings(rows(200, 4 * L, 4 * L), L, 4, {})
+  recipe = extension_verdicts.findings(rows(200, 4 * L, 4 * L), L, 4, {})
   assert sum("**matches the paper**" in x for x in recipe) == 4, recipe  # + none explodes
-  short = extension_report.findings(rows(200, L, 4 * L), L, 4, {})  # YaRN below the target
+  short = extension_verdicts.findings(rows(200, L, 4 * L), L, 4, {})  # YaRN below the target
   assert any("window 64 < s·L = 256" in x for x in short), short
 
 
@@ -159,7 +165,7 @@ def test_niah_findings_need_each_methods_control_and_separated_intervals(tmp_pat
     ]
 
   def niah_lines(**grids):
-    return [x for x in extension_report.findings(rows, L, 4, grids) if x.startswith("- NIAH")]
+    return [x for x in extension_verdicts.findings(rows, L, 4, grids) if x.startswith("- NIAH")]
 
   lines = niah_lines(none=cells(10, 0), YaRN=cells(10, 10))
   assert "none: positive control at L=64 passed: 10/10" in lines[0]
@@ -181,6 +187,20 @@ def test_niah_findings_need_each_methods_control_and_separated_intervals(tmp_pat
   assert not any("horizon" in x for x in lines[3:]), lines  # YaRN's grid has no horizon cells.
   lines = niah_lines(none=[ladder[1]] + cells(0, 0), YaRN=cells(10, 10))
   assert "shorter than 40 tokens (evidence" in lines[2], lines
+
+
+def test_publish_refuses_a_folder_it_did_not_write(tmp_path):
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("work")
+  with pytest.raises(ValueError, match=r"--publish=.*holds files a report did not write \(notes"):
+    pretrained_extension.main(["--preset=smoke", f"--publish={tmp_path / 'mine'}"])
+  (tmp_path / "mine" / "notes.txt").unlink()
+  (tmp_path / "mine" / "table.csv").write_text("a\n")  # No REPORT.md: not a published folder.
+  with pytest.raises(ValueError, match="no REPORT.md"):
+    pretrained_extension.check_publish_target(str(tmp_path / "mine"))
+  (tmp_path / "mine" / "REPORT.md").write_text("# old\n")
+  pretrained_extension.check_publish_target(str(tmp_path / "mine"))  # A published one: replaced.
+  pretrained_extension.check_publish_target(str(tmp_path / "new"))
 
 
 def test_report_names_model_quantization_and_tokenizer(tmp_path):
@@ -231,6 +251,7 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   assert "tokenizer: the source's own" in report and "minimal adaptation" in report
   assert "Machine: " in report and " cores; load average at the end " in report
   assert "peak RSS of this invocation" in report
+  assert f"pe_research sources {sweep.code_version()} (" in report and "Code: " in report
   assert (out / "text.png").is_file()
   with open(out / "niah.csv") as f:
     niah_rows = list(csv.DictReader(f))

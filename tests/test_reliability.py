@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from pe_research import checkpoint, evaluate, integrity, train
+from pe_research import checkpoint, evaluate, integrity, sharding, train
 from pe_research.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def _like(arg: str = "pe=rope", randomized: bool = True):
   config = tiny.get_config(arg)
   config.pe.randomized = randomized
   tx, _ = train.make_optimizer(config.train)
-  return config, train.create_train_state(config, train.make_mesh(config.mesh), tx)[1]
+  return config, train.create_train_state(config, sharding.make_mesh(config.mesh), tx)[1]
 
 
 def _final_params(workdir):
@@ -265,7 +265,7 @@ def test_no_intact_checkpoint_refuses_and_deletes_nothing(reference, tmp_path):
 def test_too_little_disk_space_is_reported_before_training(tmp_path, monkeypatch):
   config = tiny.get_config()
   tx, _ = train.make_optimizer(config.train)
-  _, state = train.create_train_state(config, train.make_mesh(config.mesh), tx)
+  _, state = train.create_train_state(config, sharding.make_mesh(config.mesh), tx)
   checkpointer = checkpoint.Checkpointer(str(tmp_path), keep=3)
   checkpointer.check_disk_space(state)
   monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 2**20))

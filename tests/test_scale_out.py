@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from pe_research import dry_run, train
+from pe_research import checkpoint, dry_run, train
 from pe_research.data import make_train_iterator
 from pe_research.metrics import read_metrics
 from pe_research.model import Transformer, count_params
@@ -39,7 +39,7 @@ _EIGHT_DEVICES = textwrap.dedent(
   f"""
   import json, jax, numpy as np
   from configs import tiny
-  from pe_research import train
+  from pe_research import sharding, train
   from pe_research.data import make_train_iterator
 
   def run(data, fsdp, steps):
@@ -47,13 +47,13 @@ _EIGHT_DEVICES = textwrap.dedent(
     config = tiny.get_config()
     config.train.steps, config.train.warmup_steps = {STEPS}, 2
     config.mesh.data, config.mesh.fsdp = data, fsdp
-    mesh = train.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
     tx, schedule = train.make_optimizer(config.train)
     graphdef, state = train.create_train_state(config, mesh, tx)
     step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
     batches, losses = make_train_iterator(config), []
     for step in range(1, steps + 1):
-      state, metrics = step_fn(state, train.global_batch(next(batches), mesh))
+      state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
       losses.append(float(metrics["loss"]))
       if step == 3:
         params = jax.device_get(state.params)
@@ -124,9 +124,9 @@ def test_data_state_resumes_on_another_process_count():
   second_of_two = make_train_iterator(config, process_index=1, process_count=2)
   for _ in range(3):
     next(second_of_two)
-  saved = train.global_data_state(second_of_two.get_state(), process_count=2)
+  saved = checkpoint.global_data_state(second_of_two.get_state(), process_count=2)
   alone = make_train_iterator(config)
-  alone.set_state(train.local_data_state(saved, process_count=1))
+  alone.set_state(checkpoint.local_data_state(saved, process_count=1))
   np.testing.assert_array_equal(next(second_of_two)["inputs"], next(alone)["inputs"][1::2])
 
 

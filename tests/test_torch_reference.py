@@ -13,6 +13,7 @@ import pe_research.encodings  # noqa: F401  (registers every family)
 from benchmarks import bench_lib, torch_reference
 from benchmarks.torch_reference import TorchTransformer
 from pe_research import train
+from pe_research.losses import weighted_cross_entropy
 from pe_research.model import Transformer
 
 
@@ -33,7 +34,7 @@ def _jax_loss_and_grads(model, batch):
 
   def loss_fn(params):
     logits_BxLxV = nnx.merge(graphdef, params, rest)(batch["inputs"])
-    return train.weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+    return weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
 
   return jax.value_and_grad(loss_fn)(params)
 

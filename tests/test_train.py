@@ -16,23 +16,24 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from pe_research import train
+from pe_research import sharding, train
 from pe_research.data import make_train_iterator
 from pe_research.encodings.registry import encoding_names
+from pe_research.losses import softmax_nll, weighted_cross_entropy
 from pe_research.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _losses(config, steps: int) -> list[float]:
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
   step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh)
   data = make_train_iterator(config)
   losses = []
   for _ in range(steps):
-    state, metrics = step_fn(state, train.global_batch(next(data), mesh))
+    state, metrics = step_fn(state, sharding.global_batch(next(data), mesh))
     losses.append(metrics["loss"])
   return [float(x) for x in jax.device_get(losses)]
 
@@ -66,7 +67,7 @@ def test_softmax_nll_matches_optax_in_value_and_gradient(dtype):
   reference = lambda x: optax.softmax_cross_entropy_with_integer_labels(
     x.astype(jnp.float32), targets_N
   )
-  got, got_vjp = jax.vjp(lambda x: train.softmax_nll(x, targets_N), logits_NxV)
+  got, got_vjp = jax.vjp(lambda x: softmax_nll(x, targets_N), logits_NxV)
   want, want_vjp = jax.vjp(reference, logits_NxV)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -82,12 +83,12 @@ def test_weighted_cross_entropy_ignores_zero_weight_tokens():
   logits_BxLxV = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
   targets_BxL = jnp.array([[0, 1]])
   np.testing.assert_allclose(
-    train.weighted_cross_entropy(logits_BxLxV, targets_BxL, jnp.array([[1.0, 0.0]])),
+    weighted_cross_entropy(logits_BxLxV, targets_BxL, jnp.array([[1.0, 0.0]])),
     np.log(2.0),
     rtol=1e-6,
   )
   np.testing.assert_allclose(
-    train.weighted_cross_entropy(logits_BxLxV, targets_BxL, jnp.array([[1.0, 1.0]])),
+    weighted_cross_entropy(logits_BxLxV, targets_BxL, jnp.array([[1.0, 1.0]])),
     (np.log(2.0) - np.log(0.1)) / 2,
     rtol=1e-6,
   )
@@ -95,14 +96,14 @@ def test_weighted_cross_entropy_ignores_zero_weight_tokens():
 
 def test_non_finite_step_keeps_parameters_and_optimizer_state():
   config = tiny.get_config()
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
   before = jax.device_get((state.params, state.opt_state))
   batch = next(make_train_iterator(config))
   batch["weights"][0, 0] = np.nan
   step = jax.jit(train.make_train_step(graphdef, tx, schedule))
-  new_state, metrics = step(state, train.global_batch(batch, mesh))
+  new_state, metrics = step(state, sharding.global_batch(batch, mesh))
   assert not bool(metrics["finite"])
   assert int(new_state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, before, (new_state.params, new_state.opt_state))
@@ -114,10 +115,10 @@ def test_accumulated_micro_batches_equal_one_batch():
   gradient norm, parameters and AdamW moments. Row 1, a whole micro-batch, has zero weight
   (a mean per micro-batch would divide by zero)."""
   config = tiny.get_config("pe=t5")
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
-  batch = train.global_batch(next(make_train_iterator(config)), mesh)
+  batch = sharding.global_batch(next(make_train_iterator(config)), mesh)
   batch["weights"] = batch["weights"].at[1].set(0.0)
   state = state.replace(step=jnp.ones((), jnp.int32))  # A learning rate > 0.
   steps = [train.make_train_step(graphdef, tx, schedule, mesh, k) for k in (1, 8)]
@@ -135,19 +136,19 @@ def test_kerple_parameter_below_its_bound_gets_a_gradient_and_is_projected_after
   """KERPLE's bounds are a projection after the optimizer step, not a clamp in the forward pass
   (which zeroed the gradient below the bound and froze the parameter there)."""
   config = tiny.get_config("pe=kerple")
-  mesh = train.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   tx, schedule = train.make_optimizer(config.train)
   graphdef, state = train.create_train_state(config, mesh, tx)
   params = jax.device_get(state.params)
   for name in ("r1", "r2"):  # Below the bound 1e-2, as a step without projection could leave.
     params["encodings"][0][name] = np.full_like(params["encodings"][0][name], 1e-3)
   state = state.replace(params=params)
-  batch = train.global_batch(next(make_train_iterator(config)), mesh)
+  batch = sharding.global_batch(next(make_train_iterator(config)), mesh)
 
   def loss(params):
     model = nnx.merge(graphdef, params, state.model_state)
     logits_BxLxV = model(batch["inputs"], train=True)
-    return train.weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+    return weighted_cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
 
   grads = jax.grad(loss)(state.params)["encodings"][0]
   assert (np.abs(grads["r1"]) > 0).all() and (np.abs(grads["r2"]) > 0).all()
@@ -160,13 +161,13 @@ _EIGHT_DEVICES = textwrap.dedent(
   """
   import jax, numpy as np
   from configs import tiny
-  from pe_research import train
+  from pe_research import sharding, train
   from pe_research.data import make_train_iterator
 
   def run(devices, fsdp, steps_per_call=1):
     config = tiny.get_config("pe=alibi")
     config.mesh.fsdp = fsdp
-    mesh = train.make_mesh(config.mesh, devices)
+    mesh = sharding.make_mesh(config.mesh, devices)
     tx, schedule = train.make_optimizer(config.train)
     graphdef, state = train.create_train_state(config, mesh, tx)
     step_fn = train.jit_train_step(graphdef, tx, schedule, state, mesh, steps_per_call)
@@ -174,10 +175,10 @@ _EIGHT_DEVICES = textwrap.dedent(
     if steps_per_call == 3:  # One call of three steps, batches stacked on a leading axis.
       local = [next(data) for _ in range(3)]
       stacked = {k: np.stack([b[k] for b in local]) for k in local[0]}
-      state, metrics = step_fn(state, train.global_batch(stacked, mesh, stacked=True))
+      state, metrics = step_fn(state, sharding.global_batch(stacked, mesh, stacked=True))
       return np.array(metrics["loss"]), jax.device_get(state.params)
     for _ in range(3):
-      state, metrics = step_fn(state, train.global_batch(next(data), mesh))
+      state, metrics = step_fn(state, sharding.global_batch(next(data), mesh))
       losses.append(metrics["loss"])
     return np.array(losses), jax.device_get(state.params)
 
