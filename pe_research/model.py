@@ -56,9 +56,10 @@ from pe_research.stacking import stack_modules
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Longer sequences run the MLP and the output head over chunks of this many positions, so
-# their [B, L, 4D] and [B, L, V] intermediates exist for one chunk at a time (evaluation memory).
-SEQUENCE_CHUNK = 4096
-# The output head's chunk holds at most this many float32 logits (256 MiB): 4096 positions of a
+# their [B, L, 4D] and [B, L, V] intermediates exist for one chunk at a time (evaluation memory;
+# on the CPU 2048 rows also keep the MLP's matmuls faster than 4096: docs/cpu_performance.md).
+SEQUENCE_CHUNK = 2048
+# The output head's chunk holds at most this many float32 logits (256 MiB): 2048 positions of a
 # byte vocabulary, 1024 of a 49k BPE one (SmolLM2: [4096, 49152] logits were 805 MB per chunk).
 LOGITS_PER_CHUNK = 2**26
 _NORMS = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx.RMSNorm}
