@@ -176,6 +176,9 @@ def final_train_loss(workdir: str) -> float:
   return float(records[-1]["loss"])
 
 
+PUBLISHED = (".md", ".csv", ".png")  # What --publish copies from OUT (and windows/).
+
+
 def check_publish_target(dest: str) -> None:
   """Refuses (before any work) a ``--publish`` folder that holds anything ``publish`` did not
   write: publishing replaces the folder."""
@@ -184,9 +187,7 @@ def check_publish_target(dest: str) -> None:
   if not os.path.isdir(dest):
     raise ValueError(f"--publish={dest!r} is a file; allowed: a new folder or a published one")
   foreign = [
-    name
-    for name in os.listdir(dest)
-    if not (name.endswith((".md", ".csv", ".png")) or name == "windows")
+    name for name in os.listdir(dest) if not (name.endswith(PUBLISHED) or name == "windows")
   ]
   unpublished = os.listdir(dest) and not os.path.isfile(os.path.join(dest, "REPORT.md"))
   if foreign or unpublished:
@@ -207,7 +208,7 @@ def publish(out: str, dest: str, workdir: str) -> None:
   shutil.rmtree(dest, ignore_errors=True)
   os.makedirs(dest)
   for name in os.listdir(out):
-    if name.endswith((".md", ".csv", ".png")):
+    if name.endswith(PUBLISHED):
       shutil.copy(os.path.join(out, name), dest)
   base, copied = os.path.abspath(workdir), 0
   for path in evals:

@@ -177,6 +177,11 @@ def _pooled(rows: Sequence[dict]) -> tuple[int, int, float, float]:
   return correct, trials, *stats.clopper_pearson(correct, trials)
 
 
+def _reading(lo: float, hi: float) -> str:
+  """A cell's (or pool's) CP interval against THRESHOLD: "passes", "fails" or "straddles"."""
+  return "passes" if lo >= THRESHOLD else "fails" if hi < THRESHOLD else "straddles"
+
+
 def _beyond_by_length(rows: Sequence[dict]) -> dict[int, list[dict]]:
   cells: dict[int, list[dict]] = {}
   for r in rows:
@@ -194,7 +199,7 @@ def verdicts(
   if not control:
     return [f"{label}: no positive control at L={train_len}: the needle grid is not evidence"]
   k, m, lo, hi = _pooled(control)
-  passed = lo >= THRESHOLD
+  passed = _reading(lo, hi) == "passes"
   lines = [
     f"{label}: positive control at L={train_len} {'passed' if passed else 'FAILED'}: {k}/{m} "
     f"retrieved, 95% CP [{lo:.2f}, {hi:.2f}] (passes when the lower bound >= {THRESHOLD})"
@@ -205,11 +210,12 @@ def verdicts(
     gap = min(r["gap_min"] for r in cells)
     line = f"{label} at {n} (needle >= {gap} tokens before the question): {k}/{m}, "
     line += f"CP [{lo:.2f}, {hi:.2f}]"
+    reading = _reading(lo, hi)
     if not passed:
       line += ": not evidence, the control failed"
-    elif lo >= THRESHOLD:
+    elif reading == "passes":
       line += f": retrieves beyond L (evidence: the interval lies above {THRESHOLD})"
-    elif hi < THRESHOLD:
+    elif reading == "fails":
       line += f": fails beyond L (evidence: the interval lies below {THRESHOLD})"
     else:
       line += f": inconclusive (the interval straddles {THRESHOLD})"
@@ -236,8 +242,8 @@ def horizon_verdict(rows: Sequence[dict], train_len: int, label: str) -> list[st
   cells = []
   for r in sorted(ladder, key=lambda r: r["gap_min"]):
     k, m, lo, hi = _pooled([r])
-    kind = "passes" if lo >= THRESHOLD else "fails" if hi < THRESHOLD else "straddles"
-    cells.append((r["gap_min"], kind, f"{k}/{m} [{lo:.2f}, {hi:.2f}] at {r['gap_min']}"))
+    said = f"{k}/{m} [{lo:.2f}, {hi:.2f}] at {r['gap_min']}"
+    cells.append((r["gap_min"], _reading(lo, hi), said))
   passing = [c[0] for c in cells if c[1] == "passes"]
   failing = [c[0] for c in cells if c[1] == "fails"]
   head = f"{label}'s retrieval horizon (the needle at depth 0 of n <= L = {train_len}; "
