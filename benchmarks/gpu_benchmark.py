@@ -1,6 +1,6 @@
 """One prepared GPU check: training MFU of a 125M-parameter model (GPT-2 small shape), bf16.
 
-  python -m benchmarks.gpu_benchmark --out=runs/bench_gpu  # on a GPU: about 2-3 minutes
+  python -m benchmarks.gpu_benchmark --out=runs/bench_gpu  # on a GPU: under 9 min (--budget_s)
   python -m benchmarks.gpu_benchmark --smoke --out=/tmp  # tiny shapes on the CPU (tests)
   python -m benchmarks.gpu_benchmark --variants=rope/bfloat16/xla,alibi/bfloat16/xla --batch=64
 
@@ -9,7 +9,11 @@ Model: D=768, 12 layers, 12 heads of 64, GELU MLP 3072, LayerNorm, tied 50,304-t
 step (``pe_research.train``: jit, donated state, fp32 parameters and optimizer). A variant is
 ``encoding/compute_dtype/attention``: ``xla`` is ``jax.nn.dot_product_attention``, which the
 project runs as cuDNN flash attention on a GPU for bf16 inputs (with the encoding's bias as a
-cuDNN bias for ALiBi/T5); ``blockwise`` is the project's own flash attention.
+cuDNN bias for ALiBi/T5); ``blockwise`` is the project's own flash attention; ``pallas`` the
+Pallas kernel's Triton form (``kernels/pallas_gpu.py``), the bias computed in-kernel.
+
+Before the variants (not with ``--smoke``): ``benchmarks.kernel_check``, the Triton kernel
+against dense attention per encoding, forward and every gradient, on the device.
 
 Each variant: compile (timed), two warm-up steps, then ``--reps`` runs of ``--steps`` steps,
 each timed to the end of its last step (steps are dispatched asynchronously, as in training);
@@ -36,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 import pe_research.encodings  # noqa: F401  (registers every encoding family)
+from benchmarks import kernel_check
 from benchmarks.bench_lib import matmul_peak_gflops, model_config, random_batch, write_results
 from experiments.figure_report import markdown_table
 from pe_research import sharding, train
@@ -52,9 +57,17 @@ VARIANTS = (
   "rope/bfloat16/blockwise",
   "t5/bfloat16/blockwise",
   "rope/float32/xla",
+  # The Pallas kernel's Triton form (bias in-kernel) per encoding, against cuDNN and blockwise.
+  "rope/bfloat16/pallas",
+  "alibi/bfloat16/pallas",
+  "t5/bfloat16/pallas",
+  "kerple/bfloat16/pallas",
+  "kerple/bfloat16/blockwise",
+  "fire/bfloat16/pallas",
+  "fire/bfloat16/blockwise",
 )
 DTYPES = ("bfloat16", "float32")
-ATTENTIONS = ("xla", "blockwise", "dense")
+ATTENTIONS = ("xla", "blockwise", "dense", "pallas")
 # Dense bf16 tensor-core peak from the vendor's datasheets, TFLOP/s (SXM parts).
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
@@ -193,7 +206,15 @@ def report_lines(results: dict) -> list[str]:
         r["compile_s"],
       ]
     )
-  return lines + markdown_table(header, table)
+  lines += markdown_table(header, table)
+  checks = results.get("kernel_check")
+  if checks:
+    lines += ["", f"Pallas Triton kernel vs dense (fp32, tolerance {kernel_check.TOLERANCE}):", ""]
+    rows = [
+      [name, r.get("error") or r["max_rel_err"], r.get("ok", False)] for name, r in checks.items()
+    ]
+    lines += markdown_table(["encoding", "max relative error", "ok"], rows)
+  return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -204,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--batch", type=int, default=0, help="Sequences per step (0: the size's).")
   parser.add_argument("--steps", type=int, default=10, help="Steps per timed run.")
   parser.add_argument("--reps", type=int, default=3, help="Timed runs per variant (median).")
-  parser.add_argument("--budget_s", type=float, default=270.0, help="Later variants: none after.")
+  parser.add_argument("--budget_s", type=float, default=420.0, help="Later variants: none after.")
   args = parser.parse_args(argv)
   try:
     variants = [v for v in args.variants.split(",") if v]
@@ -236,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   print(f"{results['device']}: bf16 matmul {measured:.1f} TFLOP/s", flush=True)
+  if not args.smoke:
+    results["kernel_check"] = kernel_check.run()
   results["train"] = run_variants(
     size,
     variants,

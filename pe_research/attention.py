@@ -24,9 +24,10 @@ Implementations (``impl``), equal to 1e-5 in fp32:
     parameters get gradients); memory linear in L.
   * ``xla``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for bf16/fp16).
   * ``fast``: the backend policy's choice for this encoding (:func:`backend.fast_attention`).
-  * ``pallas``: the flash algorithm as a Pallas kernel (``kernels/pallas_attention.py``; Mosaic
-    on TPU, interpreted elsewhere), the bias computed inside it from the encoding's
-    ``kernel_bias()`` (``bias_fn`` must be an encoding's bound ``bias``).
+  * ``pallas``: the flash algorithm as a Pallas kernel (``kernels/pallas_attention.py``: Mosaic
+    on TPU; ``kernels/pallas_gpu.py``: Triton on GPU; interpreted elsewhere), the bias computed
+    inside it from the encoding's ``kernel_bias()`` (``bias_fn`` must be an encoding's bound
+    ``bias``).
   * ``splash``: JAX's splash attention kernel (``kernels/splash.py``), no bias or far set.
 
 Logits, softmax and accumulation are float32 whatever the input dtype (bf16 matmuls accumulate
@@ -118,7 +119,9 @@ def attend(
     if impl == "blockwise":
       return blockwise_attention(*args, block_size, far=far, window=window)
     if impl == "splash":
-      return splash_attention(*args[:3], block_size, interpret=backend.policy().pallas_interpret)
+      return splash_attention(
+        *args[:3], block_size, interpret=backend.policy().interprets("mosaic")
+      )
     if impl == "pallas":
       return pallas_attention(
         *args[:5],
@@ -127,6 +130,7 @@ def attend(
         far=far,
         window=window,
         interpret=backend.policy().pallas_interpret,
+        lowering=backend.policy().pallas_lowering,
       )
     return xla_attention(*args)
 

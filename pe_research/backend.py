@@ -23,7 +23,9 @@ as written; it runs on any backend and is what the tests compare the tuned forms
   fast_attention(biased)   model.attention="fast": blockwise on the CPU; on TPU splash
                            without a bias, else the Pallas kernel; on GPU cuDNN without a
                            bias, else blockwise
-  pallas_interpret         Pallas kernels interpreted everywhere but on TPU (Mosaic)
+  pallas_interpret         Pallas kernels interpreted, but on TPU (Mosaic) and GPU (Triton)
+  pallas_lowering          model.attention="pallas": the Mosaic (TPU) kernel, or on GPU the
+                           Triton one (kernels/pallas_gpu.py)
 
 Why each tuned form exists, with the commands and numbers that measured it:
 docs/cpu_performance.md. The GPU and TPU policy is the reference, except that a bf16 matmul
@@ -59,7 +61,9 @@ class Policy:
   transposed_key_grads: bool = False
   # Flash attention in a gradient computation: Python block loops up to this many blocks per side.
   unroll_blocks: int = 8
-  pallas_interpret: bool = True  # Pallas kernels in the interpreter (Mosaic on TPU only)
+  pallas_interpret: bool = True  # Pallas kernels in the interpreter (compiled on TPU and GPU)
+  # model.attention="pallas": the TPU ("mosaic") or GPU ("triton") form of the kernel.
+  pallas_lowering: str = "mosaic"
   # model.attention="fast": the implementation without a bias, and with a bias or far set.
   fast_attention_plain: str = "blockwise"
   fast_attention_bias: str = "blockwise"
@@ -75,7 +79,8 @@ class Policy:
       return cls(
         platform,
         low_precision_matmul_output=True,
-        pallas_interpret=platform != "tpu",
+        pallas_interpret=platform not in ("tpu", "gpu"),
+        pallas_lowering="triton" if platform == "gpu" else "mosaic",
         **_FAST_ATTENTION.get(platform, {}),
       )
     return cls(
@@ -93,11 +98,18 @@ class Policy:
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
+  def interprets(self, lowering: str) -> bool:
+    """Whether a Pallas kernel written for ``lowering`` ("mosaic", "triton") runs in Pallas's
+    interpreter here: everywhere but on its own platform (splash is a Mosaic kernel)."""
+    return self.pallas_interpret or lowering != self.pallas_lowering
+
 
 # model.attention="fast" per platform, without a bias and with a bias or a far logit set. TPU:
 # splash attention without, else the Pallas kernel (the bias in-kernel). GPU: cuDNN through
 # jax.nn.dot_product_attention without, else blockwise (cuDNN would take a materialised
-# [B, H, L, L] bias; the Pallas kernel is written for Mosaic, its GPU lowering not tried).
+# [B, H, L, L] bias). The Pallas kernel's GPU form (kernels/pallas_gpu.py, model.attention=
+# "pallas") lowers to Triton for every encoding, but no GPU has compiled or timed it yet: it
+# replaces blockwise here once `make bench-gpu` measures it faster (docs/pallas_attention.md).
 # Other platforms keep the class defaults (blockwise).
 _FAST_ATTENTION = {
   "tpu": dict(fast_attention_plain="splash", fast_attention_bias="pallas"),

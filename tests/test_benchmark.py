@@ -13,6 +13,7 @@ from benchmarks import (
   bench_variants,
   benchmark,
   gpu_benchmark,
+  kernel_check,
   pretrained_prefill,
 )
 from pe_research import runtime
@@ -245,3 +246,37 @@ def test_prefill_comparison_uses_warm_calls_and_calls_each_target():
   report = "\n".join(pretrained_prefill.report_lines(results))
   assert "| 32768 | 0.84 | FAIL | 0.15 | PASS |" in report
   assert "| 2048 | 2.00 | PASS | 0.40 | PASS |" in report
+
+
+def test_kernel_check_passes_the_kernel_and_fails_a_wrong_one(monkeypatch):
+  """The Triton form (interpreted here) is within tolerance of dense for ALiBi at a small
+  shape; a kernel whose output is off by 1% fails, and one that raises is recorded with its
+  one-line error while the next case still runs."""
+  small = dict(length=40, heads=4, kv_heads=2, head_dim=16, block=16)
+  assert kernel_check.check(kernel_check.CASES["alibi"], **small) < 1e-5
+  real = kernel_check.pallas_attention
+  monkeypatch.setattr(kernel_check, "pallas_attention", lambda *a, **k: real(*a, **k) * 1.01)
+  assert kernel_check.check(kernel_check.CASES["rope"], **small) > kernel_check.TOLERANCE
+
+  def check(fields, **_):
+    if fields["name"] == "t5":
+      raise RuntimeError("Triton compilation failed\ntraceback")
+    return 0.5
+
+  monkeypatch.setattr(kernel_check, "check", check)
+  rows = kernel_check.run(["t5", "kerple"])
+  assert rows["t5"]["error"] == "RuntimeError: Triton compilation failed"
+  assert rows["kerple"]["max_rel_err"] == 0.5 and rows["kerple"]["ok"] is False
+  lines = gpu_benchmark.report_lines(
+    {
+      "device": "d",
+      "jax": "j",
+      "size": "s",
+      "params": 1e6,
+      "tokens_per_step": 1,
+      "peak_tflops": {"datasheet": None, "matmul": 1.0},
+      "train": {},
+      "kernel_check": rows,
+    }
+  )
+  assert any("Triton compilation failed" in line for line in lines)

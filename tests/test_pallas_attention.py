@@ -44,13 +44,13 @@ CASES = {
 }
 
 
-def _encoding(fields):
+def _encoding(fields, heads=H):
   pe = get_config().pe
   pe.update(dict(dict(name="rope"), **fields))
-  return build_encoding(pe, num_heads=H, head_dim=E, model_dim=16, rngs=nnx.Rngs(0))
+  return build_encoding(pe, num_heads=heads, head_dim=E, model_dim=16, rngs=nnx.Rngs(0))
 
 
-def _attention(encs, impl, q, k, v, pos_BxL):
+def _attention(encs, impl, q, k, v, pos_BxL, block=BLOCK):
   """Attention as the model calls it (rotated q, k, the far set, the encoding's bias), for
   each encoding of ``encs`` (one bias and window among them), stacked along the batch."""
   enc = encs[0]
@@ -72,37 +72,36 @@ def _attention(encs, impl, q, k, v, pos_BxL):
     k_pos_BxL=pos_BxL if pos_BxL.shape[0] == 1 else stack(pos_BxL),
     bias_fn=enc.bias if enc.has_bias else None,
     impl=impl,
-    block_size=BLOCK,
+    block_size=block,
     **(far or {}),
   )
 
 
-def _out_and_grads(impl, encs, qkv, pos_BxL, cotangent):
+def _out_and_grads(impl, encs, qkv, pos_BxL, cotangent, block=BLOCK):
   """Output, gradients of q, k, v and of the first encoding's parameters (leaves), one jit."""
   graphdef, params, rest = nnx.split(encs[0], nnx.Param, ...)
 
   def loss(params, qkv):
-    out = _attention([nnx.merge(graphdef, params, rest), *encs[1:]], impl, *qkv, pos_BxL)
+    encs_now = [nnx.merge(graphdef, params, rest), *encs[1:]]
+    out = _attention(encs_now, impl, *qkv, pos_BxL, block)
     return jnp.sum(out * cotangent), out
 
   (dparams, dqkv), out = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, qkv)
   return out, [*dqkv, *jax.tree.leaves(dparams)]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_pallas_equals_dense_forward_and_every_gradient(case):
-  """fp32, L = 29 in 8-blocks: output and gradients of q, k, v and the bias parameters equal
-  dense attention's to 1e-5."""
-  fields, kv_heads = CASES[case]
-  encs = [_encoding(f) for f in fields]
-  pos_BxL = encs[0].positions(B, LENGTH, train=True)
+def check_equals_dense(case, fields, kv_heads, heads=H, length=LENGTH, block=BLOCK):
+  """fp32: output and gradients of q, k, v and the bias parameters equal dense attention's
+  to 1e-5, for the encodings ``fields`` with ``kv_heads`` of ``heads``."""
+  encs = [_encoding(f, heads) for f in fields]
+  pos_BxL = encs[0].positions(B, length, train=True)
   keys = jax.random.split(jax.random.key(1), 4)
-  qkv = [jax.random.normal(keys[0], (B, LENGTH, H, E))]
-  qkv += [jax.random.normal(key, (B, LENGTH, kv_heads, E)) for key in keys[1:3]]
-  cotangent = jax.random.normal(keys[3], (B * len(encs), LENGTH, H, E))
+  qkv = [jax.random.normal(keys[0], (B, length, heads, E))]
+  qkv += [jax.random.normal(key, (B, length, kv_heads, E)) for key in keys[1:3]]
+  cotangent = jax.random.normal(keys[3], (B * len(encs), length, heads, E))
   impl = "splash" if case.startswith("splash") else "pallas"
-  out, grads = _out_and_grads(impl, encs, qkv, pos_BxL, cotangent)
-  out_ref, grads_ref = _out_and_grads("dense", encs, qkv, pos_BxL, cotangent)
+  out, grads = _out_and_grads(impl, encs, qkv, pos_BxL, cotangent, block)
+  out_ref, grads_ref = _out_and_grads("dense", encs, qkv, pos_BxL, cotangent, block)
   np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
   learned = encs[0].has_bias and not case.startswith("alibi")
   assert len(grads) == len(grads_ref) == 3 + learned * len(grads[3:]) and len(grads) > 3 * learned
@@ -111,18 +110,35 @@ def test_pallas_equals_dense_forward_and_every_gradient(case):
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_pallas_equals_dense_forward_and_every_gradient(case):
+  """The TPU (Mosaic) kernel, interpreted: L = 29 in 8-blocks (4 per side, the last ragged)."""
+  check_equals_dense(case, *CASES[case])
+
+
 def test_block_pair_kinds_follow_the_window_rule():
   """Near / far / mixed per block pair (a, c) as the kernel decides it equals the brute-force
-  rule over the pair's visible (i, j): near if every i − j < W, far if every i − j >= W."""
+  rule over the pair's visible (i, j): near if every i − j < W, far if every i − j >= W; the
+  GPU kernel's loop bounds (``kind_ranges``, from a query block or from a key block) visit
+  each visible pair once, as the same kind."""
   p, n = 4, 8
-  for window in (1, 3, 4, 5, 9, 30):
-    config = pallas_blocks.Config(p, 1, n, window, None, 0, True, 1, True)
+  for window in (None, 1, 3, 4, 5, 9, 30):
+    config = pallas_blocks.Config(p, 1, n, window, None, 0, window is not None, 1, True)
+    by_query, by_key = {}, {}
+    for x in range(n):
+      for kind, lo, hi in config.kind_ranges(x, key_major=False):
+        by_query.update({(x, c): kind for c in range(int(lo), int(hi))})
+      for kind, lo, hi in config.kind_ranges(x, key_major=True):
+        by_key.update({(a, x): kind for a in range(int(lo), int(hi))})
     for a in range(n):
       for c in range(n):
         kinds = [k for k, cond in config.pair_kinds(a, c) if bool(cond)]
         d = [i - j for i in range(a * p, a * p + p) for j in range(c * p, c * p + p) if j <= i]
-        want = [] if not d else [0] if max(d) < window else [1] if min(d) >= window else [2]
+        w = window or 10**9
+        want = [] if not d else [0] if max(d) < w else [1] if min(d) >= w else [2]
         assert kinds == want, (window, a, c)
+        assert [k for k in (by_query.get((a, c)),) if k is not None] == want, (window, a, c)
+        assert [k for k in (by_key.get((a, c)),) if k is not None] == want, (window, a, c)
 
 
 def test_index_maps_copy_only_visible_block_pairs():
@@ -155,19 +171,21 @@ def test_bias_without_kernel_form_or_splash_with_a_bias_is_a_value_error():
 
 
 def test_policy_interprets_kernels_off_tpu_and_picks_fast_attention(use_policy):
-  """Per platform: Pallas interpreted except on TPU; ``model.attention="fast"`` is splash or
+  """Per platform: Pallas compiled on TPU (Mosaic) and GPU (Triton), interpreted on the CPU
+  (splash, a Mosaic kernel, interpreted on GPU too); ``model.attention="fast"`` is splash or
   the Pallas kernel on TPU, cuDNN (xla) or blockwise on GPU, blockwise on the CPU, and attend
   follows the policy's choice for encodings with and without a bias (recorded in config.json's
   backend)."""
   choices = {
-    "tpu": (False, ("splash", "pallas")),
-    "gpu": (True, ("xla", "blockwise")),
-    "cpu": (True, ("blockwise", "blockwise")),
+    "tpu": (False, "mosaic", False, ("splash", "pallas")),
+    "gpu": (False, "triton", True, ("xla", "blockwise")),
+    "cpu": (True, "mosaic", True, ("blockwise", "blockwise")),
   }
-  for platform, (interpret, fast) in choices.items():
+  for platform, (interpret, lowering, splash_interpreted, fast) in choices.items():
     policy = backend.Policy.for_platform(platform, 2, 1)
     recorded = json.loads(json.dumps(policy.to_dict()))  # as config.json holds it
-    assert recorded["pallas_interpret"] == interpret
+    assert (recorded["pallas_interpret"], recorded["pallas_lowering"]) == (interpret, lowering)
+    assert policy.interprets("mosaic") == splash_interpreted
     assert (recorded["fast_attention_plain"], recorded["fast_attention_bias"]) == fast
   use_policy(fast_attention_plain="xla", fast_attention_bias="pallas")
   q = jnp.zeros((1, 16, 4, E))

@@ -60,19 +60,31 @@ class KernelBias:
   ``p`` the key at ``k_pos_p``, so ``fn(...)[t, p] == bias(q_pos, k_pos)[b, head_t, t, p]``.
   ``params``: the learned parameters ``fn`` reads, 2-D float32 arrays (the kernel returns their
   gradients); everything else ``fn`` needs is static (Python numbers). ``fn`` uses 2-D
-  elementwise ops, reductions and selects only (:func:`per_head` for per-head values), the ops
-  Mosaic (Pallas TPU) lowers."""
+  elementwise ops, reductions and selects only, the ops both Pallas lowerings take: no gather
+  and no slice (Triton has neither; :func:`per_head`, :func:`column` pick values by select and
+  sum). A param padded with zeros along any axis gives the same bias (the GPU kernel pads
+  every array to power-of-two sides, as Triton needs)."""
 
   fn: Callable[..., jax.Array]
   params: tuple[jax.Array, ...] = ()
 
 
+def column(x_RxN: jax.Array, n: int) -> jax.Array:
+  """``x[:, n:n+1]`` as a select and a sum over columns (kernels cannot slice a value)."""
+  picked = jax.lax.broadcasted_iota(jnp.int32, x_RxN.shape, 1) == n
+  return jnp.sum(jnp.where(picked, x_RxN, 0.0), axis=1, keepdims=True)
+
+
 def per_head(values: Sequence[float] | jax.Array, head_Tx1: jax.Array) -> jax.Array:
   """``values[head_t]`` for every row ``t``: ``[T, 1]`` from a sequence of H floats, ``[T, N]``
-  from an ``[H, N]`` array. A sum of one-hot selects: kernels have no gather."""
+  from an ``[H, N]`` array. A sum of one-hot selects: kernels have no gather (and no slice)."""
   out = None
   for h in range(len(values)):
-    row = values[h] if isinstance(values, Sequence) else values[h : h + 1]
+    if isinstance(values, Sequence):
+      row = values[h]
+    else:
+      picked = jax.lax.broadcasted_iota(jnp.int32, values.shape, 0) == h
+      row = jnp.sum(jnp.where(picked, values, 0.0), axis=0, keepdims=True)
     term = jnp.where(head_Tx1 == h, row, 0.0)
     out = term if out is None else out + term
   return out

@@ -10,9 +10,9 @@ interpolate to longer contexts. Keys after the query (j > i) get distance 0 as i
 reference's ``tril``; the causal mask removes them.
 
 In an attention kernel (:func:`fire_kernel_bias`): the same normalised distance per block, the
-MLP as a sum over its hidden units (each a ``[T, P]`` plane), the output weights of each row's
-head picked by ``base.per_head``; params are 2-D (c, L_thr ``[1, 1]``; w1, b1 ``[1, F]``; w2^T
-``[H, F]``; b2 ``[H, 1]``).
+MLP as a sum over its hidden units (each a ``[T, P]`` plane), a unit's weights picked by
+``base.column`` and the output weight of each row's head by ``base.per_head``; params are 2-D
+(c, L_thr ``[1, 1]``; w1, b1 ``[1, F]``; w2^T ``[H, F]``; b2 ``[H, 1]``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pe_research.encodings.base import KernelBias, PositionalEncoding, per_head
+from pe_research.encodings.base import KernelBias, PositionalEncoding, column, per_head
 from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field
 
 EPS = 1e-6  # Keeps ψ(max(L_thr, i)) > 0 when c or L_thr shrink to 0.
@@ -69,11 +69,10 @@ def fire_kernel_bias(
   """float32 ``[T, P]``: ``fire_bias`` of a kernel block (``base.KernelBias``), ``w2_HxF`` the
   transposed output weights."""
   x_TxP = _normalized(q_pos_Tx1, k_pos_1xP, c_1x1, l_thr_1x1)
-  w2_TxF = per_head(w2_HxF, head_Tx1)
   bias_TxP = jnp.broadcast_to(per_head(b2_Hx1, head_Tx1), x_TxP.shape)
   for f in range(w1_1xF.shape[1]):
-    h_TxP = jax.nn.relu(x_TxP * w1_1xF[:, f : f + 1] + b1_1xF[:, f : f + 1])
-    bias_TxP = bias_TxP + h_TxP * w2_TxF[:, f : f + 1]
+    h_TxP = jax.nn.relu(x_TxP * column(w1_1xF, f) + column(b1_1xF, f))
+    bias_TxP = bias_TxP + h_TxP * per_head(column(w2_HxF, f), head_Tx1)
   return bias_TxP
 
 

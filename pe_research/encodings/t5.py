@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pe_research import backend
-from pe_research.encodings.base import KernelBias, PositionalEncoding, per_head
+from pe_research.encodings.base import KernelBias, PositionalEncoding, column, per_head
 from pe_research.encodings.spec import POSITIVE, EncodingSpec, Field
 
 
@@ -99,10 +99,10 @@ def t5_kernel_bias(q_pos_Tx1, k_pos_1xP, head_Tx1, table_HxZ, **bucket_kwargs) -
   """float32 ``[T, P]`` bias ``E[bucket(j − i), head_t]`` of a kernel block (``base.KernelBias``);
   ``bucket_kwargs``: bidirectional, num_buckets, max_distance."""
   bucket_TxP = t5_relative_position_bucket(k_pos_1xP - q_pos_Tx1, **bucket_kwargs)
-  table_TxZ = per_head(table_HxZ, head_Tx1)
   bias_TxP = jnp.zeros(bucket_TxP.shape, jnp.float32)
   for z in range(table_HxZ.shape[1]):
-    bias_TxP = bias_TxP + jnp.where(bucket_TxP == z, table_TxZ[:, z : z + 1], 0.0)
+    e_Tx1 = per_head(column(table_HxZ, z), head_Tx1)
+    bias_TxP = bias_TxP + jnp.where(bucket_TxP == z, e_Tx1, 0.0)
   return bias_TxP
 
 

@@ -43,6 +43,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pe_research.encodings.base import KernelBias
 from pe_research.kernels import pallas_blocks as blocks
+from pe_research.kernels import pallas_gpu
 
 
 def _in_specs(cfg: blocks.Config, q, k, params, key_major: bool, backward: bool) -> list:
@@ -200,19 +201,31 @@ def pallas_attention(
   far: tuple[jax.Array, jax.Array] | None = None,
   window: int | None = None,
   interpret: bool = False,
+  lowering: str = "mosaic",
 ) -> jax.Array:
   """Causal attention of q ``[B, L, H, E]`` over k, v ``[B, L, G, E]`` -> ``[B, L, H, E]``
   (module docstring); ``far``: None or ``(q_far_BxLxHxE, k_far_BxLxGxE)``, the logit set of
-  pairs with ``i − j >= window``; ``interpret``: run the kernels in Pallas's interpreter.
+  pairs with ``i − j >= window``; ``interpret``: run the kernels in Pallas's interpreter;
+  ``lowering``: "mosaic" (this file's TPU kernels) or "triton" (``pallas_gpu.py``'s GPU ones).
 
-  L is padded to ``n P`` (``P = min(block_size, L)``) as in ``blockwise_attention``: padded keys
-  sit after every real query (the causal mask hides them), padded query rows are dropped, and
-  positions are padded by repeating the last one."""
+  L is padded to ``n P`` (``P = min(block_size, L)``; for Triton a power of two in [16, 64])
+  as in ``blockwise_attention``: padded keys sit after every real query (the causal mask hides
+  them), padded query rows are dropped, and positions are padded by repeating the last one."""
   b, length, h, _ = q_BxLxHxE.shape
   g = k_BxLxGxE.shape[2]
   if block_size < 1:
     raise ValueError(f"model.attention_block={block_size} must be a positive integer")
+  if lowering not in ("mosaic", "triton"):
+    raise ValueError(f"pallas_attention: lowering={lowering!r}; allowed: 'mosaic', 'triton'")
   block = min(block_size, length)
+  if lowering == "triton":
+    if block_size & (block_size - 1):
+      raise ValueError(
+        f"model.attention_block={block_size} must be a power of two for the Pallas GPU (Triton) "
+        "kernel"
+      )
+    block = min(block_size, pallas_gpu.MAX_BLOCK, pallas_gpu.power_of_two_at_least(length))
+    block = max(pallas_gpu.MIN_SIDE, block)
   n = -(-length // block)
   pad_pos = lambda x_BxL: jnp.pad(
     x_BxL.astype(jnp.int32), ((0, 0), (0, n * block - length)), "edge"
@@ -231,7 +244,8 @@ def pallas_attention(
     interpret=interpret,
   )
   pos_rows = lambda x_BxL: jnp.broadcast_to(x_BxL, (cfg.pos_rows, length))
-  out_BxHxLxE = _attention(
+  kernel = _attention if lowering == "mosaic" else pallas_gpu.attention
+  out_BxHxLxE = kernel(
     cfg,
     heads_first(q_BxLxHxE),
     heads_first(k_BxLxGxE),

@@ -43,21 +43,43 @@ class Config:
   far: bool
   pos_rows: int  # 1: one row of positions for the whole batch
   interpret: bool
+  scale: float | None = None  # of q . k; None: 1 / sqrt(E), E the operands' last side
+
+  def logit_scale(self, head_dim: int) -> float:
+    return head_dim**-0.5 if self.scale is None else self.scale
+
+  def _deltas(self) -> tuple[int, int]:
+    """``(near, far)``: block pairs ``δ = a − c`` below ``near`` hold only pairs ``i − j < W``,
+    those from ``far`` on only pairs ``i − j >= W`` (between: mixed)."""
+    p, w = self.block, self.window
+    return max(0, -(-(w - p + 1) // p)), (w + 2 * p - 2) // p
 
   def pair_kinds(self, a, c) -> list[tuple[int, jax.Array]]:
     """``[(kind, condition)]`` of block pair (a, c): visible (c <= a) and near/far/mixed."""
     visible = c <= a
     if self.window is None:
       return [(_NEAR, visible)]
-    p, w = self.block, self.window
-    near_deltas = max(0, -(-(w - p + 1) // p))  # δ below it: every pair i − j < W
-    far_delta = (w + 2 * p - 2) // p  # δ from it on: every visible pair i − j >= W
+    near_deltas, far_delta = self._deltas()
     delta, both = a - c, jnp.logical_and
     return [
       (_NEAR, both(visible, delta < near_deltas)),
       (_FAR, both(visible, delta >= far_delta)),
       (_MIXED, both(visible, both(delta >= near_deltas, delta < far_delta))),
     ]
+
+  def kind_ranges(self, x, key_major: bool) -> list[tuple[int, jax.Array, jax.Array]]:
+    """``[(kind, lo, hi)]``: the visible partners of block ``x`` of one kind are ``lo .. hi−1``,
+    key blocks ``c <= x`` of query block ``x``, or query blocks ``a >= x`` of key block ``x``
+    (``key_major``); the same kinds as :meth:`pair_kinds`, as loop bounds."""
+    n = self.blocks
+    if self.window is None:
+      return [(_NEAR, 0, x + 1) if not key_major else (_NEAR, x, n)]
+    near, far = self._deltas()
+    if key_major:  # a = x + δ
+      cut = lambda d: jnp.clip(x + d, x, n)
+      return [(_NEAR, x, cut(near)), (_MIXED, cut(near), cut(far)), (_FAR, cut(far), n)]
+    cut = lambda d: jnp.clip(x - d + 1, 0, x + 1)  # c = x − δ
+    return [(_FAR, 0, cut(far)), (_MIXED, cut(far), cut(near)), (_NEAR, cut(near), x + 1)]
 
 
 def _rows(ref) -> jax.Array:
@@ -118,6 +140,18 @@ class _Block:
   def params(self) -> list[jax.Array]:
     return [r[...] for r in self.refs["params"]]
 
+  def v(self) -> jax.Array:
+    return self.refs["v"][...]
+
+  def dout(self) -> jax.Array:
+    return _rows(self.refs["dout"])
+
+  def lse(self) -> jax.Array:
+    return _load_column(self.refs["lse"])
+
+  def delta(self) -> jax.Array:
+    return _load_column(self.refs["delta"])
+
   def sets(self, kind) -> dict[int, tuple[jax.Array, jax.Array]]:
     """``{set: (q_TxE, k_PxE)}`` of the logit sets the pair reads (0 near, 1 far)."""
     names = (("q", "k"), ("q_far", "k_far"))
@@ -133,7 +167,7 @@ class _Block:
     s_TxP = _dot(*sets[min(sets)], _NT)
     if kind == _MIXED:
       s_TxP = jnp.where(self.near_mask(), s_TxP, _dot(*sets[1], _NT))
-    s_TxP = s_TxP * q_TxE.shape[-1] ** -0.5
+    s_TxP = s_TxP * self.cfg.logit_scale(q_TxE.shape[-1])
     if bias_TxP is not None:
       s_TxP = s_TxP + bias_TxP
     query_Tx1, key_1xP = self.indices()
@@ -181,14 +215,8 @@ def forward_kernel(cfg: Config, *refs):
   def step(kind):
     bias = None if cfg.bias_fn is None else cfg.bias_fn(*blk.bias_inputs(), *blk.params())
     s_TxP = blk.scores(kind, blk.sets(kind), bias)
-    m_prev = m_sc[...]
-    m_new = jnp.maximum(m_prev, s_TxP.max(axis=-1, keepdims=True))
-    correction = jnp.exp(m_prev - m_new)
-    p_TxP = jnp.exp(s_TxP - m_new)
-    l_sc[...] = l_sc[...] * correction + p_TxP.sum(axis=-1, keepdims=True)
-    v_PxE = named["v"][...]
-    acc_sc[...] = acc_sc[...] * correction + _dot(p_TxP.astype(v_PxE.dtype), v_PxE, _NN)
-    m_sc[...] = m_new
+    stats = online_softmax((m_sc[...], l_sc[...], acc_sc[...]), s_TxP, blk.v())
+    m_sc[...], l_sc[...], acc_sc[...] = stats
 
   _each_visible_kind(cfg, a, c, step)
 
@@ -198,16 +226,27 @@ def forward_kernel(cfg: Config, *refs):
     _store_column(named["lse"], m_sc[...] + jnp.log(l_sc[...]))
 
 
-def _probs_and_ds(blk: _Block, kind, sets, bias_TxP):
+def online_softmax(stats, s_TxP: jax.Array, v_PxE: jax.Array):
+  """``(m, l, acc)`` (running max ``[T, 1]``, sum ``[T, 1]``, output ``[T, E]``, float32) after
+  one more block of scores ``s`` and values ``v``."""
+  m_prev, l_prev, acc_prev = stats
+  m_new = jnp.maximum(m_prev, s_TxP.max(axis=-1, keepdims=True))
+  correction = jnp.exp(m_prev - m_new)
+  p_TxP = jnp.exp(s_TxP - m_new)
+  l_new = l_prev * correction + p_TxP.sum(axis=-1, keepdims=True)
+  return m_new, l_new, acc_prev * correction + _dot(p_TxP.astype(v_PxE.dtype), v_PxE, _NN)
+
+
+def probs_and_ds(blk: _Block, kind, sets, bias_TxP):
   """``(p, ds, ds per logit set)`` of a block pair: ``p = exp(s − lse)``,
   ``ds = p (dout v^T − D)``, and ``ds / sqrt(E)`` in q's dtype split per set
   (:meth:`_Block.split`)."""
   q_TxE = sets[min(sets)][0]
   s_TxP = blk.scores(kind, sets, bias_TxP)
-  p_TxP = jnp.exp(s_TxP - _load_column(blk.refs["lse"]))
-  dp_TxP = _dot(_rows(blk.refs["dout"]), blk.refs["v"][...], _NT)
-  ds_TxP = p_TxP * (dp_TxP - _load_column(blk.refs["delta"]))
-  ds_scaled = (ds_TxP * q_TxE.shape[-1] ** -0.5).astype(q_TxE.dtype)
+  p_TxP = jnp.exp(s_TxP - blk.lse())
+  dp_TxP = _dot(blk.dout(), blk.v(), _NT)
+  ds_TxP = p_TxP * (dp_TxP - blk.delta())
+  ds_scaled = (ds_TxP * blk.cfg.logit_scale(q_TxE.shape[-1])).astype(q_TxE.dtype)
   return p_TxP, ds_TxP, blk.split(kind, ds_scaled)
 
 
@@ -233,7 +272,7 @@ def dq_kernel(cfg: Config, *refs):
       inputs = blk.bias_inputs()
       bias, bias_vjp = jax.vjp(lambda *ps: cfg.bias_fn(*inputs, *ps), *blk.params())
     sets = blk.sets(kind)
-    _, ds_TxP, ds_sets = _probs_and_ds(blk, kind, sets, bias)
+    _, ds_TxP, ds_sets = probs_and_ds(blk, kind, sets, bias)
     for i, ds_set in ds_sets.items():
       dq_scs[i][...] += _dot(ds_set, sets[i][1], _NN)
     if cfg.n_params:
@@ -264,8 +303,8 @@ def dkv_kernel(cfg: Config, *refs):
   def step(kind):
     bias = None if cfg.bias_fn is None else cfg.bias_fn(*blk.bias_inputs(), *blk.params())
     sets = blk.sets(kind)
-    p_TxP, _, ds_sets = _probs_and_ds(blk, kind, sets, bias)
-    dout_TxE = _rows(named["dout"])
+    p_TxP, _, ds_sets = probs_and_ds(blk, kind, sets, bias)
+    dout_TxE = blk.dout()
     dv_sc[...] += _dot(p_TxP.astype(dout_TxE.dtype), dout_TxE, _TN)
     for i, ds_set in ds_sets.items():
       dk_scs[i][...] += _dot(ds_set, sets[i][0], _TN)
