@@ -19,8 +19,8 @@ CPU = backend.Policy.for_platform("cpu", cores=2, local_devices=1)
 
 def test_policy_is_chosen_from_the_platform():
   """The CPU gets every XLA:CPU form; a GPU gets the reference forms with bf16 matmul outputs,
-  cuDNN as its fast attention without a bias and the Pallas kernel compiled by Triton; several CPU devices (data parallel) get no
-  batch pieces; the process policy is this one."""
+  cuDNN as its fast attention without a bias and the Pallas kernel compiled by Triton; several
+  CPU devices (data parallel) get no batch pieces; the process policy is this one."""
   assert CPU.float32_activations and CPU.cpu_matmul and CPU.attention_batch_pieces == 2
   gpu = backend.Policy.for_platform("gpu", cores=16, local_devices=1)
   assert gpu == dataclasses.replace(
