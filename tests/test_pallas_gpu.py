@@ -28,7 +28,12 @@ def _gpu_case(case):
   return [{k: LONGER.get(k, v) for k, v in f.items()} for f in fields], KV_HEADS[kv_heads]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("splash")])
+# Every case of the TPU kernel's test but splash and KERPLE's log form (the same kernel path as
+# its power form here: the two differ only inside the bias function).
+GPU_CASES = [c for c in CASES if not c.startswith("splash") and c != "kerple_log"]
+
+
+@pytest.mark.parametrize("case", GPU_CASES)
 def test_triton_form_equals_dense_forward_and_every_gradient(case, use_policy):
   """fp32, L = 85 in 16-blocks, E = 8 padded to 16 in the kernel, the parameters padded to
   power-of-two sides: output and gradients of q, k, v, the bias parameters equal dense's."""
@@ -36,7 +41,7 @@ def test_triton_form_equals_dense_forward_and_every_gradient(case, use_policy):
   check_equals_dense(case, *_gpu_case(case), heads=HEADS, length=LENGTH, block=BLOCK)
 
 
-def _lowered(fields, length=200, heads=9, kv_heads=3, head_dim=80, block=64) -> str:
+def _lowered(fields, length=200, heads=6, kv_heads=2, head_dim=80, block=64) -> str:
   """StableHLO of the bf16 loss's gradient (q, k, v, bias parameters) through the Triton form,
   exported for CUDA on this host."""
   enc = _encoding(fields, heads)
@@ -71,7 +76,7 @@ LOWERED = {
 
 @pytest.mark.parametrize("name", LOWERED)
 def test_every_encoding_lowers_to_triton_forward_and_backward(name):
-  """bf16, L = 200 (ragged in 64-blocks), H = 9 over G = 3, E = 80 (padded to 128): the
+  """bf16, L = 200 (ragged in 64-blocks), H = 6 over G = 2, E = 80 (padded to 128): the
   gradient's module holds the three kernels as Triton calls (forward, dq, dk/dv)."""
   text = _lowered(LOWERED[name]).mlir_module()
   assert text.count("__gpu$xla.gpu.triton") == 3
