@@ -1,5 +1,6 @@
 """The training loss: ``sum(weights * NLL) / sum(weights)`` in float32, with a softmax NLL whose
-gradient is written once in the logits' dtype."""
+gradient is written once in the logits' dtype; and scoring's NLL and argmax hits over chunks of
+the vocabulary (:func:`nll_and_hits_by_vocab_chunks`)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,37 @@ def weighted_cross_entropy(logits_BxLxV, targets_BxL, weights_BxL) -> jax.Array:
   """``sum(weights * NLL) / sum(weights)`` in float32 (0 if every weight is 0)."""
   total, weight = weighted_nll_sums(logits_BxLxV, targets_BxL, weights_BxL)
   return total / jnp.maximum(weight, 1.0)
+
+
+def nll_and_hits_by_vocab_chunks(logits_fn, vocab: int, chunk: int, targets_BxC: jax.Array):
+  """``(nll, hit)``: ``logsumexp(logits) - logits[target]`` (float32) and
+  ``argmax(logits) == target`` for logits ``[B, C, V]`` that ``logits_fn(start, size)`` gives
+  ``chunk`` vocabulary entries at a time (float32 ``[B, C, size]``).
+
+  The logsumexp is online over the chunks (running max ``m``, sum rescaled by ``exp(m_old −
+  m_new)``, as flash attention's softmax; ``m`` without a gradient, which the logsumexp does not
+  depend on), the target's logit is taken from the chunk that holds it, and the argmax is the
+  first index of the running maximum (``jnp.argmax``'s tie rule). Equal to the one-shot formulas
+  to float32 rounding; the ``[B, C, V]`` logits never exist at once, so each chunk's exp pass
+  reads what its matmul just wrote (docs/cpu_performance.md)."""
+  m = total = target = arg = None
+  for start in range(0, vocab, chunk):
+    size = min(chunk, vocab - start)
+    logits_BxCxK = logits_fn(start, size)
+    local_BxC = targets_BxC - start
+    inside_BxC = (local_BxC >= 0) & (local_BxC < size)
+    picked_BxC = jnp.take_along_axis(
+      logits_BxCxK, jnp.clip(local_BxC, 0, size - 1)[..., None], axis=-1
+    )[..., 0]
+    picked_BxC = jnp.where(inside_BxC, picked_BxC, 0.0)
+    chunk_max_BxC = jax.lax.stop_gradient(logits_BxCxK.max(axis=-1))
+    chunk_arg_BxC = jnp.argmax(logits_BxCxK, axis=-1) + start
+    if m is None:
+      m, total, target, arg = chunk_max_BxC, 0.0, picked_BxC, chunk_arg_BxC
+    else:
+      arg = jnp.where(chunk_max_BxC > m, chunk_arg_BxC, arg)
+      target = target + picked_BxC
+    m_new = jnp.maximum(m, chunk_max_BxC)
+    total = total * jnp.exp(m - m_new) + jnp.exp(logits_BxCxK - m_new[..., None]).sum(axis=-1)
+    m = m_new
+  return m + jnp.log(total) - target, arg == targets_BxC

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from pe_research import backend, sharding
+from pe_research import backend, losses, sharding
 from pe_research.attention import IMPLEMENTATIONS, attend
 from pe_research.backend import activation_dtype
 from pe_research.encodings.base import PositionalEncoding, PositionsWrapper
@@ -59,9 +59,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # their [B, L, 4D] and [B, L, V] intermediates exist for one chunk at a time (evaluation memory;
 # on the CPU 2048 rows also keep the MLP's matmuls faster than 4096: docs/cpu_performance.md).
 SEQUENCE_CHUNK = 2048
-# The output head's chunk holds at most this many float32 logits (256 MiB): 2048 positions of a
-# byte vocabulary, 1024 of a 49k BPE one (SmolLM2: [4096, 49152] logits were 805 MB per chunk).
-LOGITS_PER_CHUNK = 2**26
+# Scoring (nll_and_hits) computes the output head this many vocabulary entries at a time, its
+# logsumexp online over them, for a chunk of positions of at most LOGITS_PER_CHUNK float32
+# logits (32 MiB: 1024 positions of an 8192-entry chunk, SEQUENCE_CHUNK of a byte vocabulary).
+# On the CPU, SmolLM2's head and NLL at 2k tokens ran 1.22x faster than in one [1024, 49152]
+# piece per 1024 positions (docs/cpu_performance.md).
+VOCAB_CHUNK = 8192
+LOGITS_PER_CHUNK = 2**23
 _NORMS = {"layernorm": nnx.LayerNorm, "rmsnorm": nnx.RMSNorm}
 _MLPS = ("gelu", "swiglu")
 # The activations tagged with ``checkpoint_name``: the outputs of the q/k/v projection, of
@@ -109,11 +113,15 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(bias, **_names(names[1])) if use_bias else None
     self.dtype = dtype
 
-  def __call__(self, x_BxLxD: jax.Array, out_dtype=None) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, out_dtype=None, columns: slice | None = None):
+    """``x W + b``, or its ``columns`` (output features) only."""
     out_dtype = out_dtype or activation_dtype(self.dtype)
-    y_BxLxF = backend.linear(x_BxLxD, self.kernel[...], out_dtype, self.dtype)
-    if self.bias is not None:
-      y_BxLxF = y_BxLxF + self.bias[...].astype(y_BxLxF.dtype)
+    kernel, bias = self.kernel[...], None if self.bias is None else self.bias[...]
+    if columns is not None:
+      kernel, bias = kernel[:, columns], None if bias is None else bias[columns]
+    y_BxLxF = backend.linear(x_BxLxD, kernel, out_dtype, self.dtype)
+    if bias is not None:
+      y_BxLxF = y_BxLxF + bias.astype(y_BxLxF.dtype)
     return y_BxLxF
 
 
@@ -386,10 +394,15 @@ class Transformer(nnx.Module):
     """Final norm and output projection of the residual stream: logits ``[B, L, V]``
     (float32, or ``logits_dtype``: training takes them in the compute dtype, see
     :func:`pe_research.losses.softmax_nll`)."""
-    x_BxLxD = self.final_norm(x_BxLxD)
+    return self._unembed(self.final_norm(x_BxLxD), logits_dtype)
+
+  def _unembed(self, x_BxLxD, logits_dtype, start: int = 0, size: int | None = None):
+    """Logits of the normed residual stream for vocabulary entries ``start .. start+size−1``
+    (default: all of them)."""
+    columns = slice(start, None if size is None else start + size)
     if self.unembed is not None:
-      return self.unembed(x_BxLxD, out_dtype=logits_dtype)
-    table_VxD = self.embed.embedding[...]
+      return self.unembed(x_BxLxD, out_dtype=logits_dtype, columns=columns)
+    table_VxD = self.embed.embedding[...][columns]
     return backend.linear(x_BxLxD, table_VxD, logits_dtype, self.dtype, w_transposed=True)
 
   def decode(self, x_BxLxD, pos_BxL, logits_dtype=jnp.float32, train: bool = False):
@@ -402,19 +415,21 @@ class Transformer(nnx.Module):
 
   def nll_and_hits(self, inputs_BxL: jax.Array, targets_BxL: jax.Array, *, train: bool = False):
     """``(nll_BxL, hit_BxL)``: ``-log softmax(logits)[target]`` (float32) and
-    ``argmax(logits) == target``, with the logits computed a chunk of positions at a time
-    (``SEQUENCE_CHUNK``, fewer for a large vocabulary: ``LOGITS_PER_CHUNK``), so long
-    evaluations never hold float32 ``[B, L, V]`` logits."""
+    ``argmax(logits) == target``, with the logits computed a chunk of positions
+    (``SEQUENCE_CHUNK``, fewer for a large vocabulary chunk: ``LOGITS_PER_CHUNK``) and a chunk
+    of the vocabulary (``VOCAB_CHUNK``: ``losses.nll_and_hits_by_vocab_chunks``) at a time, so
+    long evaluations never hold float32 ``[B, L, V]`` logits."""
     x_BxLxD, pos_BxL = self.embed_tokens(inputs_BxL, train=train)
+    vocab = self.embed.embedding.shape[0]
+    vocab_chunk = min(vocab, VOCAB_CHUNK)
 
     def score(x_BxCxD, targets_BxC):
-      logits_BxCxV = self.head(x_BxCxD)
-      target_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-      nll_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1) - target_BxC
-      return nll_BxC, jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
+      x_BxCxD = self.final_norm(x_BxCxD)
+      logits = lambda start, size: self._unembed(x_BxCxD, jnp.float32, start, size)
+      return losses.nll_and_hits_by_vocab_chunks(logits, vocab, vocab_chunk, targets_BxC)
 
-    vocab = self.embed.embedding.shape[0]
-    chunk = min(SEQUENCE_CHUNK, max(256, 2 ** int(math.log2(LOGITS_PER_CHUNK // vocab))))
+    rows = 2 ** int(math.log2(LOGITS_PER_CHUNK // vocab_chunk))
+    chunk = min(SEQUENCE_CHUNK, max(256, rows))
     return over_sequence_chunks(score, self.layers(x_BxLxD, pos_BxL), targets_BxL, chunk=chunk)
 
 

@@ -8,6 +8,7 @@ from flax import nnx
 from jax.extend import core as jex_core
 
 from configs import base
+from pe_research import losses
 from pe_research import model as model_lib
 from pe_research.encodings.registry import encoding_names
 from pe_research.model import Transformer, count_params, flops_per_token, with_attention
@@ -164,9 +165,9 @@ def test_bad_model_config_is_a_one_line_value_error(field, value, match):
 
 def test_long_sequences_run_mlp_and_head_in_chunks_with_the_same_values(monkeypatch):
   """With SEQUENCE_CHUNK = 8, a length-21 input (3 chunks, the last padded) gives the same
-  logits, and ``nll_and_hits`` equals NLL/argmax computed from the full logits. A training
-  forward (``train=True``) runs the MLP unchunked (no ``lax.map`` in its graph) with the same
-  logits."""
+  logits, and ``nll_and_hits`` equals NLL/argmax computed from the full logits, over the whole
+  vocabulary and over VOCAB_CHUNK = 100 (3 chunks, the last one ragged). A training forward
+  (``train=True``) runs the MLP unchunked (no ``lax.map`` in its graph) with the same logits."""
   model = _model(_config("alibi"))
   inputs_BxL, targets_BxL = _inputs(21), _inputs(21, seed=1)
   full = model(inputs_BxL)
@@ -177,11 +178,37 @@ def test_long_sequences_run_mlp_and_head_in_chunks_with_the_same_values(monkeypa
     "scan["
   )
   assert (maps(False), maps(True)) == (1, 0)  # One layer: one MLP map, outside training only.
-  nll_BxL, hit_BxL = model.nll_and_hits(inputs_BxL, targets_BxL)
   logp_BxLxV = jax.nn.log_softmax(full)
   expected_nll = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  np.testing.assert_allclose(nll_BxL, expected_nll, atol=1e-5, rtol=1e-5)
-  np.testing.assert_array_equal(hit_BxL, jnp.argmax(full, axis=-1) == targets_BxL)
+  assert full.shape[-1] == 260
+  for vocab_chunk in (260, 100):
+    monkeypatch.setattr(model_lib, "VOCAB_CHUNK", vocab_chunk)
+    nll_BxL, hit_BxL = model.nll_and_hits(inputs_BxL, targets_BxL)
+    np.testing.assert_allclose(nll_BxL, expected_nll, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(hit_BxL, jnp.argmax(full, axis=-1) == targets_BxL)
+
+
+def test_vocab_chunked_nll_has_the_one_shot_values_ties_and_gradient():
+  """Over ragged vocabulary chunks: the NLL and its gradient equal the one-shot logsumexp's,
+  every target in every chunk; argmax keeps the first of tied maxima, also across chunks."""
+  logits_BxCxV = jax.random.normal(jax.random.key(0), (2, 5, 23)) * 3
+  logits_BxCxV = logits_BxCxV.at[0, 0, 4].set(50.0).at[0, 0, 17].set(50.0)  # tie across chunks
+  logits_BxCxV = logits_BxCxV.at[0, 1, 9].set(50.0).at[0, 1, 8].set(50.0)  # tie inside a chunk
+  targets_BxC = (jnp.arange(10).reshape(2, 5) * 2 + 1).at[0, 0].set(4).at[0, 1].set(8)
+  one_shot = lambda x: (
+    jax.nn.logsumexp(x, -1) - jnp.take_along_axis(x, targets_BxC[..., None], -1)[..., 0]
+  )
+  chunked = lambda x: losses.nll_and_hits_by_vocab_chunks(
+    lambda start, size: x[..., start : start + size], 23, 7, targets_BxC
+  )
+  nll, hit = chunked(logits_BxCxV)
+  np.testing.assert_allclose(nll, one_shot(logits_BxCxV), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(hit, jnp.argmax(logits_BxCxV, -1) == targets_BxC)
+  assert hit[0, 0] and hit[0, 1]  # the first of each tie is the target
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(10.0).reshape(2, 5)))
+  np.testing.assert_allclose(
+    grad(lambda x: chunked(x)[0])(logits_BxCxV), grad(one_shot)(logits_BxCxV), atol=1e-6
+  )
 
 
 # Operations that only move, cast or multiply values: XLA:CPU runs them on bf16 without
