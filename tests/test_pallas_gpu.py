@@ -9,6 +9,7 @@ import pytest
 from jax import export
 from test_pallas_attention import CASES, _encoding, check_equals_dense
 
+from benchmarks import kernel_check
 from pe_research.kernels import pallas_attention
 
 BLOCK = 16  # Triton's smallest matmul side
@@ -64,14 +65,7 @@ def _lowered(fields, length=200, heads=6, kv_heads=2, head_dim=80, block=64) -> 
   return export.export(grad, platforms=["cuda"], disabled_checks=[triton])(q, k, k, params)
 
 
-LOWERED = {
-  "rope": dict(name="rope"),
-  "alibi": dict(name="alibi"),
-  "t5": dict(name="t5"),
-  "kerple": dict(name="kerple"),
-  "fire": dict(name="fire"),
-  "self_extend": dict(self_extend_window=100, self_extend_group=4),
-}
+LOWERED = kernel_check.CASES  # the cases make bench-gpu checks on a GPU
 
 
 @pytest.mark.parametrize("name", LOWERED)

@@ -1,5 +1,6 @@
 """Causal flash attention as a Pallas kernel: Mosaic on TPU, ``interpret`` mode anywhere else.
-This file sets up the grids, block specs and custom VJP; ``pallas_blocks.py`` has the bodies.
+This file sets up the grids and block specs; ``pallas_blocks.py`` has the bodies and the custom
+VJP that this TPU form and the GPU form (``pallas_gpu.py``) share.
 
 The math is ``flash_attention.py``'s (online softmax forward; FlashAttention-2 backward that
 recomputes each block from the saved log-sum-exp ``lse``). Here one kernel instance runs per
@@ -162,17 +163,7 @@ def _backward(cfg: blocks.Config, residuals, dout):
   return dq_sets[0], dk, dv, None, None, dparams, far_grads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, q_pos, k_pos, params, far):
-  return _forward(cfg, q, k, v, q_pos, k_pos, params, far)[0]
-
-
-def _attention_fwd(cfg, *args):
-  out, lse = _forward(cfg, *args)
-  return out, (*args, out, lse)
-
-
-_attention.defvjp(_attention_fwd, _backward)
+MOSAIC = (_forward, _backward)  # kernels of blocks.attention
 
 
 def kernel_bias_of(bias_fn) -> KernelBias | None:
@@ -244,7 +235,10 @@ def pallas_attention(
     interpret=interpret,
   )
   pos_rows = lambda x_BxL: jnp.broadcast_to(x_BxL, (cfg.pos_rows, length))
-  kernel = _attention if lowering == "mosaic" else pallas_gpu.attention
+  if lowering == "triton":
+    kernel = pallas_gpu.attention
+  else:
+    kernel = lambda cfg, *args: blocks.attention(cfg, MOSAIC, *args)
   out_BxHxLxE = kernel(
     cfg,
     heads_first(q_BxLxHxE),

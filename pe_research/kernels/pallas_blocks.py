@@ -1,4 +1,5 @@
-"""The bodies of the Pallas attention kernels (``pallas_attention.py`` sets up their grids).
+"""The bodies of the Pallas attention kernels (``pallas_attention.py`` sets up their grids) and
+the custom VJP (:func:`attention`) that their TPU and GPU forms share.
 
 One call of a body is one grid step: block pair ``(a, c)`` of KV head ``g`` of one batch row,
 its operands in refs (on-chip copies of the blocks). A query block holds T = Y P rows,
@@ -316,3 +317,23 @@ def dkv_kernel(cfg: Config, *refs):
     for name, sc in zip(("dk", "dk_far")[: 1 + cfg.far], dk_scs, strict=True):
       named[name][...] = sc[...].astype(named[name].dtype)
     named["dv"][...] = dv_sc[...].astype(named["dv"].dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def attention(cfg: Config, kernels, q, k, v, q_pos, k_pos, params, far):
+  """Attention through one lowering's ``kernels = (forward, backward)`` (``pallas_attention``:
+  Mosaic, ``pallas_gpu``: Triton): ``forward(cfg, *args) -> (out, lse)`` and
+  ``backward(cfg, (*args, out, lse), dout)`` -> the gradients of ``args``."""
+  return kernels[0](cfg, q, k, v, q_pos, k_pos, params, far)[0]
+
+
+def _attention_fwd(cfg, kernels, *args):
+  out, lse = kernels[0](cfg, *args)
+  return out, (*args, out, lse)
+
+
+def _attention_bwd(cfg, kernels, residuals, dout):
+  return kernels[1](cfg, residuals, dout)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

@@ -284,17 +284,7 @@ def _backward(cfg: blocks.Config, residuals, dout):
   return dq_sets[0], dk, dv, None, None, dparams, far_grads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, q_pos, k_pos, params, far):
-  return _forward(cfg, q, k, v, q_pos, k_pos, params, far)[0]
-
-
-def _attention_fwd(cfg, *args):
-  out, lse = _forward(cfg, *args)
-  return out, (*args, out, lse)
-
-
-_attention.defvjp(_attention_fwd, _backward)
+TRITON = (_forward, _backward)  # kernels of blocks.attention
 
 
 def _pad_to_powers_of_two(x: jax.Array, least: int = 1) -> jax.Array:
@@ -310,5 +300,7 @@ def attention(cfg: blocks.Config, q, k, v, q_pos, k_pos, params, far):
   pad_e = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, power_of_two_at_least(e, MIN_SIDE) - e),))
   cfg = dataclasses.replace(cfg, scale=cfg.logit_scale(e))
   params = tuple(_pad_to_powers_of_two(x) for x in params)
-  out = _attention(cfg, *map(pad_e, (q, k, v)), q_pos, k_pos, params, tuple(map(pad_e, far)))
+  out = blocks.attention(
+    cfg, TRITON, *map(pad_e, (q, k, v)), q_pos, k_pos, params, tuple(map(pad_e, far))
+  )
   return out[..., :e]
