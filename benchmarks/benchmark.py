@@ -52,7 +52,8 @@ from benchmarks.bench_lib import (
 from benchmarks.bench_report import ratio_stats, report_lines, stats
 from benchmarks.bench_variants import VariantProcess, time_rounds
 from pe_research import runtime
-from pe_research.model import Transformer, flops_per_token
+from pe_research.model import Transformer
+from pe_research.model_size import flops_per_token
 
 ENCODINGS = {"full": ("nope", "rope", "alibi", "t5"), "quick": ("nope", "rope", "alibi", "t5")}
 ENCODINGS["smoke"] = ("nope", "rope")

@@ -18,7 +18,7 @@ against dense attention per encoding, forward and every gradient, on the device.
 Each variant: compile (timed), two warm-up steps, then ``--reps`` runs of ``--steps`` steps,
 each timed to the end of its last step (steps are dispatched asynchronously, as in training);
 the median run gives tokens/s. MFU = tokens/s * FLOPs per token / peak, with FLOPs per token
-``model.flops_per_token`` (6N plus causal attention, the masked half not counted) and, for
+``model_size.flops_per_token`` (6N plus causal attention, the masked half not counted) and, for
 comparison with published numbers, the PaLM count (6N + 12 n_layers H E L: attention counted
 over the full square). Peaks: the datasheet dense bf16 rate of the card (H100/H200 SXM: 989.4
 TFLOP/s) and a bf16 matmul measured in the same run on random data. A failing variant (an
@@ -45,7 +45,8 @@ from benchmarks.bench_lib import matmul_peak_gflops, model_config, random_batch,
 from experiments.figure_report import markdown_table
 from pe_research import sharding, train
 from pe_research.encodings.registry import encoding_names
-from pe_research.model import Transformer, count_params, flops_per_token, resolved_dims
+from pe_research.model import Transformer
+from pe_research.model_size import count_params, flops_per_token, resolved_dims
 
 # name: (model_dim, num_layers, num_heads, vocab_size, seq_len, batch)
 SIZES = {"125m": (768, 12, 12, 50304, 1024, 32), "smoke": (64, 2, 2, 512, 64, 2)}

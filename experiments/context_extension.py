@@ -38,7 +38,7 @@ from pe_research.encodings.registry import encoding_spec
 from pe_research.encodings.rope_scaling import yarn_correction_range
 from pe_research.launch import grid, sweep
 from pe_research.launch.grid import Run
-from pe_research.model import resolved_dims
+from pe_research.model_size import resolved_dims
 
 NAME = "context_extension"
 _L = "original_max_position_embeddings"

@@ -137,7 +137,7 @@ def unchanged_up_to(config, rope_scaling: dict | None, overrides: dict) -> float
   from flax import nnx
 
   from pe_research.encodings.registry import build_encoding
-  from pe_research.model import resolved_dims
+  from pe_research.model_size import resolved_dims
 
   config = configured(config, rope_scaling, overrides)
   model = config.model

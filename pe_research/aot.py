@@ -24,7 +24,7 @@ does not fit as RESOURCE_EXHAUSTED, shown here as DOES NOT FIT with XLA's messag
 ``--platform_policy`` backend policy (``backend.Policy.for_platform``): an APPROXIMATION of a
 GPU's memory (XLA:GPU schedules and fuses differently, and XLA:CPU may widen bf16 temporaries).
 
-The step's FLOPs are ``model.flops_per_token × batch_size × seq_len``; the expected step time
+The step's FLOPs are ``model_size.flops_per_token × batch_size × seq_len``; the expected step time
 divides them by the devices' bf16 peak at ``MFU`` utilisation.
 """
 
@@ -40,7 +40,7 @@ import jax
 import ml_collections
 
 from pe_research import backend, config_lib, runtime, sharding, train
-from pe_research.model import flops_per_token
+from pe_research.model_size import flops_per_token
 
 GIB = 1024**3
 MFU = 0.4  # Model FLOPs utilisation assumed for the expected step time.

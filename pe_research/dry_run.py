@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 
 from pe_research import sharding, train
-from pe_research.model import flops_per_token, kv_heads, resolved_dims
+from pe_research.model_size import flops_per_token, kv_heads, resolved_dims
 from pe_research.sharding import MESH_AXES
 
 

@@ -52,6 +52,7 @@ from pe_research.attention import IMPLEMENTATIONS, attend
 from pe_research.backend import activation_dtype
 from pe_research.encodings.base import PositionalEncoding, PositionsWrapper
 from pe_research.encodings.registry import build_encoding
+from pe_research.model_size import kv_heads, resolved_dims
 from pe_research.stacking import stack_modules
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -125,16 +126,6 @@ class Linear(nnx.Module):
     return y_BxLxF
 
 
-def resolved_dims(model_cfg) -> tuple[int, int]:
-  """``(head_dim, mlp_dim)`` with the 0 = default rules applied (see module docstring)."""
-  head_dim = model_cfg.head_dim or model_cfg.model_dim // model_cfg.num_heads
-  mlp_dim = model_cfg.mlp_dim
-  if not mlp_dim:
-    d = model_cfg.model_dim
-    mlp_dim = 4 * d if model_cfg.mlp == "gelu" else -(-(8 * d // 3) // 64) * 64
-  return head_dim, mlp_dim
-
-
 def over_sequence_chunks(fn, *xs_BxLxX, chunk: int | None = None):
   """``fn(*xs)`` for a position-wise ``fn``, ``chunk`` positions (default ``SEQUENCE_CHUNK``)
   at a time (lax.map).
@@ -154,11 +145,6 @@ def over_sequence_chunks(fn, *xs_BxLxX, chunk: int | None = None):
   ys_JxBxCxX = jax.lax.map(lambda xs: fn(*xs), tuple(to_chunks(x) for x in xs_BxLxX))
   from_chunks = lambda y: jnp.moveaxis(y, 0, 1).reshape(b, n * chunk, *y.shape[3:])[:, :length]
   return jax.tree.map(from_chunks, ys_JxBxCxX)
-
-
-def kv_heads(model_cfg) -> int:
-  """The number of key/value heads G: ``model.num_kv_heads``, 0 (or absent) = ``num_heads``."""
-  return model_cfg.get("num_kv_heads", 0) or model_cfg.num_heads
 
 
 class Attention(nnx.Module):
@@ -441,27 +427,3 @@ def with_attention(model: Transformer, impl: str, block_size: int | None = None)
   if block_size is not None:
     view.attention_block = block_size
   return view
-
-
-def count_params(model: nnx.Module) -> int:
-  """Number of trainable scalars (every ``nnx.Param``, encodings included)."""
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def flops_per_token(config, seq_len: int) -> float:
-  """Training FLOPs per token: ``6 N + 6 n_layers H E (L + 1)``.
-
-  ``N`` counts matmul weights: per layer ``2 D (H + G) E`` (q and o: H heads, k and v: G KV
-  heads) plus ``2 D F`` (gelu) or
-  ``3 D F`` (swiglu), plus ``D V`` for the output head (tied or not; the embedding lookup
-  is free). Attention: ``q.k`` and ``p.v`` cost ``4 H E`` FLOPs per (query, visible key)
-  forward, a query sees ``(L + 1) / 2`` keys on average under the causal mask, and backward
-  costs twice forward. Norms, softmax and encoding FLOPs are ignored.
-  """
-  m = config.model
-  head_dim, mlp_dim = resolved_dims(m)
-  hk = m.num_heads * head_dim
-  qkvo = 2 * m.model_dim * (m.num_heads + kv_heads(m)) * head_dim
-  per_layer = qkvo + (3 if m.mlp == "swiglu" else 2) * m.model_dim * mlp_dim
-  n = m.num_layers * per_layer + m.model_dim * m.vocab_size
-  return 6.0 * n + 6.0 * m.num_layers * hk * (seq_len + 1)

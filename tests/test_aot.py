@@ -14,7 +14,7 @@ import pytest
 from configs import tiny
 from configs.recipes import llama2_7b, pose_llama2_7b_128k, yarn_llama2_7b_64k
 from pe_research import aot, config_lib, dry_run, train
-from pe_research.model import flops_per_token
+from pe_research.model_size import flops_per_token
 from pe_research.sharding import MESH_AXES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

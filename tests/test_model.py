@@ -11,7 +11,8 @@ from configs import base
 from pe_research import losses
 from pe_research import model as model_lib
 from pe_research.encodings.registry import encoding_names
-from pe_research.model import Transformer, count_params, flops_per_token, with_attention
+from pe_research.model import Transformer, with_attention
+from pe_research.model_size import count_params, flops_per_token
 
 ENCODINGS = encoding_names()  # Every family in the registry gets the model-level tests below.
 TRAIN_LEN = 8

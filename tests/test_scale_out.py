@@ -19,7 +19,8 @@ from configs import tiny
 from pe_research import checkpoint, dry_run, train
 from pe_research.data import make_train_iterator
 from pe_research.metrics import read_metrics
-from pe_research.model import Transformer, count_params
+from pe_research.model import Transformer
+from pe_research.model_size import count_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6

@@ -144,7 +144,6 @@ def _backward(cfg: blocks.Config, residuals, dout):
     + tuple(jax.ShapeDtypeStruct((b, g, cfg.blocks, *x.shape), f32) for x in params),
     [pltpu.VMEM((q_rows, x.shape[-1]), f32) for x in dqs],
   )(*inputs)
-  dq_sets, dparams = dq_out[: len(dqs)], dq_out[len(dqs) :]
 
   in_specs = _in_specs(cfg, q, k, params, key_major=True, backward=True)
   dks = (k, *far[1:])
@@ -157,10 +156,7 @@ def _backward(cfg: blocks.Config, residuals, dout):
     tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, *far[1:])),
     [pltpu.VMEM((cfg.block, x.shape[-1]), f32) for x in (k, v, *far[1:])],
   )(*inputs)
-  dk, dv, *dk_far = dkv_out
-  far_grads = (dq_sets[1], dk_far[0]) if far else ()
-  dparams = tuple(x.sum(axis=(0, 1, 2)) for x in dparams)
-  return dq_sets[0], dk, dv, None, None, dparams, far_grads
+  return blocks.gradients(dq_out, dkv_out, far)
 
 
 MOSAIC = (_forward, _backward)  # kernels of blocks.attention

@@ -337,3 +337,14 @@ def _attention_bwd(cfg, kernels, residuals, dout):
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def gradients(dq_out, dkv_out, far) -> tuple:
+  """The custom VJP's gradients of ``(q, k, v, q_pos, k_pos, params, far)`` from the dq
+  kernel's outputs (dq, dq_far with a far set, then each parameter's partial sums
+  ``[B, heads, n, ...]``) and the dk/dv kernel's (dk, dv, dk_far with a far set)."""
+  sets = 1 + bool(far)
+  (dq, *dq_far), dparams = dq_out[:sets], dq_out[sets:]
+  dk, dv, *dk_far = dkv_out
+  far_grads = (dq_far[0], dk_far[0]) if far else ()
+  return dq, dk, dv, None, None, tuple(x.sum(axis=(0, 1, 2)) for x in dparams), far_grads

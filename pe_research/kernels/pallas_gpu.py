@@ -267,7 +267,6 @@ def _backward(cfg: blocks.Config, residuals, dout):
     tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in dqs)
     + tuple(jax.ShapeDtypeStruct((b, h, cfg.blocks, *x.shape), jnp.float32) for x in params),
   )(*inputs)
-  dq_sets, dparams = dq_out[: len(dqs)], dq_out[len(dqs) :]
 
   in_specs = _in_specs(cfg, q, k, params, key_major=True, backward=True)
   dkv_out = _call(
@@ -278,17 +277,14 @@ def _backward(cfg: blocks.Config, residuals, dout):
     (in_specs[1],) * (2 + cfg.far),
     tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k, v, *far[1:])),
   )(*inputs)
-  dk, dv, *dk_far = dkv_out
-  far_grads = (dq_sets[1], dk_far[0]) if far else ()
-  dparams = tuple(x.sum(axis=(0, 1, 2)) for x in dparams)
-  return dq_sets[0], dk, dv, None, None, dparams, far_grads
+  return blocks.gradients(dq_out, dkv_out, far)
 
 
 TRITON = (_forward, _backward)  # kernels of blocks.attention
 
 
-def _pad_to_powers_of_two(x: jax.Array, least: int = 1) -> jax.Array:
-  return jnp.pad(x, [(0, power_of_two_at_least(n, least) - n) for n in x.shape])
+def _pad_to_powers_of_two(x: jax.Array) -> jax.Array:
+  return jnp.pad(x, [(0, power_of_two_at_least(n) - n) for n in x.shape])
 
 
 def attention(cfg: blocks.Config, q, k, v, q_pos, k_pos, params, far):

@@ -143,7 +143,7 @@ def _hf_rope(config) -> tuple[dict, int]:
   ``b · s^(d/(d-2))``. HF's ``dynamic`` reads L from ``max_position_embeddings``; for the
   other types ``max_position_embeddings`` is the extended length ``s · L``."""
   from pe_research.encodings.rope import rotary_dim_for
-  from pe_research.model import resolved_dims
+  from pe_research.model_size import resolved_dims
 
   pe = config.pe
   scaling = json.loads(pe.rope_scaling) if pe.rope_scaling else {}
@@ -167,7 +167,7 @@ def _hf_rope(config) -> tuple[dict, int]:
 def hf_config_from(config, source: dict | None = None) -> dict:
   """An HF ``config.json`` (transformers 5) for the run's model. Token ids and other fields the
   run does not define come from ``source`` (the imported checkpoint's config) when given."""
-  from pe_research.model import resolved_dims
+  from pe_research.model_size import resolved_dims
 
   _check_exportable(config)
   m = config.model

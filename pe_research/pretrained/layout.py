@@ -45,7 +45,7 @@ class Dims:
 
   @classmethod
   def of(cls, model_cfg) -> Dims:
-    from pe_research.model import kv_heads, resolved_dims
+    from pe_research.model_size import kv_heads, resolved_dims
 
     m = model_cfg
     e, f = resolved_dims(m)
