@@ -212,6 +212,45 @@ def test_vocab_chunked_nll_has_the_one_shot_values_ties_and_gradient():
   )
 
 
+def test_blocked_argmax_is_jnp_argmax_with_its_tie_rule():
+  """max_and_first_argmax equals (max, jnp.argmax) on ties inside a block, across blocks and
+  at block edges, constant and -inf rows; a K the block does not divide takes jnp.argmax."""
+  x_RxK = jax.random.normal(jax.random.key(1), (9, 32))
+  x_RxK = x_RxK.at[0, 5].set(9.0).at[0, 6].set(9.0)  # tie inside block 1 (of 4-blocks)
+  x_RxK = x_RxK.at[1, 3].set(9.0).at[1, 4].set(9.0)  # tie across a block edge
+  x_RxK = x_RxK.at[2, 30].set(9.0).at[2, 9].set(9.0)  # later block first in the row
+  x_RxK = x_RxK.at[3].set(0.0).at[4].set(-jnp.inf).at[5, 31].set(9.0).at[6, 0].set(9.0)
+  x_RxK = x_RxK.at[7, 12].set(jnp.inf).at[7, 8].set(jnp.inf)
+  for block in (4, 8, 16):
+    top, arg = losses.max_and_first_argmax(x_RxK, block)
+    np.testing.assert_array_equal(arg, jnp.argmax(x_RxK, -1))
+    np.testing.assert_array_equal(top, x_RxK.max(-1))
+  assert list(losses.max_and_first_argmax(x_RxK, 4)[1][:3]) == [5, 3, 9]
+  _, arg = losses.max_and_first_argmax(x_RxK[:, :30], 4)  # 4 does not divide 30
+  np.testing.assert_array_equal(arg, jnp.argmax(x_RxK[:, :30], -1))
+
+
+def test_vocab_chunked_hits_use_the_blocked_argmax_and_drop_nan_rows():
+  """Chunks the argmax block divides (the blocked path), ties across and inside chunks: the
+  hits are jnp.argmax's; a row with a NaN logit has a NaN NLL and no hit."""
+  logits_BxCxV = jax.random.normal(jax.random.key(2), (2, 6, 48))
+  logits_BxCxV = logits_BxCxV.at[0, 0, 3].set(9.0).at[0, 0, 40].set(9.0)
+  logits_BxCxV = logits_BxCxV.at[0, 1, 17].set(9.0).at[0, 1, 18].set(9.0)
+  logits_BxCxV = logits_BxCxV.at[1, 2, 7].set(jnp.nan)
+  targets_BxC = jnp.argmax(logits_BxCxV, -1).at[0, 2].set(0)
+  nll, hit = losses.nll_and_hits_by_vocab_chunks(
+    lambda start, size: logits_BxCxV[..., start : start + size],
+    48,
+    16,
+    targets_BxC,
+    argmax_block=4,
+  )
+  expected = jnp.argmax(logits_BxCxV, -1) == targets_BxC
+  assert np.isnan(nll[1, 2]) and not hit[1, 2]
+  np.testing.assert_array_equal(hit.at[1, 2].set(False), expected.at[1, 2].set(False))
+  assert hit[0, 0] and hit[0, 1] and not hit[0, 2] and int(hit.sum()) == 10
+
+
 # Operations that only move, cast or multiply values: XLA:CPU runs them on bf16 without
 # widening each one to float32 and rounding it back.
 _BF16_SAFE = {
