@@ -244,8 +244,27 @@ def test_prefill_comparison_uses_warm_calls_and_calls_each_target():
   assert long["memory_pass"] and long["nll_diff"] == pytest.approx(1e-4)
   results = {"workdir": "w", "machine": runtime.machine(), "rows": rows}
   report = "\n".join(pretrained_prefill.report_lines(results))
-  assert "| 32768 | 0.84 | FAIL | 0.15 | PASS |" in report
-  assert "| 2048 | 2.00 | PASS | 0.40 | PASS |" in report
+  assert "| 32768 | 1 | 0.84 | FAIL | 0.15 | PASS |" in report
+  assert "| 2048 | 1 | 2.00 | PASS | 0.40 | PASS |" in report
+
+
+def test_prefill_rounds_pair_rows_by_round_and_judge_the_median():
+  """Three rounds: per-round speed ratios 1.0, 1.6, 1.2 -> median 1.2 [1.0, 1.6], which fails
+  the 1.5x target although one round passes; a round without its transformers row is dropped."""
+  ours, hf = (1.0, 1.0, 1.0, 0.5), (1.0, 1.6, 1.2, 9.0)
+  rows = [
+    _prefill_row(system, 2048, [5.0, s], rss=r) | {"round": i}
+    for i, (a, b) in enumerate(zip(ours, hf, strict=True))
+    for system, s, r in (("pe_research", a, 1.0), ("transformers", b, 2.0 + i))
+    if not (i == 3 and system == "transformers")
+  ]
+  (c,) = pretrained_prefill.comparisons(rows)
+  assert c["rounds"] == 3 and c["speed"] == pytest.approx(1.2) and not c["speed_pass"]
+  assert c["speed_range"] == pytest.approx((1.0, 1.6))
+  assert c["memory"] == pytest.approx(1 / 3) and c["memory_range"] == pytest.approx((0.25, 0.5))
+  results = {"workdir": "w", "machine": runtime.machine(), "rows": rows}
+  report = "\n".join(pretrained_prefill.report_lines(results))
+  assert "| 2048 | 3 | 1.20 [1.00, 1.60] | FAIL | 0.33 [0.25, 0.50] | PASS |" in report
 
 
 def test_kernel_check_passes_the_kernel_and_fails_a_wrong_one(monkeypatch):
