@@ -257,9 +257,9 @@ def write_outputs(out, args, preset, rows, niah_rows, train_len, wall) -> None:
     "(the unit: one window, one document where the data gives documents; one window gives a "
     f"point). Margin of practical equivalence: ±{stats.EQUIVALENCE:.0%} "
     f"(``stats.EQUIVALENCE``). Wall time of this invocation: {wall / 60:.1f} min; the "
-    f"evaluations behind this report measured {_eval_minutes(rows):.1f} min in all "
-    "(compilation included; cached ones kept their own times; NIAH and fine-tuning not "
-    f"included). Command: `{' '.join(args.command)}`.",
+    f"evaluations behind this report measured {_eval_minutes(rows, niah_rows)} "
+    "(compilation included; cached ones kept their own times; fine-tuning not included). "
+    f"Command: `{' '.join(args.command)}`.",
     "",
     run_conditions(),
     "",
@@ -296,9 +296,14 @@ def write_outputs(out, args, preset, rows, niah_rows, train_len, wall) -> None:
   print(f"wrote {out}/REPORT.md")
 
 
-def _eval_minutes(rows) -> float:
+def _eval_minutes(rows, niah_rows: dict) -> str:
+  """The measured minutes of the perplexity evaluations (each cached evaluation once) and of
+  the NIAH grids, each part named only where the report has it."""
   seconds = {r["eval"]: float(r.get("seconds") or 0) for r in rows if r.get("eval")}
-  return sum(seconds.values()) / 60
+  niah = [float(r.get("seconds") or 0) for cells in niah_rows.values() for r in cells]
+  parts = [f"{sum(seconds.values()) / 60:.1f} min of perplexity"] if rows else []
+  parts += [f"{sum(niah) / 60:.1f} min of NIAH"] if niah_rows else []
+  return " and ".join(parts) or "no evaluation"
 
 
 def _niah_table(preset, niah_rows: dict, train_len: int) -> list[str]:

@@ -166,6 +166,7 @@ def grid(
           "haystack": f"{data_cfg.name} {split}" if haystacks else "filler",
           "haystacks": len(haystacks) or 1,  # Distinct: one unit per window.
           "note": found.note if found else "",
+          "seconds": totals.seconds + totals.compile_seconds,  # scoring, compilation included
         }
       )
   return rows

@@ -69,7 +69,9 @@ class _Reach:
         window = bytes(inputs[-self.reach :].astype(np.uint8))
         examples += 1
         correct += window.count(answer) >= 2  # The needle says the key twice.
-    return types.SimpleNamespace(correct=correct, examples=examples)
+    return types.SimpleNamespace(
+      correct=correct, examples=examples, seconds=0.25 * examples, compile_seconds=1.0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,7 @@ def test_grid_has_a_control_at_L_and_only_beyond_L_cells_past_it(corpus):
   assert {r["length"] for r in control} == {L} and [r["depth"] for r in control] == list(DEPTHS)
   assert beyond and all(r["length"] == 700 and r["gap_min"] >= L and r["beyond"] for r in beyond)
   assert all(r["trials"] == 10 and r["haystacks"] == 10 for r in rows)
+  assert all(r["seconds"] == 3.5 for r in rows)  # scoring and compilation, per cell
   assert all(r["haystack"] == "local_text validation" and r["note"] == "" for r in rows)
   assert all(r["correct"] == 10 for r in control) and all(r["correct"] == 0 for r in beyond)
   assert rows[0]["accuracy_lo"] == pytest.approx(0.025**0.1)  # Clopper–Pearson at 10/10.

@@ -266,3 +266,15 @@ def test_smoke_preset_runs_every_method_and_writes_outputs(tmp_path):
   assert len(windows) >= len(documents) and all(w.endswith("_windows.json") for w in windows)
   assert any(w.startswith("px_none_") for w in windows)
   assert any("__px_ft_" in w for w in windows)  # A fine-tune's: its run's name first.
+
+
+def test_report_header_names_the_minutes_of_each_kind_of_evaluation():
+  """Perplexity minutes count each cached evaluation once; NIAH minutes sum the grid's cells; a
+  report without one kind does not claim 0.0 min of it."""
+  rows = [{"eval": "a", "seconds": 60}, {"eval": "a", "seconds": 60}, {"eval": "b", "seconds": 30}]
+  niah_rows = {"none": [{"seconds": 45}, {"seconds": 45}], "yarn": [{"seconds": 90}]}
+  minutes = extension_report._eval_minutes
+  assert minutes(rows, niah_rows) == "1.5 min of perplexity and 3.0 min of NIAH"
+  assert minutes(rows, {}) == "1.5 min of perplexity"
+  assert minutes([], niah_rows) == "3.0 min of NIAH"
+  assert minutes([], {}) == "no evaluation"
