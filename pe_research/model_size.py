@@ -31,11 +31,10 @@ def flops_per_token(config, seq_len: int) -> float:
   """Training FLOPs per token: ``6 N + 6 n_layers H E (L + 1)``.
 
   ``N`` counts matmul weights: per layer ``2 D (H + G) E`` (q and o: H heads, k and v: G KV
-  heads) plus ``2 D F`` (gelu) or
-  ``3 D F`` (swiglu), plus ``D V`` for the output head (tied or not; the embedding lookup
-  is free). Attention: ``q.k`` and ``p.v`` cost ``4 H E`` FLOPs per (query, visible key)
-  forward, a query sees ``(L + 1) / 2`` keys on average under the causal mask, and backward
-  costs twice forward. Norms, softmax and encoding FLOPs are ignored.
+  heads) plus ``2 D F`` (gelu) or ``3 D F`` (swiglu), plus ``D V`` for the output head (tied or
+  not; the embedding lookup is free). Attention: ``q.k`` and ``p.v`` cost ``4 H E`` FLOPs per
+  (query, visible key) forward, a query sees ``(L + 1) / 2`` keys on average under the causal
+  mask, and backward costs twice forward. Norms, softmax and encoding FLOPs are ignored.
   """
   m = config.model
   head_dim, mlp_dim = resolved_dims(m)
